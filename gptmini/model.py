@@ -1,0 +1,479 @@
+"""GPT-OSS-mini: a decoder-only transformer in the Llama/Mixtral family, in paper order.
+
+ModelConfig → RMSNorm → RoPE → Attention (GQA, optional sliding window) → SwiGLU → MoE → Block → GPTOSSMini.
+
+Conventions are the ones Hugging Face's Llama and Mixtral run (pinned by tests/test_hf.py): RoPE rotates the
+two halves of each head (`rotate_half`), RMSNorm normalises in fp32, SwiGLU is `w2(silu(w1 x) * w3 x)`, and
+routing is softmax → top-k → renormalise. This module never imports torch.distributed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ROPE_SCALINGS = (None, "ntk")
+
+
+@dataclass
+class ModelConfig:
+    # The seed notebook's keys, with its values as defaults: `GPTOSSMini(**seed_config)` works verbatim.
+    vocab_size: int = 50304
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 3
+    d_ff: int = 3072
+    num_experts: int = 8
+    top_k: int = 2
+    max_seq_len: int = 2048
+    dropout: float = 0.1
+    # Positions.
+    rope_theta: float = 10000.0
+    rope_scaling: str | None = None  # None or "ntk" (dynamic NTK-aware, only beyond max_seq_len)
+    rope_factor: float = 4.0
+    sliding_window: int | None = None  # attend to at most this many most recent tokens (self included)
+    # Everything else.
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    aux_loss_coef: float = 0.01
+    tokenizer: str = "cl100k_base"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"pick n_heads among the divisors of d_model (e.g. {_divisor_near(self.d_model, self.n_heads)})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE; change n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; pick n_kv_heads among "
+                f"the divisors of n_heads (1 = MQA, n_heads = MHA, e.g. {_divisor_near(self.n_heads, self.n_kv_heads)})"
+            )
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts={self.num_experts} must be >= 0 (0 or 1 = dense SwiGLU)")
+        if self.is_moe and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}; "
+                f"lower top_k or raise num_experts"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} is not supported; use one of {ROPE_SCALINGS}")
+        if self.rope_factor < 1.0:
+            raise ValueError(f"rope_factor={self.rope_factor} must be >= 1")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be None or a positive integer")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 1
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _divisor_near(n: int, target: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The seed notebook's config dict, verbatim. 50304 is GPT-2's 50257 padded to a multiple of 128.
+    "seed": ModelConfig(tokenizer="gpt2"),
+    # The seed's demonstration model (256 dim, 4 layers) on cl100k_base (100277 padded to 100352),
+    # sized to train for a few minutes on a laptop CPU.
+    "demo": ModelConfig(
+        vocab_size=100352, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=1024,
+        num_experts=4, top_k=2, max_seq_len=256, dropout=0.1,
+    ),
+    # For tests: every feature on (GQA, MoE), as small as the cl100k vocabulary allows.
+    "tiny": ModelConfig(
+        vocab_size=100352, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+        num_experts=4, top_k=2, max_seq_len=128, dropout=0.0,
+    ),
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich, 2019), computed in fp32 like Llama."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+# RoPE (Su et al., 2021), half-split layout as in HF Llama: dims i and i + head_dim/2 form a rotated pair.
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hd/2,)
+
+
+def ntk_theta(config: ModelConfig, seq_len: int) -> float:
+    """Dynamic NTK-aware scaling (bloc97; "dynamic" in HF): grow the base only once the sequence outgrows
+    max_seq_len, so nothing changes inside the trained length."""
+    if config.rope_scaling != "ntk" or seq_len <= config.max_seq_len:
+        return config.rope_theta
+    hd, f = config.head_dim, config.rope_factor
+    return config.rope_theta * (f * seq_len / config.max_seq_len - (f - 1)) ** (hd / (hd - 2))
+
+
+def rope_cos_sin(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    freqs = positions[..., None].float() * inv_freq  # (B|1, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def attention_mask(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
+    """Boolean (B, 1, Tq, Tk) mask from absolute positions; kpos < 0 marks padding or an empty cache slot."""
+    dist = qpos[:, :, None] - kpos[:, None, :]  # (B, Tq, Tk)
+    allowed = (kpos[:, None, :] >= 0) & (dist >= 0)
+    if window is not None:
+        allowed &= dist < window
+    return allowed[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for generation, holding only the n_kv_heads heads (GQA's memory saving).
+
+    With a sliding window it is a ring buffer of `window` slots: column c goes to slot c % size, and `pos`
+    records which absolute position each slot holds, so the attention mask needs no reordering.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, size: int, device: torch.device, dtype: torch.dtype):
+        shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.full((batch, size), -1, device=device, dtype=torch.long)  # (B, S)
+        self.size = size
+        self.length = 0  # columns written so far (padding included)
+        self.slots: Tensor | None = None  # slots written by the forward in progress
+        self.prefill = True
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this chunk's keys/values; return what the chunk's queries attend to."""
+        n = self.slots.numel()
+        self.k[layer].index_copy_(2, self.slots, k[:, :, -n:].to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.slots, v[:, :, -n:].to(self.v.dtype))
+        # The prompt attends to itself (the ring may be smaller than it); later tokens to the cache.
+        return (k, v) if self.prefill else (self.k[layer], self.v[layer])
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (Ainslie et al., 2023): n_kv_heads K/V heads are
+    shared by groups of n_heads // n_kv_heads query heads; 1 gives MQA, n_heads gives MHA."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.dropout = config.dropout
+        self.wq = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None
+    ) -> Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # SDPA picks flash/cuDNN/memory-efficient kernels on GPU; mask=None keeps the flash path open.
+        y = sdpa_gqa(q, k, v, mask, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.wo(y)
+
+
+def sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p, enable_gqa=True
+        )
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout_p)
+
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer, 2020), as in Llama."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def grouped_mm_supported(x: Tensor) -> bool:
+    """torch._grouped_mm has a fused, sync-free kernel for bf16 on sm90+ (H100). Elsewhere it falls back to
+    a host-synchronising loop, so the explicit loop below is just as good and runs in any dtype."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    )
+
+
+class MoE(nn.Module):
+    """Sparse mixture of SwiGLU experts with Mixtral routing (Jiang et al., 2024): softmax over experts,
+    keep the top-k, renormalise their weights. Dropless: every token reaches its k experts.
+
+    Expert weights are stacked, (E, d_ff, d_model) for w1/w3 and (E, d_model, d_ff) for w2 (each slice an
+    nn.Linear weight), so all experts run as one grouped matmul over the tokens sorted by expert.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, D, F_ = config.num_experts, config.d_model, config.d_ff
+        self.num_experts, self.top_k = E, config.top_k
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, F_, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, F_))
+        self.w3 = nn.Parameter(torch.empty(E, F_, D))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns the output, the load-balancing loss and the tokens routed to each expert."""
+        B, T, D = x.shape
+        x = x.reshape(B * T, D)  # (N, D)
+        probs = self.gate(x).float().softmax(dim=-1)  # (N, E)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
+        load = F.one_hot(experts.flatten(), self.num_experts).sum(dim=0)  # (E,)
+        run = self.experts_grouped if grouped_mm_supported(x) else self.experts_looped
+        y = run(x, weights, experts, load)
+        return y.view(B, T, D), self.balance_loss(probs, load), load
+
+    def balance_loss(self, probs: Tensor, load: Tensor) -> Tensor:
+        """Switch Transformer's aux loss E * sum_i f_i * P_i (Fedus et al., 2021) with f_i the fraction of the
+        N*k routing slots sent to expert i and P_i its mean router probability: 1.0 when perfectly balanced."""
+        f = load.float() / load.sum()
+        return self.num_experts * (f * probs.mean(dim=0)).sum()
+
+    def experts_grouped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
+        N, D = x.shape
+        order = experts.flatten().argsort(stable=True)  # (N*k,) routing slots sorted by expert
+        xs = x[order // self.top_k]  # (N*k, D)
+        offs = load.cumsum(0).to(torch.int32)  # end row of each expert's group, stays on device
+        w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N*k, F)
+        ys = torch._grouped_mm(h, w2, offs=offs)  # (N*k, D)
+        ys = ys[order.argsort()].view(N, self.top_k, D)  # back to (token, slot) order
+        return (ys * weights[..., None]).sum(dim=1)
+
+    def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
+        y = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            token, slot = torch.where(experts == e)  # (n_e,) each
+            h = F.silu(x[token] @ self.w1[e].T) * (x[token] @ self.w3[e].T)  # (n_e, F)
+            y.index_add_(0, token, (h @ self.w2[e].T) * weights[token, slot, None])
+        return y
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.feed_forward = MoE(config) if config.is_moe else SwiGLU(config.d_model, config.d_ff)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, mask, cache))
+        if isinstance(self.feed_forward, MoE):
+            y, aux, load = self.feed_forward(self.ffn_norm(x))
+            return x + self.drop(y), aux, load
+        return x + self.drop(self.feed_forward(self.ffn_norm(x))), None, None
+
+
+class GPTOSSMini(nn.Module):
+    """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig.from_preset("demo"))`.
+
+    After each forward, `last_aux_loss` holds the load-balancing loss (mean over layers; 0 for a dense model)
+    and `last_expert_load` the tokens routed to each expert summed over layers ((E,) tensor, None if dense).
+    """
+
+    def __init__(self, config: ModelConfig | None = None, **seed_keys):
+        super().__init__()
+        if config is not None and seed_keys:
+            raise ValueError(f"pass either a ModelConfig or config keys, not both (got {sorted(seed_keys)})")
+        self.config = config = config if config is not None else ModelConfig.from_dict(seed_keys)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
+        self.last_aux_loss: Tensor = torch.zeros(())
+        self.last_expert_load: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) everywhere; the projections that write into the residual stream get 0.02/sqrt(2L) so the
+        residual's variance does not grow with depth (GPT-2)."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", "feed_forward.w2")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        pad: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,))
+        and `last_only` (logits of the last position only) serve generation."""
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        qpos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
+        kpos = qpos
+        if pad is not None:
+            qpos = qpos - pad[:, None]  # (B, T)
+            kpos = qpos.masked_fill(qpos < 0, -1)
+            qpos = qpos.clamp(min=0)
+        theta = ntk_theta(cfg, start + T)
+        inv_freq = self.inv_freq if theta == cfg.rope_theta else rope_inv_freq(cfg.head_dim, theta).to(idx.device)
+        cos, sin = rope_cos_sin(qpos, inv_freq)
+        mask = self._mask(qpos, kpos, cache, T, pad is not None)
+
+        x = self.drop(self.tok_embeddings(idx))
+        aux, load = [], []
+        for block in self.layers:
+            x, a, l = block(x, cos, sin, mask, cache)
+            if a is not None:
+                aux.append(a)
+                load.append(l)
+        if cache is not None:
+            cache.length += T
+        self.last_aux_loss = torch.stack(aux).mean() if aux else torch.zeros((), device=idx.device)
+        self.last_expert_load = torch.stack(load).sum(0) if load else None
+
+        x = self.norm(x)
+        logits = self.output(x[:, -1:] if last_only else x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if self.training and aux:
+            loss = loss + cfg.aux_loss_coef * self.last_aux_loss
+        return logits, loss
+
+    def _mask(self, qpos: Tensor, kpos: Tensor, cache: KVCache | None, T: int, padded: bool) -> Tensor | None:
+        """None means plain causal attention (SDPA's is_causal, the fast kernels)."""
+        window = self.config.sliding_window
+        if cache is not None:
+            cache.prefill = cache.length == 0
+            if not cache.prefill and T != 1:
+                raise ValueError(f"after the prompt, decode one token per step (got {T})")
+            n = min(T, cache.size)
+            cache.slots = torch.arange(cache.length + T - n, cache.length + T, device=qpos.device) % cache.size
+            cache.pos[:, cache.slots] = kpos.expand(cache.pos.size(0), -1)[:, -n:]
+            if not cache.prefill:
+                return attention_mask(qpos, cache.pos, window)
+        if not padded and (window is None or T <= window):
+            return None
+        mask = attention_mask(qpos.expand_as(kpos), kpos, window)
+        # A padding row sees only itself, so no row of the softmax is empty (that would give NaNs).
+        return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+    # Generation lives in gptmini.generate; these are the contract's entry points.
+    def generate(self, idx, max_new_tokens: int = 50, **kwargs):
+        from gptmini.generate import generate
+
+        return generate(self, idx, max_new_tokens=max_new_tokens, **kwargs)
+
+    def stream(self, idx, max_new_tokens: int = 50, **kwargs):
+        from gptmini.generate import stream
+
+        return stream(self, idx, max_new_tokens=max_new_tokens, **kwargs)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied embedding counts once
+
+    def num_active_params(self) -> int:
+        """Parameters that touch each token: the idle experts (E - k per layer) do not."""
+        cfg = self.config
+        if not cfg.is_moe:
+            return self.num_params()
+        idle = (cfg.num_experts - cfg.top_k) * 3 * cfg.d_model * cfg.d_ff * cfg.n_layers
+        return self.num_params() - idle
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward): 6 per active matmul weight (PaLM, appendix B) plus
+        the attention scores and values, 12 * L * d_model * context. The embedding lookup is no matmul, but a
+        tied table is also the output projection."""
+        cfg = self.config
+        n = self.num_active_params()
+        if not cfg.tie_embeddings:
+            n -= cfg.vocab_size * cfg.d_model
+        context = min(seq_len, cfg.sliding_window or seq_len)
+        return 6 * n + 12 * cfg.n_layers * cfg.d_model * context

@@ -1,0 +1,107 @@
+"""A model on disk: `model.safetensors` + `config.json` (the ModelConfig, tokenizer included).
+
+safetensors holds raw tensors only, so loading never unpickles anything. Folders are written under a
+temporary name and renamed into place, so a reader never sees half a model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from gptmini.model import GPTOSSMini, ModelConfig, rope_inv_freq
+from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def unwrap(model: torch.nn.Module) -> GPTOSSMini:
+    """The GPTOSSMini inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while not isinstance(model, GPTOSSMini):
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    return model
+
+
+def model_state(model: GPTOSSMini) -> dict[str, torch.Tensor]:
+    """Each tensor once, contiguous, on CPU: a tied output projection is the embedding and is not stored."""
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def write_dir_atomic(dest: str | os.PathLike, files: dict[str, Callable[[Path], None]]) -> Path:
+    """Create `dest` with each file written by `files[name](path)`; replaces an existing `dest` whole."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        old = None
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    model = unwrap(model)
+    state = model_state(model)
+    meta = {"format": "pt", "gptmini": "1", **{k: str(v) for k, v in (metadata or {}).items()}}
+    return write_dir_atomic(
+        directory,
+        {
+            WEIGHTS_NAME: lambda p: save_file(state, p, metadata=meta),
+            CONFIG_NAME: lambda p: write_json(p, model.config.to_dict()),
+        },
+    )
+
+
+def load_config(directory: str | os.PathLike) -> ModelConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found; pass a folder written by gptmini.weights.save_pretrained "
+            f"(a run's final/ or checkpoints/best/)"
+        )
+    return ModelConfig.from_dict(json.loads(path.read_text()))
+
+
+def load_pretrained(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[GPTOSSMini, Tokenizer]:
+    """The model (in eval mode) and its tokenizer, checked against each other."""
+    config = load_config(directory)
+    tokenizer = get_tokenizer(config.tokenizer)
+    check_vocab(config.vocab_size, tokenizer)
+    with torch.device("meta"):
+        model = GPTOSSMini(config)
+    state = load_file(Path(directory) / WEIGHTS_NAME, device=str(device))
+    if config.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # Built on the meta device to skip a random init that would be overwritten; the one non-persistent
+    # buffer is recomputed.
+    model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
+    model.last_aux_loss = torch.zeros((), device=device)
+    return model.eval(), tokenizer
