@@ -1,0 +1,645 @@
+"""`gptmini bench`: training tokens/s, MFU and peak memory, KV-cache decode tokens/s and the loader's
+share of step time, with a nanoGPT-style dense baseline timed in the same run (issue 6).
+
+Built for one H100 with torch 2.11 and neither Prefect nor MLflow (it imports neither); the same
+code runs on CPU at small sizes, where MFU is n/a unless `--peak-tflops` is given.
+
+MFU (PaLM, appendix B; nanoGPT's estimate_mfu uses the same):
+
+    flops_per_token = 6 * N_matmul + 12 * L * T * (n_heads * head_dim)
+
+- N_matmul: the weights each token multiplies through. Attention projections, the router, top_k
+  experts' SwiGLU weights (or the dense SwiGLU) and the output head. The embedding lookup is no
+  matmul, so an untied input embedding is left out; a tied one counts once, as the head. Norm gains
+  and biases are elementwise, so they are left out too. 6 = 2 FLOPs per multiply-add forward, 4
+  backward (input and weight gradients).
+- 12 * L * T * d_attn: QK^T and PV, each 2 * T * d_attn FLOPs per token and layer forward, times 3
+  for forward + backward. It counts the full T x T score matrix, as PaLM and nanoGPT do, so our MFU
+  compares with the published anchors (nanoGPT 124M: 42% on one H100). A causal flash kernel skips
+  the masked half, so `mfu_causal` (6 * L * T * d_attn) is reported beside it: the stricter number.
+- Peak: 989 TFLOP/s, H100 SXM dense bf16 (no sparsity), used for any CUDA device unless
+  `--peak-tflops` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+H100_SXM_BF16_PEAK_TFLOPS = 989.0
+BASELINE_PATH = Path(__file__).resolve().parents[1] / "bench" / "nanogpt_baseline.py"
+SECTIONS = ("train", "dense", "baseline", "decode", "loader")
+
+
+@dataclass
+class Subject:
+    """A model to time: how to build it, and the sizes its FLOP count needs."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    matmul_params: int  # N_matmul of the MFU formula (module docstring)
+    n_layers: int
+    attn_dim: int  # n_heads * head_dim: the width of QK^T and PV
+    max_seq_len: int
+    sliding_window: int | None = None
+
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
+        ctx = min(seq_len, self.sliding_window or seq_len)
+        attn = (6 if causal else 12) * self.n_layers * ctx * self.attn_dim
+        return 6 * self.matmul_params + attn
+
+
+@dataclass
+class TrainRun:
+    name: str
+    seq_len: int
+    batch_size: int
+    status: str = "ok"  # "ok" or "oom"
+    steps: int = 0
+    tokens_per_s: float | None = None
+    ms_per_step: float | None = None
+    flops_per_token: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    mfu_causal: float | None = None
+    peak_mem_gib: float | None = None
+    final_loss: float | None = None
+    params_total: int | None = None
+    matmul_params: int | None = None
+    model_flops_per_token: float | None = None  # the model's own flops_per_token(), for cross-checking
+
+
+@dataclass
+class DecodeRun:
+    name: str
+    batch_size: int
+    prompt_len: int
+    new_tokens: int
+    status: str = "ok"
+    tokens_per_s: float | None = None  # decode only: new tokens after the first, prefill subtracted
+    ms_per_token: float | None = None
+    prefill_ms: float | None = None
+    peak_mem_gib: float | None = None
+
+
+@dataclass
+class LoaderRun:
+    name: str
+    seq_len: int
+    batch_size: int
+    source: str
+    status: str = "ok"
+    steps: int = 0
+    ms_per_step_fixed_batch: float | None = None
+    ms_per_step_with_loader: float | None = None
+    loader_host_ms_per_step: float | None = None  # host time inside next(loader) + the device copy
+    share_end_to_end: float | None = None  # 1 - fixed / with_loader
+    share_host: float | None = None  # loader host time / step time
+
+
+@dataclass
+class Results:
+    meta: dict
+    formula: str
+    train: list[TrainRun] = field(default_factory=list)
+    decode: list[DecodeRun] = field(default_factory=list)
+    loader: list[LoaderRun] = field(default_factory=list)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gptmini bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype for training and weight dtype for decode (auto: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--compile", default="auto", choices=["auto", "model", "blocks", "off"],
+                   help="torch.compile the whole model, each block, or nothing (auto: model on cuda, off on cpu)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
+    p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
+    p.add_argument("--seq", default="1024,2048", help="training sequence lengths, comma list")
+    p.add_argument("--batch", default=None, help="training batch sizes, comma list (default: --tokens-per-step / seq)")
+    p.add_argument("--tokens-per-step", type=int, default=32768)
+    p.add_argument("--sweep", action="store_true", help="after --batch, keep doubling the batch until OOM or --sweep-max")
+    p.add_argument("--sweep-max", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
+    p.add_argument("--dense-d-ff", type=int, default=None,
+                   help="d_ff of the dense variant (default: top_k * d_ff, the MoE's active FFN width)")
+    p.add_argument("--baseline", default="gpt2", choices=["gpt2", "match"],
+                   help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab (for small runs)")
+    p.add_argument("--decode-batch", default="1,16", help="decode batch sizes, comma list")
+    p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
+    p.add_argument("--data-dir", default=None,
+                   help="token shards for the loader section (default: synthetic text prepared into a temporary folder)")
+    p.add_argument("--loader-seq", type=int, default=None, help="sequence length of the loader section (default: first --seq)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help=f"peak for MFU (default: {H100_SXM_BF16_PEAK_TFLOPS:g} on cuda, none on cpu)")
+    p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"gptmini bench: {flag} {text!r} must be a comma list of integers, e.g. {flag} 1024,2048")
+    if not values or min(values) < 1:
+        raise SystemExit(f"gptmini bench: {flag} {text!r} needs positive integers, e.g. {flag} 1024,2048")
+    return values
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"gptmini bench: --device {name} but this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        raise SystemExit(f"gptmini bench: --device {name} is not supported; use cuda, cuda:N or cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def gptmini_matmul_params(cfg) -> int:
+    """N_matmul for a gptmini ModelConfig (see the module docstring): what one token multiplies through."""
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_heads
+    attn = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d  # wq, wk, wv, wo
+    if cfg.num_experts > 1:
+        ffn = d * cfg.num_experts + cfg.top_k * 3 * d * cfg.d_ff  # router + top_k SwiGLU experts
+    else:
+        ffn = 3 * d * cfg.d_ff
+    return cfg.n_layers * (attn + ffn) + d * cfg.vocab_size  # + the output head
+
+
+def gptmini_subject(name: str, cfg) -> Subject:
+    from gptmini.model import GPTOSSMini
+
+    return Subject(
+        name=name,
+        build=lambda: GPTOSSMini(cfg),
+        matmul_params=gptmini_matmul_params(cfg),
+        n_layers=cfg.n_layers,
+        attn_dim=cfg.d_model,  # n_heads * head_dim with head_dim = d_model // n_heads
+        max_seq_len=cfg.max_seq_len,
+        sliding_window=cfg.sliding_window,
+    )
+
+
+def load_baseline_module():
+    if not BASELINE_PATH.exists():
+        raise SystemExit(
+            f"gptmini bench: the baseline {BASELINE_PATH} is missing (it ships in the repository's bench/, not in the "
+            "wheel); run from a clone of the repository or leave 'baseline' out of --sections"
+        )
+    spec = importlib.util.spec_from_file_location("nanogpt_baseline", BASELINE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nanogpt_baseline"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def baseline_subject(kind: str, cfg, block_size: int, dropout: float) -> Subject:
+    nb = load_baseline_module()
+    if kind == "gpt2":
+        bcfg = nb.BaselineConfig(block_size=block_size, dropout=dropout)
+    else:
+        bcfg = nb.BaselineConfig(vocab_size=cfg.vocab_size, block_size=block_size, n_layer=cfg.n_layers,
+                                 n_head=cfg.n_heads, n_embd=cfg.d_model, dropout=dropout)
+    return Subject(
+        name=f"nanogpt-{kind}",
+        build=lambda: nb.GPT(bcfg),
+        matmul_params=nb.matmul_params(bcfg),
+        n_layers=bcfg.n_layer,
+        attn_dim=bcfg.n_embd,
+        max_seq_len=bcfg.block_size,
+    )
+
+
+def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, decay on matrices only, fused on CUDA: the same for every timed model."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def compiled(model: nn.Module, how: str, mode: str) -> nn.Module:
+    """torch.compile the model whole, or each block of its top-level block list (regional compilation:
+    identical blocks share one compiled graph, so compile time stops growing with depth)."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    if how == "model":
+        return torch.compile(model, **kwargs)
+    if how == "blocks":
+        for child in model.children():
+            if isinstance(child, nn.ModuleList):
+                for block in child:
+                    block.compile(**kwargs)
+    return model
+
+
+class Timer:
+    """Wall time of a region. On CUDA: synchronize first (the warmup's work is done), then CUDA events
+    around the region, one synchronize at its end; no host sync inside it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is not None:
+            return
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer,
+                    device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimizer step as the trainer takes it: forward, backward, clip, AdamW. Returns the loss
+    tensor without reading it, so nothing waits on the device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, dtype):
+            _, loss = forward(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    torch.compiler.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def random_batch(vocab: int, batch: int, seq: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    # Random tokens, never zeros: the same work as real text, and no shortcut through a constant batch.
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
+def vocab_of(model: nn.Module) -> int:
+    cfg = model.config
+    return cfg.vocab_size
+
+
+def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace,
+                  device: torch.device, dtype: torch.dtype, peak_tflops: float | None) -> TrainRun:
+    run = TrainRun(name=subject.name, seq_len=seq, batch_size=batch, matmul_params=subject.matmul_params)
+    release(device)
+    try:
+        _time_training(run, subject, args, device, dtype, peak_tflops)
+    except torch.OutOfMemoryError:
+        run.status = "oom"
+    release(device)  # outside the except block: its traceback no longer pins the step's tensors
+    return run
+
+
+def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
+                   device: torch.device, dtype: torch.dtype, peak_tflops: float | None) -> None:
+    torch.manual_seed(args.seed)
+    model = subject.build().to(device)
+    model.train()
+    run.params_total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "flops_per_token"):
+        run.model_flops_per_token = float(model.flops_per_token(run.seq_len))
+    opt = make_optimizer(model, device)
+    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = random_batch(vocab_of(model), run.batch_size, run.seq_len, device, gen)
+    for _ in range(args.warmup):
+        step(x, y)
+    with Timer(device) as timer:
+        for _ in range(args.steps):
+            loss = step(x, y)
+    run.final_loss = loss.item()  # after the timed region
+    run.steps = args.steps
+    tokens = run.batch_size * run.seq_len * args.steps
+    run.tokens_per_s = tokens / timer.seconds
+    run.ms_per_step = timer.seconds / args.steps * 1e3
+    run.flops_per_token = subject.flops_per_token(run.seq_len)
+    run.tflops = run.tokens_per_s * run.flops_per_token / 1e12
+    if peak_tflops:
+        run.mfu = run.tflops / peak_tflops
+        run.mfu_causal = run.tokens_per_s * subject.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
+    run.peak_mem_gib = peak_gib(device)
+
+
+def batches_for(seq: int, args: argparse.Namespace) -> Iterator[int]:
+    """The batch sizes to time at `seq`: --batch (or tokens-per-step / seq), then with --sweep the
+    doubling continues until a step runs out of memory or passes --sweep-max."""
+    listed = int_list(args.batch, "--batch") if args.batch else [max(1, args.tokens_per_step // seq)]
+    yield from listed
+    if args.sweep:
+        b = max(listed) * 2
+        while b <= args.sweep_max:
+            yield b
+            b *= 2
+
+
+def bench_training(subject: Subject, seqs: list[int], args, device, dtype, peak_tflops, results: Results,
+                   save: Callable[[], None]) -> None:
+    for seq in seqs:
+        for batch in batches_for(seq, args):
+            run = time_training(subject, seq, batch, args, device, dtype, peak_tflops)
+            results.train.append(run)
+            save()
+            print(progress_line(run), file=sys.stderr, flush=True)
+            if run.status == "oom":
+                break
+
+
+def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
+    """Greedy generation with the KV cache. The prefill is timed on its own (one new token) and
+    subtracted, so tokens/s is the decode loop's: batch * (new_tokens - 1) / (t_total - t_prefill)."""
+    run = DecodeRun(name=subject.name, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.decode_tokens)
+    release(device)
+    torch.manual_seed(args.seed)
+    model = subject.build().to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, vocab_of(model), (batch, args.prompt_len), generator=gen).to(device)
+
+    def generate(n: int) -> float:
+        with Timer(device) as t, torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+        return t.seconds
+
+    generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, cache buffers
+    prefill = statistics.median(generate(1) for _ in range(args.decode_repeats))
+    total = statistics.median(generate(args.decode_tokens) for _ in range(args.decode_repeats))
+    steps = args.decode_tokens - 1
+    run.prefill_ms = prefill * 1e3
+    run.tokens_per_s = batch * steps / (total - prefill)
+    run.ms_per_token = (total - prefill) / steps * 1e3
+    run.peak_mem_gib = peak_gib(device)
+    del model
+    release(device)
+    return run
+
+
+def synthetic_shards(folder: Path, n_words: int, seed: int) -> Path:
+    """Synthetic text prepared by `gptmini prepare` into real shards: the loader path under test is
+    the one training uses, only the words are random."""
+    import random
+
+    rng = random.Random(seed)
+    words = [
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)
+    ]
+    src = folder / "synthetic.txt"
+    src.write_text("\n\n".join(" ".join(rng.choices(words, k=400)) for _ in range(n_words // 400)))
+    out = folder / "shards"
+    from gptmini.data.prepare import main as prepare_main
+
+    code = prepare_main([str(src), "--out", str(out), "--workers", "1"])
+    if code:
+        raise RuntimeError(f"gptmini prepare exited {code} on the synthetic corpus {src}")
+    return out
+
+
+def time_loader(subject: Subject, seq: int, batch: int, args, device, dtype) -> LoaderRun:
+    """The loader's share of a training step. The same step is timed twice: on one batch kept on the
+    device, and fed from gptmini.data's train loader (memory-mapped shards, pinned non-blocking copies
+    on CUDA). share_end_to_end = 1 - fixed / with_loader is what the loader costs the step;
+    share_host is the host time spent in next(loader), which on CUDA overlaps queued device work."""
+    try:
+        from gptmini.data.loader import build_loaders
+    except ImportError as e:
+        return LoaderRun(subject.name, seq, batch, source="none", status=f"skipped: gptmini.data.loader unavailable ({e})")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_dir:
+            data_dir, source = Path(args.data_dir), f"shards {args.data_dir}"
+        else:
+            words = max(batch * (seq + 1) * (args.warmup + args.steps + 2), 200_000)
+            data_dir, source = synthetic_shards(Path(tmp), words, args.seed), "synthetic text, gptmini prepare"
+        run = LoaderRun(subject.name, seq, batch, source=source)
+        release(device)
+        try:
+            _time_loader(run, subject, data_dir, args, device, dtype, build_loaders)
+        except torch.OutOfMemoryError:
+            run.status = "oom"
+        release(device)
+    return run
+
+
+def endless(loader_factory: Callable[[], object]) -> Iterator:
+    while True:
+        yield from loader_factory()
+
+
+def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, args, device, dtype, build_loaders) -> None:
+    torch.manual_seed(args.seed)
+    model = subject.build().to(device)
+    model.train()
+    opt = make_optimizer(model, device)
+    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
+    train_loader, _ = build_loaders(data_dir, run.seq_len, run.seq_len, run.batch_size, 0, 1, args.seed, device)
+    batches = endless(lambda: train_loader)
+    x, y = next(batches)
+    for _ in range(args.warmup):
+        step(x, y)
+    with Timer(device) as fixed:
+        for _ in range(args.steps):
+            step(x, y)
+    host = 0.0
+    with Timer(device) as fed:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            x, y = next(batches)
+            host += time.perf_counter() - t0
+            step(x, y)
+    run.steps = args.steps
+    run.ms_per_step_fixed_batch = fixed.seconds / args.steps * 1e3
+    run.ms_per_step_with_loader = fed.seconds / args.steps * 1e3
+    run.loader_host_ms_per_step = host / args.steps * 1e3
+    run.share_end_to_end = max(0.0, 1 - fixed.seconds / fed.seconds)
+    run.share_host = host / fed.seconds
+
+
+def environment(device: torch.device, dtype: torch.dtype, args, peak_tflops: float | None) -> dict:
+    meta = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_tflops": peak_tflops,
+        "git_commit": git_commit(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda,
+                 "cudnn": torch.backends.cudnn.version(), "sm_count": props.multi_processor_count}
+    return meta
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def write_json(results: Results, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(results), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def progress_line(run: TrainRun) -> str:
+    return (f"[bench] train {run.name} T={run.seq_len} B={run.batch_size}: {run.status} "
+            f"{fmt(run.tokens_per_s, ',.0f')} tok/s, MFU {fmt(run.mfu, '.1%')}")
+
+
+def table(results: Results) -> str:
+    rows = ["| model | seq | batch | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results.train:
+        rows.append(f"| {r.name} | {r.seq_len} | {r.batch_size} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.ms_per_step, '.1f')} "
+                    f"| {fmt(r.tflops, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.mfu_causal, '.1%')} "
+                    f"| {fmt(r.peak_mem_gib, '.1f')} | {fmt(r.final_loss, '.3f')} | {r.status} |")
+    if results.decode:
+        rows += ["", "| decode | batch | prompt | new | tok/s | ms/token | prefill ms | peak GiB | status |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for d in results.decode:
+            rows.append(f"| {d.name} | {d.batch_size} | {d.prompt_len} | {d.new_tokens} | {fmt(d.tokens_per_s, ',.1f')} "
+                        f"| {fmt(d.ms_per_token, '.2f')} | {fmt(d.prefill_ms, '.1f')} | {fmt(d.peak_mem_gib, '.2f')} | {d.status} |")
+    if results.loader:
+        rows += ["", "| loader | seq | batch | ms/step fixed | ms/step loader | loader host ms | share (end-to-end) | share (host) | source | status |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        for lr in results.loader:
+            rows.append(f"| {lr.name} | {lr.seq_len} | {lr.batch_size} | {fmt(lr.ms_per_step_fixed_batch, '.1f')} "
+                        f"| {fmt(lr.ms_per_step_with_loader, '.1f')} | {fmt(lr.loader_host_ms_per_step, '.2f')} "
+                        f"| {fmt(lr.share_end_to_end, '.1%')} | {fmt(lr.share_host, '.1%')} | {lr.source} | {lr.status} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from gptmini.model import ModelConfig
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.compile = ("model" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"gptmini bench: unknown --sections {','.join(unknown)}; choose from {','.join(SECTIONS)}")
+    seqs = int_list(args.seq, "--seq")
+    decode_batches = int_list(args.decode_batch, "--decode-batch")
+    if args.batch:
+        int_list(args.batch, "--batch")
+    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2:
+        raise SystemExit("gptmini bench: --steps must be >= 1, --warmup >= 0 and --decode-tokens >= 2")
+    try:
+        cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"gptmini bench: --preset {args.preset!r}: {e}")
+    too_long = [s for s in seqs + [args.prompt_len + args.decode_tokens] if s > cfg.max_seq_len]
+    if too_long:
+        raise SystemExit(f"gptmini bench: length {max(too_long)} (--seq, or --prompt-len + --decode-tokens) exceeds the "
+                         f"{args.preset} preset's max_seq_len {cfg.max_seq_len}; pass smaller values")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norm stats, loss) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    peak = args.peak_tflops or (H100_SXM_BF16_PEAK_TFLOPS if device.type == "cuda" else None)
+    moe = gptmini_subject(args.preset, cfg)
+    dense_cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout, num_experts=0, top_k=1,
+                                        d_ff=args.dense_d_ff or max(1, cfg.top_k) * cfg.d_ff)
+    dense = gptmini_subject(f"{args.preset}-dense", dense_cfg)
+
+    results = Results(meta=environment(device, dtype, args, peak), formula=__doc__.split("MFU (PaLM", 1)[1].split("\n\n", 1)[1])
+    out = Path(args.out)
+
+    def save() -> None:
+        write_json(results, out)
+
+    if "train" in sections:
+        bench_training(moe, seqs, args, device, dtype, peak, results, save)
+    if "dense" in sections:
+        bench_training(dense, seqs, args, device, dtype, peak, results, save)
+    if "baseline" in sections:
+        bench_training(baseline_subject(args.baseline, cfg, max(seqs), args.dropout), seqs, args, device, dtype, peak, results, save)
+    if "decode" in sections:
+        for b in decode_batches:
+            results.decode.append(time_decode(moe, b, args, device, dtype))
+            save()
+    if "loader" in sections:
+        seq = args.loader_seq or seqs[0]
+        batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seq)
+        results.loader.append(time_loader(moe, seq, batch, args, device, dtype))
+    save()
+    print(table(results))
+    print(f"\nfull results: {out}  (device {results.meta.get('gpu', device)}, torch {torch.__version__}, "
+          f"dtype {results.meta['dtype']}, compile {args.compile}, peak {peak or 'n/a'} TFLOP/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
