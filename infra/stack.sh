@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# The local gptmini stack: a Prefect server, an MLflow server (SQLite store + local artifacts) and the
+# process that serves the deployments. Everything binds 127.0.0.1, and all state and logs live under
+# one folder ($GPTMINI_STATE, default ./state):
+#
+#   state/prefect/   Prefect's database and task results (PREFECT_HOME)
+#   state/mlflow/    mlflow.db (runs, registry) and artifacts/
+#   state/data/      downloaded sources and token shards     state/runs/   one folder per flow run
+#   state/logs/      one log per service                     state/pids/   one pid per service
+#
+# usage: infra/stack.sh up|down|status|env
+# `up` is idempotent: a service whose process is alive and healthy is left alone, never started twice.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="$(mkdir -p "${GPTMINI_STATE:-$ROOT/state}" && cd "${GPTMINI_STATE:-$ROOT/state}" && pwd)"
+BIN="${GPTMINI_BIN:-$ROOT/.venv/bin}"
+PREFECT_PORT="${GPTMINI_PREFECT_PORT:-4200}"
+MLFLOW_PORT="${GPTMINI_MLFLOW_PORT:-5000}"
+RUNNER_PORT="${GPTMINI_RUNNER_PORT:-4201}"
+HOST=127.0.0.1
+PREFECT_URL="http://$HOST:$PREFECT_PORT"
+MLFLOW_URL="http://$HOST:$MLFLOW_PORT"
+SERVICES=(prefect mlflow serve)
+
+export PREFECT_HOME="$STATE/prefect"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true
+
+health_url() {
+  case "$1" in
+    prefect) echo "$PREFECT_URL/api/health" ;;
+    mlflow) echo "$MLFLOW_URL/health" ;;
+    serve) echo "http://$HOST:$RUNNER_PORT/health" ;;
+  esac
+}
+
+set_command() {  # fills CMD with the service's command line
+  case "$1" in
+    prefect)
+      CMD=("$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off) ;;
+    mlflow)
+      # One uvicorn worker and no job-execution consumer: an idle default server otherwise keeps
+      # several ~240 MB processes alive for features (scheduled jobs, trace rollups) we do not use.
+      CMD=(env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server
+        --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db"
+        --artifacts-destination "$STATE/mlflow/artifacts"
+        --host "$HOST" --port "$MLFLOW_PORT" --workers 1) ;;
+    serve)
+      CMD=(env PREFECT_API_URL="$PREFECT_URL/api" MLFLOW_TRACKING_URI="$MLFLOW_URL" GPTMINI_STATE="$STATE"
+        PREFECT_RUNNER_SERVER_ENABLE=true PREFECT_RUNNER_SERVER_HOST="$HOST"
+        PREFECT_RUNNER_SERVER_PORT="$RUNNER_PORT" "$BIN/python" -m flows.serve) ;;
+  esac
+}
+
+pid_of() {  # prints the pid of a live service we started, else nothing
+  local file="$STATE/pids/$1.pid"
+  [[ -f "$file" ]] && kill -0 "$(cat "$file")" 2>/dev/null && cat "$file" || true
+}
+
+healthy() { curl -fsS -m 2 -o /dev/null "$(health_url "$1")" 2>/dev/null; }
+
+wait_healthy() {  # name timeout_s
+  local name="$1" deadline=$((SECONDS + $2))
+  until healthy "$name"; do
+    if [[ -z "$(pid_of "$name")" ]]; then
+      echo "infra: $name exited during startup; last lines of $STATE/logs/$name.log:" >&2
+      tail -n 30 "$STATE/logs/$name.log" >&2
+      return 1
+    fi
+    if ((SECONDS > deadline)); then
+      echo "infra: $name is not healthy at $(health_url "$name") after $2 s; see $STATE/logs/$name.log" >&2
+      return 1
+    fi
+    sleep 1
+  done
+}
+
+start() {  # name timeout_s
+  local name="$1"
+  if [[ -n "$(pid_of "$name")" ]]; then
+    wait_healthy "$name" "$2"
+    echo "infra: $name already running (pid $(pid_of "$name"))"
+    return
+  fi
+  if healthy "$name"; then
+    echo "infra: something else already answers at $(health_url "$name") (not started by this stack in $STATE)." >&2
+    echo "       Stop it, or choose other ports: GPTMINI_PREFECT_PORT / GPTMINI_MLFLOW_PORT / GPTMINI_RUNNER_PORT." >&2
+    return 1
+  fi
+  mkdir -p "$STATE/logs" "$STATE/pids" "$STATE/mlflow/artifacts" "$STATE/prefect"
+  # setsid: each service leads its own process group, so `down` stops its children too.
+  set_command "$name"
+  (cd "$ROOT" && exec setsid "${CMD[@]}" >>"$STATE/logs/$name.log" 2>&1 </dev/null) &
+  echo $! >"$STATE/pids/$name.pid"
+  echo "infra: starting $name (pid $!, log $STATE/logs/$name.log)"
+  wait_healthy "$name" "$2"
+}
+
+stop() {
+  local name="$1" pid
+  pid="$(pid_of "$name")"
+  rm -f "$STATE/pids/$name.pid"
+  [[ -z "$pid" ]] && return
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 30); do
+    kill -0 "$pid" 2>/dev/null || { echo "infra: stopped $name"; return; }
+    sleep 0.5
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  echo "infra: killed $name (it ignored SIGTERM for 15 s)"
+}
+
+urls() {
+  cat <<EOF
+Prefect UI:  $PREFECT_URL
+MLflow UI:   $MLFLOW_URL
+In another shell:
+  export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL
+  $BIN/prefect deployment run train-gpt/demo --watch
+EOF
+}
+
+case "${1:-}" in
+  up)
+    [[ -x "$BIN/prefect" && -x "$BIN/mlflow" ]] || {
+      echo "infra: $BIN has no prefect/mlflow; run \`make install\` (the pipeline extras) first" >&2; exit 1; }
+    start prefect 90
+    start mlflow 90
+    start serve 90
+    urls ;;
+  down)
+    for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop "${SERVICES[i]}"; done ;;
+  status)
+    for name in "${SERVICES[@]}"; do
+      pid="$(pid_of "$name")"
+      if [[ -n "$pid" ]] && healthy "$name"; then state=healthy; elif [[ -n "$pid" ]]; then state=unhealthy; else state=stopped; fi
+      printf '%-8s %-10s %s\n' "$name" "$state" "${pid:+pid $pid}"
+    done ;;
+  env)  # for `eval "$(infra/stack.sh env)"`
+    echo "export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL GPTMINI_STATE=$STATE" ;;
+  *)
+    echo "usage: infra/stack.sh up|down|status|env" >&2; exit 2 ;;
+esac
