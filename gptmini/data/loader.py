@@ -1,0 +1,320 @@
+"""Training batches from token shards: verify and memory-map, cut sliding windows, split them over ranks.
+
+`TokenShards.open(dir, split)` checks every shard against the manifest (size, sha256, Arrow layout, token
+count, ids below the vocabulary) and maps it read-only: the OS pages tokens in as windows touch them.
+`SlidingWindowDataset` cuts the stream into windows of `seq_len + 1` tokens every `stride` tokens;
+`DistributedWindowSampler` gives each rank a disjoint part of a (seed, epoch) permutation of the windows
+and remembers how far it got, so a resumed run takes the very next batch. `WindowLoader` builds the
+(B, T) int64 batches in the training process, without DataLoader workers: gathering B windows from a
+memory map costs microseconds, and no prefetching worker means the sampler's position is exact.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptmini.data.prepare import FORMAT, SPLITS
+from gptmini.data.sources import DataError, sha256_file
+
+RERUN = "re-run `gptmini prepare ... --out {dir} --force` to rebuild the shards"
+
+
+class TokenShards:
+    """One split's token stream: a verified, read-only memory map of each shard, end to end."""
+
+    def __init__(self, segments: list[np.ndarray], manifest: dict | None = None, split: str = "train"):
+        self.segments = segments
+        self.manifest = manifest or {}
+        self.split = split
+        self.offsets = np.cumsum([0] + [len(s) for s in segments])  # offsets[i]: stream position of segment i
+
+    @classmethod
+    def open(cls, data_dir: str | Path, split: str = "train", verify: bool = True) -> TokenShards:
+        data_dir = Path(data_dir)
+        manifest = read_manifest(data_dir)
+        if split not in manifest["splits"]:
+            raise DataError(f"split {split!r} is not in {data_dir}/manifest.json; choose one of {list(manifest['splits'])}")
+        segments = [
+            seg
+            for shard in manifest["splits"][split]["shards"]
+            for seg in _open_shard(data_dir, shard, manifest["n_vocab"], verify)
+        ]
+        return cls(segments, manifest, split)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        """Tokens [start, stop): a view when they lie in one shard, else a copy across the boundary."""
+        start, stop, _ = s.indices(len(self))
+        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        lo = start - self.offsets[i]
+        if stop <= self.offsets[i + 1]:
+            return self.segments[i][lo : lo + stop - start]
+        parts, pos = [], start
+        while pos < stop:
+            i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            end = min(stop, int(self.offsets[i + 1]))
+            parts.append(self.segments[i][pos - self.offsets[i] : end - self.offsets[i]])
+            pos = end
+        return np.concatenate(parts)
+
+
+def read_manifest(data_dir: Path) -> dict:
+    path = data_dir / "manifest.json"
+    if not path.exists():
+        raise DataError(f"no manifest.json in {data_dir}; run `gptmini prepare SOURCE... --out {data_dir}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); {RERUN.format(dir=data_dir)}") from exc
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; {RERUN.format(dir=data_dir)}")
+    return manifest
+
+
+def _open_shard(data_dir: Path, shard: dict, n_vocab: int, verify: bool) -> list[np.ndarray]:
+    import pyarrow as pa
+
+    path, name = data_dir / shard["file"], shard["file"]
+    rerun = RERUN.format(dir=data_dir)
+    if not path.exists():
+        raise DataError(f"shard {name} is missing from {data_dir}; {rerun}")
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        raise DataError(f"shard {name} is truncated or altered: {size} bytes on disk, the manifest says {shard['bytes']}; {rerun}")
+    if verify and (sha := sha256_file(path)) != shard["sha256"]:
+        raise DataError(f"shard {name} is corrupted: sha256 {sha[:16]}..., the manifest says {shard['sha256'][:16]}...; {rerun}")
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+        schema = reader.schema
+        if schema.names != ["tokens"] or schema.field(0).type != pa.uint32():
+            raise DataError(f"shard {name} holds {schema}, not one uint32 column `tokens`; {rerun}")
+        segments = [reader.get_batch(i).column(0).to_numpy(zero_copy_only=True) for i in range(reader.num_record_batches)]
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"shard {name} is not a readable Arrow IPC file ({exc}); {rerun}") from exc
+    if (n := sum(len(s) for s in segments)) != shard["tokens"]:
+        raise DataError(f"shard {name} holds {n} tokens, the manifest says {shard['tokens']}; {rerun}")
+    if verify:
+        pos = 0
+        for seg in segments:
+            if len(seg) and (top := int(seg.max())) >= n_vocab:
+                at = pos + int(np.argmax(seg >= n_vocab))
+                raise DataError(
+                    f"shard {name} holds token id {top} (first bad id at position {at}), at or above the tokenizer's "
+                    f"n_vocab={n_vocab}: it was not written with this manifest's tokenizer; {rerun}"
+                )
+            pos += len(seg)
+    return segments
+
+
+class SlidingWindowDataset(torch.utils.data.Dataset):
+    """Window i is tokens [i*stride, i*stride + seq_len + 1): x is its first seq_len tokens, y its last."""
+
+    def __init__(self, tokens: TokenShards | np.ndarray, seq_len: int, stride: int | None = None):
+        stride = seq_len if stride is None else stride
+        if seq_len < 1 or stride < 1:
+            raise DataError(f"seq_len={seq_len} and stride={stride} must both be >= 1")
+        n_tokens = len(tokens)
+        if n_tokens < seq_len + 1:
+            split = getattr(tokens, "split", "token")
+            raise DataError(
+                f"the {split} stream has {n_tokens} tokens, fewer than one window needs: the minimum is "
+                f"seq_len + 1 = {seq_len + 1}; add text, or lower seq_len to at most {max(n_tokens - 1, 0)}"
+            )
+        self.tokens, self.seq_len, self.stride = tokens, seq_len, stride
+        self.n_windows = (n_tokens - seq_len - 1) // stride + 1
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def window(self, i: int) -> np.ndarray:
+        start = i * self.stride
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n_windows:
+            raise IndexError(f"window {i} out of range [0, {self.n_windows})")
+        w = torch.from_numpy(self.window(i).astype(np.int64))
+        return w[:-1], w[1:]
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) int64 inputs and targets for the given windows."""
+        x = np.empty((len(indices), self.seq_len), dtype=np.int64)
+        y = np.empty_like(x)
+        for row, i in enumerate(indices.tolist()):
+            w = self.window(i)
+            x[row] = w[:-1]
+            y[row] = w[1:]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class DistributedWindowSampler:
+    """Rank r's share of epoch e: every world_size-th window of a permutation seeded by (seed, e), from r.
+
+    Position is global (`consumed` windows of the epoch, over all ranks), so the state restores exactly,
+    and even to a different world size: the remaining windows are dealt out again from the same place.
+    Each epoch drops the last n % world_size windows so every rank takes the same number of steps.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank={rank} is outside [0, world_size={world_size})")
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch, self.consumed = 0, 0
+        self._order = None  # (epoch, permutation) cache
+
+    def order(self) -> np.ndarray:
+        """This epoch's order of all windows, the same on every rank."""
+        if self._order is None or self._order[0] != self.epoch:
+            if self.shuffle:
+                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, self.epoch])))
+                perm = rng.permutation(self.n)
+            else:
+                perm = np.arange(self.n)
+            self._order = (self.epoch, perm)
+        return self._order[1]
+
+    def remaining(self) -> np.ndarray:
+        """This rank's windows still to come this epoch."""
+        stop = self.consumed + (self.n - self.consumed) // self.world_size * self.world_size
+        return self.order()[self.consumed + self.rank : stop : self.world_size]
+
+    def advance(self, k: int) -> None:
+        """Mark k of this rank's windows taken (and k on each other rank)."""
+        self.consumed += k * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        # A resumed run calls set_epoch(saved epoch) again: keep its position; only a new epoch starts over.
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def __len__(self) -> int:
+        return self.n // self.world_size
+
+    def __iter__(self):
+        for i in self.remaining().tolist():
+            self.advance(1)
+            yield i
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "n": self.n, "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n or state["seed"] != self.seed or state["shuffle"] != self.shuffle:
+            raise DataError(
+                f"sampler state is for n={state['n']} windows, seed={state['seed']}, shuffle={state['shuffle']}; "
+                f"this run has n={self.n}, seed={self.seed}, shuffle={self.shuffle}: resume with the same data, "
+                f"seq_len, stride and seed"
+            )
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self._order = None
+
+
+class WindowLoader:
+    """Batches of (x, y), each (B, T) int64, on `device` (pinned, non-blocking copies on CUDA).
+
+    Training (shuffle=True): `next_batch()` runs on across epochs; iterating gives the rest of the epoch;
+    a last partial batch is dropped. Validation (shuffle=False): each iteration is one full, ordered pass
+    over this rank's windows, the last batch possibly shorter; it has no position to save.
+    """
+
+    def __init__(self, dataset: SlidingWindowDataset, sampler: DistributedWindowSampler, batch_size: int,
+                 device: str | torch.device = "cpu"):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.device = torch.device(device)
+        self.train = sampler.shuffle
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def __len__(self) -> int:
+        per_rank = len(self.sampler)
+        return per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
+
+    def __iter__(self):
+        if not self.train:
+            order = self.sampler.remaining()  # validation never advances: always the full pass
+            for k in range(0, len(order), self.batch_size):
+                yield self._to_device(*self.dataset.batch(order[k : k + self.batch_size]))
+            return
+        while len(idx := self.sampler.remaining()) >= self.batch_size:
+            self.sampler.advance(self.batch_size)
+            yield self._to_device(*self.dataset.batch(idx[: self.batch_size]))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch; at the end of an epoch, the first batch of the next one."""
+        if len(self.sampler.remaining()) < self.batch_size:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+        idx = self.sampler.remaining()[: self.batch_size]
+        self.sampler.advance(self.batch_size)
+        return self._to_device(*self.dataset.batch(idx))
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def build_loaders(
+    data_dir: str | Path,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    vocab_size: int | None = None,
+    verify: bool = True,
+) -> tuple[WindowLoader, WindowLoader | None]:
+    """(train, val) loaders over a prepared folder; val is None when its split is shorter than one window.
+
+    `vocab_size` (the model's) is checked against the manifest's tokenizer: every id must have a row.
+    """
+    stride = seq_len if stride is None else stride
+    train_tokens = TokenShards.open(data_dir, "train", verify)
+    manifest = train_tokens.manifest
+    if vocab_size is not None and vocab_size < manifest["n_vocab"]:
+        raise DataError(
+            f"model vocab_size={vocab_size} is below the shards' n_vocab={manifest['n_vocab']} "
+            f"({manifest['tokenizer']}); set vocab_size={manifest['vocab_size']}"
+        )
+    train_ds = SlidingWindowDataset(train_tokens, seq_len, stride)
+    per_rank = len(train_ds) // world_size
+    if per_rank < batch_size:
+        need = seq_len + 1 + stride * (world_size * batch_size - 1)
+        raise DataError(
+            f"the train split of {data_dir} has {len(train_tokens)} tokens: {len(train_ds)} windows of seq_len={seq_len} "
+            f"at stride={stride}, {per_rank} per rank, fewer than batch_size={batch_size}; the minimum is {need} tokens "
+            f"for world_size={world_size}: add text, or lower batch_size, seq_len or stride"
+        )
+    train = WindowLoader(train_ds, DistributedWindowSampler(len(train_ds), rank, world_size, seed), batch_size, device)
+    val_tokens = TokenShards.open(data_dir, "val", verify)
+    if len(val_tokens) < seq_len + 1 + seq_len * (world_size - 1):
+        warnings.warn(
+            f"the val split of {data_dir} has {len(val_tokens)} tokens, fewer than one window of seq_len={seq_len} "
+            f"per rank on {world_size} rank(s): no validation loader; raise --val-fraction or add documents",
+            stacklevel=2,
+        )
+        return train, None
+    val_ds = SlidingWindowDataset(val_tokens, seq_len, seq_len)  # validation: non-overlapping windows
+    val = WindowLoader(val_ds, DistributedWindowSampler(len(val_ds), rank, world_size, seed, shuffle=False), batch_size, device)
+    return train, val
+
+
+__all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "DistributedWindowSampler", "WindowLoader", "build_loaders"]

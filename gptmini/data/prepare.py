@@ -1,0 +1,391 @@
+"""`gptmini prepare SOURCE... --out DIR`: text → tiktoken ids → uint32 Arrow IPC shards + manifest.json.
+
+The main process reads and decodes the sources and decides each document's split; worker processes
+tokenize (tiktoken releases the GIL, but one process per core also overlaps the Python-side work); the
+main process writes the token stream of each split into shards of at most `shard_tokens` tokens. At most
+`2 * workers` tasks are in flight, so memory stays bounded however large the input.
+
+Output names carry their sha256 (`train-00000-<sha12>.arrow`) and `manifest.json` is replaced last, in one
+rename: a reader sees the old shard set or the new one, never a mix. The manifest records `input_key`, a
+hash of the inputs' sha256s and the settings; re-running with the same inputs finds it, verifies the shards
+and does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from gptmini.data.sources import (
+    CHUNK_CHARS,
+    Cache,
+    DataError,
+    HttpOptions,
+    Source,
+    Stats,
+    atomic_write_bytes,
+    default_cache_dir,
+    nonempty_documents,
+    open_source,
+    replaced_bytes,
+    sha256_file,
+    utc_now,
+)
+from gptmini.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
+
+FORMAT = "gptmini-tokens/1"
+SPLITS = ("train", "val")
+SHARD_TOKENS = 100_000_000  # 400 MB shards, as nanoGPT's FineWeb shards
+TASK_CHARS = 1 << 18  # characters per tokenization task sent to a worker
+
+
+@dataclass
+class PrepareConfig:
+    sources: list[str]
+    out: Path
+    tokenizer: str = DEFAULT_TOKENIZER
+    val_fraction: float = 0.05
+    shard_tokens: int = SHARD_TOKENS
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    text_field: str = "text"
+    chunk_chars: int = CHUNK_CHARS
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    http: HttpOptions = field(default_factory=HttpOptions)
+    refresh: bool = False  # re-download even if the cache holds the URL
+    force: bool = False  # rewrite even if the manifest says the output is up to date
+
+
+@dataclass
+class Result:
+    manifest: dict
+    up_to_date: bool  # True: nothing was written
+    seconds: float
+    text_bytes: int
+
+
+# Tokenization: one function, run in the workers or inline
+
+
+_TOKENIZER = None
+
+
+def _init_worker(name: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = get_tokenizer(name)
+
+
+def encode_task(task: list[tuple[int, str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of each split, in order: one (split, text, ends_document) piece after another."""
+    enc, eot = _TOKENIZER.enc, np.array([_TOKENIZER.eot_token], dtype=np.uint32)
+    parts: tuple[list, list] = ([], [])
+    for split, text, ends_document in task:
+        # encode_to_numpy with nothing special allowed or disallowed == encode_ordinary, minus the list.
+        parts[split].append(enc.encode_to_numpy(text, disallowed_special=()))
+        if ends_document:
+            parts[split].append(eot)
+    return tuple(np.concatenate(p) if p else np.empty(0, np.uint32) for p in parts)
+
+
+def split_of(first_chunk: str, val_fraction: float) -> int:
+    """0 (train) or 1 (val), from the sha256 of the document's first chunk: stable and order-free."""
+    digest = hashlib.sha256(first_chunk.encode("utf-8", "surrogatepass")).digest()
+    return int(int.from_bytes(digest[:8], "big") < val_fraction * 2**64)
+
+
+@dataclass
+class Counts:
+    documents: list[int] = field(default_factory=lambda: [0, 0])
+    text_bytes: int = 0
+
+
+def pieces(sources: list[Source], val_fraction: float, stats: Stats, counts: Counts) -> Iterator[tuple[int, str, bool]]:
+    for source in sources:
+        for _, chunks in nonempty_documents(source.documents, stats):
+            prev = next(chunks)
+            split = split_of(prev, val_fraction)
+            counts.documents[split] += 1
+            for chunk in chunks:
+                counts.text_bytes += len(prev)
+                yield split, prev, False
+                prev = chunk
+            counts.text_bytes += len(prev)
+            yield split, prev, True
+
+
+def tasks(stream: Iterable[tuple[int, str, bool]], task_chars: int) -> Iterator[list[tuple[int, str, bool]]]:
+    task, size = [], 0
+    for piece in stream:
+        task.append(piece)
+        size += len(piece[1])
+        if size >= task_chars:
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
+
+
+def tokenize(task_iter: Iterable[list], name: str, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    if workers <= 1:
+        _init_worker(name)
+        yield from map(encode_task, task_iter)
+        return
+    # spawn, not fork: prepare may run inside a threaded host (a Prefect task), where fork can deadlock.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(name,)) as ex:
+        pending = deque()
+        for task in task_iter:
+            pending.append(ex.submit(encode_task, task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# Shards
+
+
+class ShardWriter:
+    """Appends uint32 tokens of one split; every `shard_tokens` tokens become one Arrow IPC file.
+
+    Tokens go first to a raw scratch file; a full shard is then written as one Arrow record batch straight
+    from a memory map of it, so each shard is one contiguous, mmap-able uint32 buffer and RAM stays small.
+    """
+
+    def __init__(self, out: Path, split: str, shard_tokens: int):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.shards: list[dict] = []
+        self.scratch = out / f".{split}.{os.getpid()}.raw"
+        self.f = None
+        self.n = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self.f is None:
+                self.f, self.n = open(self.scratch, "wb"), 0
+            take = tokens[: self.shard_tokens - self.n]
+            take.tofile(self.f)
+            self.n += len(take)
+            tokens = tokens[len(take) :]
+            if self.n == self.shard_tokens:
+                self._finish_shard()
+
+    def close(self) -> list[dict]:
+        if self.f is not None:
+            self._finish_shard()
+        return self.shards
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+        self.scratch.unlink(missing_ok=True)
+
+    def _finish_shard(self) -> None:
+        import pyarrow as pa
+
+        self.f.close()
+        self.f = None
+        tokens = np.memmap(self.scratch, dtype=np.uint32, mode="r")
+        tmp = self.out / f".{self.split}-{len(self.shards):05d}.{os.getpid()}.tmp"
+        try:
+            batch = pa.record_batch([pa.array(tokens)], names=["tokens"])  # zero-copy over the memmap
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+            del batch, tokens
+            sha = sha256_file(tmp)
+            name = f"{self.split}-{len(self.shards):05d}-{sha[:12]}.arrow"
+            os.replace(tmp, self.out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self.scratch.unlink(missing_ok=True)
+        self.shards.append({"file": name, "tokens": self.n, "bytes": (self.out / name).stat().st_size, "sha256": sha})
+
+
+# The command
+
+
+def input_key(cfg: PrepareConfig, sources: list[Source]) -> str:
+    """A hash of everything the shards depend on: the inputs' bytes and the settings that shape the output."""
+    key = {
+        "format": FORMAT,
+        "tokenizer": cfg.tokenizer,
+        "val_fraction": cfg.val_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "chunk_chars": cfg.chunk_chars,
+        "text_field": cfg.text_field,
+        "sources": [[s.spec, [p["sha256"] for p in s.provenance]] for s in sources],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(out: Path) -> dict | None:
+    path = out / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _up_to_date(out: Path, key: str) -> dict | None:
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("input_key") != key:
+        return None
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = out / shard["file"]
+            if not path.exists() or path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+                return None
+    return manifest
+
+
+def check_config(cfg: PrepareConfig) -> None:
+    if not cfg.sources:
+        raise DataError("no sources given; name at least one, e.g. `gptmini prepare embedded:python-docs --out data/`")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"--val-fraction {cfg.val_fraction} is outside [0, 1); e.g. 0.05 holds out 5% of documents")
+    if cfg.shard_tokens < 1:
+        raise DataError(f"--shard-tokens {cfg.shard_tokens} must be >= 1, e.g. {SHARD_TOKENS}")
+    if cfg.workers < 1:
+        raise DataError(f"--workers {cfg.workers} must be >= 1")
+
+
+def prepare(cfg: PrepareConfig) -> Result:
+    check_config(cfg)
+    t0 = time.perf_counter()
+    tok = get_tokenizer(cfg.tokenizer)
+    stats = Stats()
+    cache = Cache(Path(cfg.cache_dir))
+    sources = [
+        open_source(
+            spec, cache=cache, http=cfg.http, refresh=cfg.refresh, text_field=cfg.text_field,
+            chunk_chars=cfg.chunk_chars, stats=stats,
+        )
+        for spec in cfg.sources
+    ]
+    out = Path(cfg.out)
+    key = input_key(cfg, sources)
+    if not cfg.force and (manifest := _up_to_date(out, key)) is not None:
+        return Result(manifest, True, time.perf_counter() - t0, 0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    writers = [ShardWriter(out, split, cfg.shard_tokens) for split in SPLITS]
+    counts, replaced_before = Counts(), replaced_bytes()
+    try:
+        task_iter = tasks(pieces(sources, cfg.val_fraction, stats, counts), TASK_CHARS)
+        for train, val in tokenize(task_iter, cfg.tokenizer, cfg.workers):
+            writers[0].write(train)
+            writers[1].write(val)
+        shards = [w.close() for w in writers]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    stats.replaced_bytes = replaced_bytes() - replaced_before
+    if stats.documents == 0:
+        raise DataError(
+            f"the corpus is empty: {stats.empty_documents} document(s), all empty or whitespace-only, in "
+            f"{', '.join(cfg.sources)}; give sources that hold text"
+        )
+    manifest = {
+        "format": FORMAT,
+        "input_key": key,
+        "created_at": utc_now(),
+        "tokenizer": tok.name,
+        "n_vocab": tok.n_vocab,
+        "vocab_size": tok.vocab_size,
+        "eot_token": tok.eot_token,
+        "dtype": "uint32",
+        "column": "tokens",
+        "val_fraction": cfg.val_fraction,
+        "split_rule": "val if the first 8 bytes of sha256(document's first chunk), big-endian, < val_fraction * 2**64",
+        "shard_tokens": cfg.shard_tokens,
+        "chunk_chars": cfg.chunk_chars,
+        "splits": {
+            split: {
+                "tokens": sum(s["tokens"] for s in shards[i]),
+                "documents": counts.documents[i],
+                "shards": shards[i],
+            }
+            for i, split in enumerate(SPLITS)
+        },
+        "stats": asdict(stats),
+        "sources": [{"spec": s.spec, "inputs": s.provenance} for s in sources],
+    }
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    _remove_stale_shards(out, manifest)
+    return Result(manifest, False, time.perf_counter() - t0, counts.text_bytes)
+
+
+def _remove_stale_shards(out: Path, manifest: dict) -> None:
+    keep = {s["file"] for split in manifest["splits"].values() for s in split["shards"]}
+    for path in out.glob("*.arrow"):
+        if path.name.split("-")[0] in SPLITS and path.name not in keep:
+            path.unlink()
+
+
+def parse_args(argv: list[str]) -> PrepareConfig:
+    p = argparse.ArgumentParser(
+        prog="gptmini prepare",
+        description="Tokenize text sources into verified uint32 Arrow token shards plus manifest.json.",
+        epilog="SOURCE: wikipedia:TITLE | http(s)://URL | embedded:python-docs | FILE | FOLDER | 'GLOB' "
+        "(.txt .md .jsonl .parquet). Downloads are cached in --cache-dir by sha256.",
+    )
+    p.add_argument("sources", nargs="*", metavar="SOURCE")
+    p.add_argument("--out", required=True, type=Path, help="output folder (manifest.json + *.arrow)")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by hash)")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="most tokens per shard")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: inline)")
+    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines / column of .parquet")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="download cache ($GPTMINI_CACHE_DIR)")
+    p.add_argument("--wikipedia-api", default=HttpOptions().wikipedia_api, help="MediaWiki api.php URL "
+                   "($GPTMINI_WIKIPEDIA_API)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
+    p.add_argument("--retries", type=int, default=5, help="HTTP retries on 429/5xx and connection errors")
+    p.add_argument("--backoff", type=float, default=0.5, help="HTTP backoff factor (seconds)")
+    p.add_argument("--refresh", action="store_true", help="re-download URLs even if cached")
+    p.add_argument("--force", action="store_true", help="rewrite the shards even if they are up to date")
+    a = p.parse_args(argv)
+    http = HttpOptions(timeout=a.timeout, retries=a.retries, backoff=a.backoff, wikipedia_api=a.wikipedia_api)
+    return PrepareConfig(
+        sources=a.sources, out=a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction,
+        shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
+        http=http, refresh=a.refresh, force=a.force,
+    )
+
+
+def summary(res: Result, out: Path) -> str:
+    m = res.manifest
+    if res.up_to_date:
+        return f"{out}/manifest.json is up to date (input_key {m['input_key'][:12]}); nothing to do"
+    s, tr, va = m["stats"], m["splits"]["train"], m["splits"]["val"]
+    mb = res.text_bytes / 1e6
+    return (
+        f"wrote {out}: train {tr['tokens']:,} tokens ({tr['documents']} docs, {len(tr['shards'])} shards), "
+        f"val {va['tokens']:,} tokens ({va['documents']} docs, {len(va['shards'])} shards); "
+        f"skipped {s['empty_documents']} empty document(s), replaced {s['replaced_bytes']} non-UTF-8 byte(s); "
+        f"{mb:.1f} MB text in {res.seconds:.1f}s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        res = prepare(cfg)
+    except DataError as exc:
+        print(f"gptmini prepare: error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(res, cfg.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
