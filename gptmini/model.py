@@ -389,9 +389,11 @@ class GPTOSSMini(nn.Module):
         cache: KVCache | None = None,
         pad: Tensor | None = None,
         last_only: bool = False,
+        rope_len: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,))
-        and `last_only` (logits of the last position only) serve generation."""
+        """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,)),
+        `last_only` (logits of the last position only) and `rope_len` (the length the whole generation will
+        reach, which fixes the NTK base so cached keys stay valid) serve generation."""
         cfg = self.config
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -401,7 +403,7 @@ class GPTOSSMini(nn.Module):
             qpos = qpos - pad[:, None]  # (B, T)
             kpos = qpos.masked_fill(qpos < 0, -1)
             qpos = qpos.clamp(min=0)
-        theta = ntk_theta(cfg, start + T)
+        theta = ntk_theta(cfg, rope_len or start + T)
         inv_freq = self.inv_freq if theta == cfg.rope_theta else rope_inv_freq(cfg.head_dim, theta).to(idx.device)
         cos, sin = rope_cos_sin(qpos, inv_freq)
         mask = self._mask(qpos, kpos, cache, T, pad is not None)

@@ -38,6 +38,12 @@ class Tokenizer:
         self.vocab_size = padded_vocab_size(enc.n_vocab)
         self.eot_token = enc.eot_token
 
+    @functools.cached_property
+    def n_ordinary(self) -> int:
+        """Ordinary (BPE) tokens are ids 0..n_ordinary-1; above them lie gaps and special tokens, which
+        generation must not sample except end-of-text (cl100k_base has no id 100256)."""
+        return len(self.enc.token_byte_values())
+
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
