@@ -27,8 +27,24 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-demo:
-	@echo "make demo arrives with the pipeline issue (Prefect deployment train-gpt/demo)." >&2; exit 2
+# The local stack (infra/stack.sh): Prefect server, MLflow server and the deployment-serving process,
+# bound to 127.0.0.1, with their state and logs in ./state. `up` is idempotent.
+up: $(STAMP)
+	@infra/stack.sh up
+
+down:
+	@infra/stack.sh down
+
+# From a fresh clone: install, start the stack, run train-gpt/demo and watch it, then show the result.
+demo: $(STAMP)
+	@infra/stack.sh up
+	@eval "$$(infra/stack.sh env)" && \
+	  $(BIN)/prefect deployment run train-gpt/demo --watch && \
+	  echo && echo "== the registry (gptmini promote --list) ==" && $(BIN)/gptmini promote --list && \
+	  echo && echo "== gptmini generate --model models:/gptmini@production --prompt 'The Python interpreter' ==" && \
+	  $(BIN)/gptmini generate --model models:/gptmini@production --prompt "The Python interpreter" \
+	    --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 0 && \
+	  echo && infra/stack.sh urls
 
 clean:
 	rm -rf $(VENV) .pytest_cache

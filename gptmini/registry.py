@@ -47,6 +47,7 @@ def import_mlflow():
 def client(tracking_uri: str | None = None):
     """An MlflowClient on `tracking_uri`, else $MLFLOW_TRACKING_URI (which must be set)."""
     mlflow = import_mlflow()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs and CLIs
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise RegistryError(
@@ -58,20 +59,54 @@ def client(tracking_uri: str | None = None):
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
                   top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0) -> str:
-    """One sampled continuation of `prompt`; temperature 0 is greedy, top_k <= 0 and top_p >= 1 are off."""
+    """One continuation of `prompt` by gptmini.generate (as `gptmini generate` does it): temperature 0 is
+    greedy, top_k <= 0 and top_p >= 1 are off."""
     import torch
 
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_token]
-    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)  # (1, T)
-    generator = torch.Generator(device=idx.device).manual_seed(int(seed))
+    from gptmini.generate import generate, sampling_mask
+
+    device = next(model.parameters()).device
+    ids = [tokenizer.eot_token] + tokenizer.encode(prompt)  # a document starts after end-of-text
+    out = generate(
+        model, [ids], int(max_new_tokens), temperature=float(temperature),
+        top_k=int(top_k) if top_k and int(top_k) > 0 else None,
+        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
+        eos_token_id=tokenizer.eot_token, generator=torch.Generator(device=device).manual_seed(int(seed)),
+        allowed=sampling_mask(tokenizer, model.config.vocab_size, device),
+    )[0]
+    new = [t for t in out[len(ids):] if t != tokenizer.eot_token]
+    return tokenizer.decode(new)
+
+
+def evaluate_weights(weights_dir: str | Path, data_dir: str | Path, seq_len: int | None = None,
+                     batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted val loss and perplexity of a model folder over the whole val split of `data_dir`,
+    in non-overlapping windows of `seq_len` (default: the model's max_seq_len). The champion/challenger gate
+    calls it for both versions with the same data and seq_len, so the comparison is like for like."""
+    import math
+
+    import torch
+
+    from gptmini.data.loader import DistributedWindowSampler, SlidingWindowDataset, TokenShards, WindowLoader
+    from gptmini.weights import load_pretrained
+
+    model, _ = load_pretrained(weights_dir)
+    model.eval()
+    seq_len = seq_len or model.config.max_seq_len
+    tokens = TokenShards.open(data_dir, "val")
+    if len(tokens) < seq_len + 1:
+        raise RegistryError(f"the val split of {data_dir} has {len(tokens)} tokens, fewer than one window of "
+                            f"{seq_len} + 1; raise val_fraction or add text")
+    windows = SlidingWindowDataset(tokens, seq_len, seq_len)
+    val = WindowLoader(windows, DistributedWindowSampler(len(windows), 0, 1, 0, shuffle=False), batch_size)
+    total, tokens = 0.0, 0
     with torch.no_grad():
-        out = model.generate(
-            idx, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-            top_k=int(top_k) if top_k and int(top_k) > 0 else None,
-            top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
-            eos_token_id=tokenizer.eot_token, generator=generator,
-        )
-    return tokenizer.decode(out[0, len(ids):].tolist())
+        for x, y in val:
+            _, loss = model(x, y)
+            total += loss.item() * y.numel()
+            tokens += y.numel()
+    val_loss = total / tokens
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": float(tokens)}
 
 
 def model_signature():
@@ -80,7 +115,7 @@ def model_signature():
 
     dtypes = {int: "long", float: "double"}
     params = [ParamSpec(k, dtypes[type(v)], v) for k, v in GENERATION_DEFAULTS.items()]
-    return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]),
+    return ModelSignature(inputs=Schema([ColSpec("string")]),
                           outputs=Schema([ColSpec("string")]), params=ParamSchema(params))
 
 
@@ -252,8 +287,11 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
 
 def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
     lines = []
+    by_version: dict[str, list[str]] = {}
+    for alias, version in mlflow_client.get_registered_model(name).aliases.items():
+        by_version.setdefault(str(version), []).append(alias)
     for mv in sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
-        aliases = ",".join(mv.aliases) or "-"
+        aliases = ",".join(sorted(by_version.get(str(mv.version), []))) or "-"
         lines.append(f"v{mv.version:<4} aliases={aliases:<32} val_loss={mv.tags.get('val_loss', '?'):<10} "
                      f"gate={mv.tags.get('gate.decision', '-'):<9} run={mv.run_id}")
     return lines

@@ -5,7 +5,7 @@ so loading unpickles nothing: the weights are safetensors read by `gptmini.weigh
 text comes from our own sampling code. The sequence length is not frozen into the model (as a traced or
 exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
 
-Input: a DataFrame with a `prompt` column (or a list of strings). Params: max_new_tokens, temperature,
+Input: a list of prompts (or a DataFrame with one string column, e.g. `prompt`). Params: max_new_tokens, temperature,
 top_k, top_p, seed. Output: the generated continuations, one string per prompt.
 """
 from __future__ import annotations
@@ -24,7 +24,11 @@ class GPTMiniModel(PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        prompts = model_input["prompt"].tolist() if hasattr(model_input, "columns") else list(model_input)
+        if hasattr(model_input, "columns"):  # a DataFrame: its `prompt` column, else its only column
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = model_input[column].tolist()
+        else:
+            prompts = list(model_input)
         return [generate_text(self.model, self.tokenizer, str(p), **(params or {})) for p in prompts]
 
 

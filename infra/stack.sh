@@ -8,7 +8,7 @@
 #   state/data/      downloaded sources and token shards     state/runs/   one folder per flow run
 #   state/logs/      one log per service                     state/pids/   one pid per service
 #
-# usage: infra/stack.sh up|down|status|env
+# usage: infra/stack.sh up|down|status|urls|env
 # `up` is idempotent: a service whose process is alive and healthy is left alone, never started twice.
 set -euo pipefail
 
@@ -113,8 +113,8 @@ stop() {
 
 urls() {
   cat <<EOF
-Prefect UI:  $PREFECT_URL
-MLflow UI:   $MLFLOW_URL
+Prefect UI:  $PREFECT_URL   (flow runs, logs, artifacts: Runs > train-gpt > Artifacts)
+MLflow UI:   $MLFLOW_URL   (experiment gptmini; Models > gptmini for versions and aliases)
 In another shell:
   export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL
   $BIN/prefect deployment run train-gpt/demo --watch
@@ -137,8 +137,9 @@ case "${1:-}" in
       if [[ -n "$pid" ]] && healthy "$name"; then state=healthy; elif [[ -n "$pid" ]]; then state=unhealthy; else state=stopped; fi
       printf '%-8s %-10s %s\n' "$name" "$state" "${pid:+pid $pid}"
     done ;;
+  urls) urls ;;
   env)  # for `eval "$(infra/stack.sh env)"`
     echo "export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL GPTMINI_STATE=$STATE" ;;
   *)
-    echo "usage: infra/stack.sh up|down|status|env" >&2; exit 2 ;;
+    echo "usage: infra/stack.sh up|down|status|urls|env" >&2; exit 2 ;;
 esac
