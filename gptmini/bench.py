@@ -56,6 +56,7 @@ class Subject:
     n_layers: int
     attn_dim: int  # n_heads * head_dim: the width of QK^T and PV
     max_seq_len: int
+    vocab_size: int
     sliding_window: int | None = None
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
@@ -205,6 +206,7 @@ def gptmini_subject(name: str, cfg) -> Subject:
         n_layers=cfg.n_layers,
         attn_dim=cfg.d_model,  # n_heads * head_dim with head_dim = d_model // n_heads
         max_seq_len=cfg.max_seq_len,
+        vocab_size=cfg.vocab_size,
         sliding_window=cfg.sliding_window,
     )
 
@@ -236,6 +238,7 @@ def baseline_subject(kind: str, cfg, block_size: int, dropout: float) -> Subject
         n_layers=bcfg.n_layer,
         attn_dim=bcfg.n_embd,
         max_seq_len=bcfg.block_size,
+        vocab_size=bcfg.vocab_size,
     )
 
 
@@ -333,11 +336,6 @@ def random_batch(vocab: int, batch: int, seq: int, device: torch.device, gen: to
     return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
 
 
-def vocab_of(model: nn.Module) -> int:
-    cfg = model.config
-    return cfg.vocab_size
-
-
 def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace,
                   device: torch.device, dtype: torch.dtype, peak_tflops: float | None) -> TrainRun:
     run = TrainRun(name=subject.name, seq_len=seq, batch_size=batch, matmul_params=subject.matmul_params)
@@ -361,7 +359,7 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
     opt = make_optimizer(model, device)
     step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
     gen = torch.Generator().manual_seed(args.seed)
-    x, y = random_batch(vocab_of(model), run.batch_size, run.seq_len, device, gen)
+    x, y = random_batch(subject.vocab_size, run.batch_size, run.seq_len, device, gen)
     for _ in range(args.warmup):
         step(x, y)
     with Timer(device) as timer:
@@ -412,7 +410,7 @@ def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
     torch.manual_seed(args.seed)
     model = subject.build().to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, vocab_of(model), (batch, args.prompt_len), generator=gen).to(device)
+    prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
     def generate(n: int) -> float:
         with Timer(device) as t, torch.inference_mode():
@@ -434,22 +432,27 @@ def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
 
 def synthetic_shards(folder: Path, n_words: int, seed: int) -> Path:
     """Synthetic text prepared by `gptmini prepare` into real shards: the loader path under test is
-    the one training uses, only the words are random."""
+    the one training uses, only the words are random. cl100k_base, since it works offline."""
     import random
 
-    rng = random.Random(seed)
-    words = [
-        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)
-    ]
-    src = folder / "synthetic.txt"
-    src.write_text("\n\n".join(" ".join(rng.choices(words, k=400)) for _ in range(n_words // 400)))
-    out = folder / "shards"
     from gptmini.data.prepare import main as prepare_main
 
-    code = prepare_main([str(src), "--out", str(out), "--workers", "1"])
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    src = folder / "synthetic.txt"
+    src.write_text("\n\n".join(" ".join(rng.choices(words, k=400)) for _ in range(max(1, n_words // 400))))
+    out = folder / "shards"
+    with contextlib.redirect_stdout(sys.stderr):  # prepare's summary is not part of the table
+        code = prepare_main([str(src), "--out", str(out), "--workers", "1", "--tokenizer", "cl100k_base",
+                             "--cache-dir", str(folder / "cache")])
     if code:
         raise RuntimeError(f"gptmini prepare exited {code} on the synthetic corpus {src}")
     return out
+
+
+def shard_vocab(data_dir: Path) -> int | None:
+    manifest = data_dir / "manifest.json"
+    return json.loads(manifest.read_text()).get("vocab_size") if manifest.exists() else None
 
 
 def time_loader(subject: Subject, seq: int, batch: int, args, device, dtype) -> LoaderRun:
@@ -465,12 +468,16 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device, dtype) -> 
         if args.data_dir:
             data_dir, source = Path(args.data_dir), f"shards {args.data_dir}"
         else:
-            words = max(batch * (seq + 1) * (args.warmup + args.steps + 2), 200_000)
-            data_dir, source = synthetic_shards(Path(tmp), words, args.seed), "synthetic text, gptmini prepare"
+            words = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000)
+            data_dir, source = synthetic_shards(Path(tmp), words, args.seed), "synthetic text via gptmini prepare"
+        vocab = shard_vocab(data_dir)
+        fold = vocab is not None and vocab > subject.vocab_size
+        if fold:
+            source += f" (vocab {vocab} ids folded into the model's {subject.vocab_size} on device)"
         run = LoaderRun(subject.name, seq, batch, source=source)
         release(device)
         try:
-            _time_loader(run, subject, data_dir, args, device, dtype, build_loaders)
+            _time_loader(run, subject, data_dir, fold, args, device, dtype, build_loaders)
         except torch.OutOfMemoryError:
             run.status = "oom"
         release(device)
@@ -482,7 +489,7 @@ def endless(loader_factory: Callable[[], object]) -> Iterator:
         yield from loader_factory()
 
 
-def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, args, device, dtype, build_loaders) -> None:
+def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, args, device, dtype, build_loaders) -> None:
     torch.manual_seed(args.seed)
     model = subject.build().to(device)
     model.train()
@@ -490,7 +497,15 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, args, device,
     step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
     train_loader, _ = build_loaders(data_dir, run.seq_len, run.seq_len, run.batch_size, 0, 1, args.seed, device)
     batches = endless(lambda: train_loader)
-    x, y = next(batches)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-op if the loader did it
+        if fold:  # shards from a larger vocabulary than the model's (e.g. cl100k into the seed's 50304)
+            x, y = x.remainder(subject.vocab_size), y.remainder(subject.vocab_size)
+        return x, y
+
+    x, y = next_batch()
     for _ in range(args.warmup):
         step(x, y)
     with Timer(device) as fixed:
@@ -500,7 +515,7 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, args, device,
     with Timer(device) as fed:
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            x, y = next(batches)
+            x, y = next_batch()
             host += time.perf_counter() - t0
             step(x, y)
     run.steps = args.steps

@@ -1,0 +1,107 @@
+"""The GPU harness (`gptmini bench`, issue 6) run on CPU at tiny sizes: it measures, writes its JSON and
+table, counts FLOPs as BENCHMARKS.md states, and runs without Prefect or MLflow (as on the GPU machine).
+
+No timing assertions: speed goes in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptmini import bench
+from gptmini.model import GPTOSSMini, ModelConfig
+
+TINY = ["--device", "cpu", "--preset", "tiny", "--seq", "32", "--batch", "2", "--steps", "2", "--warmup", "1",
+        "--baseline", "match", "--decode-batch", "1,2", "--decode-tokens", "4", "--prompt-len", "8", "--decode-repeats", "1"]
+
+
+def run_bench(tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "results.json"
+    assert bench.main([*TINY, "--out", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
+    results = run_bench(tmp_path, "--sections", "train,dense,baseline,decode", "--peak-tflops", "0.5")
+    train = {r["name"]: r for r in results["train"]}
+    assert set(train) == {"tiny", "tiny-dense", "nanogpt-match"}
+    for r in train.values():
+        assert r["status"] == "ok" and r["steps"] == 2 and (r["seq_len"], r["batch_size"]) == (32, 2)
+        assert r["tokens_per_s"] > 0 and torch.isfinite(torch.tensor(r["final_loss"]))
+        assert r["tflops"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)  # achieved over the given peak
+        assert r["mfu_causal"] < r["mfu"]  # the causal count halves the attention term
+        assert r["peak_mem_gib"] is None  # no CUDA allocator to ask
+    assert [(d["batch_size"], d["status"]) for d in results["decode"]] == [(1, "ok"), (2, "ok")]
+    assert all(d["tokens_per_s"] > 0 for d in results["decode"])
+    assert results["meta"]["device"] == "cpu" and results["meta"]["torch"] == torch.__version__
+    table = capsys.readouterr().out
+    assert "| tiny | 32 | 2 |" in table and "| nanogpt-match | 32 | 2 |" in table and "| decode |" in table
+
+
+def test_flops_per_token_is_six_n_plus_attention_term():
+    cfg = ModelConfig.from_preset("seed")
+    subject = bench.gptmini_subject("seed", cfg)
+    d, L, T = cfg.d_model, cfg.n_layers, 1024
+    n = subject.matmul_params
+    assert subject.flops_per_token(T) == 6 * n + 12 * L * T * d
+    assert subject.flops_per_token(T, causal=True) == 6 * n + 6 * L * T * d
+    # Only top_k of the experts count: the active FFN weights are top_k * 3 * d * d_ff per layer.
+    dense_twin = ModelConfig.from_preset("seed", num_experts=0, top_k=1, d_ff=cfg.top_k * cfg.d_ff)
+    assert n - bench.gptmini_matmul_params(dense_twin) == L * d * cfg.num_experts  # the router
+
+
+@pytest.mark.parametrize("overrides", [{"num_experts": 0}, {}], ids=["dense", "moe"])
+def test_matmul_params_count_the_model_weights_a_token_multiplies(overrides):
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    model = GPTOSSMini(cfg)
+    matrices = {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2}
+    # An untied input embedding is a lookup, not a matmul; a tied one is the head's weight, listed once.
+    embedding = [n for n in matrices if "emb" in n]
+    if not cfg.tie_embeddings:
+        for n in embedding:
+            del matrices[n]
+    # Experts are stacked (E, out, in): each token multiplies through top_k of the E slices.
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    active = sum(matrices.values()) - experts + experts * cfg.top_k // max(cfg.num_experts, 1)
+    assert bench.gptmini_matmul_params(cfg) == active
+
+
+def test_loader_share_is_measured_on_prepared_shards(tmp_path):
+    results = run_bench(tmp_path, "--sections", "loader")
+    (run,) = results["loader"]
+    assert run["status"] == "ok" and run["source"].startswith("synthetic")
+    assert run["ms_per_step_with_loader"] > 0 and run["ms_per_step_fixed_batch"] > 0
+    assert 0 <= run["share_end_to_end"] < 1 and 0 < run["share_host"] < 1
+
+
+def test_bad_input_names_the_value_and_the_fix(tmp_path):
+    with pytest.raises(SystemExit, match="exceeds the tiny preset's max_seq_len"):
+        bench.main([*TINY, "--seq", "100000", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="unknown --sections bogus"):
+        bench.main([*TINY, "--sections", "train,bogus", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="--batch 'two' must be a comma list of integers"):
+        bench.main([*TINY, "--batch", "two", "--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_runs_with_prefect_and_mlflow_absent_and_leaves_mfu_na_on_cpu(tmp_path):
+    # The H100 machine has neither: block their import and run the command end to end.
+    out = tmp_path / "r.json"
+    argv = [*TINY, "--sections", "train", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    code = (
+        "import sys; sys.modules['prefect'] = None; sys.modules['mlflow'] = None\n"
+        "from gptmini.cli import main\n"
+        f"sys.exit(main(['bench', *{argv!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    (run,) = json.loads(out.read_text())["train"]
+    assert run["status"] == "ok" and run["tokens_per_s"] > 0
+    assert run["mfu"] is None and run["mfu_causal"] is None  # CPU without --peak-tflops: n/a
