@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 from prefect import serve
@@ -44,8 +45,20 @@ def deployments() -> list:
     ]
 
 
-def main() -> None:
-    serve(*deployments(), limit=int(os.environ.get("GPTMINI_SERVE_LIMIT", "2")))
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m flows.serve", description="Serve the gptmini deployments "
+                                 "(this process runs their flow runs), or register them for a work pool's workers.")
+    ap.add_argument("--work-pool", help="register the deployments on this work pool (run by `prefect worker "
+                    "start --pool NAME`, as in infra/docker-compose.yml) instead of serving them here")
+    ap.add_argument("--limit", type=int, default=int(os.environ.get("GPTMINI_SERVE_LIMIT", "2")),
+                    help="most flow runs at once in this process (default 2)")
+    args = ap.parse_args(argv)
+    if args.work_pool:
+        for deployment in deployments():
+            deployment.apply(work_pool_name=args.work_pool)
+            print(f"registered {deployment.flow_name}/{deployment.name} on work pool {args.work_pool!r}")
+        return
+    serve(*deployments(), limit=args.limit)
 
 
 if __name__ == "__main__":
