@@ -1,0 +1,359 @@
+"""Checkpoints that resume exactly, written atomically, read without unpickling arbitrary objects.
+
+A training checkpoint `RUN/checkpoints/step_XXXXXXXX/` holds:
+
+    dcp/                      model + optimizer tensors (torch.distributed.checkpoint: sharded under FSDP,
+                              resharded on load, so a checkpoint loads at another world size)
+    trainer_state.json        step, tokens seen, best val loss, scheduler, optimizer param groups
+    rank_00000.json ...       per rank: the data sampler's position and the python/numpy/torch/CUDA RNG states
+    train_config.json         the resolved config (exact; config.toml is the readable copy)
+    COMPLETE                  the commit marker, written last
+
+Every rank writes into `.tmp_step_XXXXXXXX/`; after a barrier rank 0 writes COMPLETE, fsyncs and renames
+the folder into place. A checkpoint killed mid-write is therefore a `.tmp_*` folder (or a folder without
+COMPLETE) and is never picked by `--resume auto`.
+
+Safety: tensors load through torch.load(weights_only=True) (DCP's reader) or safetensors, state through
+JSON, and DCP's pickled `.metadata` through an allowlist unpickler (`SafeFileSystemReader`). We never put
+non-tensor objects in the DCP payload, because DCP would unpickle those freely.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+from gptmini import parallel
+
+STEP_PREFIX = "step_"
+MARKER = "COMPLETE"
+
+
+# Atomic files and folders
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Temp file + fsync + rename: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing an older one (best/, final/)."""
+    fsync_tree(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# RNG states as JSON
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+# DCP metadata without arbitrary unpickling
+
+# `.metadata` is a pickle of these dataclasses; anything else in it is refused.
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                 "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # maps "torch.strided" to the layout, nothing else
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "WindowsPath"),
+}
+_SAFE_TORCH_ENUMS = {"layout", "memory_format", "dtype"}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and type(getattr(torch, name, None)).__name__ in _SAFE_TORCH_ENUMS:
+            return getattr(torch, name)  # torch.float32, torch.strided, torch.contiguous_format
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata references {module}.{name}, which a DCP checkpoint never holds; "
+            f"refusing to load it (the file may be tampered with)"
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp.Metadata:
+        rank = kwargs.get("rank")
+        path = self._get_metadata_path(rank)
+        with open(path, "rb") as f:
+            metadata = _SafeUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, dcp.Metadata):
+            raise pickle.UnpicklingError(f"{path} does not hold DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _only_tensors(tree: Any, where: str = "") -> None:
+    """DCP stores non-tensors as pickles; we keep those in JSON instead."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _only_tensors(v, f"{where}.{k}")
+    elif not isinstance(tree, torch.Tensor):
+        raise TypeError(f"checkpoint payload {where} is a {type(tree).__name__}, not a tensor")
+
+
+# Training checkpoints
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file() and (Path(path) / "trainer_state.json").is_file()
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; `.tmp_*` and unmarked folders are half-written and skipped."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not is_complete(path):
+        raise ValueError(
+            f"--resume {resume!r} is not a complete checkpoint folder (no {MARKER} marker); "
+            f"pass a checkpoints/{STEP_PREFIX}XXXXXXXX folder, or --resume auto"
+        )
+    return path
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    config_json: str,
+    config_toml: str,
+    env: parallel.DistEnv,
+    keep_last: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the committed folder."""
+    final = step_dir(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if env.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed mid-write
+        tmp.mkdir(parents=True)
+    parallel.barrier()
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    payload = {"model": model_sd, "optim": optim_sd["state"]}
+    _only_tensors(payload)
+    dcp.save(payload, storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True), no_dist=not env.distributed)
+    write_json(tmp / f"rank_{env.rank:05d}.json", rank_state)
+    if env.is_main:
+        state = dict(trainer_state, world_size=env.world_size, optimizer_param_groups=_param_groups(optim_sd))
+        write_json(tmp / "trainer_state.json", state)
+        write_atomic(tmp / "train_config.json", config_json)
+        write_atomic(tmp / "config.toml", config_toml)
+    parallel.barrier()
+    if env.is_main:
+        fsync_tree(tmp)
+        write_json(tmp / MARKER, {"step": step, "world_size": env.world_size})
+        if final.exists():  # a re-run of the same step (resume from an older checkpoint)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    parallel.barrier()
+    return final
+
+
+def _param_groups(optim_sd: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]]
+
+
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, env: parallel.DistEnv
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load model (+ optimizer) tensors in place, resharding as needed.
+
+    Returns (trainer_state, this rank's state). The rank state (sampler position, RNG) is None when the
+    checkpoint was written at another world size: the weights carry over, the exact data order cannot.
+    """
+    path = Path(path)
+    trainer_state = read_json(path / "trainer_state.json")
+    if optimizer is None:
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
+        set_model_state_dict(model, model_sd)
+        return trainer_state, None
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd["state"]}, storage_reader=SafeFileSystemReader(path / "dcp"),
+             no_dist=not env.distributed)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    rank_file = path / f"rank_{env.rank:05d}.json"
+    same_world = trainer_state["world_size"] == env.world_size and rank_file.is_file()
+    return trainer_state, read_json(rank_file) if same_world else None
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective under FSDP: the unsharded weights on CPU (complete on rank 0)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# Weights (best/, final/) and loading for eval/generate
+
+def save_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], out: Path, extra: dict[str, Any]) -> None:
+    """Rank 0: `model` is a plain (unwrapped) model; its weights are replaced by `state_dict` when given."""
+    from gptmini import weights
+
+    out = Path(out)
+    tmp = out.with_name(f".tmp_{out.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    weights.save_pretrained(model, tmp)
+    write_json(tmp / "train_info.json", extra)
+    replace_dir(tmp, out)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a run folder, a `final/`/`best/` folder, or a training checkpoint folder.
+
+    A run folder resolves to final/, else checkpoints/best/, else its latest complete checkpoint.
+    """
+    from gptmini import weights
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist; pass a run, final/ or checkpoint folder")
+    if (path / "checkpoints").is_dir() or (path / "final").is_dir():
+        for candidate in (path / "final", path / "checkpoints" / "best"):
+            if (candidate / "model.safetensors").is_file():
+                return weights.load_pretrained(candidate, device=device)
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
+        path = latest
+    if (path / "model.safetensors").is_file():
+        return weights.load_pretrained(path, device=device)
+    if not is_complete(path):
+        raise ValueError(
+            f"{str(path)!r} is neither a weights folder (model.safetensors + config.json) nor a complete "
+            f"training checkpoint ({MARKER} marker); pass a run folder, final/, best/ or checkpoints/{STEP_PREFIX}*"
+        )
+    from gptmini import config as config_mod
+    from gptmini.model import GPTOSSMini
+    from gptmini.tokenizer import get_tokenizer
+
+    cfg = config_mod.from_dict(read_json(path / "train_config.json"))
+    model = GPTOSSMini(cfg.model)
+    env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))
+    load_checkpoint(path, model, None, env)
+    return model.to(device).eval(), get_tokenizer(cfg.model.tokenizer)

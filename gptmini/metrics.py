@@ -1,0 +1,99 @@
+"""Run metrics: one JSON object per line in RUN/metrics.jsonl, and matplotlib plots in RUN/plots/.
+
+Records carry a `kind` ("train" or "val") and a `step`. A resumed run first drops the records after
+its checkpoint's step, so the file always reads as one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from gptmini.checkpoint import write_atomic
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        # One write per record, flushed: a kill -9 loses at most the line being written.
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=True) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def truncate_after(self, step: int) -> None:
+        """Keep what the checkpoint at `step` had seen; later records belong to the lost work."""
+        kept = [r for r in self.read() if r["step"] <= step]
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill; everything before it is whole
+                break
+    return records
+
+
+def train_losses(records: list[dict[str, Any]]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Write plots/loss.png (train + val) and plots/lr.png; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = [r for r in records if r.get("kind") == "train"]
+    val = [r for r in records if r.get("kind") == "val"]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("gptmini loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out_dir / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("warmup + cosine schedule")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir / "lr.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf

@@ -1,0 +1,239 @@
+"""MLflow tracking from rank 0: the only place the trainer touches MLflow, imported lazily.
+
+- No tracking URI (neither --tracking-uri nor $MLFLOW_TRACKING_URI), not rank 0, or MLflow absent:
+  a no-op `Tracker`; training never needs MLflow.
+- A run id from the caller (--mlflow-run-id or $MLFLOW_RUN_ID, e.g. the Prefect flow): we log into that
+  run through MlflowClient and never end it. We never call the fluent `mlflow.start_run()`: with
+  $MLFLOW_RUN_ID set it adopts the caller's run and its exit handler would mark it FINISHED.
+- Otherwise we create the run, note its id in RUN/mlflow_run.json (a resumed run continues it), and
+  end it ourselves.
+
+Every call only enqueues; a background thread sends batches and keeps what failed to retry later, so a
+briefly unreachable server never stalls or kills training. Whatever is still unsent at close is written
+to RUN/mlflow_unsent.jsonl and counted in the log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
+MAX_PARAMS = 100  # ... and for params
+# Params that legitimately differ between a run and its resumption; MLflow forbids changing a param.
+VOLATILE_PARAMS = ("train.resume",)
+
+
+def tracking_uri(configured: str) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+class Tracker:
+    """The no-op tracker: what every rank but 0, and every run without a tracking URI, gets."""
+
+    run_id: str | None = None
+    owns_run = False
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+def start(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
+    """Build the tracker for this process from the TrackingConfig (`cfg.tracking`)."""
+    uri = tracking_uri(cfg.tracking.tracking_uri)
+    if not is_main or not uri:
+        return Tracker()
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        print(f"gptmini: MLflow tracking URI {uri!r} is set but mlflow is not installed; "
+              f"tracking is off (pip install 'mlflow>=3.17' to enable it)", file=sys.stderr)
+        return Tracker()
+    return MlflowTracker(uri, cfg, Path(run_dir))
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, uri: str, cfg: Any, run_dir: Path, flush_every_s: float = 2.0):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_dir = run_dir
+        self.flush_every_s = flush_every_s
+        self.system_metrics = cfg.tracking.system_metrics
+        self.run_id, self.owns_run = self._open_run(cfg)
+        self._queue: queue.Queue = queue.Queue()
+        self._pending_metrics: list[Any] = []
+        self._pending_other: list[tuple] = []  # ("params", list) / ("artifact", path, artifact_path)
+        self._errors = 0
+        self._system_step = -1
+        self._last_error = ""
+        self._thread = threading.Thread(target=self._worker, name="gptmini-mlflow", daemon=True)
+        self._thread.start()
+
+    def _open_run(self, cfg: Any) -> tuple[str, bool]:
+        given = cfg.tracking.run_id or os.environ.get("MLFLOW_RUN_ID", "")
+        if given:
+            self.client.get_run(given)  # fails clearly on a wrong id, before any training
+            return given, False
+        marker = self.run_dir / "mlflow_run.json"
+        if marker.is_file():  # our own run, interrupted: continue it rather than split the curves
+            saved = json.loads(marker.read_text())
+            if saved.get("tracking_uri") == self.uri:
+                self.client.update_run(saved["run_id"], status="RUNNING")
+                return saved["run_id"], True
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
+                                     tags={"gptmini.run_dir": str(self.run_dir.resolve())})
+        from gptmini.checkpoint import write_json
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"run_id": run.info.run_id, "tracking_uri": self.uri})
+        return run.info.run_id, True
+
+    # The training loop's side: enqueue and return.
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in VOLATILE_PARAMS]
+        self._queue.put(("params", items))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._queue.put(("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", str(path), artifact_path))
+
+    def close(self, status: str = "FINISHED", timeout_s: float = 120.0) -> None:
+        self._queue.put(("close",))
+        self._thread.join(timeout_s)
+        unsent = len(self._pending_metrics) + len(self._pending_other)
+        if unsent:
+            self._dump_unsent()
+            print(f"gptmini: MLflow at {self.uri} took {unsent} items fewer than sent "
+                  f"({len(self._pending_metrics)} metrics); they are in {self.run_dir / 'mlflow_unsent.jsonl'} "
+                  f"(last error: {self._last_error})", file=sys.stderr)
+        if self.owns_run:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as exc:  # the server is gone: the run stays RUNNING there; say so
+                print(f"gptmini: could not mark MLflow run {self.run_id} {status}: {exc}", file=sys.stderr)
+
+    # The background thread's side: send, keep what failed, retry.
+
+    def _worker(self) -> None:
+        last_flush = last_sample = time.monotonic()
+        closing = False
+        while not closing:
+            try:
+                item = self._queue.get(timeout=0.5)
+                closing = self._take(item)
+                while not self._queue.empty() and not closing:
+                    closing = self._take(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            if self.system_metrics and now - last_sample >= 10.0:
+                self._sample_system()
+                last_sample = now
+            if closing or now - last_flush >= self.flush_every_s:
+                self._flush(final=closing)
+                last_flush = time.monotonic()
+
+    def _take(self, item: tuple) -> bool:
+        if item[0] == "metrics":
+            self._pending_metrics.extend(item[1])
+        elif item[0] in ("params", "artifact"):
+            self._pending_other.append(item)
+        return item[0] == "close"
+
+    def _flush(self, final: bool) -> None:
+        attempts = 3 if final else 1
+        for attempt in range(attempts):
+            try:
+                self._send()
+                return
+            except Exception as exc:  # unreachable server, 5xx: keep everything and retry on the next flush
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if self._errors == 1 or final:
+                    print(f"gptmini: MLflow logging failed ({self._last_error}); buffering and retrying",
+                          file=sys.stderr)
+                if attempt + 1 < attempts:
+                    time.sleep(2.0 * (attempt + 1))
+
+    def _send(self) -> None:
+        while self._pending_other:
+            item = self._pending_other[0]
+            if item[0] == "params":
+                self._send_params(item[1])
+            else:
+                self.client.log_artifact(self.run_id, item[1], item[2])
+            self._pending_other.pop(0)
+        while self._pending_metrics:
+            batch = self._pending_metrics[:MAX_BATCH]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+            del self._pending_metrics[: len(batch)]
+
+    def _send_params(self, params: list[Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        for i in range(0, len(params), MAX_PARAMS):
+            chunk = params[i : i + MAX_PARAMS]
+            try:
+                self.client.log_batch(self.run_id, params=chunk, synchronous=True)
+            except MlflowException as exc:
+                if "INVALID_PARAMETER_VALUE" not in str(exc.error_code):
+                    raise
+                # A param the caller (or an earlier attempt) set to another value: keep theirs.
+                for p in chunk:
+                    try:
+                        self.client.log_batch(self.run_id, params=[p], synchronous=True)
+                    except MlflowException:
+                        print(f"gptmini: MLflow param {p.key} already set to another value; kept it",
+                              file=sys.stderr)
+
+    def _sample_system(self) -> None:
+        from mlflow.entities import Metric
+
+        try:
+            import psutil
+        except ImportError:
+            return
+        now = int(time.time() * 1000)
+        proc = psutil.Process()
+        values = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(),
+            "system/system_memory_usage_percentage": psutil.virtual_memory().percent,
+            "system/process_rss_megabytes": proc.memory_info().rss / 2**20,
+        }
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            values["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated() / 2**20
+            values["system/gpu_max_memory_allocated_megabytes"] = torch.cuda.max_memory_allocated() / 2**20
+        self._system_step += 1
+        self._pending_metrics.extend(Metric(k, float(v), now, self._system_step) for k, v in values.items())
+
+    def _dump_unsent(self) -> None:
+        path = self.run_dir / "mlflow_unsent.jsonl"
+        with open(path, "a") as f:
+            for m in self._pending_metrics:
+                f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+            for item in self._pending_other:
+                f.write(json.dumps({"unsent": item[0], "detail": str(item[1:])[:500]}) + "\n")
