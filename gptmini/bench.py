@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib.util
 import json
@@ -92,9 +93,9 @@ class DecodeRun:
     prompt_len: int
     new_tokens: int
     status: str = "ok"
-    tokens_per_s: float | None = None  # decode only: new tokens after the first, prefill subtracted
+    tokens_per_s: float | None = None  # the decode loop: new tokens after the first, over the loop's time
     ms_per_token: float | None = None
-    prefill_ms: float | None = None
+    prefill_ms: float | None = None  # prompt forward + the first token
     peak_mem_gib: float | None = None
 
 
@@ -131,6 +132,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="torch.compile the whole model, each block, or nothing (auto: model on cuda, off on cpu)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocab_size (e.g. 100352 for cl100k_base; the seed preset has GPT-2's 50304)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     p.add_argument("--seq", default="1024,2048", help="training sequence lengths, comma list")
     p.add_argument("--batch", default=None, help="training batch sizes, comma list (default: --tokens-per-step / seq)")
@@ -155,6 +158,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"peak for MFU (default: {H100_SXM_BF16_PEAK_TFLOPS:g} on cuda, none on cpu)")
     p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plan", action="store_true",
+                   help="print the first-principles FLOP and memory account of --preset and its dense twin, then exit")
     return p.parse_args(argv)
 
 
@@ -209,6 +214,57 @@ def gptmini_subject(name: str, cfg) -> Subject:
         vocab_size=cfg.vocab_size,
         sliding_window=cfg.sliding_window,
     )
+
+
+def flops_breakdown(cfg, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token by component, in the MFU convention (full T x T attention): the
+    first-principles account of where an ideal step's time goes (BENCHMARKS.md, issue 6)."""
+    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
+    ctx = min(seq_len, cfg.sliding_window or seq_len)
+    parts = {
+        "attention projections (wq wk wv wo)": 6 * L * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd),
+        "attention scores + values (SDPA)": 12 * L * ctx * cfg.n_heads * hd,
+        "output head (vocab matmul)": 6 * d * cfg.vocab_size,
+    }
+    if cfg.num_experts > 1:
+        parts["router"] = 6 * L * d * cfg.num_experts
+        parts[f"experts (top-{cfg.top_k} of {cfg.num_experts} SwiGLU, grouped GEMM)"] = 6 * L * cfg.top_k * 3 * d * cfg.d_ff
+    else:
+        parts["SwiGLU feed-forward"] = 6 * L * 3 * d * cfg.d_ff
+    return parts
+
+
+def plan_text(cfg, name: str, seqs: list[int], tokens_per_step: int, peak_tflops: float) -> str:
+    """FLOP shares, the tokens/s a given MFU means, and the bytes that scale with the vocabulary and the
+    parameter count rather than with FLOPs (logits, optimizer): no GPU needed."""
+    params = gptmini_total_params(cfg)
+    lines = [f"## {name}: d_model {cfg.d_model}, {cfg.n_layers} layers, heads {cfg.n_heads}/{cfg.n_kv_heads}, "
+             f"experts {cfg.num_experts} top-{cfg.top_k}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}",
+             f"parameters: {params / 1e6:.1f}M total, {gptmini_matmul_params(cfg) / 1e6:.1f}M multiplied per token"]
+    for seq in seqs:
+        parts = flops_breakdown(cfg, seq)
+        total = sum(parts.values())
+        lines += ["", f"seq {seq}: {total / 1e9:.3f} GFLOP per token (train)", "| component | GFLOP/token | share |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v / 1e9:.3f} | {v / total:.1%} |" for k, v in parts.items()]
+        for mfu in (0.35, 0.42, 0.45, 0.50):
+            lines.append(f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s = {mfu * peak_tflops * 1e12 / total:,.0f} tokens/s")
+    n = tokens_per_step
+    logits = n * cfg.vocab_size
+    lines += ["", f"at {n} tokens per step:",
+              f"- logits: {logits * 2 / 2**30:.1f} GiB bf16, {logits * 4 / 2**30:.1f} GiB per fp32 copy "
+              f"(the upcast, log-softmax and its gradient each hold one)",
+              f"- AdamW (fused, fp32 master, m, v, grad): {params * 28 / 2**30:.1f} GiB moved per step "
+              f"(read p, g, m, v; write p, m, v); weights + grads + moments resident: {params * 16 / 2**30:.1f} GiB",
+              f"- gradient clipping: {params * 12 / 2**30:.1f} GiB moved (norm read, then scale read + write)"]
+    return "\n".join(lines)
+
+
+def gptmini_total_params(cfg) -> int:
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = 2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd
+    ffn = (cfg.num_experts * 3 * d * cfg.d_ff + d * cfg.num_experts) if cfg.num_experts > 1 else 3 * d * cfg.d_ff
+    embed = d * cfg.vocab_size * (1 if cfg.tie_embeddings else 2)
+    return cfg.n_layers * (attn + ffn + 2 * d) + d + embed  # norms: two per block and the final one
 
 
 def load_baseline_module():
@@ -403,8 +459,8 @@ def bench_training(subject: Subject, seqs: list[int], args, device, dtype, peak_
 
 
 def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
-    """Greedy generation with the KV cache. The prefill is timed on its own (one new token) and
-    subtracted, so tokens/s is the decode loop's: batch * (new_tokens - 1) / (t_total - t_prefill)."""
+    """Greedy generation with the KV cache through `model.stream`. The prefill (prompt + first token)
+    and the decode loop are timed apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop."""
     run = DecodeRun(name=subject.name, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.decode_tokens)
     release(device)
     torch.manual_seed(args.seed)
@@ -412,18 +468,22 @@ def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
-    def generate(n: int) -> float:
-        with Timer(device) as t, torch.inference_mode():
-            model.generate(prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
-        return t.seconds
+    def generate(n: int) -> tuple[float, float]:
+        with torch.inference_mode():
+            tokens = model.stream(prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+            with Timer(device) as prefill:
+                next(tokens)
+            with Timer(device) as loop:
+                for _ in tokens:
+                    pass
+        return prefill.seconds, loop.seconds
 
     generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, cache buffers
-    prefill = statistics.median(generate(1) for _ in range(args.decode_repeats))
-    total = statistics.median(generate(args.decode_tokens) for _ in range(args.decode_repeats))
+    prefill, loop = zip(*(generate(args.decode_tokens) for _ in range(args.decode_repeats)))
     steps = args.decode_tokens - 1
-    run.prefill_ms = prefill * 1e3
-    run.tokens_per_s = batch * steps / (total - prefill)
-    run.ms_per_token = (total - prefill) / steps * 1e3
+    run.prefill_ms = statistics.median(prefill) * 1e3
+    run.ms_per_token = statistics.median(loop) / steps * 1e3
+    run.tokens_per_s = batch * steps / statistics.median(loop)
     run.peak_mem_gib = peak_gib(device)
     del model
     release(device)
@@ -613,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2:
         raise SystemExit("gptmini bench: --steps must be >= 1, --warmup >= 0 and --decode-tokens >= 2")
     try:
-        cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout)
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout, **overrides)
     except (KeyError, ValueError) as e:
         raise SystemExit(f"gptmini bench: --preset {args.preset!r}: {e}")
     too_long = [s for s in seqs + [args.prompt_len + args.decode_tokens] if s > cfg.max_seq_len]
@@ -625,9 +686,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     peak = args.peak_tflops or (H100_SXM_BF16_PEAK_TFLOPS if device.type == "cuda" else None)
     moe = gptmini_subject(args.preset, cfg)
-    dense_cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout, num_experts=0, top_k=1,
-                                        d_ff=args.dense_d_ff or max(1, cfg.top_k) * cfg.d_ff)
+    dense_cfg = dataclasses.replace(cfg, num_experts=0, top_k=1, d_ff=args.dense_d_ff or max(1, cfg.top_k) * cfg.d_ff)
     dense = gptmini_subject(f"{args.preset}-dense", dense_cfg)
+    if args.plan:
+        print(plan_text(cfg, args.preset, seqs, args.tokens_per_step, peak or H100_SXM_BF16_PEAK_TFLOPS))
+        print()
+        print(plan_text(dense_cfg, f"{args.preset}-dense", seqs, args.tokens_per_step, peak or H100_SXM_BF16_PEAK_TFLOPS))
+        return 0
 
     results = Results(meta=environment(device, dtype, args, peak), formula=__doc__.split("MFU (PaLM", 1)[1].split("\n\n", 1)[1])
     out = Path(args.out)

@@ -56,7 +56,7 @@ def test_flops_per_token_is_six_n_plus_attention_term():
     assert n - bench.gptmini_matmul_params(dense_twin) == L * d * cfg.num_experts  # the router
 
 
-@pytest.mark.parametrize("overrides", [{"num_experts": 0}, {}], ids=["dense", "moe"])
+@pytest.mark.parametrize("overrides", [{"num_experts": 0}, {}, {"tie_embeddings": False}], ids=["dense", "moe", "untied"])
 def test_matmul_params_count_the_model_weights_a_token_multiplies(overrides):
     cfg = ModelConfig.from_preset("tiny", **overrides)
     model = GPTOSSMini(cfg)
@@ -70,6 +70,17 @@ def test_matmul_params_count_the_model_weights_a_token_multiplies(overrides):
     experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
     active = sum(matrices.values()) - experts + experts * cfg.top_k // max(cfg.num_experts, 1)
     assert bench.gptmini_matmul_params(cfg) == active
+    assert bench.gptmini_total_params(cfg) == model.num_params()
+
+
+def test_plan_accounts_for_every_flop_of_the_formula(capsys):
+    cfg = ModelConfig.from_preset("seed", vocab_size=100352)
+    parts = bench.flops_breakdown(cfg, 1024)
+    assert sum(parts.values()) == bench.gptmini_subject("seed", cfg).flops_per_token(1024)
+    head = parts["output head (vocab matmul)"] / sum(parts.values())
+    assert 0.25 < head < 0.30  # a cl100k head is over a quarter of the seed's training FLOPs
+    assert bench.main(["--plan", "--device", "cpu", "--vocab-size", "100352", "--seq", "1024"]) == 0
+    assert "vocab 100352" in capsys.readouterr().out
 
 
 def test_loader_share_is_measured_on_prepared_shards(tmp_path):
