@@ -194,13 +194,14 @@ class ShardWriter:
 
         self.f.close()
         self.f = None
-        tokens = np.memmap(self.scratch, dtype=np.uint32, mode="r")
         tmp = self.out / f".{self.split}-{len(self.shards):05d}.{os.getpid()}.tmp"
         try:
-            batch = pa.record_batch([pa.array(tokens)], names=["tokens"])  # zero-copy over the memmap
+            raw = pa.memory_map(str(self.scratch), "r").read_buffer()  # zero-copy view of the scratch file
+            tokens = pa.Array.from_buffers(pa.uint32(), self.n, [None, raw])
+            batch = pa.record_batch([tokens], names=["tokens"])
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
                 writer.write_batch(batch)
-            del batch, tokens
+            del batch, tokens, raw
             sha = sha256_file(tmp)
             name = f"{self.split}-{len(self.shards):05d}-{sha[:12]}.arrow"
             os.replace(tmp, self.out / name)

@@ -35,7 +35,7 @@ WIKIPEDIA_API = "https://en.wikipedia.org/w/api.php"
 USER_AGENT = "gptmini/0.1 (https://github.com/gptmini/gptmini; small-GPT training data; python-requests)"
 CHUNK_CHARS = 1 << 20  # characters per chunk handed to the tokenizer
 READ_BYTES = 1 << 20  # bytes per read from a file or download
-HASH_BYTES = 1 << 22
+HASH_BYTES = 1 << 20
 
 
 class DataError(ValueError):
