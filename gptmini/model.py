@@ -259,13 +259,20 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def grouped_mm_supported(x: Tensor) -> bool:
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on (the RMSNorm before the experts returns fp32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def grouped_mm_supported(x: Tensor, dtype: torch.dtype) -> bool:
     """torch._grouped_mm has a fused, sync-free kernel for bf16 on sm90+ (H100). Elsewhere it falls back to
     a host-synchronising loop, so the explicit loop below is just as good and runs in any dtype."""
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
-        and x.dtype == torch.bfloat16
+        and dtype == torch.bfloat16
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
     )
 
@@ -293,11 +300,13 @@ class MoE(nn.Module):
         x = x.reshape(B * T, D)  # (N, D)
         probs = self.gate(x).float().softmax(dim=-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
         # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
         load = F.one_hot(experts.flatten(), self.num_experts).sum(dim=0)  # (E,)
-        run = self.experts_grouped if grouped_mm_supported(x) else self.experts_looped
-        y = run(x, weights, experts, load)
+        if grouped_mm_supported(x, compute_dtype(x)):
+            y = self.experts_grouped(x.to(compute_dtype(x)), weights, experts, load)
+        else:
+            y = self.experts_looped(x, weights, experts, load)
         return y.view(B, T, D), self.balance_loss(probs, load), load
 
     def balance_loss(self, probs: Tensor, load: Tensor) -> Tensor:
@@ -315,14 +324,14 @@ class MoE(nn.Module):
         h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N*k, F)
         ys = torch._grouped_mm(h, w2, offs=offs)  # (N*k, D)
         ys = ys[order.argsort()].view(N, self.top_k, D)  # back to (token, slot) order
-        return (ys * weights[..., None]).sum(dim=1)
+        return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
 
     def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         y = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, slot = torch.where(experts == e)  # (n_e,) each
             h = F.silu(x[token] @ self.w1[e].T) * (x[token] @ self.w3[e].T)  # (n_e, F)
-            y.index_add_(0, token, (h @ self.w2[e].T) * weights[token, slot, None])
+            y.index_add_(0, token, ((h @ self.w2[e].T) * weights[token, slot, None]).to(y.dtype))
         return y
 
 

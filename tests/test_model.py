@@ -270,3 +270,15 @@ def test_load_pretrained_rejects_a_vocab_smaller_than_the_tokenizer(tmp_path):
 def test_load_pretrained_names_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(tmp_path / "nope")
+
+
+def test_bf16_autocast_training_step_runs_and_matches_fp32_loosely():
+    model = sharp_model(tiny(), std=0.05).train()
+    x = torch.randint(0, 256, (2, 16))
+    _, ref = model(x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(ref.item(), rel=0.05)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
