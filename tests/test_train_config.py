@@ -1,0 +1,95 @@
+"""Training config and the loop's pure parts: precedence, validation, schedule, optimizer groups."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptmini import config
+from gptmini.config import ConfigError
+from gptmini.model import GPTOSSMini, PRESETS
+from gptmini.train import build_optimizer, get_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_precedence_is_cli_over_toml_over_preset_over_defaults(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\n[optim]\nlr = 0.01\nwarmup_steps = 7\n[data]\ndata_dir = "d"\n')
+    cfg = config.parse_args(["--config", str(toml), "--optim.lr", "0.02", "--steps", "5"])
+    assert cfg.preset == "tiny" and cfg.model == PRESETS["tiny"]  # the TOML's preset
+    assert cfg.optim.lr == 0.02  # CLI beats TOML
+    assert cfg.optim.warmup_steps == 7  # TOML beats preset (2)
+    assert cfg.train.steps == 5
+    assert cfg.data.batch_size == config.TRAIN_PRESETS["tiny"]["data"]["batch_size"]  # preset beats default
+    assert cfg.optim.beta2 == config.OptimConfig().beta2  # default
+    assert config.parse_args(["--config", str(toml), "--preset", "demo"]).model == PRESETS["demo"]
+
+
+def test_cli_sets_model_fields_and_optional_values():
+    cfg = config.parse_args(["--preset", "tiny", "--data-dir", "d", "--model.n_layers", "3",
+                             "--model.sliding_window", "8", "--compile", "--deterministic", "false"])
+    assert cfg.model.n_layers == 3 and cfg.model.sliding_window == 8
+    assert cfg.train.compile and not cfg.train.deterministic
+    assert config.parse_args(["--preset", "tiny", "--data-dir", "d", "--model.sliding_window", "none"]).model.sliding_window is None
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--preset", "nope", "--data-dir", "d"], ["nope", "tiny"]),
+    (["--preset", "tiny", "--data-dir", "d", "--parallel", "tp"], ["train.parallel", "fsdp"]),
+    (["--preset", "tiny", "--data-dir", "d", "--steps", "ten"], ["train.steps", "int"]),
+    (["--preset", "tiny", "--data-dir", "d", "--steps", "0"], ["train.steps", "positive"]),
+    (["--preset", "tiny", "--data-dir", "d", "--seq-len", "4096"], ["seq_len", "max_seq_len"]),
+    (["--preset", "tiny"], ["--data-dir"]),
+])
+def test_bad_values_name_the_value_and_the_fix(argv, words):
+    with pytest.raises(ConfigError) as err:
+        config.parse_args(argv)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_unknown_toml_key_is_rejected_by_name(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[optim]\nlearning_rate = 1e-3\n')
+    with pytest.raises(ConfigError, match="optim.learning_rate.*valid keys"):
+        config.load(toml, {"data": {"data_dir": "d"}})
+
+
+def test_resolved_config_round_trips_through_toml_and_json(tmp_path):
+    cfg = config.parse_args(["--preset", "demo", "--data-dir", "d", "--lr", "0.005", "--sources", "a", "b"])
+    path = tmp_path / "config.toml"
+    path.write_text(config.to_toml(cfg))
+    assert config.load(path) == cfg
+    assert config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "seed"])
+def test_config_files_spell_out_their_preset(name):
+    cfg = config.load(ROOT / "configs" / f"{name}.toml", {"data": {"data_dir": "d"}})
+    preset = config.from_preset(name)
+    assert (cfg.model, cfg.optim, cfg.train) == (preset.model, preset.optim, preset.train)
+    assert (cfg.data.seq_len, cfg.data.batch_size) == (preset.data.seq_len, preset.data.batch_size)
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    cfg = config.OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert get_lr(0, cfg, 110) == pytest.approx(0.1)
+    assert get_lr(9, cfg, 110) == pytest.approx(1.0)
+    assert get_lr(60, cfg, 110) == pytest.approx(0.55)  # halfway through the cosine
+    assert get_lr(110, cfg, 110) == pytest.approx(0.1)
+    lrs = [get_lr(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPTOSSMini(PRESETS["tiny"])
+    opt = build_optimizer(model, config.OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in plain["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    assert not math.isnan(decayed["lr"])
