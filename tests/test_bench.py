@@ -88,7 +88,7 @@ def test_loader_share_is_measured_on_prepared_shards(tmp_path):
     (run,) = results["loader"]
     assert run["status"] == "ok" and run["source"].startswith("synthetic")
     assert run["ms_per_step_with_loader"] > 0 and run["ms_per_step_fixed_batch"] > 0
-    assert 0 <= run["share_end_to_end"] < 1 and 0 < run["share_host"] < 1
+    assert run["share_end_to_end"] < 1 and 0 < run["share_host"] < 1  # end-to-end may dip below 0 in noise
 
 
 def test_bad_input_names_the_value_and_the_fix(tmp_path):
