@@ -48,6 +48,9 @@ FORMAT = "gptmini-tokens/1"
 SPLITS = ("train", "val")
 SHARD_TOKENS = 100_000_000  # 400 MB shards, as nanoGPT's FineWeb shards
 TASK_CHARS = 1 << 18  # characters per tokenization task sent to a worker
+# Below this many input bytes (about a second of one core's tokenizing), spawning workers costs more than
+# it saves: tokenize in this process.
+INLINE_BYTES = 1 << 22
 
 
 @dataclass
@@ -64,6 +67,7 @@ class PrepareConfig:
     http: HttpOptions = field(default_factory=HttpOptions)
     refresh: bool = False  # re-download even if the cache holds the URL
     force: bool = False  # rewrite even if the manifest says the output is up to date
+    inline_bytes: int = INLINE_BYTES  # inputs smaller than this are tokenized without worker processes
 
 
 @dataclass
@@ -71,7 +75,8 @@ class Result:
     manifest: dict
     up_to_date: bool  # True: nothing was written
     seconds: float
-    text_bytes: int
+    text_chars: int
+    workers: int  # tokenizer processes used (1: this process)
 
 
 # Tokenization: one function, run in the workers or inline
@@ -106,7 +111,7 @@ def split_of(first_chunk: str, val_fraction: float) -> int:
 @dataclass
 class Counts:
     documents: list[int] = field(default_factory=lambda: [0, 0])
-    text_bytes: int = 0
+    text_chars: int = 0
 
 
 def pieces(sources: list[Source], val_fraction: float, stats: Stats, counts: Counts) -> Iterator[tuple[int, str, bool]]:
@@ -116,10 +121,10 @@ def pieces(sources: list[Source], val_fraction: float, stats: Stats, counts: Cou
             split = split_of(prev, val_fraction)
             counts.documents[split] += 1
             for chunk in chunks:
-                counts.text_bytes += len(prev)
+                counts.text_chars += len(prev)
                 yield split, prev, False
                 prev = chunk
-            counts.text_bytes += len(prev)
+            counts.text_chars += len(prev)
             yield split, prev, True
 
 
@@ -274,14 +279,16 @@ def prepare(cfg: PrepareConfig) -> Result:
     out = Path(cfg.out)
     key = input_key(cfg, sources)
     if not cfg.force and (manifest := _up_to_date(out, key)) is not None:
-        return Result(manifest, True, time.perf_counter() - t0, 0)
+        return Result(manifest, True, time.perf_counter() - t0, 0, 0)
 
     out.mkdir(parents=True, exist_ok=True)
     writers = [ShardWriter(out, split, cfg.shard_tokens) for split in SPLITS]
     counts, replaced_before = Counts(), replaced_bytes()
+    input_bytes = sum(p.get("bytes", 0) for s in sources for p in s.provenance)
+    workers = cfg.workers if input_bytes >= cfg.inline_bytes else 1
     try:
         task_iter = tasks(pieces(sources, cfg.val_fraction, stats, counts), TASK_CHARS)
-        for train, val in tokenize(task_iter, cfg.tokenizer, cfg.workers):
+        for train, val in tokenize(task_iter, cfg.tokenizer, workers):
             writers[0].write(train)
             writers[1].write(val)
         shards = [w.close() for w in writers]
@@ -322,7 +329,7 @@ def prepare(cfg: PrepareConfig) -> Result:
     }
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     _remove_stale_shards(out, manifest)
-    return Result(manifest, False, time.perf_counter() - t0, counts.text_bytes)
+    return Result(manifest, False, time.perf_counter() - t0, counts.text_chars, workers)
 
 
 def _remove_stale_shards(out: Path, manifest: dict) -> None:
@@ -368,12 +375,12 @@ def summary(res: Result, out: Path) -> str:
     if res.up_to_date:
         return f"{out}/manifest.json is up to date (input_key {m['input_key'][:12]}); nothing to do"
     s, tr, va = m["stats"], m["splits"]["train"], m["splits"]["val"]
-    mb = res.text_bytes / 1e6
+    mchars = res.text_chars / 1e6
     return (
         f"wrote {out}: train {tr['tokens']:,} tokens ({tr['documents']} docs, {len(tr['shards'])} shards), "
         f"val {va['tokens']:,} tokens ({va['documents']} docs, {len(va['shards'])} shards); "
         f"skipped {s['empty_documents']} empty document(s), replaced {s['replaced_bytes']} non-UTF-8 byte(s); "
-        f"{mb:.1f} MB text in {res.seconds:.1f}s"
+        f"{mchars:.1f}M characters in {res.seconds:.1f}s with {res.workers} tokenizer process(es)"
     )
 
 

@@ -348,6 +348,7 @@ def embedded_source(spec: str, name: str, chunk_chars: int) -> Source:
         "url": f"python:pydoc_data.topics (Python {sys.version.split()[0]})",
         "fetched_at": None,
         "sha256": h.hexdigest(),
+        "bytes": sum(len(topics.topics[k].encode()) for k in keys),
         "documents": len(keys),
         "description": EMBEDDED[name],
     }

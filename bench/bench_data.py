@@ -1,0 +1,178 @@
+"""Data pipeline throughput, measured in one run on the same text (issue 3).
+
+1. `gptmini prepare` (read files, split, tokenize, write verified shards) against raw
+   `tiktoken.Encoding.encode_ordinary_batch` on the same documents already in memory: MB/s and tokens/s,
+   with 1 process and with N processes. Target: prepare >= 0.9x raw on one process, near-linear scaling.
+2. The training loader (`build_loaders(...).next_batch()`, shuffled windows from memory-mapped shards)
+   against nanoGPT's `get_batch` (np.memmap re-opened per batch, random offsets, torch.stack): tokens/s of
+   B x T batches on CPU. Target: >= 1x.
+
+    python bench/bench_data.py --mb 32 --workers 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from pydoc_data import topics
+
+from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.tokenizer import get_tokenizer
+
+# torch is imported only inside the loader benchmark: prepare's worker processes are spawned, and spawn
+# re-imports this __main__ module in each of them (as it would a training script's).
+
+
+def make_corpus(root: Path, mb: float, doc_kb: int) -> list[str]:
+    """Documents of about doc_kb KB cut from the Python reference, repeated to `mb` MB, one .txt file each."""
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    docs, size, i = [], 0, 0
+    while size < mb * 1e6:
+        start = (i * 7919 * 13) % (len(text) - doc_kb * 1000)  # varied cuts, so documents differ
+        doc = f"[{i}] " + text[start : start + doc_kb * 1000]
+        docs.append(doc)
+        size += len(doc.encode())
+        i += 1
+    for j, doc in enumerate(docs):
+        (root / f"{j:06d}.txt").write_text(doc)
+    return docs
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> list[dict]:
+    tok = get_tokenizer()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "corpus").mkdir()
+        docs = make_corpus(root / "corpus", mb, doc_kb)
+        n_bytes = sum(len(d.encode()) for d in docs)
+        n_tokens = sum(len(t) for t in tok.enc.encode_ordinary_batch(docs, num_threads=os.cpu_count()))
+        for threads in sorted({1, *workers}):
+            t = best_of(repeats, lambda: tok.enc.encode_ordinary_batch(docs, num_threads=threads))
+            rows.append({"what": f"raw encode_ordinary_batch, num_threads={threads}", "seconds": t,
+                         "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t, "workers": threads, "raw": True})
+        # The tightest single-thread baseline: no thread pool, one call per document.
+        t = best_of(repeats, lambda: [tok.enc.encode_ordinary(d) for d in docs])
+        rows.append({"what": "raw [encode_ordinary(d) for d in docs]", "seconds": t, "MB/s": n_bytes / t / 1e6,
+                     "tokens/s": n_tokens / t, "workers": 1, "raw": "loop"})
+        for w in workers:
+            def run():
+                shutil.rmtree(root / "out", ignore_errors=True)
+                cfg = PrepareConfig([str(root / "corpus")], root / "out", workers=w, cache_dir=root / "cache")
+                res = prepare(cfg)
+                assert res.manifest["splits"]["train"]["tokens"] + res.manifest["splits"]["val"]["tokens"] == n_tokens + len(docs)
+            t = best_of(repeats, run)
+            rows.append({"what": f"gptmini prepare --workers {w} (files -> verified shards)", "seconds": t,
+                         "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t, "workers": w, "raw": False})
+    base = {r["workers"]: r["seconds"] for r in rows if r["raw"] is True}
+    one = next(r["seconds"] for r in rows if not r["raw"] and r["workers"] == min(workers))
+    for r in rows:
+        r["vs raw (same workers/threads)"] = base[r["workers"]] / r["seconds"]
+        if not r["raw"]:
+            r["scaling vs prepare 1 process"] = one / r["seconds"] if min(workers) == 1 else None
+    return rows
+
+
+def nanogpt_get_batch(path: str, n: int, batch_size: int, block_size: int):
+    import torch
+
+    # nanoGPT train.py: re-create the memmap every batch to avoid a memory leak; uint32 since cl100k > 65535
+    data = np.memmap(path, dtype=np.uint32, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,))
+    x = torch.stack([torch.from_numpy((data[i : i + block_size]).astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy((data[i + 1 : i + 1 + block_size]).astype(np.int64)) for i in ix])
+    return x, y
+
+
+def bench_loader(mb: float, shapes: list[tuple[int, int]], seconds: float) -> list[dict]:
+    from gptmini.data.loader import TokenShards, build_loaders
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "corpus").mkdir()
+        make_corpus(root / "corpus", mb, 20)
+        prepare(PrepareConfig([str(root / "corpus")], root / "out", workers=os.cpu_count() or 1, cache_dir=root / "c"))
+        tokens = TokenShards.open(root / "out", "train")
+        raw = root / "train.bin"
+        np.asarray(tokens[0 : len(tokens)]).tofile(raw)
+        for batch_size, seq_len in shapes:
+            train, _ = build_loaders(root / "out", seq_len=seq_len, stride=seq_len // 2, batch_size=batch_size, seed=0)
+            for name, fn in [
+                ("gptmini WindowLoader.next_batch", train.next_batch),
+                ("nanoGPT np.memmap get_batch", lambda: nanogpt_get_batch(str(raw), len(tokens), batch_size, seq_len)),
+            ]:
+                for _ in range(20):
+                    fn()
+                n, t0 = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - t0) < seconds:
+                    for _ in range(50):
+                        fn()
+                    n += 50
+                rows.append({"what": name, "B": batch_size, "T": seq_len, "batches/s": n / elapsed,
+                             "tokens/s": n * batch_size * seq_len / elapsed})
+    by_shape = {}
+    for r in rows:
+        by_shape.setdefault((r["B"], r["T"]), {})[r["what"].split()[0]] = r["tokens/s"]
+    for r in rows:
+        r["vs nanoGPT"] = r["tokens/s"] / by_shape[(r["B"], r["T"])]["nanoGPT"]
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=32.0, help="corpus size for the prepare benchmark")
+    p.add_argument("--doc-kb", type=int, default=20, help="size of each document (one .txt file each)")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--loader-mb", type=float, default=8.0)
+    p.add_argument("--loader-seconds", type=float, default=3.0)
+    p.add_argument("--shapes", default="8x1024,32x256,64x2048", help="BxT batch shapes for the loader benchmark")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--skip-prepare", action="store_true")
+    a = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    env = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+           "torch": torch.__version__, "tiktoken": tiktoken.__version__, "numpy": np.__version__,
+           "pyarrow": __import__("pyarrow").__version__}
+    print(json.dumps(env))
+    out = {"env": env}
+    if not a.skip_prepare:
+        out["prepare"] = bench_prepare(a.mb, a.doc_kb, a.workers, a.repeats)
+        print(f"\nprepare: {a.mb:g} MB of text in {a.doc_kb} KB documents (best of {a.repeats})")
+        print(f"{'':58} {'s':>7} {'MB/s':>7} {'Mtok/s':>7} {'vs raw':>7} {'scaling':>7}")
+        for r in out["prepare"]:
+            scale = r.get("scaling vs prepare 1 process")
+            print(f"{r['what']:58} {r['seconds']:7.2f} {r['MB/s']:7.2f} {r['tokens/s'] / 1e6:7.3f} "
+                  f"{r['vs raw (same workers/threads)']:7.2f} {'' if scale is None else f'{scale:7.2f}'}")
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    out["loader"] = bench_loader(a.loader_mb, shapes, a.loader_seconds)
+    print(f"\nloader: shuffled B x T batches on CPU, {a.loader_mb:g} MB corpus")
+    print(f"{'':34} {'B':>4} {'T':>5} {'batches/s':>10} {'Mtok/s':>8} {'vs nanoGPT':>10}")
+    for r in out["loader"]:
+        print(f"{r['what']:34} {r['B']:4} {r['T']:5} {r['batches/s']:10.0f} {r['tokens/s'] / 1e6:8.1f} {r['vs nanoGPT']:10.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
