@@ -269,3 +269,10 @@ def test_cache_provenance_file_is_valid_json(server, tmp_path):
     list(open_source(f"{server}/plain.txt", cache=cache, http=http(server)).documents)
     record = json.loads(Path(cache.blob(prov["sha256"])).with_suffix(".json").read_text())
     assert set(record) >= {"source", "url", "fetched_at", "sha256", "bytes"}
+
+
+def test_jsonl_bad_bytes_and_lone_surrogates_are_replaced_and_counted(tmp_path):
+    (tmp_path / "x.jsonl").write_bytes(b'{"text": "caf\xe9"}\n{"text": "half \\ud800 pair"}\n')
+    before = replaced_bytes()
+    assert [t for _, t in read_all(open_source(str(tmp_path / "x.jsonl")))] == ["caf\ufffd", "half \ufffd pair"]
+    assert replaced_bytes() - before == 2

@@ -51,6 +51,8 @@ class TokenShards:
     def __getitem__(self, s: slice) -> np.ndarray:
         """Tokens [start, stop): a view when they lie in one shard, else a copy across the boundary."""
         start, stop, _ = s.indices(len(self))
+        if start >= stop:
+            return np.empty(0, dtype=np.uint32)
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         lo = start - self.offsets[i]
         if stop <= self.offsets[i + 1]:

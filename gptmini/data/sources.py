@@ -160,18 +160,14 @@ def decode_stream(f: BinaryIO, name: str, read_bytes: int = READ_BYTES) -> Itera
         yield tail
 
 
-def decode_bytes(data: bytes, name: str) -> str:
-    return "".join(decode_stream(_BytesReader(data), name))
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def read(self, n: int) -> bytes:
-        block = self.data[self.pos : self.pos + n]
-        self.pos += len(block)
-        return block
+def without_surrogates(text: str) -> str:
+    """JSON can escape lone UTF-16 surrogates, which are not text: replace them by U+FFFD and count them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        _REPLACED[0] += len(re.findall("[\ud800-\udfff]", text))
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # as tiktoken does
 
 
 def _file_text(path: Path, name: str, chunk_chars: int) -> Iterator[str]:
@@ -362,7 +358,7 @@ def _jsonl_documents(path: Path, text_field: str, chunk_chars: int, stats: Stats
             if not line.strip():
                 continue
             try:
-                record = json.loads(decode_bytes(line, f"{path}:{lineno}"))
+                record = json.loads(line.decode("utf-8", "gptmini-count-replace"))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove that line") from exc
             if not isinstance(record, dict) or text_field not in record:
@@ -375,7 +371,7 @@ def _jsonl_documents(path: Path, text_field: str, chunk_chars: int, stats: Stats
                 text = ""
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: field {text_field!r} is a {type(text).__name__}, not a string")
-            yield Document(f"{path}:{lineno}", chunk_text([text], chunk_chars))
+            yield Document(f"{path}:{lineno}", chunk_text([without_surrogates(text)], chunk_chars))
 
 
 def _parquet_documents(path: Path, text_field: str, chunk_chars: int) -> Iterator[Document]:
