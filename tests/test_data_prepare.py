@@ -152,10 +152,12 @@ def test_whitespace_documents_are_skipped_and_counted_in_the_manifest(tmp_path):
 
 def test_a_failure_midway_leaves_the_previous_output_intact(tmp_path):
     (tmp_path / "good.txt").write_text("good text " * 100)
+    (tmp_path / "more.txt").write_text("more text " * 100)
     old = prepare(config(tmp_path, str(tmp_path / "good.txt"), val_fraction=0.0)).manifest
     (tmp_path / "zz.txt").write_bytes(b"text then binary \0\1\2")
-    with pytest.raises(DataError, match=r"zz\.txt looks binary"):
-        prepare(config(tmp_path, str(tmp_path / "good.txt"), str(tmp_path / "zz.txt"), val_fraction=0.0))
+    with pytest.raises(DataError, match=r"zz\.txt looks binary"):  # after a first shard of new text is written
+        prepare(config(tmp_path, str(tmp_path / "good.txt"), str(tmp_path / "more.txt"), str(tmp_path / "zz.txt"),
+                       val_fraction=0.0, shard_tokens=50))
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == old
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json", old["splits"]["train"]["shards"][0]["file"]]
     TokenShards.open(tmp_path / "out", "train")  # still verifies

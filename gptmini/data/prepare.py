@@ -189,10 +189,14 @@ class ShardWriter:
             self._finish_shard()
         return self.shards
 
-    def abort(self) -> None:
+    def abort(self, keep: set[str]) -> None:
+        """Remove this run's scratch file and its finished shards, except those in `keep` (the live manifest's)."""
         if self.f is not None:
             self.f.close()
         self.scratch.unlink(missing_ok=True)
+        for shard in self.shards:
+            if shard["file"] not in keep:
+                (self.out / shard["file"]).unlink(missing_ok=True)
 
     def _finish_shard(self) -> None:
         import pyarrow as pa
@@ -293,8 +297,10 @@ def prepare(cfg: PrepareConfig) -> Result:
             writers[1].write(val)
         shards = [w.close() for w in writers]
     except BaseException:
+        live = read_manifest(out)
+        keep = {s["file"] for split in live["splits"].values() for s in split["shards"]} if live else set()
         for w in writers:
-            w.abort()
+            w.abort(keep)
         raise
     stats.replaced_bytes = replaced_bytes() - replaced_before
     if stats.documents == 0:

@@ -32,7 +32,8 @@ EMBEDDED_ALIASES = {"pydoc": "python-docs"}
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 WIKIPEDIA_API = "https://en.wikipedia.org/w/api.php"
-USER_AGENT = "gptmini/0.1 (https://github.com/gptmini/gptmini; small-GPT training data; python-requests)"
+# Wikimedia's policy asks for an identifying User-Agent with a contact: set GPTMINI_USER_AGENT to add yours.
+USER_AGENT = "gptmini/0.1 (small-GPT training data prep; python-requests)"
 CHUNK_CHARS = 1 << 20  # characters per chunk handed to the tokenizer
 READ_BYTES = 1 << 20  # bytes per read from a file or download
 HASH_BYTES = 1 << 20
@@ -48,7 +49,7 @@ class HttpOptions:
     retries: int = 5
     backoff: float = 0.5  # urllib3: sleeps backoff * 2**(n-1) between tries, or what Retry-After says
     wikipedia_api: str = field(default_factory=lambda: os.environ.get("GPTMINI_WIKIPEDIA_API", WIKIPEDIA_API))
-    user_agent: str = USER_AGENT
+    user_agent: str = field(default_factory=lambda: os.environ.get("GPTMINI_USER_AGENT", USER_AGENT))
 
 
 @dataclass
@@ -352,7 +353,7 @@ def embedded_source(spec: str, name: str, chunk_chars: int) -> Source:
     return Source(spec, [prov], docs)
 
 
-def _jsonl_documents(path: Path, text_field: str, chunk_chars: int, stats: Stats) -> Iterator[Document]:
+def _jsonl_documents(path: Path, text_field: str, chunk_chars: int) -> Iterator[Document]:
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -424,7 +425,7 @@ def local_source(spec: str, text_field: str, chunk_chars: int, stats: Stats) -> 
         for p in files:
             suffix = p.suffix.lower()
             if suffix == ".jsonl":
-                yield from _jsonl_documents(p, text_field, chunk_chars, stats)
+                yield from _jsonl_documents(p, text_field, chunk_chars)
             elif suffix == ".parquet":
                 yield from _parquet_documents(p, text_field, chunk_chars)
             else:
