@@ -46,47 +46,54 @@ def make_corpus(root: Path, mb: float, doc_kb: int) -> list[str]:
     return docs
 
 
-def best_of(repeats: int, fn) -> float:
-    times = []
+def interleaved_best(repeats: int, fns: dict[str, callable]) -> dict[str, float]:
+    """Best wall time of each function, running them in turn each round: load on a shared machine drifts,
+    and this spreads the drift over all of them instead of penalising whichever ran last."""
+    best = {name: float("inf") for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
 
 
 def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> list[dict]:
     tok = get_tokenizer()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "corpus").mkdir()
         docs = make_corpus(root / "corpus", mb, doc_kb)
         n_bytes = sum(len(d.encode()) for d in docs)
         n_tokens = sum(len(t) for t in tok.enc.encode_ordinary_batch(docs, num_threads=os.cpu_count()))
+
+        def run_prepare(w: int) -> None:
+            shutil.rmtree(root / "out", ignore_errors=True)
+            res = prepare(PrepareConfig([str(root / "corpus")], root / "out", workers=w, cache_dir=root / "cache",
+                                      inline_bytes=0))  # the workers asked for, whatever the size
+            m = res.manifest["splits"]
+            assert res.workers == w and m["train"]["tokens"] + m["val"]["tokens"] == n_tokens + len(docs)
+
+        fns = {}
         for threads in sorted({1, *workers}):
-            t = best_of(repeats, lambda: tok.enc.encode_ordinary_batch(docs, num_threads=threads))
-            rows.append({"what": f"raw encode_ordinary_batch, num_threads={threads}", "seconds": t,
-                         "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t, "workers": threads, "raw": True})
+            fns[f"raw encode_ordinary_batch, num_threads={threads}"] = (
+                lambda t=threads: tok.enc.encode_ordinary_batch(docs, num_threads=t))
         # The tightest single-thread baseline: no thread pool, one call per document.
-        t = best_of(repeats, lambda: [tok.enc.encode_ordinary(d) for d in docs])
-        rows.append({"what": "raw [encode_ordinary(d) for d in docs]", "seconds": t, "MB/s": n_bytes / t / 1e6,
-                     "tokens/s": n_tokens / t, "workers": 1, "raw": "loop"})
+        fns["raw [encode_ordinary(d) for d in docs]"] = lambda: [tok.enc.encode_ordinary(d) for d in docs]
         for w in workers:
-            def run():
-                shutil.rmtree(root / "out", ignore_errors=True)
-                cfg = PrepareConfig([str(root / "corpus")], root / "out", workers=w, cache_dir=root / "cache")
-                res = prepare(cfg)
-                assert res.manifest["splits"]["train"]["tokens"] + res.manifest["splits"]["val"]["tokens"] == n_tokens + len(docs)
-            t = best_of(repeats, run)
-            rows.append({"what": f"gptmini prepare --workers {w} (files -> verified shards)", "seconds": t,
-                         "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t, "workers": w, "raw": False})
-    base = {r["workers"]: r["seconds"] for r in rows if r["raw"] is True}
-    one = next(r["seconds"] for r in rows if not r["raw"] and r["workers"] == min(workers))
+            fns[f"gptmini prepare --workers {w} (files -> verified shards)"] = lambda w=w: run_prepare(w)
+        best = interleaved_best(repeats, fns)
+    rows = []
+    for name, t in best.items():
+        raw = name.startswith("raw")
+        n = int(name.rsplit("=", 1)[1]) if "num_threads=" in name else 1 if raw else int(name.split()[3])
+        rows.append({"what": name, "seconds": t, "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t,
+                     "workers": n, "raw": raw})
+    base = {r["workers"]: r["seconds"] for r in rows if "num_threads" in r["what"]}
+    one = next((r["seconds"] for r in rows if not r["raw"] and r["workers"] == 1), None)
     for r in rows:
         r["vs raw (same workers/threads)"] = base[r["workers"]] / r["seconds"]
-        if not r["raw"]:
-            r["scaling vs prepare 1 process"] = one / r["seconds"] if min(workers) == 1 else None
+        r["scaling vs prepare 1 process"] = one / r["seconds"] if one and not r["raw"] else None
     return rows
 
 
