@@ -74,8 +74,9 @@ class TrainRun:
     batch_size: int
     status: str = "ok"  # "ok" or "oom"
     steps: int = 0
+    grad_accum: int = 1
     tokens_per_s: float | None = None
-    ms_per_step: float | None = None
+    ms_per_step: float | None = None  # per optimizer step (grad_accum micro-batches)
     flops_per_token: float | None = None
     tflops: float | None = None
     mfu: float | None = None
@@ -142,6 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="after --batch, keep doubling the batch until OOM or --sweep-max")
     p.add_argument("--sweep-max", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (as train.py's grad_accum): amortises AdamW and clipping")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
     p.add_argument("--dense-d-ff", type=int, default=None,
@@ -358,15 +361,16 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer,
-                    device: torch.device, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One optimizer step as the trainer takes it: forward, backward, clip, AdamW. Returns the loss
-    tensor without reading it, so nothing waits on the device."""
+                    device: torch.device, dtype: torch.dtype, grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One optimizer step as the trainer takes it: grad_accum forward/backward passes, clip, AdamW.
+    Returns the loss tensor without reading it, so nothing waits on the device."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(device, dtype):
-            _, loss = forward(x, y)
-        loss.backward()
+        for _ in range(grad_accum):  # the same batch each time: what is timed is the work, not the data
+            with autocast(device, dtype):
+                _, loss = forward(x, y)
+            (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -408,13 +412,14 @@ def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespa
 def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
                    device: torch.device, dtype: torch.dtype, peak_tflops: float | None) -> None:
     torch.manual_seed(args.seed)
-    model = subject.build().to(device)
+    with device:  # built in place: no CPU init and copy of a large model
+        model = subject.build()
     model.train()
     run.params_total = sum(p.numel() for p in model.parameters())
     if hasattr(model, "flops_per_token"):
         run.model_flops_per_token = float(model.flops_per_token(run.seq_len))
     opt = make_optimizer(model, device)
-    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
+    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype, args.grad_accum)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = random_batch(subject.vocab_size, run.batch_size, run.seq_len, device, gen)
     for _ in range(args.warmup):
@@ -423,8 +428,8 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
         for _ in range(args.steps):
             loss = step(x, y)
     run.final_loss = loss.item()  # after the timed region
-    run.steps = args.steps
-    tokens = run.batch_size * run.seq_len * args.steps
+    run.steps, run.grad_accum = args.steps, args.grad_accum
+    tokens = run.batch_size * run.seq_len * args.grad_accum * args.steps
     run.tokens_per_s = tokens / timer.seconds
     run.ms_per_step = timer.seconds / args.steps * 1e3
     run.flops_per_token = subject.flops_per_token(run.seq_len)
@@ -465,7 +470,8 @@ def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
     run = DecodeRun(name=subject.name, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.decode_tokens)
     release(device)
     torch.manual_seed(args.seed)
-    model = subject.build().to(device=device, dtype=dtype).eval()
+    with device:
+        model = subject.build().to(dtype=dtype).eval()
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
@@ -547,7 +553,8 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device, dtype) -> 
 
 def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, args, device, dtype, build_loaders) -> None:
     torch.manual_seed(args.seed)
-    model = subject.build().to(device)
+    with device:  # built in place: no CPU init and copy of a large model
+        model = subject.build()
     model.train()
     opt = make_optimizer(model, device)
     step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
@@ -629,10 +636,10 @@ def progress_line(run: TrainRun) -> str:
 
 
 def table(results: Results) -> str:
-    rows = ["| model | seq | batch | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| model | seq | batch | accum | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results.train:
-        rows.append(f"| {r.name} | {r.seq_len} | {r.batch_size} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.ms_per_step, '.1f')} "
+        rows.append(f"| {r.name} | {r.seq_len} | {r.batch_size} | {r.grad_accum} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.ms_per_step, '.1f')} "
                     f"| {fmt(r.tflops, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.mfu_causal, '.1%')} "
                     f"| {fmt(r.peak_mem_gib, '.1f')} | {fmt(r.final_loss, '.3f')} | {r.status} |")
     if results.decode:
@@ -666,8 +673,9 @@ def main(argv: list[str] | None = None) -> int:
     decode_batches = int_list(args.decode_batch, "--decode-batch")
     if args.batch:
         int_list(args.batch, "--batch")
-    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2:
-        raise SystemExit("gptmini bench: --steps must be >= 1, --warmup >= 0 and --decode-tokens >= 2")
+    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2 or args.grad_accum < 1:
+        raise SystemExit(f"gptmini bench: --steps {args.steps} must be >= 1, --warmup {args.warmup} >= 0, "
+                         f"--grad-accum {args.grad_accum} >= 1 and --decode-tokens {args.decode_tokens} >= 2")
     try:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         cfg = ModelConfig.from_preset(args.preset, dropout=args.dropout, **overrides)
