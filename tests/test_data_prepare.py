@@ -202,3 +202,15 @@ def test_cli_entry_point_runs_prepare(tmp_path):
                  "--val-fraction", "0", "--cache-dir", str(tmp_path / "c")]) == 0
     assert documents(stream(tmp_path / "out", "train")) == ["# Title\n\nSome markdown text.\n"]
     assert not any(n.startswith(".") for n in os.listdir(tmp_path / "out"))
+
+
+def test_the_gptmini_command_exits_non_zero_with_the_message(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gptmini.cli", "prepare", "s3://bucket/x.txt", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "gptmini prepare: error: unknown source scheme 's3' in 's3://bucket/x.txt'; use wikipedia:TITLE, "
+        "http(s)://URL, embedded:python-docs, or a local file, folder or glob")
