@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -140,10 +140,21 @@ def tasks(stream: Iterable[tuple[int, str, bool]], task_chars: int) -> Iterator[
         yield task
 
 
+def prefetched(items: Iterable) -> Iterator:
+    """Read the next item in a helper thread while the caller works on this one: tiktoken releases the
+    GIL while it encodes, so reading and decoding the next task overlaps tokenizing the current one."""
+    it = iter(items)
+    with ThreadPoolExecutor(1) as ex:
+        pending = ex.submit(next, it, None)
+        while (item := pending.result()) is not None:
+            pending = ex.submit(next, it, None)
+            yield item
+
+
 def tokenize(task_iter: Iterable[list], name: str, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if workers <= 1:
         _init_worker(name)
-        yield from map(encode_task, task_iter)
+        yield from map(encode_task, prefetched(task_iter))
         return
     # spawn, not fork: prepare may run inside a threaded host (a Prefect task), where fork can deadlock.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(name,)) as ex:
