@@ -7,7 +7,7 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.train_gpt import max_seq_len, tracking_uri
+from flows.train_gpt import tracking_uri
 from gptmini import registry
 
 
@@ -19,7 +19,7 @@ def promote_version(version: int, alias: str, model_name: str, data_dir: str | N
     if data_dir and alias == registry.PRODUCTION and champion is not None and champion.version != target.version:
         dirs = {mv.version: registry.resolve_model_uri(f"models:/{model_name}/{mv.version}", tracking_uri())
                 for mv in (target, champion)}
-        seq_len = min(map(max_seq_len, dirs.values()))  # the same windows for both
+        seq_len = min(map(registry.max_seq_len, dirs.values()))  # the same windows for both
         losses = {v: registry.evaluate_weights(d, data_dir, seq_len)["val_loss"] for v, d in dirs.items()}
         decision = registry.decide(target.version, losses[target.version], champion.version, losses[champion.version])
     else:

@@ -250,32 +250,13 @@ def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: st
     return version.version
 
 
-def max_seq_len(weights_dir: str | Path) -> int:
-    return int(json.loads((Path(weights_dir) / "config.json").read_text())["max_seq_len"])
-
-
 @task(retries=2, retry_delay_seconds=[5, 30])
 def gate(version: str, weights_dir: str, val_loss: float, data_dir: str, promotion: str, min_improvement: float,
          model_name: str) -> dict:
-    """Champion/challenger: promote the new version only if it beats production on the same val data
-    (the same tokens, in windows of the same length)."""
+    """Champion/challenger: promote the new version only if it beats production on the same val data."""
     mc = registry.client(tracking_uri())
-    champion = registry.version_by_alias(mc, registry.PRODUCTION, model_name)
-    if promotion == "never":
-        decision = registry.Decision(False, "promotion='never'", version, val_loss)
-    elif promotion == "always" or champion is None:
-        reason = "promotion='always'" if promotion == "always" else "no production version yet"
-        decision = registry.Decision(True, reason, version, val_loss)
-    else:
-        champion_dir = registry.resolve_model_uri(f"models:/{model_name}/{champion.version}", tracking_uri())
-        seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
-        if seq_len != max_seq_len(weights_dir):
-            val_loss = registry.evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
-        champion_loss = registry.evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
-        decision = registry.decide(version, val_loss, champion.version, champion_loss, min_improvement)
-    registry.record_decision(mc, decision, model_name)
-    if decision.promote:
-        registry.promote(mc, version, registry.PRODUCTION, model_name, reason=decision.reason)
+    decision = registry.champion_challenger(mc, version, weights_dir, val_loss, data_dir, promotion,
+                                            min_improvement, model_name)
     get_run_logger().info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", decision.reason)
     return asdict(decision)
 

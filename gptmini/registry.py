@@ -79,7 +79,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
 
 
 def evaluate_weights(weights_dir: str | Path, data_dir: str | Path, seq_len: int | None = None,
-                     batch_size: int = 8) -> dict[str, float]:
+                     batch_size: int = 4) -> dict[str, float]:
     """Token-weighted val loss and perplexity of a model folder over the whole val split of `data_dir`,
     in non-overlapping windows of `seq_len` (default: the model's max_seq_len). The champion/challenger gate
     calls it for both versions with the same data and seq_len, so the comparison is like for like."""
@@ -192,6 +192,10 @@ class Decision:
     champion_version: str | None = None
     champion_val_loss: float | None = None
 
+    def __post_init__(self) -> None:  # MLflow hands versions out as int or str depending on the call
+        self.challenger_version = str(self.challenger_version)
+        self.champion_version = None if self.champion_version is None else str(self.champion_version)
+
 
 def decide(challenger_version: str, challenger_val_loss: float, champion_version: str | None = None,
            champion_val_loss: float | None = None, min_improvement: float = 0.0) -> Decision:
@@ -215,6 +219,39 @@ def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -
             "gate.json": json.dumps(asdict(decision))}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, decision.challenger_version, key, value)
+
+
+def max_seq_len(weights_dir: str | Path) -> int:
+    return int(json.loads((Path(weights_dir) / "config.json").read_text())["max_seq_len"])
+
+
+def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, val_loss: float,
+                        data_dir: str | Path, policy: str = "if-better", min_improvement: float = 0.0,
+                        name: str = MODEL_NAME) -> Decision:
+    """The gate after each registration. policy `if-better`: promote `version` (its weights in
+    `weights_dir`, its `val_loss` measured by evaluate_weights on `data_dir`) only if there is no production
+    version yet or it beats production on the same validation tokens in windows of the same length;
+    `always` / `never` skip the comparison. The decision is recorded on the version either way."""
+    if policy not in ("if-better", "always", "never"):
+        raise ValueError(f"promotion policy {policy!r} is unknown; use if-better, always or never")
+    champion = version_by_alias(mlflow_client, PRODUCTION, name)
+    if policy == "never":
+        decision = Decision(False, "promotion policy 'never'", version, val_loss)
+    elif policy == "always":
+        decision = Decision(True, "promotion policy 'always'", version, val_loss)
+    elif champion is None:
+        decision = decide(version, val_loss)
+    else:
+        champion_dir = resolve_model_uri(f"models:/{name}/{champion.version}", mlflow_client.tracking_uri)
+        seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
+        if seq_len != max_seq_len(weights_dir):
+            val_loss = evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
+        champion_loss = evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
+        decision = decide(version, val_loss, champion.version, champion_loss, min_improvement)
+    record_decision(mlflow_client, decision, name)
+    if decision.promote:
+        promote(mlflow_client, version, PRODUCTION, name, reason=decision.reason)
+    return decision
 
 
 def promote(mlflow_client, version: int | str, alias: str = PRODUCTION, name: str = MODEL_NAME,
