@@ -162,6 +162,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"peak for MFU (default: {H100_SXM_BF16_PEAK_TFLOPS:g} on cuda, none on cpu)")
     p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing each training config, profile --profile-steps more steps: DIR/<run>.trace.json "
+                        "(chrome://tracing, Perfetto) and DIR/<run>.txt (top ops by self device time)")
+    p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--plan", action="store_true",
                    help="print the first-principles FLOP and memory account of --preset and its dense twin, then exit")
     return p.parse_args(argv)
@@ -438,6 +442,25 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
         run.mfu = run.tflops / peak_tflops
         run.mfu_causal = run.tokens_per_s * subject.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
     run.peak_mem_gib = peak_gib(device)
+    if args.profile:
+        profile_steps(step, x, y, device, Path(args.profile) / f"{run.name}-T{run.seq_len}-B{run.batch_size}", args.profile_steps)
+
+
+def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path, n: int) -> None:
+    """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
+    should be judged against (issue 6: "look at a profile before each change")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(n):
+            step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
 
 
 def batches_for(seq: int, args: argparse.Namespace) -> Iterator[int]:
@@ -536,7 +559,12 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device, dtype) -> 
             data_dir, source = Path(args.data_dir), f"shards {args.data_dir}"
         else:
             words = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000)
-            data_dir, source = synthetic_shards(Path(tmp), words, args.seed), "synthetic text via gptmini prepare"
+            source = "synthetic text via gptmini prepare"
+            try:
+                data_dir = synthetic_shards(Path(tmp), words, args.seed)
+            except (ImportError, ValueError, RuntimeError) as e:  # e.g. no offline tokenizer on this machine
+                return LoaderRun(subject.name, seq, batch, source=source,
+                                 status=f"skipped: could not prepare synthetic shards ({e}); pass --data-dir")
         vocab = shard_vocab(data_dir)
         fold = vocab is not None and vocab > subject.vocab_size
         if fold:

@@ -27,7 +27,8 @@ def run_bench(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
-    results = run_bench(tmp_path, "--sections", "train,dense,baseline,decode", "--peak-tflops", "0.5")
+    results = run_bench(tmp_path, "--sections", "train,dense,baseline,decode", "--peak-tflops", "0.5",
+                        "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
     train = {r["name"]: r for r in results["train"]}
     assert set(train) == {"tiny", "tiny-dense", "nanogpt-match"}
     for r in train.values():
@@ -42,6 +43,9 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
     assert results["meta"]["device"] == "cpu" and results["meta"]["torch"] == torch.__version__
     table = capsys.readouterr().out
     assert "| tiny | 32 | 2 |" in table and "| nanogpt-match | 32 | 2 |" in table and "| decode |" in table
+    # One profile per training config: a trace to open in Perfetto and the top ops as text.
+    assert json.loads((tmp_path / "prof" / "tiny-T32-B2.trace.json").read_text())["traceEvents"]
+    assert "aten::" in (tmp_path / "prof" / "nanogpt-match-T32-B2.txt").read_text()
 
 
 def test_flops_per_token_is_six_n_plus_attention_term():
