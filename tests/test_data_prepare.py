@@ -184,6 +184,7 @@ def test_a_single_huge_line_is_streamed_in_bounded_memory(tmp_path):
     [
         (["--val-fraction", "1.5"], "--val-fraction 1.5 is outside [0, 1)"),
         (["--shard-tokens", "0"], "--shard-tokens 0 must be >= 1"),
+        (["--tokenizer", "bpe-9000"], "--tokenizer: unknown tokenizer 'bpe-9000'; choose one of: cl100k_base"),
         ([], None),
     ],
 )

@@ -1,0 +1,1 @@
+"""Raw text → token shards → training batches: sources.py, prepare.py (`gptmini prepare`), loader.py."""

@@ -281,7 +281,10 @@ def check_config(cfg: PrepareConfig) -> None:
 def prepare(cfg: PrepareConfig) -> Result:
     check_config(cfg)
     t0 = time.perf_counter()
-    tok = get_tokenizer(cfg.tokenizer)
+    try:
+        tok = get_tokenizer(cfg.tokenizer)
+    except ValueError as exc:  # an unknown name, or an encoding that needs the network
+        raise DataError(f"--tokenizer: {exc}") from exc
     stats = Stats()
     cache = Cache(Path(cfg.cache_dir))
     sources = [
