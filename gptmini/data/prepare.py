@@ -68,6 +68,7 @@ class PrepareConfig:
     refresh: bool = False  # re-download even if the cache holds the URL
     force: bool = False  # rewrite even if the manifest says the output is up to date
     inline_bytes: int = INLINE_BYTES  # inputs smaller than this are tokenized without worker processes
+    report_every_s: float = 10.0  # progress lines on stderr during long runs
 
 
 @dataclass
@@ -182,7 +183,8 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.scratch = out / f".{split}.{os.getpid()}.raw"
         self.f = None
-        self.n = 0
+        self.n = 0  # tokens in the open shard
+        self.total = 0  # tokens written by this writer
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -191,6 +193,7 @@ class ShardWriter:
             take = tokens[: self.shard_tokens - self.n]
             take.tofile(self.f)
             self.n += len(take)
+            self.total += len(take)
             tokens = tokens[len(take) :]
             if self.n == self.shard_tokens:
                 self._finish_shard()
@@ -306,9 +309,14 @@ def prepare(cfg: PrepareConfig) -> Result:
     workers = cfg.workers if input_bytes >= cfg.inline_bytes else 1
     try:
         task_iter = tasks(pieces(sources, cfg.val_fraction, stats, counts), TASK_CHARS)
+        last_report = time.perf_counter()
         for train, val in tokenize(task_iter, cfg.tokenizer, workers):
             writers[0].write(train)
             writers[1].write(val)
+            if time.perf_counter() - last_report > cfg.report_every_s:
+                last_report = time.perf_counter()
+                print(f"prepare: {counts.text_chars / 1e6:,.1f}M characters, {sum(w.total for w in writers):,} tokens, "
+                      f"{counts.text_chars / 1e6 / (last_report - t0):.1f}M characters/s", file=sys.stderr, flush=True)
         shards = [w.close() for w in writers]
     except BaseException:
         live = read_manifest(out)
