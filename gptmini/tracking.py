@@ -15,6 +15,7 @@ to RUN/mlflow_unsent.jsonl and counted in the log.
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import sys
@@ -137,7 +138,7 @@ class MlflowTracker(Tracker):
     # The background thread's side: send, keep what failed, retry.
 
     def _worker(self) -> None:
-        last_flush = last_sample = time.monotonic()
+        last_flush, last_sample = time.monotonic(), -math.inf
         closing = False
         while not closing:
             try:
@@ -151,6 +152,8 @@ class MlflowTracker(Tracker):
             if self.system_metrics and now - last_sample >= 10.0:
                 self._sample_system()
                 last_sample = now
+            if closing and self.system_metrics:
+                self._sample_system()
             if closing or now - last_flush >= self.flush_every_s:
                 self._flush(final=closing)
                 last_flush = time.monotonic()
@@ -182,6 +185,8 @@ class MlflowTracker(Tracker):
             item = self._pending_other[0]
             if item[0] == "params":
                 self._send_params(item[1])
+            elif Path(item[1]).is_dir():  # a folder's files go under artifact_path, not artifact_path/NAME
+                self.client.log_artifacts(self.run_id, item[1], item[2])
             else:
                 self.client.log_artifact(self.run_id, item[1], item[2])
             self._pending_other.pop(0)

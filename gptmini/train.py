@@ -85,8 +85,11 @@ class Preemption:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -138,12 +141,11 @@ def log_line(step: int, total: int, rec: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def train(cfg: Config, env: parallel.DistEnv) -> dict[str, Any]:
+def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, Any]:
     t_start = time.time()
     run_dir = Path(cfg.train.out_dir)
     main_rank = env.is_main
     say = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
-    preempt = Preemption()
 
     # Resolve what we resume from before touching the run folder: a fresh run must not clobber one.
     resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
@@ -382,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"gptmini train: error: {exc}", file=sys.stderr)
         return 2
+    preempt = Preemption()
     try:
-        train(cfg, env)
+        train(cfg, env, preempt)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"gptmini train: error: {exc}", file=sys.stderr)
         return 2
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptmini train: error: {exc}", file=sys.stderr)
         return 2
     finally:
+        preempt.restore()
         parallel.cleanup()
     return 0
 
