@@ -20,12 +20,14 @@ non-tensor objects in the DCP payload, because DCP would unpickle those freely.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
 import pickle
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,10 @@ from gptmini import parallel
 
 STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read; the message names the file."""
 
 
 # Atomic files and folders
@@ -159,7 +165,7 @@ class _SafeUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and type(getattr(torch, name, None)).__name__ in _SAFE_TORCH_ENUMS:
             return getattr(torch, name)  # torch.float32, torch.strided, torch.contiguous_format
-        raise pickle.UnpicklingError(
+        raise CheckpointError(
             f"checkpoint metadata references {module}.{name}, which a DCP checkpoint never holds; "
             f"refusing to load it (the file may be tampered with)"
         )
@@ -172,7 +178,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         with open(path, "rb") as f:
             metadata = _SafeUnpickler(io.BytesIO(f.read())).load()
         if not isinstance(metadata, dcp.Metadata):
-            raise pickle.UnpicklingError(f"{path} does not hold DCP Metadata")
+            raise CheckpointError(f"{path} does not hold DCP Metadata; the checkpoint is damaged")
         if getattr(metadata, "storage_meta", None) is None:
             from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -191,6 +197,14 @@ def _only_tensors(tree: Any, where: str = "") -> None:
 
 
 # Training checkpoints
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group; a single process is a case we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{STEP_PREFIX}{step:08d}"
@@ -252,7 +266,8 @@ def save_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     payload = {"model": model_sd, "optim": optim_sd["state"]}
     _only_tensors(payload)
-    dcp.save(payload, storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True), no_dist=not env.distributed)
+    with _quiet_single_process():
+        dcp.save(payload, storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True), no_dist=not env.distributed)
     write_json(tmp / f"rank_{env.rank:05d}.json", rank_state)
     if env.is_main:
         state = dict(trainer_state, world_size=env.world_size, optimizer_param_groups=_param_groups(optim_sd))
@@ -287,14 +302,18 @@ def load_checkpoint(
     """
     path = Path(path)
     trainer_state = read_json(path / "trainer_state.json")
+    # Vet the metadata up front: DCP would bury our refusal inside a CheckpointException per rank.
+    SafeFileSystemReader(path / "dcp").read_metadata()
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd}, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
         set_model_state_dict(model, model_sd)
         return trainer_state, None
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd["state"]}, storage_reader=SafeFileSystemReader(path / "dcp"),
-             no_dist=not env.distributed)
+    with _quiet_single_process():
+        dcp.load({"model": model_sd, "optim": optim_sd["state"]}, storage_reader=SafeFileSystemReader(path / "dcp"),
+                 no_dist=not env.distributed)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rank_file = path / f"rank_{env.rank:05d}.json"
     same_world = trainer_state["world_size"] == env.world_size and rank_file.is_file()

@@ -21,6 +21,8 @@ from torch import nn
 
 from gptmini import checkpoint, metrics, parallel, tracking
 from gptmini.config import Config, ConfigError, OptimConfig, parse_args, to_json, to_toml
+from gptmini.data.sources import DataError
+from gptmini.tokenizer import TokenizerUnavailable
 from gptmini.evaluate import evaluate
 
 # Dense bf16 tensor-core peaks (FLOP/s) for MFU; other devices get no MFU rather than a guessed one.
@@ -387,12 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     preempt = Preemption()
     try:
         train(cfg, env, preempt)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"gptmini train: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:
-        if type(exc).__name__ not in ("DataError", "TokenizerUnavailable"):
-            raise
+    except (ConfigError, checkpoint.CheckpointError, DataError, TokenizerUnavailable, FileNotFoundError) as exc:
         print(f"gptmini train: error: {exc}", file=sys.stderr)
         return 2
     finally:
