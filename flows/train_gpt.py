@@ -201,8 +201,11 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     code, tail = run_streaming(cmd + list(extra_args), subprocess_env())
     if code != 0:
         raise explain_training_failure(code, tail)
-    summary = Path(run_dir) / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else {}
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    if summary["status"] != "completed":  # SIGTERM (preemption): the trainer saved a checkpoint and exited 0
+        raise TrainingFailed(f"training stopped early ({summary['status']} at step {summary['steps']}); "
+                             "a retry resumes from the checkpoint it saved", retryable=True)
+    return summary
 
 
 @task
@@ -247,7 +250,7 @@ def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: st
     mc = registry.client(tracking_uri())
     version = registry.log_model_version(mc, run_id, weights_dir, tags, name=model_name)
     get_run_logger().info("registered %s version %s (alias challenger)", model_name, version.version)
-    return version.version
+    return str(version.version)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])

@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -128,7 +129,9 @@ def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags:
     context would end the run: the flow owns the run's lifecycle.
     """
     mlflow = import_mlflow()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow suggests type hints and an input example; the explicit signature covers both.
+        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
         local = Path(tmp) / artifact_path
         mlflow.pyfunc.save_model(
             path=str(local), python_model=str(MODEL_CODE), artifacts={"weights": str(weights_dir)},
@@ -143,7 +146,7 @@ def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags:
         tags={k: str(v) for k, v in tags.items()},
     )
     mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return version
+    return mlflow_client.get_model_version(name, str(version.version))
 
 
 def ensure_registered_model(mlflow_client, name: str = MODEL_NAME) -> None:
@@ -309,8 +312,9 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
         try:
+            source = mc.get_model_version_download_uri(name, str(mv.version))  # this client's registry
             local = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(tmp), tracking_uri=mc.tracking_uri))
+                artifact_uri=source, dst_path=str(tmp), tracking_uri=mc.tracking_uri))
             weights = next(p.parent for p in local.rglob("config.json") if (p.parent / "model.safetensors").exists())
             try:
                 os.rename(weights, target)  # atomic: a reader sees no folder or a complete one
