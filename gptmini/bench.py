@@ -44,7 +44,8 @@ import torch
 import torch.nn as nn
 
 H100_SXM_BF16_PEAK_TFLOPS = 989.0
-BASELINE_PATH = Path(__file__).resolve().parents[1] / "bench" / "nanogpt_baseline.py"
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+DECODE_PATHS = ("cache", "static", "static-graphs")
 SECTIONS = ("train", "dense", "baseline", "decode", "loader")
 
 
@@ -91,6 +92,7 @@ class TrainRun:
 @dataclass
 class DecodeRun:
     name: str
+    path: str  # cache, static or static-graphs (see --decode-paths)
     batch_size: int
     prompt_len: int
     new_tokens: int
@@ -155,6 +157,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
+    p.add_argument("--decode-paths", default="auto",
+                   help="comma list from cache (model.stream), static (bench/static_decode.py, eager), static-graphs "
+                        "(the same under torch.compile mode=reduce-overhead); auto: all three on cuda, cache,static on cpu")
     p.add_argument("--data-dir", default=None,
                    help="token shards for the loader section (default: synthetic text prepared into a temporary folder)")
     p.add_argument("--loader-seq", type=int, default=None, help="sequence length of the loader section (default: first --seq)")
@@ -275,21 +280,24 @@ def gptmini_total_params(cfg) -> int:
     return cfg.n_layers * (attn + ffn + 2 * d) + d + embed  # norms: two per block and the final one
 
 
-def load_baseline_module():
-    if not BASELINE_PATH.exists():
-        raise SystemExit(
-            f"gptmini bench: the baseline {BASELINE_PATH} is missing (it ships in the repository's bench/, not in the "
-            "wheel); run from a clone of the repository or leave 'baseline' out of --sections"
-        )
-    spec = importlib.util.spec_from_file_location("nanogpt_baseline", BASELINE_PATH)
+def load_bench_module(name: str):
+    """A module of the repository's bench/ folder (the baseline, the static decoder): they ship with the
+    repository, not in the wheel."""
+    path = BENCH_DIR / f"{name}.py"
+    if not path.exists():
+        raise SystemExit(f"gptmini bench: {path} is missing; run from a clone of the repository, or leave the "
+                         f"section or path that needs it out (--sections, --decode-paths)")
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["nanogpt_baseline"] = module  # dataclasses look their module up by name
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
 def baseline_subject(kind: str, cfg, block_size: int, dropout: float) -> Subject:
-    nb = load_baseline_module()
+    nb = load_bench_module("nanogpt_baseline")
     if kind == "gpt2":
         bcfg = nb.BaselineConfig(block_size=block_size, dropout=dropout)
     else:
@@ -487,28 +495,34 @@ def bench_training(subject: Subject, seqs: list[int], args, device, dtype, peak_
                 break
 
 
-def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
-    """Greedy generation with the KV cache through `model.stream`. The prefill (prompt + first token)
-    and the decode loop are timed apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop."""
-    run = DecodeRun(name=subject.name, batch_size=batch, prompt_len=args.prompt_len, new_tokens=args.decode_tokens)
+def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) -> DecodeRun:
+    """Greedy generation with a KV cache. The prefill (prompt + first token) and the decode loop are timed
+    apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop. Paths: `cache` is model.stream
+    (what `gptmini generate` runs); `static` and `static-graphs` are bench/static_decode.py."""
+    run = DecodeRun(name=subject.name, path=path, batch_size=batch, prompt_len=args.prompt_len,
+                    new_tokens=args.decode_tokens)
     release(device)
     torch.manual_seed(args.seed)
     with device:
         model = subject.build().to(dtype=dtype).eval()
     gen = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
+    if path == "cache":
+        prefill_fn, loop_fn = stream_decode(model, prompt)
+    else:
+        decoder = load_bench_module("static_decode").StaticDecoder(
+            model, batch, args.prompt_len + args.decode_tokens, "reduce-overhead" if path == "static-graphs" else None)
+        prefill_fn = lambda n: decoder.prefill(prompt, n)  # noqa: E731
+        loop_fn = lambda state: decoder.decode(*state)  # noqa: E731
 
     def generate(n: int) -> tuple[float, float]:
-        with torch.inference_mode():
-            tokens = model.stream(prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
-            with Timer(device) as prefill:
-                next(tokens)
-            with Timer(device) as loop:
-                for _ in tokens:
-                    pass
+        with Timer(device) as prefill:
+            state = prefill_fn(n)
+        with Timer(device) as loop:
+            loop_fn(state)
         return prefill.seconds, loop.seconds
 
-    generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, cache buffers
+    generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, compilation and graph capture
     prefill, loop = zip(*(generate(args.decode_tokens) for _ in range(args.decode_repeats)))
     steps = args.decode_tokens - 1
     run.prefill_ms = statistics.median(prefill) * 1e3
@@ -518,6 +532,23 @@ def time_decode(subject: Subject, batch: int, args, device, dtype) -> DecodeRun:
     del model
     release(device)
     return run
+
+
+def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Callable]:
+    """model.stream split into its first token (the prefill) and the rest (the decode loop)."""
+
+    def prefill(n: int) -> Iterator:
+        tokens = model.stream(prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+        with torch.inference_mode():
+            next(tokens)
+        return tokens
+
+    def loop(tokens: Iterator) -> None:
+        with torch.inference_mode():
+            for _ in tokens:
+                pass
+
+    return prefill, loop
 
 
 def synthetic_shards(folder: Path, n_words: int, seed: int) -> Path:
@@ -671,10 +702,10 @@ def table(results: Results) -> str:
                     f"| {fmt(r.tflops, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.mfu_causal, '.1%')} "
                     f"| {fmt(r.peak_mem_gib, '.1f')} | {fmt(r.final_loss, '.3f')} | {r.status} |")
     if results.decode:
-        rows += ["", "| decode | batch | prompt | new | tok/s | ms/token | prefill ms | peak GiB | status |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        rows += ["", "| decode | path | batch | prompt | new | tok/s | ms/token | prefill ms | peak GiB | status |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for d in results.decode:
-            rows.append(f"| {d.name} | {d.batch_size} | {d.prompt_len} | {d.new_tokens} | {fmt(d.tokens_per_s, ',.1f')} "
+            rows.append(f"| {d.name} | {d.path} | {d.batch_size} | {d.prompt_len} | {d.new_tokens} | {fmt(d.tokens_per_s, ',.1f')} "
                         f"| {fmt(d.ms_per_token, '.2f')} | {fmt(d.prefill_ms, '.1f')} | {fmt(d.peak_mem_gib, '.2f')} | {d.status} |")
     if results.loader:
         rows += ["", "| loader | seq | batch | ms/step fixed | ms/step loader | loader host ms | share (end-to-end) | share (host) | source | status |",
@@ -701,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     decode_batches = int_list(args.decode_batch, "--decode-batch")
     if args.batch:
         int_list(args.batch, "--batch")
+    if args.decode_paths == "auto":
+        args.decode_paths = ",".join(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
+    decode_paths = [s.strip() for s in args.decode_paths.split(",") if s.strip()]
+    if not decode_paths or set(decode_paths) - set(DECODE_PATHS):
+        raise SystemExit(f"gptmini bench: --decode-paths {args.decode_paths!r}: choose from {','.join(DECODE_PATHS)}")
     if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2 or args.grad_accum < 1:
         raise SystemExit(f"gptmini bench: --steps {args.steps} must be >= 1, --warmup {args.warmup} >= 0, "
                          f"--grad-accum {args.grad_accum} >= 1 and --decode-tokens {args.decode_tokens} >= 2")
@@ -740,9 +776,10 @@ def main(argv: list[str] | None = None) -> int:
     if "baseline" in sections:
         bench_training(baseline_subject(args.baseline, cfg, max(seqs), args.dropout), seqs, args, device, dtype, peak, results, save)
     if "decode" in sections:
-        for b in decode_batches:
-            results.decode.append(time_decode(moe, b, args, device, dtype))
-            save()
+        for path in decode_paths:
+            for b in decode_batches:
+                results.decode.append(time_decode(moe, path, b, args, device, dtype))
+                save()
     if "loader" in sections:
         seq = args.loader_seq or seqs[0]
         batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seq)

@@ -38,7 +38,9 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)  # achieved over the given peak
         assert r["mfu_causal"] < r["mfu"]  # the causal count halves the attention term
         assert r["peak_mem_gib"] is None  # no CUDA allocator to ask
-    assert [(d["batch_size"], d["status"]) for d in results["decode"]] == [(1, "ok"), (2, "ok")]
+    # On CPU, auto decode paths are model.stream's KV cache and the static-shape decoder (eager).
+    assert [(d["path"], d["batch_size"], d["status"]) for d in results["decode"]] == [
+        ("cache", 1, "ok"), ("cache", 2, "ok"), ("static", 1, "ok"), ("static", 2, "ok")]
     assert all(d["tokens_per_s"] > 0 for d in results["decode"])
     assert results["meta"]["device"] == "cpu" and results["meta"]["torch"] == torch.__version__
     table = capsys.readouterr().out
@@ -100,6 +102,8 @@ def test_bad_input_names_the_value_and_the_fix(tmp_path):
         bench.main([*TINY, "--seq", "100000", "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="unknown --sections bogus"):
         bench.main([*TINY, "--sections", "train,bogus", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="--decode-paths 'graphs': choose from cache,static,static-graphs"):
+        bench.main([*TINY, "--decode-paths", "graphs", "--out", str(tmp_path / "r.json")])
     with pytest.raises(SystemExit, match="--batch 'two' must be a comma list of integers"):
         bench.main([*TINY, "--batch", "two", "--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()

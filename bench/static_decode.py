@@ -1,0 +1,90 @@
+"""Static-shape greedy decoding for gptmini models: the route issue 6 names to >= 1,000 tokens/s at batch 1.
+
+Eager decode is launch-bound (about 900 small kernels per token for the seed model). Here the KV cache,
+the position and the mask are fixed-size device tensors, and the position advances in place, so every
+step has the same shapes and the same tensor addresses: one `torch.compile(mode="reduce-overhead")`
+graph (fusion + a CUDA graph) serves every step, and no step reads anything back to the host.
+
+It runs the model's own blocks (through the `cache.update(layer, k, v)` hook that Attention calls) and
+the model's RoPE, so the arithmetic is the model's. Experimental, and kept in bench/ until measured on a
+GPU: greedy only, prompts of one length, no sliding window and no RoPE scaling (the seed config's case).
+tests/test_static_decode.py checks it token for token against `model.generate` on CPU; the compiled /
+CUDA-graph mode was not run in the session that wrote it (no GPU was lent).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gptmini.model import GPTOSSMini, rope_cos_sin
+
+
+class StaticKVCache:
+    """(L, B, n_kv_heads, S, head_dim) keys and values, written at `positions` (a device tensor)."""
+
+    def __init__(self, model: GPTOSSMini, batch: int, size: int):
+        cfg, w = model.config, model.tok_embeddings.weight
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
+        self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        self.positions: Tensor | None = None  # (T,) the positions the forward in progress writes
+        if hasattr(torch, "_dynamo"):  # fixed addresses: CUDA graphs may mutate them in place
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer].index_copy_(2, self.positions, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.positions, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+
+class StaticDecoder:
+    def __init__(self, model: GPTOSSMini, batch: int, max_len: int, compile_mode: str | None = None):
+        cfg = model.config
+        if cfg.sliding_window is not None or cfg.rope_scaling is not None:
+            raise ValueError(
+                f"static decoding supports neither sliding_window={cfg.sliding_window} nor "
+                f"rope_scaling={cfg.rope_scaling!r}; use model.generate for this config"
+            )
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}; shorten the prompt or the generation")
+        self.model, self.max_len = model.eval(), max_len
+        self.cache = StaticKVCache(model, batch, max_len)
+        self.slots = torch.arange(max_len, device=model.tok_embeddings.weight.device)  # (S,)
+        self.step = torch.compile(self._forward, mode=compile_mode) if compile_mode else self._forward
+
+    def _forward(self, idx: Tensor, positions: Tensor) -> Tensor:
+        """Greedy next token (B,) for idx (B, T) at positions (T,); writes the cache at those positions."""
+        m = self.model
+        self.cache.positions = positions
+        cos, sin = rope_cos_sin(positions[None], m.inv_freq)  # (1, 1, T, hd) each
+        mask = (self.slots[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S): causal over the cache
+        x = m.tok_embeddings(idx)
+        for block in m.layers:
+            x, _, _ = block(x, cos, sin, mask, self.cache)
+        logits = m.output(m.norm(x[:, -1]))  # (B, V)
+        return logits.argmax(dim=-1)
+
+    def generate(self, prompt: Tensor, max_new_tokens: int) -> Tensor:
+        """(B, T) prompt → (B, max_new_tokens) greedy tokens."""
+        out, position = self.prefill(prompt, max_new_tokens)
+        self.decode(out, position)
+        return out
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+        """The prompt's forward (eager: its shape is the prompt's) and the first token; returns the output
+        buffer and the next position, a (1,) device tensor."""
+        B, T = prompt.shape
+        if T + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds max_len={self.max_len}")
+        out = torch.empty(B, max_new_tokens, dtype=torch.long, device=prompt.device)
+        out[:, 0] = self._forward(prompt, self.slots[:T])
+        return out, self.slots[T : T + 1].clone()
+
+    @torch.inference_mode()
+    def decode(self, out: Tensor, position: Tensor) -> None:
+        """Fill out[:, 1:] one token per step; the loop never waits on the device."""
+        for i in range(1, out.size(1)):
+            out[:, i] = self.step(out[:, i - 1 : i], position)
+            position += 1
