@@ -46,7 +46,7 @@ import torch.nn as nn
 H100_SXM_BF16_PEAK_TFLOPS = 989.0
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 DECODE_PATHS = ("cache", "static", "static-graphs")
-SECTIONS = ("train", "dense", "baseline", "decode", "loader")
+SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader")
 
 
 @dataclass
@@ -119,9 +119,21 @@ class LoaderRun:
 
 
 @dataclass
+class CeilingRun:
+    name: str
+    shape: str
+    dtype: str
+    ms: float | None = None  # median over --ceiling-repeats
+    tflops: float | None = None
+    gb_per_s: float | None = None  # copies: bytes read + written over time
+    status: str = "ok"
+
+
+@dataclass
 class Results:
     meta: dict
     formula: str
+    ceilings: list[CeilingRun] = field(default_factory=list)
     train: list[TrainRun] = field(default_factory=list)
     decode: list[DecodeRun] = field(default_factory=list)
     loader: list[LoaderRun] = field(default_factory=list)
@@ -163,6 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None,
                    help="token shards for the loader section (default: synthetic text prepared into a temporary folder)")
     p.add_argument("--loader-seq", type=int, default=None, help="sequence length of the loader section (default: first --seq)")
+    p.add_argument("--ceiling-repeats", type=int, default=20, help="timed repeats per ceiling op; the median is kept")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak for MFU (default: {H100_SXM_BF16_PEAK_TFLOPS:g} on cuda, none on cpu)")
     p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
@@ -551,6 +564,54 @@ def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Cal
     return prefill, loop
 
 
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            fn()
+        times.append(t.seconds)
+    return statistics.median(times)
+
+
+def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
+    """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
+    seed step's three GEMM shapes (attention-free), so a profile can say how far each is from its ceiling:
+    the experts as one dense GEMM and as `torch._grouped_mm` over equal groups, and the output head.
+    n is the tokens of one training step (first --batch x first --seq). Random inputs, never zeros."""
+    square = 8192 if device.type == "cuda" else 512
+    d, f, E, k, V = cfg.d_model, cfg.d_ff, max(cfg.num_experts, 1), cfg.top_k if cfg.num_experts > 1 else 1, cfg.vocab_size
+    name_dtype = str(dtype).removeprefix("torch.")
+    runs = []
+
+    def gemm(name: str, m: int, kk: int, nn_: int) -> None:
+        a = torch.randn(m, kk, device=device, dtype=dtype)
+        b = torch.randn(kk, nn_, device=device, dtype=dtype)
+        t = median_seconds(lambda: a @ b, device, args.ceiling_repeats)
+        runs.append(CeilingRun(name, f"{m}x{kk} @ {kk}x{nn_}", name_dtype, t * 1e3, 2 * m * kk * nn_ / t / 1e12))
+
+    gemm("matmul (square)", square, square, square)
+    gemm("experts w1 as one dense GEMM", n * k, d, f)
+    gemm("output head", n, d, V)
+    if hasattr(torch, "_grouped_mm") and E > 1:
+        xs = torch.randn(n * k, d, device=device, dtype=dtype)
+        w = torch.randn(E, d, f, device=device, dtype=dtype)
+        offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (n * k // E)  # equal groups
+        run = CeilingRun(f"experts w1 via torch._grouped_mm ({E} equal groups)", f"{n * k}x{d} @ {E}x{d}x{f}", name_dtype)
+        try:
+            t = median_seconds(lambda: torch._grouped_mm(xs, w, offs=offs), device, args.ceiling_repeats)
+            run.ms, run.tflops = t * 1e3, 2 * n * k * d * f / t / 1e12
+        except RuntimeError as e:  # the op's dtype/device support differs across torch versions
+            run.status = f"unsupported here: {str(e).splitlines()[0]}"
+        runs.append(run)
+    elements = (1 << 28) if device.type == "cuda" else (1 << 22)
+    x = torch.randn(elements, device=device)
+    t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)
+    runs.append(CeilingRun("copy (clone)", f"{elements * 4 / 2**20:.0f} MiB fp32", "float32", t * 1e3, None, 2 * elements * 4 / t / 1e9))
+    return runs
+
+
 def synthetic_shards(folder: Path, n_words: int, seed: int) -> Path:
     """Synthetic text prepared by `gptmini prepare` into real shards: the loader path under test is
     the one training uses, only the words are random. cl100k_base, since it works offline."""
@@ -695,8 +756,15 @@ def progress_line(run: TrainRun) -> str:
 
 
 def table(results: Results) -> str:
-    rows = ["| model | seq | batch | accum | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = []
+    if results.ceilings:
+        rows += ["| ceiling | shape | dtype | ms | TFLOP/s | GB/s | status |", "|---|---|---|---:|---:|---:|---|"]
+        rows += [f"| {c.name} | {c.shape} | {c.dtype} | {fmt(c.ms, '.3f')} | {fmt(c.tflops, '.1f')} | {fmt(c.gb_per_s, ',.0f')} | {c.status} |"
+                 for c in results.ceilings]
+        rows.append("")
+    if results.train:
+        rows += ["| model | seq | batch | accum | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results.train:
         rows.append(f"| {r.name} | {r.seq_len} | {r.batch_size} | {r.grad_accum} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.ms_per_step, '.1f')} "
                     f"| {fmt(r.tflops, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.mfu_causal, '.1%')} "
@@ -769,6 +837,10 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         write_json(results, out)
 
+    if "ceilings" in sections:
+        first_batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seqs[0])
+        results.ceilings = bench_ceilings(cfg, first_batch * seqs[0], args, device, dtype)
+        save()
     if "train" in sections:
         bench_training(moe, seqs, args, device, dtype, peak, results, save)
     if "dense" in sections:

@@ -27,7 +27,7 @@ def run_bench(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
-    results = run_bench(tmp_path, "--sections", "train,dense,baseline,decode", "--peak-tflops", "0.5",
+    results = run_bench(tmp_path, "--sections", "ceilings,train,dense,baseline,decode", "--peak-tflops", "0.5",
                         "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
     train = {r["name"]: r for r in results["train"]}
     assert set(train) == {"tiny", "tiny-dense", "nanogpt-match"}
@@ -43,6 +43,10 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
         ("cache", 1, "ok"), ("cache", 2, "ok"), ("static", 1, "ok"), ("static", 2, "ok")]
     assert all(d["tokens_per_s"] > 0 for d in results["decode"])
     assert results["meta"]["device"] == "cpu" and results["meta"]["torch"] == torch.__version__
+    ceilings = {c["name"]: c for c in results["ceilings"]}
+    assert ceilings["output head"]["shape"] == "64x64 @ 64x100352"  # one step's tokens (2 x 32) through the head
+    assert all(c["status"] == "ok" for c in ceilings.values())
+    assert ceilings["copy (clone)"]["gb_per_s"] > 0 and ceilings["matmul (square)"]["tflops"] > 0
     table = capsys.readouterr().out
     assert "| tiny | 32 | 2 |" in table and "| nanogpt-match | 32 | 2 |" in table and "| decode |" in table
     # One profile per training config: a trace to open in Perfetto and the top ops as text.
