@@ -30,7 +30,7 @@ with torch.inference_mode():
     next(it); next(it)
     with Count() as c:
         next(it)
-print("model.stream, one decode step (seed structure, grouped path):", sum(c.c.values()), "kernel-launching ops;", sum(c.c.values()) / cfg.n_layers, "per layer")
+print("model.stream, one decode step (seed structure, grouped path):", sum(c.c.values()), "dispatched ops (some launch nothing: same-dtype to, eval dropout, flatten);", sum(c.c.values()) / cfg.n_layers, "per layer")
 print(c.c.most_common(25))
 dec = sd.StaticDecoder(model, 1, 32)
 out, pos = dec.prefill(prompt, 4)
