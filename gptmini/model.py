@@ -303,8 +303,9 @@ class MoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
         load = F.one_hot(experts.flatten(), self.num_experts).sum(dim=0)  # (E,)
-        if grouped_mm_supported(x, compute_dtype(x)):
-            y = self.experts_grouped(x.to(compute_dtype(x)), weights, experts, load)
+        dtype = compute_dtype(x)
+        if grouped_mm_supported(x, dtype):
+            y = self.experts_grouped(x.to(dtype), weights, experts, load)
         else:
             y = self.experts_looped(x, weights, experts, load)
         return y.view(B, T, D), self.balance_loss(probs, load), load

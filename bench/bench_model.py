@@ -1,0 +1,104 @@
+"""CPU benchmark for the model (issue 2): training-step tokens/s of the `demo` preset, and generation
+tokens/s with and without the KV cache.
+
+    .venv/bin/python bench/bench_model.py [--batch 8] [--seq-len 256] [--new-tokens 256] [--json out.json]
+
+Generation is greedy, from a prompt of --prompt-len random tokens. At batch 1 both paths pay the same
+memory-bound read of the 100352 x 256 output matrix every step, which caps the cache's gain; larger
+batches amortise that read and show the cache's real effect. Generation extends the demo config to max_seq_len=512 so prompt + 256 new tokens fit; that changes no
+weight (RoPE has no position table), only the length check.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from gptmini.model import GPTOSSMini, ModelConfig
+
+
+def train_tokens_per_s(model: GPTOSSMini, batch: int, seq_len: int, steps: int, warmup: int) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    model.train()
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return batch * seq_len / statistics.median(times)
+
+
+def generate_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int, use_cache: bool) -> float:
+    x = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
+    model.generate(x, 4, temperature=0, use_cache=use_cache)  # warm-up
+    t0 = time.perf_counter()
+    out = model.generate(x, new, temperature=0, use_cache=use_cache)
+    elapsed = time.perf_counter() - t0
+    assert out.shape == (batch, prompt_len + new)
+    return batch * new / elapsed
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gen-batch", default="1,8", help="comma-separated batch sizes for generation")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = ModelConfig.from_preset(args.preset, max_seq_len=max(512, args.prompt_len + args.new_tokens))
+    model = GPTOSSMini(cfg)
+    train = train_tokens_per_s(model, args.batch, args.seq_len, args.steps, args.warmup)
+    model.eval()
+    generation = {}
+    for b in map(int, args.gen_batch.split(",")):
+        cached = generate_tokens_per_s(model, b, args.prompt_len, args.new_tokens, use_cache=True)
+        full = generate_tokens_per_s(model, b, args.prompt_len, args.new_tokens, use_cache=False)
+        generation |= {
+            f"generate_b{b}_tokens_per_s_cache": round(cached, 1),
+            f"generate_b{b}_tokens_per_s_no_cache": round(full, 1),
+            f"generate_b{b}_cache_speedup": round(cached / full, 2),
+        }
+
+    result = {
+        "preset": args.preset,
+        "params": model.num_params(),
+        "active_params": model.num_active_params(),
+        "train_tokens_per_s": round(train, 1),
+        "train_batch_x_seq": f"{args.batch}x{args.seq_len}",
+        **generation,
+        "new_tokens": args.new_tokens,
+        "prompt_len": args.prompt_len,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    width = max(map(len, result))
+    for k, v in result.items():
+        print(f"{k:<{width}}  {v}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
