@@ -430,6 +430,10 @@ def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespa
         _time_training(run, subject, args, device, dtype, peak_tflops)
     except torch.OutOfMemoryError:
         run.status = "oom"
+    except RuntimeError as e:  # an OOM inside compilation arrives wrapped (BackendCompilerFailed)
+        if "out of memory" not in str(e).lower():
+            raise
+        run.status = "oom"
     release(device)  # outside the except block: its traceback no longer pins the step's tensors
     return run
 
