@@ -3,7 +3,7 @@
     download -> tokenize -> train (torchrun) -> evaluate -> samples -> register -> gate (champion/challenger)
 
 - The data tasks are cached by the hash of their inputs (the shards also by the sources' content), so a
-  re-run does not re-download or re-tokenize; `tokenize` is cached only while its shards are on disk.
+  re-run does not re-download or re-tokenize; a `tokenize` result is reused only while its shards exist.
 - Each flow run trains in `state/runs/<flow run id>` with `--resume auto`: a retried flow run (or a retried
   train task) resumes from that run's last checkpoint instead of starting over.
 - The flow owns the MLflow run: it creates it, the trainer logs into it (and never ends it), and the flow
@@ -19,14 +19,14 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_image_artifact, create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run as current_flow_run
 
 from gptmini import registry
@@ -161,17 +161,7 @@ def shards_dir(sources: list[str], provenance: list[dict], tokenizer: str, val_f
     return Path(data_root) / f"shards-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-@dataclass
-class WhileShardsExist(CachePolicy):
-    """The inputs' hash, but only while the shards it names are on disk (a deleted folder re-tokenizes)."""
-
-    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any):
-        if not (shards_dir(**inputs) / "manifest.json").exists():
-            return None
-        return (INPUTS + TASK_SOURCE).compute_key(task_ctx, inputs, flow_parameters, **kwargs)
-
-
-@task(retries=1, cache_policy=WhileShardsExist(), persist_result=True)
+@task(retries=1, cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
 def tokenize(sources: list[str], provenance: list[dict], tokenizer: str, val_fraction: float, data_root: str) -> dict:
     """`gptmini prepare` into a content-addressed folder; returns it with its manifest's sha256."""
     out = shards_dir(sources, provenance, tokenizer, val_fraction, data_root)
@@ -323,6 +313,9 @@ def mlflow_links(experiment_id: str, run_id: str, model_name: str, version: str 
 
 def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links: dict, run_dir: str,
            manifest_sha: str, version: str, model_name: str) -> str:
+    def cell(text: str) -> str:  # one markdown table cell, whatever the model wrote
+        return text.replace("|", "\\|").replace("\n", " ")
+
     def link(key: str) -> str:
         url = links[key]
         return f"[{url}]({url})" if url.startswith("http") else url
@@ -337,7 +330,7 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
              f"- MLflow run: {link('run')}",
              f"- data manifest sha256: `{manifest_sha}`", f"- run folder: `{run_dir}`", "",
              "## Samples", "", "| mode | prompt | continuation |", "|---|---|---|",
-             *(f"| {r['mode']} | {r['prompt']} | {r['text']!r} |".replace("\n", " ") for r in rows)]
+             *(f"| {r['mode']} | {cell(r['prompt'])} | {cell(repr(r['text']))} |" for r in rows)]
     if "loss_png" in links:
         lines += ["", "## Loss", "", f"![loss curve]({links['loss_png']})"]
     return "\n".join(lines)
@@ -398,7 +391,10 @@ def train_gpt(
         mc.log_param(run_id, key, value)  # the same value again on a retried flow run is allowed
 
     provenance = download(sources, str(state / "data" / "cache"))
-    data = tokenize(sources, provenance, tokenizer, val_fraction, str(state / "data"))
+    data_args = (sources, provenance, tokenizer, val_fraction, str(state / "data"))
+    # A cached result is only good while its shards are on disk: if they were deleted, re-run and re-cache.
+    shards_present = (shards_dir(*data_args) / "manifest.json").exists()
+    data = (tokenize if shards_present else tokenize.with_options(refresh_cache=True))(*data_args)
     mc.set_tag(run_id, "data_manifest_sha256", data["manifest_sha256"])
     mc.log_artifact(run_id, str(Path(data["data_dir"]) / "manifest.json"), "data")
 
