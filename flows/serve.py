@@ -1,7 +1,8 @@
 """The deployments, and the process that serves them (started by `infra/stack.sh up`):
 
 - `train-gpt/demo`: the demo preset on the embedded corpus, a few minutes on 2 CPU cores;
-- `train-gpt/retrain`: scheduled retraining (cron $GPTMINI_RETRAIN_CRON, default 03:00 UTC daily), which
+- `train-gpt/retrain`: scheduled retraining (cron $GPTMINI_RETRAIN_CRON, default 03:00 UTC daily, `off` to
+  pause it; timezone $GPTMINI_RETRAIN_TZ), which
   promotes the new version only when it beats production on the same validation data;
 - `promote-model/promote`: move an alias (production by default) to a version.
 
@@ -26,6 +27,8 @@ MODULE = EntrypointType.MODULE_PATH  # `flows` is an installed package: runs imp
 
 def deployments() -> list:
     cron = os.environ.get("GPTMINI_RETRAIN_CRON", RETRAIN_CRON)
+    paused = cron == "off"  # keep the deployment, pause its schedule (serve re-applies it on every start)
+    cron = RETRAIN_CRON if paused else cron
     timezone = os.environ.get("GPTMINI_RETRAIN_TZ", "UTC")
     return [
         train_gpt.to_deployment(
@@ -33,7 +36,7 @@ def deployments() -> list:
             description="The demo preset on the embedded corpus (CPython's docs): a few minutes on 2 CPU cores.",
         ),
         train_gpt.to_deployment(
-            "retrain", schedule=CronSchedule(cron=cron, timezone=timezone),
+            "retrain", schedule=CronSchedule(cron=cron, timezone=timezone), paused=paused,
             parameters={"preset": "demo", "sources": ["embedded:python-docs"], "promotion": "if-better"},
             tags=["gptmini", "scheduled"], entrypoint_type=MODULE,
             description=f"Scheduled retraining ({cron} {timezone}); promotes only a version that beats "

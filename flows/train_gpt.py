@@ -177,18 +177,29 @@ def tokenize(sources: list[str], provenance: list[dict], tokenizer: str, val_fra
 # Training and evaluation
 
 
+def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
+    """One node: --standalone (a free local port). Several: torchrun's c10d rendezvous, nothing of ours."""
+    if nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={nproc}"]
+    return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+
+
 @task(retry_condition_fn=_retry_training, retry_delay_seconds=10)
 def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: int, parallel: str, device: str,
-          extra_args: list[str], mlflow_run_id: str, mlflow_uri: str, run_name: str) -> dict:
+          extra_args: list[str], mlflow_run_id: str, mlflow_uri: str, run_name: str, nnodes: int = 1,
+          rdzv_endpoint: str = "") -> dict:
     """torchrun -m gptmini.train; its output streams into this task's log. Resumes from run_dir's last
     checkpoint (`--resume auto`), so a retry continues where the failed attempt stopped."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "gptmini.train", "--preset", preset, "--data-dir", data_dir, "--out", run_dir,
-           "--parallel", parallel, "--device", device, "--resume", "auto",
-           "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id, "--run-name", run_name]
-    if steps is not None:
-        cmd += ["--steps", str(steps)]
-    code, tail = run_streaming(cmd + list(extra_args), subprocess_env())
+    trainer = ["-m", "gptmini.train", "--preset", preset, "--data-dir", data_dir, "--out", run_dir,
+               "--parallel", parallel, "--device", device, "--resume", "auto",
+               "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id, "--run-name", run_name]
+    trainer += (["--steps", str(steps)] if steps is not None else []) + list(extra_args)
+    launcher = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
+    if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
+        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s %s",
+                              nnodes - 1, " ".join(launcher), " ".join(trainer))
+    code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launcher, *trainer], subprocess_env())
     if code != 0:
         raise explain_training_failure(code, tail)
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
@@ -343,6 +354,8 @@ def train_gpt(
     sources: list[str] = DEFAULT_SOURCES,
     steps: int | None = None,
     nproc: int = 1,
+    nnodes: int = 1,
+    rdzv_endpoint: str = "",
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto",
     device: Literal["auto", "cpu", "cuda"] = "auto",
     tokenizer: str = "cl100k_base",
@@ -363,6 +376,8 @@ def train_gpt(
         sources: wikipedia:TITLE, http(s)://URL, embedded:python-docs, local files/folders/globs.
         steps: optimizer steps (None: the preset's).
         nproc: processes per node for torchrun (GPUs per node on CUDA).
+        nnodes, rdzv_endpoint: several nodes through torchrun's c10d rendezvous at HOST:PORT; the train
+            task logs the command to start on the other nodes (shared storage for state/ is assumed).
         parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp.
         extra_args: more `gptmini train` flags, e.g. ["--optim.lr", "1e-3"].
         promotion: if-better (champion/challenger on the same val data), always, or never.
@@ -374,8 +389,11 @@ def train_gpt(
         raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
     if nproc < 1 or (steps is not None and steps < 1) or train_retries < 0:
         raise ValueError(f"nproc ({nproc}) and steps ({steps}) must be >= 1 and train_retries ({train_retries}) >= 0")
+    if nnodes > 1 and ":" not in rdzv_endpoint:
+        raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint='HOST:PORT' (a host every node reaches); "
+                         f"got {rdzv_endpoint!r}")
     sources = check_sources(sources)
-    parallel = ("none" if nproc == 1 else "ddp") if parallel == "auto" else parallel
+    parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
 
     state = state_dir()
     flow_run_id = str(current_flow_run.id)
@@ -400,7 +418,7 @@ def train_gpt(
 
     summary = train.with_options(retries=train_retries)(
         preset, data["data_dir"], str(run_dir), steps, nproc, parallel, device, extra_args, run_id,
-        tracking_uri(), str(current_flow_run.name))
+        tracking_uri(), str(current_flow_run.name), nnodes, rdzv_endpoint)
     weights = export_best(str(run_dir))
     metrics = evaluate(weights, data["data_dir"])
     for key, value in metrics.items():
