@@ -144,10 +144,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # DCP metadata without arbitrary unpickling
 
-# `.metadata` is a pickle of these dataclasses; anything else in it is refused.
+# `.metadata` is a pickle of these dataclasses; anything else in it is refused. BytesStorageMetadata is
+# left out on purpose: DCP reads an entry so marked with torch.load(weights_only=False), so a tampered
+# `.metadata` could turn any key into a pickle that runs code (tests/test_security.py), and our payload
+# is tensors only (`_only_tensors`).
 _SAFE_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
-    for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+    for name in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
                  "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
