@@ -30,6 +30,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.runtime import flow_run as current_flow_run
 
 from gptmini import registry
+from gptmini.redact import redact
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCES = ["embedded:python-docs"]
@@ -69,7 +70,7 @@ def _die_with_parent() -> None:
 def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 60) -> tuple[int, list[str]]:
     """Run `cmd`, sending each output line to the run log as it comes; returns (exit code, last lines)."""
     logger = get_run_logger()
-    logger.info("$ %s", " ".join(cmd))
+    logger.info("$ %s", redact(" ".join(cmd)))  # a tracking URI or source URL may hold a password
     tail: deque[str] = deque(maxlen=keep)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
@@ -78,7 +79,7 @@ def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 60) -> tuple[
             line = line.rstrip("\n").split("\r")[-1]  # a progress bar's last frame
             if line.strip():
                 tail.append(line)
-                logger.info(line)
+                logger.info(redact(line))
         return proc.wait(), list(tail)
     finally:
         if proc.poll() is None:  # interrupted here (cancellation): stop training cleanly
@@ -150,7 +151,7 @@ def download(sources: list[str], cache_dir: str) -> list[dict]:
     provenance: list[dict] = []
     for spec in sources:
         records = open_source(spec, cache=Cache(Path(cache_dir))).provenance
-        logger.info("%s: %d input(s), %s", spec, len(records), ", ".join(str(r.get("sha256", "?"))[:12] for r in records))
+        logger.info("%s: %d input(s), %s", redact(spec), len(records), ", ".join(str(r.get("sha256", "?"))[:12] for r in records))
         provenance += records
     return provenance
 
@@ -405,7 +406,7 @@ def train_gpt(
         "prefect.flow_run_url": str(current_flow_run.ui_url or ""),
     })
     mc = registry.client(tracking_uri())
-    for key, value in {"flow.sources": json.dumps(sources), "flow.nproc": nproc, "flow.promotion": promotion}.items():
+    for key, value in {"flow.sources": redact(json.dumps(sources)), "flow.nproc": nproc, "flow.promotion": promotion}.items():
         mc.log_param(run_id, key, value)  # the same value again on a retried flow run is allowed
 
     provenance = download(sources, str(state / "data" / "cache"))
