@@ -29,6 +29,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from gptmini.model import PRESETS, ModelConfig
+from gptmini.redact import redact_tree
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
@@ -282,13 +283,15 @@ def validate(cfg: Config) -> None:
 
 
 def to_toml(cfg: Config) -> str:
-    """TOML has no null: None fields are left out and fall back to the preset when read back."""
+    """TOML has no null: None fields are left out and fall back to the preset when read back.
+
+    This readable copy is logged to MLflow, so credentials in URLs (sources, tracking URI) are masked."""
     def drop_none(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if v is not None}
 
     doc: dict[str, Any] = {"preset": cfg.preset}
     for section in SECTIONS:
-        doc[section] = drop_none(dataclasses.asdict(getattr(cfg, section)))
+        doc[section] = redact_tree(drop_none(dataclasses.asdict(getattr(cfg, section))))
     return tomli_w.dumps(doc)
 
 

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gptmini.redact import redact
+
 MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 MAX_PARAMS = 100  # ... and for params
 # Params that legitimately differ between a run and its resumption; MLflow forbids changing a param.
@@ -57,7 +59,7 @@ def start(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
     try:
         import mlflow  # noqa: F401
     except ImportError:
-        print(f"gptmini: MLflow tracking URI {uri!r} is set but mlflow is not installed; "
+        print(f"gptmini: MLflow tracking URI {redact(uri)!r} is set but mlflow is not installed; "
               f"tracking is off (pip install 'mlflow>=3.17' to enable it)", file=sys.stderr)
         return Tracker()
     return MlflowTracker(uri, cfg, Path(run_dir))
@@ -68,6 +70,7 @@ class MlflowTracker(Tracker):
         from mlflow import MlflowClient
 
         self.uri = uri
+        self.shown_uri = redact(uri)  # what logs and files may show: no password from the URI
         self.client = MlflowClient(tracking_uri=uri)
         self.run_dir = run_dir
         self.flush_every_s = flush_every_s
@@ -90,7 +93,7 @@ class MlflowTracker(Tracker):
         marker = self.run_dir / "mlflow_run.json"
         if marker.is_file():  # our own run, interrupted: continue it rather than split the curves
             saved = json.loads(marker.read_text())
-            if saved.get("tracking_uri") == self.uri:
+            if saved.get("tracking_uri") == self.shown_uri:
                 self.client.update_run(saved["run_id"], status="RUNNING")
                 return saved["run_id"], True
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -100,7 +103,7 @@ class MlflowTracker(Tracker):
         from gptmini.checkpoint import write_json
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"run_id": run.info.run_id, "tracking_uri": self.uri})
+        write_json(marker, {"run_id": run.info.run_id, "tracking_uri": self.shown_uri})
         return run.info.run_id, True
 
     # The training loop's side: enqueue and return.
@@ -108,7 +111,8 @@ class MlflowTracker(Tracker):
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in VOLATILE_PARAMS]
+        # Masked: a source URL or tracking URI may carry user:password@ or ?token= (gptmini/redact.py).
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items() if k not in VOLATILE_PARAMS]
         self._queue.put(("params", items))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -126,14 +130,14 @@ class MlflowTracker(Tracker):
         unsent = len(self._pending_metrics) + len(self._pending_other)
         if unsent:
             self._dump_unsent()
-            print(f"gptmini: MLflow at {self.uri} took {unsent} items fewer than sent "
+            print(f"gptmini: MLflow at {self.shown_uri} took {unsent} items fewer than sent "
                   f"({len(self._pending_metrics)} metrics); they are in {self.run_dir / 'mlflow_unsent.jsonl'} "
                   f"(last error: {self._last_error})", file=sys.stderr)
         if self.owns_run:
             try:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as exc:  # the server is gone: the run stays RUNNING there; say so
-                print(f"gptmini: could not mark MLflow run {self.run_id} {status}: {exc}", file=sys.stderr)
+                print(f"gptmini: could not mark MLflow run {self.run_id} {status}: {redact(str(exc))}", file=sys.stderr)
 
     # The background thread's side: send, keep what failed, retry.
 
@@ -173,7 +177,7 @@ class MlflowTracker(Tracker):
                 return
             except Exception as exc:  # unreachable server, 5xx: keep everything and retry on the next flush
                 self._errors += 1
-                self._last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self._last_error = redact(f"{type(exc).__name__}: {str(exc)[:200]}")
                 if self._errors == 1 or final:
                     print(f"gptmini: MLflow logging failed ({self._last_error}); buffering and retrying",
                           file=sys.stderr)

@@ -42,6 +42,7 @@ from gptmini.data.sources import (
     sha256_file,
     utc_now,
 )
+from gptmini.redact import redact_tree
 from gptmini.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
 FORMAT = "gptmini-tokens/1"
@@ -353,7 +354,8 @@ def prepare(cfg: PrepareConfig) -> Result:
             for i, split in enumerate(SPLITS)
         },
         "stats": asdict(stats),
-        "sources": [{"spec": s.spec, "inputs": s.provenance} for s in sources],
+        # The manifest travels (MLflow artifact, registry tags): no user:password@ or ?token= from the URLs.
+        "sources": redact_tree([{"spec": s.spec, "inputs": s.provenance} for s in sources]),
     }
     atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     _remove_stale_shards(out, manifest)

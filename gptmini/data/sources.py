@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from gptmini.redact import redact
+
 EMBEDDED = {"python-docs": "CPython's pydoc_data.topics: the Python language reference, one document per topic"}
 EMBEDDED_ALIASES = {"pydoc": "python-docs"}
 TEXT_SUFFIXES = (".txt", ".md")
@@ -238,8 +240,8 @@ class Cache:
                     raise DataError(f"{url} answered 404; check --wikipedia-api / GPTMINI_WIKIPEDIA_API")
                 if resp.status_code >= 400:
                     raise DataError(
-                        f"{url} answered HTTP {resp.status_code} {resp.reason} (after up to {tries} tries for "
-                        f"429/5xx); check the URL, or retry later"
+                        f"{redact(url)} answered HTTP {resp.status_code} {resp.reason} (after up to {tries} tries "
+                        f"for 429/5xx); check the URL, or retry later"
                     )
                 h = hashlib.sha256()
                 fd, tmp = tempfile.mkstemp(dir=self.root / "raw", prefix=".download.", suffix=".tmp")
@@ -256,11 +258,11 @@ class Cache:
                     raise
                 final_url = resp.url
         except requests.exceptions.RequestException as exc:
-            raise DataError(
+            raise DataError(redact(
                 f"could not fetch {url} after {tries} tries: {type(exc).__name__}: {str(exc)[:200]}; "
                 f"check the network (no internet here? use a local file or embedded:python-docs), "
                 f"or raise --retries/--timeout"
-            ) from exc
+            )) from exc
         return {
             "source": source,
             "url": url,
