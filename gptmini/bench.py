@@ -406,7 +406,8 @@ def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
 
 def release(device: torch.device) -> None:
     gc.collect()
-    torch.compiler.reset()
+    if "torch._dynamo" in sys.modules:  # something compiled: drop its graphs (importing dynamo costs seconds)
+        torch.compiler.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
