@@ -8,8 +8,16 @@
 #   state/data/      downloaded sources and token shards     state/runs/   one folder per flow run
 #   state/logs/      one log per service                     state/pids/   one pid per service
 #
-# usage: infra/stack.sh up|down|status|urls|env
+# usage: infra/stack.sh up [prefect|mlflow|serve ...]|down|status|urls|env
 # `up` is idempotent: a service whose process is alive and healthy is left alone, never started twice.
+#
+# Authentication is off by default (nothing listens beyond 127.0.0.1). Turn it on, before `up`, with
+#   GPTMINI_PREFECT_AUTH=USER:PASSWORD   the Prefect API demands HTTP basic auth (PREFECT_SERVER_API_AUTH_STRING);
+#                                        the serving process and `env` get PREFECT_API_AUTH_STRING
+#   GPTMINI_MLFLOW_AUTH=USER:PASSWORD    MLflow runs `--app-name basic-auth` with USER as its admin (the password
+#                                        takes >= 12 characters, and is set on the first start of a state folder);
+#                                        the serving process and `env` get MLFLOW_TRACKING_USERNAME/PASSWORD
+# Health checks (/api/health, /health) stay open; everything else answers 401 without the credentials.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +34,29 @@ SERVICES=(prefect mlflow serve)
 export PREFECT_HOME="$STATE/prefect"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export DO_NOT_TRACK=1 MLFLOW_DISABLE_TELEMETRY=true
+PREFECT_AUTH="${GPTMINI_PREFECT_AUTH:-}"
+MLFLOW_AUTH="${GPTMINI_MLFLOW_AUTH:-}"
+for auth in "$PREFECT_AUTH" "$MLFLOW_AUTH"; do
+  if [[ -n "$auth" && "$auth" != ?*:?* ]]; then
+    echo "infra: GPTMINI_PREFECT_AUTH / GPTMINI_MLFLOW_AUTH must be USER:PASSWORD" >&2; exit 2
+  fi
+done
+
+client_auth_env() {  # the credentials a client of this stack needs: one NAME=VALUE a line
+  if [[ -n "$PREFECT_AUTH" ]]; then echo "PREFECT_API_AUTH_STRING=$PREFECT_AUTH"; fi
+  if [[ -n "$MLFLOW_AUTH" ]]; then printf '%s\n' "MLFLOW_TRACKING_USERNAME=${MLFLOW_AUTH%%:*}" "MLFLOW_TRACKING_PASSWORD=${MLFLOW_AUTH#*:}"; fi
+}
+mapfile -t AUTH_ENV < <(client_auth_env)
+
+mlflow_auth_files() {  # basic-auth's config (its users live in state/mlflow/basic_auth.db) and a persistent CSRF key
+  local dir="$STATE/mlflow"
+  mkdir -p "$dir"
+  ( umask 077
+    [[ -s "$dir/flask_secret_key" ]] || "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$dir/flask_secret_key"
+    printf '[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///%s\nadmin_username = %s\n%s\n' \
+      "$dir/basic_auth.db" "${MLFLOW_AUTH%%:*}" \
+      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" >"$dir/basic_auth.ini" )
+}
 
 health_url() {
   case "$1" in
@@ -38,16 +69,22 @@ health_url() {
 set_command() {  # fills CMD with the service's command line
   case "$1" in
     prefect)
-      CMD=("$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off) ;;
+      CMD=(env ${PREFECT_AUTH:+PREFECT_SERVER_API_AUTH_STRING="$PREFECT_AUTH"}
+        "$BIN/prefect" server start --host "$HOST" --port "$PREFECT_PORT" --analytics-off) ;;
     mlflow)
       # One uvicorn worker and no job-execution consumer: an idle default server otherwise keeps
       # several ~240 MB processes alive for features (scheduled jobs, trace rollups) we do not use.
       CMD=(env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$BIN/mlflow" server
         --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db"
         --artifacts-destination "$STATE/mlflow/artifacts"
-        --host "$HOST" --port "$MLFLOW_PORT" --workers 1) ;;
+        --host "$HOST" --port "$MLFLOW_PORT" --workers 1)
+      if [[ -n "$MLFLOW_AUTH" ]]; then
+        mlflow_auth_files
+        CMD=(env MLFLOW_AUTH_CONFIG_PATH="$STATE/mlflow/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_AUTH#*:}"
+          MLFLOW_FLASK_SERVER_SECRET_KEY="$(cat "$STATE/mlflow/flask_secret_key")" "${CMD[@]}" --app-name basic-auth)
+      fi ;;
     serve)
-      CMD=(env PREFECT_API_URL="$PREFECT_URL/api" MLFLOW_TRACKING_URI="$MLFLOW_URL" GPTMINI_STATE="$STATE"
+      CMD=(env "${AUTH_ENV[@]}" PREFECT_API_URL="$PREFECT_URL/api" MLFLOW_TRACKING_URI="$MLFLOW_URL" GPTMINI_STATE="$STATE"
         PREFECT_RUNNER_SERVER_ENABLE=true PREFECT_RUNNER_SERVER_HOST="$HOST"
         PREFECT_RUNNER_SERVER_PORT="$RUNNER_PORT" "$BIN/python" -m flows.serve) ;;
   esac
@@ -125,9 +162,11 @@ case "${1:-}" in
   up)
     [[ -x "$BIN/prefect" && -x "$BIN/mlflow" ]] || {
       echo "infra: $BIN has no prefect/mlflow; run \`make install\` (the pipeline extras) first" >&2; exit 1; }
-    start prefect 90
-    start mlflow 90
-    start serve 90
+    shift
+    for name in "${@:-${SERVICES[@]}}"; do
+      [[ " ${SERVICES[*]} " == *" $name "* ]] || { echo "infra: unknown service $name; choose from: ${SERVICES[*]}" >&2; exit 2; }
+      start "$name" 90
+    done
     urls ;;
   down)
     for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do stop "${SERVICES[i]}"; done ;;
@@ -139,7 +178,7 @@ case "${1:-}" in
     done ;;
   urls) urls ;;
   env)  # for `eval "$(infra/stack.sh env)"`
-    echo "export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL GPTMINI_STATE=$STATE" ;;
+    echo "export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL GPTMINI_STATE=$STATE${AUTH_ENV[*]:+$(printf ' %q' "${AUTH_ENV[@]}")}" ;;
   *)
-    echo "usage: infra/stack.sh up|down|status|urls|env" >&2; exit 2 ;;
+    echo "usage: infra/stack.sh up [prefect|mlflow|serve ...]|down|status|urls|env" >&2; exit 2 ;;
 esac
