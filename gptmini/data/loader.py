@@ -84,6 +84,8 @@ def _open_shard(data_dir: Path, shard: dict, n_vocab: int, verify: bool) -> list
 
     path, name = data_dir / shard["file"], shard["file"]
     rerun = RERUN.format(dir=data_dir)
+    if Path(name).name != name or name in ("", ".", ".."):  # a tampered manifest must not reach outside data_dir
+        raise DataError(f"the manifest names shard {name!r}, which is not a file name inside {data_dir}; {rerun}")
     if not path.exists():
         raise DataError(f"shard {name} is missing from {data_dir}; {rerun}")
     size = path.stat().st_size
