@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +30,9 @@ EXPERIMENT_NAME = "gptmini"
 PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
 MODEL_CODE = Path(__file__).with_name("registry_model.py")
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0}
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class RegistryError(ValueError):
@@ -275,14 +279,17 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     if not uri.startswith("models:/"):
         raise RegistryError(f"{uri!r} is not a registry URI; use models:/gptmini@production or models:/gptmini/3")
     rest = uri[len("models:/"):].strip("/")
+    # NAME becomes a folder of the download cache: letters, digits, _ . - only, so no `..` leaves it.
     if "@" in rest:
         name, alias = rest.split("@", 1)
-        if name and alias and "/" not in alias:
+        if _SAFE_NAME.fullmatch(name) and ".." not in name and re.fullmatch(r"[\w-]+", alias):
             return name, alias, None
     elif rest.count("/") == 1 and rest.split("/")[1].isdigit():
         name, version = rest.split("/")
-        return name, None, version
-    raise RegistryError(f"cannot parse {uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        if _SAFE_NAME.fullmatch(name) and ".." not in name:
+            return name, None, version
+    raise RegistryError(f"cannot parse {uri!r}; use models:/NAME@ALIAS or models:/NAME/VERSION "
+                        f"(NAME and ALIAS of letters, digits, _ - and . in NAME)")
 
 
 def cache_root() -> Path:
