@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptmini.model import GPTOSSMini, ModelConfig, rope_inv_freq
@@ -94,10 +95,15 @@ def load_pretrained(
     check_vocab(config.vocab_size, tokenizer)
     with torch.device("meta"):
         model = GPTOSSMini(config)
-    state = load_file(Path(directory) / WEIGHTS_NAME, device=str(device))
-    if config.tie_embeddings:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    path = Path(directory) / WEIGHTS_NAME
+    try:
+        state = load_file(path, device=str(device))
+        if config.tie_embeddings:
+            state["output.weight"] = state["tok_embeddings.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+    except (SafetensorError, KeyError, RuntimeError) as exc:  # a damaged file, or one of another config
+        raise ValueError(f"{path} does not hold this config.json's weights ({str(exc).splitlines()[0][:200]}); "
+                         f"pass a folder written by gptmini.weights.save_pretrained") from None
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     # Built on the meta device to skip a random init that would be overwritten; the one non-persistent
