@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -295,6 +296,19 @@ def _param_groups(optim_sd: dict[str, Any]) -> list[dict[str, Any]]:
     return [{k: v for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]]
 
 
+def _dcp_load(state: dict[str, Any], path: Path, env: parallel.DistEnv) -> None:
+    """dcp.load, with a damaged data file as one CheckpointError (DCP raises a BaseException per rank)."""
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
+    except CheckpointException as exc:
+        first = next(iter(exc.failures.values()), exc)
+        raise CheckpointError(
+            f"{path} is damaged ({type(first).__name__}: {str(first).splitlines()[0][:160]}); delete it to "
+            f"resume from the checkpoint before it"
+        ) from None
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, env: parallel.DistEnv
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -309,14 +323,11 @@ def load_checkpoint(
     SafeFileSystemReader(path / "dcp").read_metadata()
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
+        _dcp_load({"model": model_sd}, path, env)
         set_model_state_dict(model, model_sd)
         return trainer_state, None
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.load({"model": model_sd, "optim": optim_sd["state"]}, storage_reader=SafeFileSystemReader(path / "dcp"),
-                 no_dist=not env.distributed)
+    _dcp_load({"model": model_sd, "optim": optim_sd["state"]}, path, env)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rank_file = path / f"rank_{env.rank:05d}.json"
     same_world = trainer_state["world_size"] == env.world_size and rank_file.is_file()
