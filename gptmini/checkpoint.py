@@ -303,8 +303,10 @@ def _dcp_load(state: dict[str, Any], path: Path, env: parallel.DistEnv) -> None:
             dcp.load(state, storage_reader=SafeFileSystemReader(path / "dcp"), no_dist=not env.distributed)
     except CheckpointException as exc:
         first = next(iter(exc.failures.values()), exc)
+        first = first[0] if isinstance(first, tuple) else first  # (exception, traceback) per rank
+        why = str(first).replace("\x1b[1m", "").replace("\x1b[0m", "").split(". ")[0][:160]
         raise CheckpointError(
-            f"{path} is damaged ({type(first).__name__}: {str(first).splitlines()[0][:160]}); delete it to "
+            f"{path} is damaged ({type(first).__name__}: {why}); delete it to "
             f"resume from the checkpoint before it"
         ) from None
 
