@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -58,13 +59,15 @@ class TrainingFailed(RuntimeError):
 # Streaming subprocesses into the Prefect log
 
 
+# Loaded here, not in the forked child, where only the prctl call itself runs.
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when the flow process dies (cancelled or killed), so no torchrun is
     orphaned; torchrun forwards it to the ranks, which checkpoint and exit."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 60) -> tuple[int, list[str]]:
