@@ -223,10 +223,11 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
     last_val: dict[str, float] | None = None
     status = "completed"
 
-    def run_eval() -> dict[str, float] | None:
+    def run_eval(final: bool) -> dict[str, float] | None:
         if not val_batches:
             return None
-        return evaluate(model, val_loader, val_batches, autocast)
+        # Periodic evaluations take eval_batches per rank; the final one the whole val split.
+        return evaluate(model, val_loader, len(val_loader) if final else val_batches, autocast)
 
     def save(step: int) -> Path:
         return checkpoint.save_checkpoint(
@@ -308,7 +309,7 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
 
         done = state.step == cfg.train.steps
         if state.step % cfg.train.eval_every == 0 or done:
-            last_val = run_eval()
+            last_val = run_eval(final=done)
             if last_val is not None:
                 if main_rank:
                     log.log({"kind": "val", "step": state.step, **last_val})

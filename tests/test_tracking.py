@@ -65,14 +65,16 @@ def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, p
             "final/config.json", "checkpoints/best/model.safetensors"} <= files
 
 
-def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, prepared_dir, tmp_path, monkeypatch):
+def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, tmp_path, monkeypatch):
     from gptmini.train import main
 
     uri, client, exp_id = store
     parent = client.create_run(exp_id, run_name="flow-owned")
     monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)  # how the Prefect flow hands its run over
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    assert main([*TINY, "--data-dir", str(prepared_dir), "--out", str(tmp_path / "run")]) == 0
+    # Straight from a source this time: the trainer prepares it into OUT/data first.
+    assert main([*TINY, "--sources", "embedded:python-docs", "--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "data" / "manifest.json").is_file()
     run = client.get_run(parent.info.run_id)
     assert run.info.status == "RUNNING"
     assert len(client.get_metric_history(parent.info.run_id, "loss")) == 3

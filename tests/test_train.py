@@ -6,6 +6,9 @@ windows per step (the sampler deals rank r every world_size-th window), so their
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
 import random
 import resource
@@ -62,7 +65,8 @@ def kill_at_step(cmd: list[str], out: Path, step: int, committed: bool = False) 
         if not committed and step in train_losses(read_metrics(out / "metrics.jsonl")):
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return proc.returncode
 
@@ -135,6 +139,16 @@ def test_best_and_final_load_with_load_pretrained(baselines):
     for sub in ("final", "checkpoints/best"):
         model, tok = load_pretrained(baselines["ddp"] / sub)
         assert model.config.n_layers == 2 and tok.name == "cl100k_base"
+
+
+def test_gptmini_eval_reports_val_loss_of_a_run(baselines, tmp_path):
+    from gptmini.evaluate import main
+
+    out = tmp_path / "eval.json"
+    assert main(["--checkpoint", str(baselines["ddp"]), "--max-batches", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 < result["val_loss"] < 12 and result["val_tokens"] == 2 * 8 * 16  # 2 batches of 8 windows of 16
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
 
 
 @pytest.mark.parametrize("mode", ["1p", "ddp", "fsdp"])
