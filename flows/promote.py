@@ -7,11 +7,11 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.train_gpt import tracking_uri
+from flows.train_gpt import retry_io, tracking_uri
 from gptmini import registry
 
 
-@task(retries=2, retry_delay_seconds=[5, 30])
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
 def promote_version(version: int, alias: str, model_name: str, data_dir: str | None) -> dict:
     mc = registry.client(tracking_uri())
     target = registry.get_version(mc, version, model_name)

@@ -125,6 +125,11 @@ def _retry_training(task, task_run, state) -> bool:
     return not isinstance(exc, TrainingFailed) or exc.retryable
 
 
+def retry_io(task, task_run, state) -> bool:
+    """Retry what the network or a server did, not a name, version or value the user got wrong."""
+    return not isinstance(state.result(raise_on_failure=False), ValueError)  # RegistryError is one
+
+
 # Data tasks
 
 
@@ -250,7 +255,7 @@ def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[d
 # Registry
 
 
-@task(retries=2, retry_delay_seconds=[5, 30])
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
 def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: str) -> str:
     mc = registry.client(tracking_uri())
     version = registry.log_model_version(mc, run_id, weights_dir, tags, name=model_name)
@@ -258,7 +263,7 @@ def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: st
     return str(version.version)
 
 
-@task(retries=2, retry_delay_seconds=[5, 30])
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
 def gate(version: str, weights_dir: str, val_loss: float, data_dir: str, promotion: str, min_improvement: float,
          model_name: str) -> dict:
     """Champion/challenger: promote the new version only if it beats production on the same val data."""

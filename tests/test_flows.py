@@ -178,3 +178,23 @@ def test_report_keeps_sample_text_inside_its_table_cell():
     assert "| val_loss | 1.5000 |" in md and "not promoted" in md
     row = next(line for line in md.splitlines() if line.startswith("| greedy"))
     assert row.count("|") - row.count("\\|") == 4  # three cells, whatever the text holds
+
+
+def test_promote_model_flow_moves_production_and_rejects_an_unknown_version(stack, tmp_path):
+    from flows.promote import promote_model
+    from gptmini.model import GPTOSSMini, ModelConfig
+    from gptmini.weights import save_pretrained
+
+    mc = registry.client(stack)
+    save_pretrained(GPTOSSMini(ModelConfig.from_preset("tiny")), tmp_path / "w")
+    run = mc.create_run(mc.get_experiment_by_name("gptmini").experiment_id)
+    mv = registry.log_model_version(mc, run.info.run_id, tmp_path / "w", {"val_loss": "9.0"}, name="promote-test")
+    result = promote_model(version=int(mv.version), model_name="promote-test")
+    assert result["promote"]
+    aliases = {k: str(v) for k, v in mc.get_registered_model("promote-test").aliases.items()}
+    assert aliases["production"] == aliases["champion"] == str(mv.version)
+
+    state = promote_model(version=int(mv.version) + 5, model_name="promote-test", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(registry.RegistryError, match="has no version"):
+        state.result()
