@@ -122,6 +122,15 @@ def test_fsdp_on_2_ranks_matches_ddp(baselines):
     assert la == pytest.approx(lb, rel=1e-5)
 
 
+def test_accumulation_without_sync_under_fsdp_equals_the_big_batch(baselines, prepared_dir, tmp_path):
+    """2 ranks x 2 micro-batches of 1 (gradient sync only on the last) == 2 ranks x 1 batch of 2."""
+    out = tmp_path / "fsdp-accum"
+    run(train_cmd(prepared_dir, out, 2, "--parallel", "fsdp", "--batch-size", "1", "--grad-accum", "2"))
+    a, b = weights(out), weights(baselines["ddp"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp_checkpoint_loads_at_another_world_size(baselines):
     """Written sharded by 2 ranks, read back whole in this one process."""
     last = list_checkpoints(baselines["fsdp"])[-1]
