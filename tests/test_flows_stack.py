@@ -63,7 +63,7 @@ def test_up_is_idempotent_and_health_checked(stack):
 
 
 @pytest.mark.slow
-def test_deployment_run_from_a_shell_registers_a_version_in_the_mlflow_server(stack):
+def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(stack):
     state, env, _ = stack
     run = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "train-gpt/demo", "--param", "preset=tiny", "--param", "steps=2",
@@ -74,6 +74,10 @@ def test_deployment_run_from_a_shell_registers_a_version_in_the_mlflow_server(st
     listing = subprocess.run([str(BIN / "gptmini"), "promote", "--list"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
     assert "production" in listing.stdout and listing.stdout.startswith("v1")
+    sample = subprocess.run([str(BIN / "gptmini"), "generate", "--model", "models:/gptmini@production", "--prompt",
+                             "def", "--max-new-tokens", "4", "--temperature", "0"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert sample.returncode == 0 and sample.stdout.startswith("def"), sample.stderr
 
 
 @pytest.mark.slow
