@@ -36,10 +36,12 @@ down:
 	@infra/stack.sh down
 
 # From a fresh clone: install, start the stack, run train-gpt/demo and watch it, then show the result.
+# Flow parameter overrides: make demo DEMO_PARAMS='--param steps=100'
+DEMO_PARAMS ?=
 demo: $(STAMP)
 	@infra/stack.sh up
 	@eval "$$(infra/stack.sh env)" && \
-	  $(BIN)/prefect deployment run train-gpt/demo --watch && \
+	  $(BIN)/prefect deployment run train-gpt/demo --watch $(DEMO_PARAMS) && \
 	  echo && echo "== the registry (gptmini promote --list) ==" && $(BIN)/gptmini promote --list && \
 	  echo && echo "== gptmini generate --model models:/gptmini@production --prompt 'The Python interpreter' ==" && \
 	  $(BIN)/gptmini generate --model models:/gptmini@production --prompt "The Python interpreter" \
