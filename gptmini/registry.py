@@ -14,6 +14,7 @@ MLflow is imported lazily, so the library runs without it; only these functions 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,19 @@ def client(tracking_uri: str | None = None):
             "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000) or pass --tracking-uri"
         )
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str | None):
+    """MLflow's own failures (server down, bad store) as one RegistryError line for the CLIs."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RegistryError(f"MLflow at {uri or os.environ.get('MLFLOW_TRACKING_URI')}: {first[:300]}; "
+                            "is the server up (`make up`) and MLFLOW_TRACKING_URI right?") from None
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
@@ -153,12 +167,19 @@ def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags:
     return mlflow_client.get_model_version(name, str(version.version))
 
 
+def _not_found(e) -> bool:
+    """An answer that the name/version/alias does not exist, not a server or network failure."""
+    return getattr(e, "error_code", None) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def ensure_registered_model(mlflow_client, name: str = MODEL_NAME) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
         mlflow_client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
         try:
             mlflow_client.create_registered_model(
                 name, description="gptmini: a small GPT (RoPE, GQA, MoE, SwiGLU, RMSNorm) trained by the train-gpt flow"
@@ -173,7 +194,9 @@ def version_by_alias(mlflow_client, alias: str, name: str = MODEL_NAME):
 
     try:
         return mlflow_client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
         return None
 
 
@@ -182,7 +205,9 @@ def get_version(mlflow_client, version: int | str, name: str = MODEL_NAME):
 
     try:
         return mlflow_client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as e:
+        if not _not_found(e):
+            raise
         raise RegistryError(
             f"registered model {name!r} has no version {version!r}; list them with `gptmini promote --list`"
         ) from None
@@ -304,6 +329,11 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
     """
     name, alias, version = parse_model_uri(uri)
     mc = client(tracking_uri)
+    with mlflow_errors(mc.tracking_uri):
+        return _resolve(mc, uri, name, alias, version)
+
+
+def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) -> Path:
     if alias is not None:
         mv = version_by_alias(mc, alias, name)
         if mv is None:
@@ -359,17 +389,22 @@ def promote_main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         mc = client(args.tracking_uri)
-        if args.list:
-            print("\n".join(list_versions(mc, args.name)) or f"registered model {args.name!r} has no versions")
-            return 0
-        if args.version is None or not args.version.isdigit():
-            ap.error(f"give the version number to promote (got {args.version!r}); see `gptmini promote --list`")
-        if not args.alias.isidentifier():
-            raise RegistryError(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
-        previous = promote(mc, args.version, args.alias, args.name, reason="gptmini promote")
+        with mlflow_errors(mc.tracking_uri):
+            return _promote_cli(ap, args, mc)
     except RegistryError as e:
         print(f"gptmini promote: {e}", file=sys.stderr)
         return 1
+
+
+def _promote_cli(ap: argparse.ArgumentParser, args: argparse.Namespace, mc) -> int:
+    if args.list:
+        print("\n".join(list_versions(mc, args.name)) or f"registered model {args.name!r} has no versions")
+        return 0
+    if args.version is None or not args.version.isdigit():
+        ap.error(f"give the version number to promote (got {args.version!r}); see `gptmini promote --list`")
+    if not args.alias.isidentifier():
+        raise RegistryError(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
+    previous = promote(mc, args.version, args.alias, args.name, reason="gptmini promote")
     moved = f" (was v{previous})" if previous else ""
     print(f"{args.name}@{args.alias} -> v{args.version}{moved}")
     return 0
