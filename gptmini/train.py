@@ -105,6 +105,16 @@ class Preemption:
         return bool(parallel.all_reduce(flag, "max").item())
 
 
+def die_with_launcher() -> None:
+    """torchrun starts each rank in a session of its own, so a SIGKILL of torchrun (or of the flow run above
+    it) would leave the ranks training on, into the run folder a retry then writes too. On Linux the kernel
+    sends us SIGTERM when torchrun dies: a preemption, which checkpoints and exits."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptmini train: error: {exc}", file=sys.stderr)
         return 2
     preempt = Preemption()
+    die_with_launcher()
     try:
         train(cfg, env, preempt)
     except (ConfigError, checkpoint.CheckpointError, DataError, TokenizerUnavailable, FileNotFoundError) as exc:
