@@ -282,6 +282,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if not d.data_dir and not d.sources:
         raise ConfigError("no training data: pass --data-dir DIR (a `gptmini prepare` output) or --sources SRC...")
+    try:  # ModelConfig checks itself on construction; the overrides above were set field by field
+        ModelConfig(**dataclasses.asdict(cfg.model))
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    from gptmini.tokenizer import KNOWN
+
+    if cfg.model.tokenizer not in KNOWN:
+        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}; choose one of: {', '.join(KNOWN)}")
 
 
 def to_toml(cfg: Config) -> str:

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches)):
+        if value < 1:
+            p.error(f"{flag} {value} must be >= 1")
 
     from gptmini.checkpoint import load_model, write_json
     from gptmini.data.loader import SlidingWindowDataset, TokenShards, WindowLoader, DistributedWindowSampler

@@ -172,7 +172,11 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
     from gptmini.model import GPTOSSMini
     from gptmini.tokenizer import get_tokenizer, check_vocab
 
-    check_vocab(cfg.model.vocab_size, get_tokenizer(cfg.model.tokenizer))
+    tokenizer = get_tokenizer(cfg.model.tokenizer)
+    try:
+        check_vocab(cfg.model.vocab_size, tokenizer)
+    except ValueError as exc:
+        raise ConfigError(f"model.vocab_size: {exc}") from None
     train_loader, val_loader = build_loaders(
         cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.rank, env.world_size,
         seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size,
