@@ -239,7 +239,7 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
         return latest_checkpoint(run_dir)
     path = Path(resume)
     if not is_complete(path):
-        raise ValueError(
+        raise CheckpointError(
             f"--resume {resume!r} is not a complete checkpoint folder (no {MARKER} marker); "
             f"pass a checkpoints/{STEP_PREFIX}XXXXXXXX folder, or --resume auto"
         )
