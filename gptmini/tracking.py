@@ -69,6 +69,11 @@ class MlflowTracker(Tracker):
     def __init__(self, uri: str, cfg: Any, run_dir: Path, flush_every_s: float = 2.0):
         from mlflow import MlflowClient
 
+        # MLflow's client retries a failed request inside the call for about two minutes (7 tries, backoff),
+        # which held our thread, and the exit, while the server was down. The thread buffers and retries on
+        # its own, so one try per call (set these variables to choose otherwise).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = uri
         self.shown_uri = redact(uri)  # what logs and files may show: no password from the URI
         self.client = MlflowClient(tracking_uri=uri)
