@@ -21,6 +21,7 @@ import queue
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,18 @@ VOLATILE_PARAMS = ("train.resume",)
 
 def tracking_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def credentials_to_env(uri: str) -> str:
+    """`http://user:pass@host` -> `http://host`, with the credentials moved to MLFLOW_TRACKING_USERNAME/PASSWORD:
+    MLflow prints the URI it was given ("View run at ..."), and would print the password with it."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https") or parts.username is None:
+        return uri
+    os.environ["MLFLOW_TRACKING_USERNAME"] = urllib.parse.unquote(parts.username)
+    if parts.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class Tracker:
@@ -76,7 +89,7 @@ class MlflowTracker(Tracker):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.uri = uri
         self.shown_uri = redact(uri)  # what logs and files may show: no password from the URI
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = MlflowClient(tracking_uri=credentials_to_env(uri))
         self.run_dir = run_dir
         self.flush_every_s = flush_every_s
         self.system_metrics = cfg.tracking.system_metrics
