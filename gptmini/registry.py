@@ -98,7 +98,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, tempe
 
 
 def evaluate_weights(weights_dir: str | Path, data_dir: str | Path, seq_len: int | None = None,
-                     batch_size: int = 4) -> dict[str, float]:
+                     batch_size: int = 4) -> dict[str, float | int]:
     """Token-weighted val loss and perplexity of a model folder over the whole val split of `data_dir`,
     in non-overlapping windows of `seq_len` (default: the model's max_seq_len). The champion/challenger gate
     calls it for both versions with the same data and seq_len, so the comparison is like for like."""
@@ -125,7 +125,7 @@ def evaluate_weights(weights_dir: str | Path, data_dir: str | Path, seq_len: int
             total += loss.item() * y.numel()
             tokens += y.numel()
     val_loss = total / tokens
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": float(tokens)}
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": tokens}
 
 
 def model_signature():
