@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
@@ -48,6 +49,60 @@ def deployments() -> list:
     ]
 
 
+def live_flow_run_ids() -> set[str]:
+    """Flow runs with a process on this machine: the runner puts PREFECT__FLOW_RUN_ID in each one's environment."""
+    ids = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+        except OSError:  # exited meanwhile, or another user's
+            continue
+        ids.update(e.split(b"=", 1)[1].decode() for e in entries if e.startswith(b"PREFECT__FLOW_RUN_ID="))
+    return ids
+
+
+def crash_orphaned_runs(deployment_names: list[str]) -> list[str]:
+    """A serving process killed mid-run runs no state hook: its flow runs would stay RUNNING in Prefect and in
+    MLflow for ever, and `prefect flow-run retry` takes only a finished run. So, before serving, each RUNNING
+    or PENDING run of our deployments with no process left on this machine is marked Crashed, and its MLflow
+    run FAILED (issue 7). A retry then resumes training from that run's last checkpoint."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    from flows.train_gpt import _end_mlflow_run
+
+    crashed = []
+    with get_client(sync_client=True) as client:
+        ids = []
+        for name in deployment_names:
+            try:
+                ids.append(client.read_deployment_by_name(name).id)
+            except ObjectNotFound:  # first start: nothing served yet
+                pass
+        if not ids:
+            return []
+        active = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=active)),
+                                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)))
+        alive = live_flow_run_ids()
+        for run in runs:
+            if str(run.id) in alive:
+                continue
+            state = Crashed(message="the serving process stopped during this run (found when it restarted); "
+                                    f"`prefect flow-run retry {run.id}` resumes it from its last checkpoint")
+            client.set_flow_run_state(run.id, state, force=True)
+            try:
+                _end_mlflow_run("FAILED")(None, run, state)
+            except Exception as exc:  # MLflow down must not keep the deployments from being served
+                print(f"could not mark the MLflow run of flow run {run.id} FAILED: {exc}", flush=True)
+            crashed.append(str(run.id))
+    return crashed
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.serve", description="Serve the gptmini deployments "
                                  "(this process runs their flow runs), or register them for a work pool's workers.")
@@ -61,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
             deployment.apply(work_pool_name=args.work_pool)
             print(f"registered {deployment.flow_name}/{deployment.name} on work pool {args.work_pool!r}")
         return
-    serve(*deployments(), limit=args.limit)
+    served = deployments()
+    for run_id in crash_orphaned_runs([f"{d.flow_name}/{d.name}" for d in served]):
+        print(f"flow run {run_id} lost its process (this server was stopped mid-run): marked Crashed, its MLflow "
+              f"run FAILED; resume it with `prefect flow-run retry {run_id}`", flush=True)
+    serve(*served, limit=args.limit)
+
 
 
 if __name__ == "__main__":

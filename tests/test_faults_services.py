@@ -1,0 +1,274 @@
+"""The real services, started by infra/stack.sh with authentication on, and the faults that involve them
+(issue 7): the MLflow server stopped in the middle of training, and the deployment-serving process killed in
+the middle of a flow run, then that flow run retried.
+
+One stack serves every test of this module: a Prefect server (GPTMINI_PREFECT_AUTH) and an MLflow server
+(GPTMINI_MLFLOW_AUTH, `--app-name basic-auth`), both on 127.0.0.1, in a temporary state folder.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytest.importorskip("prefect")
+pytest.importorskip("mlflow")
+
+from fault_helpers import COMMON, env, ledger_fixture, train_cmd, wait_for  # noqa: E402
+from gptmini.checkpoint import list_checkpoints, read_json  # noqa: E402
+from gptmini.metrics import read_metrics, train_losses  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT_AUTH = f"gptmini:{secrets.token_hex(8)}"
+MLFLOW_USER, MLFLOW_PASSWORD = "admin", secrets.token_hex(10)
+MLFLOW_STOPPED = "MLflow server stopped in the middle of training"
+SERVE_KILLED = "kill -9 of the deployment-serving process mid flow run, then a retry"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    state: Path
+    env: dict[str, str]  # what stack.sh runs with
+    client_env: dict[str, str]  # what `stack.sh env` tells a client: URLs and credentials
+    prefect_api: str
+    mlflow_url: str
+
+    def sh(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([str(ROOT / "infra" / "stack.sh"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def pid(self, service: str) -> int:
+        return int((self.state / "pids" / f"{service}.pid").read_text())
+
+
+@pytest.fixture(scope="module")
+def ledger(request, tmp_path_factory):
+    yield from ledger_fixture(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("state")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
+    run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
+               "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
+               "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_CACHE_DIR": str(state / "cache"),
+               "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}"}
+    script = str(ROOT / "infra" / "stack.sh")
+    # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).
+    ups = [subprocess.Popen([script, "up", name], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True) for name in ("prefect", "mlflow")]
+    try:
+        for up in ups:
+            out, _ = up.communicate(timeout=300)
+            assert up.returncode == 0, out
+        exports = subprocess.run([script, "env"], env=run_env, capture_output=True, text=True).stdout
+        client_env = dict(kv.split("=", 1) for kv in shlex.split(exports)[1:])
+        yield Stack(state, run_env, client_env, client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"])
+    finally:
+        subprocess.run([script, "down"], env=run_env, capture_output=True, timeout=120)
+
+
+# Authentication (secure defaults)
+
+
+def test_stack_env_hands_clients_the_credentials(stack):
+    assert stack.client_env["PREFECT_API_AUTH_STRING"] == PREFECT_AUTH
+    assert stack.client_env["MLFLOW_TRACKING_USERNAME"] == MLFLOW_USER
+    assert stack.client_env["MLFLOW_TRACKING_PASSWORD"] == MLFLOW_PASSWORD
+
+
+def test_prefect_refuses_anonymous_requests_and_admits_the_credentials(stack):
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    assert httpx.get(f"{stack.prefect_api}/health").status_code == 200  # probes stay open
+    assert httpx.post(f"{stack.prefect_api}/flows/filter", json={}).status_code == 401
+    assert httpx.post(f"{stack.prefect_api}/flows/filter", json={}, auth=("gptmini", "wrong")).status_code == 401
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        with get_client(sync_client=True) as client:
+            assert isinstance(client.read_flows(), list)
+
+
+def test_mlflow_refuses_anonymous_requests_and_admits_the_credentials(stack, monkeypatch):
+    import mlflow
+    import requests
+
+    search = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(f"{stack.mlflow_url}/health", timeout=30).status_code == 200
+    assert requests.get(search, timeout=30).status_code == 401
+    assert requests.get(search, auth=(MLFLOW_USER, "wrong-password-1"), timeout=30).status_code == 401
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+    assert mlflow.MlflowClient(stack.mlflow_url).search_experiments()
+
+
+def test_every_service_listens_on_127_0_0_1_only(stack):
+    for service in ("prefect", "mlflow"):
+        root = psutil.Process(stack.pid(service))
+        sockets = [c for p in [root, *root.children(recursive=True)] for c in p.net_connections("inet")
+                   if c.status == psutil.CONN_LISTEN]
+        assert sockets, f"{service} listens nowhere"
+        assert {c.laddr.ip for c in sockets} == {"127.0.0.1"}, (service, sockets)
+
+
+# The MLflow server stopped in the middle of training
+
+
+def _mlflow_client(stack: Stack, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", MLFLOW_PASSWORD)
+    return mlflow.MlflowClient(stack.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from gptmini.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("data") / "python-docs"
+    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1))
+    return out
+
+
+def test_mlflow_stopped_mid_training_loses_no_metric(stack, shards, ledger, tmp_path, monkeypatch):
+    """Training logs to MLflow through a URI with the password in it; the server is killed at step 2 and
+    started again later: training goes on, every metric reaches MLflow, the run ends FINISHED, and the
+    password shows up in no param and no output."""
+    out = tmp_path / "run"
+    uri_with_password = stack.mlflow_url.replace("http://", f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@")
+    log = tmp_path / "train.log"
+    with ledger.trial(MLFLOW_STOPPED):
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(train_cmd(shards, out, "--tracking-uri", uri_with_password, "--experiment", "faults"),
+                                    env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: 2 in train_losses(read_metrics(out / "metrics.jsonl")), "step 2", proc=proc)
+            os.killpg(stack.pid("mlflow"), signal.SIGKILL)
+            wait_for(lambda: "MLflow logging failed" in log.read_text(errors="replace"),
+                     "the trainer to meet the dead server", proc=proc)
+            os.killpg(proc.pid, signal.SIGSTOP)  # hold training while the server comes back (~10-20 s)
+            up = stack.sh("up", "mlflow")
+            assert up.returncode == 0, up.stdout + up.stderr
+            os.killpg(proc.pid, signal.SIGCONT)
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        output = log.read_text()
+        assert MLFLOW_PASSWORD not in output
+        assert not (out / "mlflow_unsent.jsonl").exists(), "metrics were dropped"
+
+        mc = _mlflow_client(stack, monkeypatch)
+        run = mc.get_run(read_json(out / "mlflow_run.json")["run_id"])
+        assert run.info.status == "FINISHED"
+        logged = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "loss")}
+        assert logged == train_losses(read_metrics(out / "metrics.jsonl")), "a loss is missing or wrong in MLflow"
+        val = [r for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "val"]
+        assert len(mc.get_metric_history(run.info.run_id, "val_loss")) >= len(val)
+        assert run.data.params["tracking.tracking_uri"] == stack.mlflow_url.replace("http://", "http://***@")
+        assert not [k for k, v in run.data.params.items() if MLFLOW_PASSWORD in v]
+        assert MLFLOW_PASSWORD not in (out / "config.toml").read_text()
+
+
+# The deployment-serving process killed in the middle of a flow run
+
+
+def _flow_run_state(stack: Stack, flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id).state
+
+
+def _process_alive_for(flow_run_id: str) -> bool:
+    from flows.serve import live_flow_run_ids
+
+    return flow_run_id in live_flow_run_ids()
+
+
+def test_serving_process_killed_mid_flow_run_then_retried_resumes(stack, ledger, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with ledger.trial(SERVE_KILLED):
+        up = stack.sh("up", "serve")
+        assert up.returncode == 0, up.stdout + up.stderr
+        extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
+        params = {"preset": "tiny", "steps": 8, "extra_args": extra, "prompts": ["def"], "max_new_tokens": 4,
+                  "promotion": "always", "experiment": "faults-flow", "model_name": "gptmini-faults"}
+        with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name("train-gpt/demo")
+                flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
+        run_id = str(flow_run.id)
+        run_dir = stack.state / "runs" / run_id
+
+        wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)
+        os.killpg(stack.pid("serve"), signal.SIGKILL)  # the serving process and the flow run it runs
+        wait_for(lambda: not _process_alive_for(run_id), "the flow run's processes to be gone", timeout=60)
+        assert _flow_run_state(stack, run_id).type.value == "RUNNING"  # what Prefect believes: the lie to fix
+        killed_at = [p.name for p in list_checkpoints(run_dir)]
+
+        up = stack.sh("up", "serve")  # its start marks the orphaned run Crashed, its MLflow run FAILED
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert _flow_run_state(stack, run_id).type.value == "CRASHED"
+        mc = _mlflow_client(stack, monkeypatch)
+        exp = mc.get_experiment_by_name("faults-flow")
+        (mlflow_run,) = mc.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{run_id}'")
+        assert mlflow_run.info.status == "FAILED"
+
+        retry = subprocess.run([str(BIN / "prefect"), "flow-run", "retry", run_id], capture_output=True, text=True,
+                               timeout=120, env={**env(), **stack.client_env})
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        wait_for(lambda: _flow_run_state(stack, run_id).is_final(), "the retried flow run to finish", timeout=500)
+        state = _flow_run_state(stack, run_id)
+        assert state.type.value == "COMPLETED", state.message
+
+        mlflow_run = mc.get_run(mlflow_run.info.run_id)
+        assert mlflow_run.info.status == "FINISHED"
+        versions = mc.search_model_versions("name='gptmini-faults'")
+        assert [v.tags.get("prefect.flow_run_id") for v in versions] == [run_id]
+        losses = train_losses(read_metrics(run_dir / "metrics.jsonl"))
+        assert sorted(losses) == list(range(1, 9))
+        # The retry resumed from the checkpoint the kill left, rather than starting over.
+        assert int(killed_at[-1].split("_")[1]) >= 2
+        assert any(f"resumed from {run_dir / 'checkpoints' / killed_at[-1]}" in line
+                   for line in _flow_run_logs(stack, run_id))
+
+
+def _flow_run_logs(stack: Stack, flow_run_id: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        with get_client(sync_client=True) as client:
+            messages: list[str] = []
+            while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                            limit=200, offset=len(messages)):
+                messages += [log.message for log in batch]
+            return messages
