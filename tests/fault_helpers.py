@@ -87,6 +87,6 @@ def ledger_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """Body of each fault module's `ledger` fixture: prints the summary when the module is done."""
     ledger = Ledger(tmp_path_factory.getbasetemp() / "faults.json")
     yield ledger
-    reporter = request.config.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("\n" + ledger.summary())
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + ledger.summary(), flush=True)
