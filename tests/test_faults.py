@@ -29,7 +29,7 @@ KILL = "kill -9 of the trainer at a random step"
 KILL_MID_WRITE = "kill -9 of the trainer while a checkpoint is written"
 SIGTERM = "SIGTERM to the trainer (preemption) at a random step"
 FULL_DISK = "full disk (RLIMIT_FSIZE) while a checkpoint is written"
-RANK_KILL = "kill -9 of one torchrun rank under --max-restarts 1"
+RANK_KILL = "kill -9 of one torchrun rank under --max-restarts 3"
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(shar
 
     out = tmp_path / "run"
     with ledger.trial(RANK_KILL):
-        proc = start(train_cmd(shards, out, *ddp, *steps, nproc=2, torchrun_args=("--max-restarts", "1")),
+        proc = start(train_cmd(shards, out, *ddp, *steps, nproc=2, torchrun_args=("--max-restarts", "3")),
                      tmp_path / "torchrun.log")
         step = random.Random().randint(3, 6)
         wait_for(lambda: step in losses(out), f"step {step}", proc=proc)
@@ -207,6 +207,7 @@ def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(shar
         assert victims, "no rank-1 worker found under torchrun"
         for victim in victims:
             victim.kill()
+        # Spare restarts: on a loaded machine a restarted group's gloo connect can time out once.
         assert proc.wait(timeout=600) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
         log = (tmp_path / "torchrun.log").read_text()
         assert "resumed from" in log, "the restarted workers did not resume from a checkpoint"
