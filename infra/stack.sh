@@ -90,9 +90,10 @@ set_command() {  # fills CMD with the service's command line
   esac
 }
 
-pid_of() {  # prints the pid of a live service we started, else nothing
+pid_of() {  # prints the pid of a live service we started, else nothing (a killed one not yet reaped is not live)
   local file="$STATE/pids/$1.pid"
-  [[ -f "$file" ]] && kill -0 "$(cat "$file")" 2>/dev/null && cat "$file" || true
+  [[ -f "$file" ]] && kill -0 "$(cat "$file")" 2>/dev/null && [[ "$(ps -o stat= -p "$(cat "$file")")" != Z* ]] \
+    && cat "$file" || true
 }
 
 healthy() { curl -fsS -m 2 -o /dev/null "$(health_url "$1")" 2>/dev/null; }
