@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT_AUTH = f"gptmini:{secrets.token_hex(8)}"
 MLFLOW_USER, MLFLOW_PASSWORD = "admin", secrets.token_hex(10)
-MLFLOW_STOPPED = "MLflow server stopped in the middle of training"
+MLFLOW_STOPPED = "MLflow server stopped in the middle of training, then restarted"
+MLFLOW_DOWN = "MLflow server stopped in the middle of training, back only after it ended"
 SERVE_KILLED = "kill -9 of the deployment-serving process mid flow run, then a retry"
 
 
@@ -190,6 +191,38 @@ def test_mlflow_stopped_mid_training_loses_no_metric(stack, shards, ledger, tmp_
         assert run.data.params["tracking.tracking_uri"] == stack.mlflow_url.replace("http://", "http://***@")
         assert not [k for k, v in run.data.params.items() if MLFLOW_PASSWORD in v]
         assert MLFLOW_PASSWORD not in (out / "config.toml").read_text()
+
+
+def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, shards, ledger, tmp_path, monkeypatch):
+    """The server dies at step 2 and is back only after training ended: what MLflow never got is in
+    RUN/mlflow_unsent.jsonl and counted on stderr; MLflow's part plus that file hold every step's loss."""
+    import json
+
+    out = tmp_path / "run"
+    log = tmp_path / "train.log"
+    with ledger.trial(MLFLOW_DOWN):
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(train_cmd(shards, out, "--tracking-uri", stack.mlflow_url, "--experiment", "faults"),
+                                    env=env(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD),
+                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: 2 in train_losses(read_metrics(out / "metrics.jsonl")), "step 2", proc=proc)
+            os.killpg(stack.pid("mlflow"), signal.SIGKILL)
+            assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]  # training went on to the end
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            up = stack.sh("up", "mlflow")
+            assert up.returncode == 0, up.stdout + up.stderr
+        output = log.read_text()
+        unsent = [json.loads(line) for line in (out / "mlflow_unsent.jsonl").read_text().splitlines()]
+        assert f"took {len(unsent)} items fewer than sent" in output, output[-2000:]
+        mc = _mlflow_client(stack, monkeypatch)
+        run_id = read_json(out / "mlflow_run.json")["run_id"]
+        sent = {m.step: m.value for m in mc.get_metric_history(run_id, "loss")}
+        dropped = {m["step"]: m["value"] for m in unsent if m.get("key") == "loss"}
+        assert not set(sent) & set(dropped)
+        assert {**sent, **dropped} == train_losses(read_metrics(out / "metrics.jsonl"))
 
 
 # The deployment-serving process killed in the middle of a flow run
