@@ -73,7 +73,8 @@ def stack(tmp_path_factory):
     run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
                "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
                "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_CACHE_DIR": str(state / "cache"),
-               "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}"}
+               "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}",
+               "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
     script = str(ROOT / "infra" / "stack.sh")
     # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).
     ups = [subprocess.Popen([script, "up", name], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
