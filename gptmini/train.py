@@ -271,6 +271,7 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
     if rng_to_restore is not None:
         checkpoint.set_rng_state(rng_to_restore)  # last, so nothing between here and the loop draws from it
     t_log, tokens_at_log = time.time(), state.tokens_seen
+    interval_loss, interval_steps = torch.zeros((), device=env.device), 0  # summed on device, read at log steps
     while state.step < cfg.train.steps:
         step = state.step
         lr = get_lr(step, cfg.optim, cfg.train.steps)
@@ -292,13 +293,17 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += step_tokens * env.world_size
+        interval_loss += step_loss
+        interval_steps += 1
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            # The only host sync of the loop: everything logged is read here.
-            parallel.all_reduce(step_loss)
+            # The only host sync of the loop: everything logged is read here. The loss is the mean over the
+            # steps since the last log line (and over the ranks).
+            parallel.all_reduce(interval_loss)
             now = time.time()
             rec: dict[str, Any] = {
-                "kind": "train", "step": state.step, "loss": step_loss.item() / env.world_size, "lr": lr,
+                "kind": "train", "step": state.step, "loss": interval_loss.item() / (env.world_size * interval_steps),
+                "lr": lr,
                 "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                 "tokens": state.tokens_seen,
                 "tokens_per_s": (state.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9),
@@ -311,6 +316,7 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
                 load = load.float()
                 rec["expert_balance"] = float(load.max() / load.mean().clamp(min=1e-9))
             t_log, tokens_at_log = now, state.tokens_seen
+            interval_loss, interval_steps = torch.zeros((), device=env.device), 0
             if main_rank:
                 log.log(rec)
                 tracker.log_metrics({k: v for k, v in rec.items() if k not in ("kind", "step")}, state.step)
