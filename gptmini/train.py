@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +122,6 @@ class TrainState:
     best_val_loss: float = math.inf
     best_step: int = -1
     wall_time_s: float = 0.0  # summed over the run and its resumptions
-    history: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
@@ -216,181 +215,189 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption) -> dict[str, 
     parallel.barrier()
 
     tracker = tracking.start(cfg, run_dir, main_rank)
-    n_params, n_active = raw_model.num_params(), raw_model.num_active_params()
-    tokens_per_step = cfg.data.batch_size * cfg.seq_len * cfg.train.grad_accum * env.world_size
-    unigram = None
-    if main_rank:
-        unigram = unigram_entropy(train_loader.dataset.tokens.segments)
-        tracker.log_params({**cfg.flat(), "run.world_size": env.world_size, "run.n_params": n_params,
-                            "run.n_active_params": n_active, "run.tokens_per_step": tokens_per_step,
-                            "run.data_manifest_key": train_loader.dataset.tokens.manifest.get("input_key", "")})
-        say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {cfg.train.parallel} on "
-            f"{env.world_size} x {env.device.type} | {tokens_per_step:,} tokens/step | train split unigram "
-            f"entropy {unigram:.3f} nats | run {run_dir}")
+    try:
+        n_params, n_active = raw_model.num_params(), raw_model.num_active_params()
+        tokens_per_step = cfg.data.batch_size * cfg.seq_len * cfg.train.grad_accum * env.world_size
+        unigram = None
+        if main_rank:
+            unigram = unigram_entropy(train_loader.dataset.tokens.segments)
+            tracker.log_params({**cfg.flat(), "run.world_size": env.world_size, "run.n_params": n_params,
+                                "run.n_active_params": n_active, "run.tokens_per_step": tokens_per_step,
+                                "run.data_manifest_key": train_loader.dataset.tokens.manifest.get("input_key", "")})
+            say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {cfg.train.parallel} on "
+                f"{env.world_size} x {env.device.type} | {tokens_per_step:,} tokens/step | train split unigram "
+                f"entropy {unigram:.3f} nats | run {run_dir}")
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
-                else contextlib.nullcontext())
-    peak = peak_flops(env.device)
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    grad_clip = cfg.optim.grad_clip or math.inf
-    val_batches = min(cfg.train.eval_batches, len(val_loader)) if val_loader is not None else 0
-    last_val: dict[str, float] | None = None
-    status = "completed"
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if env.device.type == "cuda"
+                    else contextlib.nullcontext())
+        peak = peak_flops(env.device)
+        flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+        grad_clip = cfg.optim.grad_clip or math.inf
+        val_batches = min(cfg.train.eval_batches, len(val_loader)) if val_loader is not None else 0
+        last_val: dict[str, float] | None = None
+        status = "completed"
 
-    def run_eval(final: bool) -> dict[str, float] | None:
-        if not val_batches:
-            return None
-        # Periodic evaluations take eval_batches per rank; the final one the whole val split.
-        return evaluate(model, val_loader, len(val_loader) if final else val_batches, autocast)
+        def run_eval(final: bool) -> dict[str, float] | None:
+            if not val_batches:
+                return None
+            # Periodic evaluations take eval_batches per rank; the final one the whole val split.
+            return evaluate(model, val_loader, len(val_loader) if final else val_batches, autocast)
 
-    def save(step: int) -> Path:
-        return checkpoint.save_checkpoint(
-            run_dir, step, model, optimizer,
-            trainer_state={**state.to_dict(), "wall_time_s": state.wall_time_s + time.time() - t_start,
-                           "sampler": train_loader.state_dict(),
-                           "scheduler": {"name": "warmup_cosine", "next_step": step, "lr": cfg.optim.lr,
-                                         "min_lr": cfg.optim.min_lr, "warmup_steps": cfg.optim.warmup_steps,
-                                         "total_steps": cfg.train.steps}},
-            rank_state={"sampler": train_loader.state_dict(), "rng": checkpoint.rng_state()},
-            config_json=to_json(cfg), config_toml=to_toml(cfg), env=env, keep_last=cfg.train.keep_last,
-        )
+        def save(step: int) -> Path:
+            return checkpoint.save_checkpoint(
+                run_dir, step, model, optimizer,
+                trainer_state={**state.to_dict(), "wall_time_s": state.wall_time_s + time.time() - t_start,
+                               "sampler": train_loader.state_dict(),
+                               "scheduler": {"name": "warmup_cosine", "next_step": step, "lr": cfg.optim.lr,
+                                             "min_lr": cfg.optim.min_lr, "warmup_steps": cfg.optim.warmup_steps,
+                                             "total_steps": cfg.train.steps}},
+                rank_state={"sampler": train_loader.state_dict(), "rng": checkpoint.rng_state()},
+                config_json=to_json(cfg), config_toml=to_toml(cfg), env=env, keep_last=cfg.train.keep_last,
+            )
 
-    def export(out: Path, extra: dict[str, Any]) -> None:
-        """best/ and final/: plain safetensors weights that gptmini.weights.load_pretrained reads."""
-        if cfg.train.parallel == "fsdp":
-            full = checkpoint.full_state_dict(model)  # collective
-            if main_rank:
-                plain = GPTOSSMini(cfg.model)
-                plain.load_state_dict(full)
-                _save_pretrained(plain, out, extra)
-        elif main_rank:
-            _save_pretrained(raw_model, out, extra)
-        parallel.barrier()
-
-    model.train()
-    if rng_to_restore is not None:
-        checkpoint.set_rng_state(rng_to_restore)  # last, so nothing between here and the loop draws from it
-    t_log, tokens_at_log = time.time(), state.tokens_seen
-    interval_loss, interval_steps = torch.zeros((), device=env.device), 0  # summed on device, read at log steps
-    while state.step < cfg.train.steps:
-        step = state.step
-        lr = get_lr(step, cfg.optim, cfg.train.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro = [train_loader.next_batch() for _ in range(cfg.train.grad_accum)]
-        step_tokens = sum(y.numel() for _, y in micro)
-        step_loss = torch.zeros((), device=env.device)
-        for i, (x, y) in enumerate(micro):
-            last = i == len(micro) - 1
-            # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
-            weight = y.numel() / step_tokens
-            with parallel.grad_sync(model, enabled=last), autocast:
-                _, loss = model(x, y)
-                (loss * weight).backward()
-            step_loss += loss.detach() * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.tokens_seen += step_tokens * env.world_size
-        interval_loss += step_loss
-        interval_steps += 1
-
-        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            # The only host sync of the loop: everything logged is read here. The loss is the mean over the
-            # steps since the last log line (and over the ranks).
-            parallel.all_reduce(interval_loss)
-            now = time.time()
-            rec: dict[str, Any] = {
-                "kind": "train", "step": state.step, "loss": interval_loss.item() / (env.world_size * interval_steps),
-                "lr": lr,
-                "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                "tokens": state.tokens_seen,
-                "tokens_per_s": (state.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9),
-                "aux_loss": float(raw_model.last_aux_loss.detach()),
-            }
-            if peak:
-                rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * env.world_size)
-            load = raw_model.last_expert_load
-            if load is not None:
-                load = load.float()
-                rec["expert_balance"] = float(load.max() / load.mean().clamp(min=1e-9))
-            t_log, tokens_at_log = now, state.tokens_seen
-            interval_loss, interval_steps = torch.zeros((), device=env.device), 0
-            if main_rank:
-                log.log(rec)
-                tracker.log_metrics({k: v for k, v in rec.items() if k not in ("kind", "step")}, state.step)
-                say(log_line(state.step, cfg.train.steps, rec))
-            if not math.isfinite(rec["loss"]):
-                raise FloatingPointError(
-                    f"loss is {rec['loss']} at step {state.step}; lower --lr (now {cfg.optim.lr}) or raise "
-                    f"--optim.warmup_steps, then --resume auto from the last checkpoint"
-                )
-
-        done = state.step == cfg.train.steps
-        if state.step % cfg.train.eval_every == 0 or done:
-            last_val = run_eval(final=done)
-            if last_val is not None:
+        def export(out: Path, extra: dict[str, Any]) -> None:
+            """best/ and final/: plain safetensors weights that gptmini.weights.load_pretrained reads."""
+            if cfg.train.parallel == "fsdp":
+                full = checkpoint.full_state_dict(model)  # collective
                 if main_rank:
-                    log.log({"kind": "val", "step": state.step, **last_val})
-                    tracker.log_metrics({"val_loss": last_val["val_loss"],
-                                         "val_perplexity": last_val["val_perplexity"]}, state.step)
-                    say(f"step {state.step:>6} | val loss {last_val['val_loss']:.4f} | "
-                        f"ppl {last_val['val_perplexity']:.1f}")
-                if last_val["val_loss"] < state.best_val_loss:
-                    state.best_val_loss, state.best_step = last_val["val_loss"], state.step
-                    export(run_dir / "checkpoints" / "best", {"step": state.step, **last_val})
-            if main_rank:
-                for png in metrics.plot(log.read(), run_dir / "plots"):
-                    tracker.log_artifact(png, "plots")
+                    plain = GPTOSSMini(cfg.model)
+                    plain.load_state_dict(full)
+                    _save_pretrained(plain, out, extra)
+            elif main_rank:
+                _save_pretrained(raw_model, out, extra)
+            parallel.barrier()
 
-        stop = preempt.requested if env.world_size == 1 else (
-            (env.device.type == "cpu" or state.step % cfg.train.log_every == 0) and preempt.agreed(env.device))
-        if state.step % cfg.train.ckpt_every == 0 or done or stop:
-            save(state.step)
-        if stop and not done:
-            status = "preempted"
-            say(f"{preempt.signal_name}: saved checkpoint at step {state.step}; exiting (resume with --resume auto)")
-            break
+        model.train()
+        if rng_to_restore is not None:
+            checkpoint.set_rng_state(rng_to_restore)  # last, so nothing between here and the loop draws from it
+        t_log, tokens_at_log = time.time(), state.tokens_seen
+        interval_loss, interval_steps = torch.zeros((), device=env.device), 0  # summed on device, read at log steps
+        while state.step < cfg.train.steps:
+            step = state.step
+            lr = get_lr(step, cfg.optim, cfg.train.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [train_loader.next_batch() for _ in range(cfg.train.grad_accum)]
+            step_tokens = sum(y.numel() for _, y in micro)
+            step_loss = torch.zeros((), device=env.device)
+            for i, (x, y) in enumerate(micro):
+                last = i == len(micro) - 1
+                # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
+                weight = y.numel() / step_tokens
+                with parallel.grad_sync(model, enabled=last), autocast:
+                    _, loss = model(x, y)
+                    (loss * weight).backward()
+                step_loss += loss.detach() * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += step_tokens * env.world_size
+            interval_loss += step_loss
+            interval_steps += 1
 
-    wall = state.wall_time_s + time.time() - t_start
-    if status == "completed":
-        export(run_dir / "final", {"step": state.step, **(last_val or {})})
-    summary = {
-        "status": status, "steps": state.step, "tokens": state.tokens_seen, "wall_time_s": wall,
-        "final_val_loss": last_val["val_loss"] if last_val else None,
-        "final_val_perplexity": last_val["val_perplexity"] if last_val else None,
-        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
-        "best_step": state.best_step, "unigram_entropy": unigram, "world_size": env.world_size,
-        "parallel": cfg.train.parallel, "n_params": n_params, "n_active_params": n_active,
-        "mlflow_run_id": tracker.run_id,
-        "paths": {"run": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
-                  "config": str(run_dir / "config.toml"), "plots": str(run_dir / "plots"),
-                  "last_checkpoint": str(checkpoint.latest_checkpoint(run_dir)),
-                  "best": str(run_dir / "checkpoints" / "best") if state.best_step >= 0 else None,
-                  "final": str(run_dir / "final") if status == "completed" else None},
-    }
-    if main_rank:
-        records = log.read()
-        if records:
-            metrics.plot(records, run_dir / "plots")
-        checkpoint.write_json(run_dir / "summary.json", summary)
-        for name in ("plots/loss.png", "plots/lr.png"):
-            if (run_dir / name).is_file():
-                tracker.log_artifact(run_dir / name, "plots")
-        tracker.log_artifact(run_dir / "config.toml")
-        tracker.log_artifact(run_dir / "summary.json")
-        if state.best_step >= 0:
-            tracker.log_artifact(run_dir / "checkpoints" / "best", "checkpoints/best")
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                # The only host sync of the loop: everything logged is read here. The loss is the mean over the
+                # steps since the last log line (and over the ranks).
+                parallel.all_reduce(interval_loss)
+                now = time.time()
+                rec: dict[str, Any] = {
+                    "kind": "train", "step": state.step,
+                    "loss": interval_loss.item() / (env.world_size * interval_steps), "lr": lr,
+                    "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    "tokens": state.tokens_seen,
+                    "tokens_per_s": (state.tokens_seen - tokens_at_log) / max(now - t_log, 1e-9),
+                    "aux_loss": float(raw_model.last_aux_loss.detach()),
+                }
+                if peak:
+                    rec["mfu"] = rec["tokens_per_s"] * flops_per_token / (peak * env.world_size)
+                load = raw_model.last_expert_load
+                if load is not None:
+                    load = load.float()
+                    rec["expert_balance"] = float(load.max() / load.mean().clamp(min=1e-9))
+                t_log, tokens_at_log = now, state.tokens_seen
+                interval_loss, interval_steps = torch.zeros((), device=env.device), 0
+                if main_rank:
+                    log.log(rec)
+                    tracker.log_metrics({k: v for k, v in rec.items() if k not in ("kind", "step")}, state.step)
+                    say(log_line(state.step, cfg.train.steps, rec))
+                if not math.isfinite(rec["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {rec['loss']} at step {state.step}; lower --lr (now {cfg.optim.lr}) or raise "
+                        f"--optim.warmup_steps, then --resume auto from the last checkpoint"
+                    )
+
+            done = state.step == cfg.train.steps
+            if state.step % cfg.train.eval_every == 0 or done:
+                last_val = run_eval(final=done)
+                if last_val is not None:
+                    if main_rank:
+                        log.log({"kind": "val", "step": state.step, **last_val})
+                        tracker.log_metrics({"val_loss": last_val["val_loss"],
+                                             "val_perplexity": last_val["val_perplexity"]}, state.step)
+                        say(f"step {state.step:>6} | val loss {last_val['val_loss']:.4f} | "
+                            f"ppl {last_val['val_perplexity']:.1f}")
+                    if last_val["val_loss"] < state.best_val_loss:
+                        state.best_val_loss, state.best_step = last_val["val_loss"], state.step
+                        export(run_dir / "checkpoints" / "best", {"step": state.step, **last_val})
+                if main_rank:
+                    for png in metrics.plot(log.read(), run_dir / "plots"):
+                        tracker.log_artifact(png, "plots")
+
+            stop = preempt.requested if env.world_size == 1 else (
+                (env.device.type == "cpu" or state.step % cfg.train.log_every == 0) and preempt.agreed(env.device))
+            if state.step % cfg.train.ckpt_every == 0 or done or stop:
+                save(state.step)
+            if stop and not done:
+                status = "preempted"
+                say(f"{preempt.signal_name}: saved checkpoint at step {state.step}; exiting "
+                    f"(resume with --resume auto)")
+                break
+
+        wall = state.wall_time_s + time.time() - t_start
         if status == "completed":
-            tracker.log_artifact(run_dir / "final", "final")
-            if last_val:
-                tracker.log_metrics({"final_val_loss": last_val["val_loss"],
-                                     "final_val_perplexity": last_val["val_perplexity"]}, state.step)
-        say(f"done: {status} at step {state.step}, {state.tokens_seen:,} tokens, {wall:.1f}s; "
-            f"val loss {summary['final_val_loss']} (unigram baseline {unigram:.3f}); summary {run_dir / 'summary.json'}")
-    tracker.close("FINISHED" if status == "completed" else "KILLED")
-    return summary
+            export(run_dir / "final", {"step": state.step, **(last_val or {})})
+        summary = {
+            "status": status, "steps": state.step, "tokens": state.tokens_seen, "wall_time_s": wall,
+            "final_val_loss": last_val["val_loss"] if last_val else None,
+            "final_val_perplexity": last_val["val_perplexity"] if last_val else None,
+            "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+            "best_step": state.best_step, "unigram_entropy": unigram, "world_size": env.world_size,
+            "parallel": cfg.train.parallel, "n_params": n_params, "n_active_params": n_active,
+            "mlflow_run_id": tracker.run_id,
+            "paths": {"run": str(run_dir), "metrics": str(run_dir / "metrics.jsonl"),
+                      "config": str(run_dir / "config.toml"), "plots": str(run_dir / "plots"),
+                      "last_checkpoint": str(checkpoint.latest_checkpoint(run_dir)),
+                      "best": str(run_dir / "checkpoints" / "best") if state.best_step >= 0 else None,
+                      "final": str(run_dir / "final") if status == "completed" else None},
+        }
+        if main_rank:
+            records = log.read()
+            if records:
+                metrics.plot(records, run_dir / "plots")
+            checkpoint.write_json(run_dir / "summary.json", summary)
+            for name in ("plots/loss.png", "plots/lr.png"):
+                if (run_dir / name).is_file():
+                    tracker.log_artifact(run_dir / name, "plots")
+            tracker.log_artifact(run_dir / "config.toml")
+            tracker.log_artifact(run_dir / "summary.json")
+            if state.best_step >= 0:
+                tracker.log_artifact(run_dir / "checkpoints" / "best", "checkpoints/best")
+            if status == "completed":
+                tracker.log_artifact(run_dir / "final", "final")
+                if last_val:
+                    tracker.log_metrics({"final_val_loss": last_val["val_loss"],
+                                         "final_val_perplexity": last_val["val_perplexity"]}, state.step)
+            say(f"done: {status} at step {state.step}, {state.tokens_seen:,} tokens, {wall:.1f}s; "
+                f"val loss {summary['final_val_loss']} (unigram baseline {unigram:.3f}); "
+                f"summary {run_dir / 'summary.json'}")
+        tracker.close("FINISHED" if status == "completed" else "KILLED")
+        return summary
+    except BaseException as exc:
+        # A run we created must not stay RUNNING in MLflow after we die (issue 7); a caller's run is the
+        # caller's to end.
+        tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def _save_pretrained(model: nn.Module, out: Path, extra: dict[str, Any]) -> None:

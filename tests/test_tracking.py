@@ -81,6 +81,18 @@ def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, tmp_path,
     assert len(client.search_runs([exp_id])) == 1  # no run of its own
 
 
+def test_a_diverged_run_is_marked_failed_not_left_running(store, prepared_dir, tmp_path):
+    from gptmini.train import main
+
+    uri, client, exp_id = store
+    with pytest.raises(FloatingPointError, match="lower --lr"):
+        main([*TINY, "--data-dir", str(prepared_dir), "--out", str(tmp_path / "run"), "--tracking-uri", uri,
+              "--experiment", "gptmini-test", "--lr", "1e12", "--optim.min_lr", "0", "--optim.grad_clip", "0",
+              "--train.log_every", "1"])
+    (run,) = client.search_runs([exp_id])
+    assert run.info.status == "FAILED"
+
+
 def test_no_tracking_uri_means_no_tracker(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = parse_args([*TINY, "--data-dir", "d"])
