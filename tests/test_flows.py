@@ -7,6 +7,13 @@ hits the cached data tasks, registers v2 and goes through the champion/challenge
 """
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("prefect")
@@ -18,6 +25,8 @@ from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilterFlowRunId,
     FlowRunFilter,
     FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
@@ -130,6 +139,65 @@ def test_failing_training_fails_the_flow_and_the_mlflow_run(stack, two_runs):
     run = mlflow_run_for(registry.client(stack), state.state_details.flow_run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["prefect.final_state"].startswith("FAILED")
+
+
+def our_trainers(state_dir: str) -> list[tuple[int, Path]]:
+    """(pid, run folder) of the `gptmini.train` workers that this test's flow started: processes that
+    descend from this one and write under its state folder (never another job's training)."""
+    def parent(pid: int) -> int:
+        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().decode().split("\0")
+            if "gptmini.train" not in argv or "torch.distributed.run" in argv or "--out" not in argv:
+                continue
+            out = argv[argv.index("--out") + 1]
+            pid = ancestor = int(proc.name)
+            while ancestor > 1 and ancestor != os.getpid():
+                ancestor = parent(ancestor)
+        except (OSError, ValueError, IndexError):
+            continue
+        if ancestor == os.getpid() and out.startswith(state_dir):
+            found.append((pid, Path(out)))
+    return found
+
+
+@pytest.mark.slow
+def test_preempted_training_is_retried_and_resumes_from_its_checkpoint(stack):
+    """SIGTERM the trainer once it has logged step 2 (a preemption: it checkpoints and exits 0); the train
+    task fails as retryable, Prefect retries it, and the retry resumes from that checkpoint."""
+    from flows.train_gpt import train_gpt
+
+    stop, sent = threading.Event(), []
+
+    def preempt_once() -> None:
+        while not stop.is_set() and not sent:
+            for pid, run_dir in our_trainers(os.environ["GPTMINI_STATE"]):
+                metrics = run_dir / "metrics.jsonl"
+                if metrics.exists() and '"step": 2,' in metrics.read_text():
+                    os.kill(pid, signal.SIGTERM)
+                    sent.append(pid)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=preempt_once, daemon=True)
+    watcher.start()
+    try:
+        state = train_gpt(**{**TINY, "steps": 8}, train_retries=1, return_state=True)
+    finally:
+        stop.set()
+        watcher.join()
+    assert sent, "the trainer finished before it could be preempted"
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    text = "\n".join(log.message for log in logs)
+    assert "SIGTERM: saved checkpoint at step" in text
+    assert "training stopped early (preempted" in text
+    assert "resumed from" in text
+    summary = json.loads((Path(state.result()["run_dir"]) / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 8
 
 
 def test_bad_flow_parameters_fail_before_any_task(stack):
