@@ -324,7 +324,9 @@ class MoE(nn.Module):
         w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
         h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N*k, F)
         ys = torch._grouped_mm(h, w2, offs=offs)  # (N*k, D)
-        ys = ys[order.argsort()].view(N, self.top_k, D)  # back to (token, slot) order
+        # The inverse permutation by a scatter, not a second sort (issue 6).
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        ys = ys[inverse].view(N, self.top_k, D)  # back to (token, slot) order
         return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
 
     def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
@@ -353,6 +355,52 @@ class Block(nn.Module):
             y, aux, load = self.feed_forward(self.ffn_norm(x))
             return x + self.drop(y), aux, load
         return x + self.drop(self.feed_forward(self.ffn_norm(x))), None, None
+
+
+def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Mean cross-entropy of the logits h @ weight.T against targets (-1 ignored), as F.cross_entropy on fp32
+    logits gives, computed over chunks of rows so that the (N, vocab) fp32 logits never exist whole (issue 6:
+    at 32k tokens and a 100k vocabulary one fp32 copy is 12 GiB, and the plain path holds several).
+    h (N, d), weight (vocab, d), targets (N,). The default chunk keeps a chunk's fp32 logits near 512 MiB."""
+    chunk_size = chunk_size or max(1, 2**27 // weight.size(0))
+    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_size)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The loss is the graph's last node, so its gradients are formed in the forward pass, chunk by chunk,
+    while each chunk's logits exist; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+        dtype = compute_dtype(h)  # autocast's when on, as nn.Linear would run the head; logits upcast to fp32
+        h_all, w = h.to(dtype), weight.to(dtype)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(h) if need_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        total = torch.zeros((), device=h.device)
+        for s in range(0, h.size(0), chunk_size):
+            hc, t = h_all[s : s + chunk_size], targets[s : s + chunk_size]
+            valid = (t != -1)[:, None]  # (n, 1)
+            t = t.clamp(min=0)[:, None]  # (n, 1)
+            logits = (hc @ w.T).float()  # (n, vocab)
+            lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
+            total += ((lse - logits.gather(1, t)) * valid).sum()
+            if need_grad:
+                g = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+                g.scatter_add_(1, t, -torch.ones_like(lse))  # d(loss)/d(logits) = softmax - one_hot(target)
+                g = (g * valid).to(dtype)
+                grad_h[s : s + chunk_size] = g @ w
+                grad_w += (g.T @ hc).float()
+        count = (targets != -1).sum()
+        ctx.save_for_backward(grad_h, grad_w, count)
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        grad_h, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
 
 
 class GPTOSSMini(nn.Module):
@@ -400,10 +448,13 @@ class GPTOSSMini(nn.Module):
         pad: Tensor | None = None,
         last_only: bool = False,
         rope_len: int | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,)),
         `last_only` (logits of the last position only) and `rope_len` (the length the whole generation will
-        reach, which fixes the NTK base so cached keys stay valid) serve generation."""
+        reach, which fixes the NTK base so cached keys stay valid) serve generation. `return_logits=False` (with
+        targets) computes the loss over chunks of tokens and returns (None, loss): the (B, T, vocab) logits never
+        exist whole (chunked_cross_entropy; same loss and gradients)."""
         cfg = self.config
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -431,10 +482,14 @@ class GPTOSSMini(nn.Module):
         self.last_expert_load = torch.stack(load).sum(0) if load else None
 
         x = self.norm(x)
-        logits = self.output(x[:, -1:] if last_only else x)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if targets is not None and not return_logits:
+            logits = None
+            loss = chunked_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))
+        else:
+            logits = self.output(x[:, -1:] if last_only else x)
+            if targets is None:
+                return logits, None
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if self.training and aux:
             loss = loss + cfg.aux_loss_coef * self.last_aux_loss
         return logits, loss

@@ -1,0 +1,56 @@
+"""Performance paths of the model (issue 6) compute the same function as the plain ones, on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptmini.model import GPTOSSMini, ModelConfig, chunked_cross_entropy
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_loss_equals_full_logits_loss_and_its_gradients(tie):
+    torch.manual_seed(0)
+    model = GPTOSSMini(ModelConfig.from_preset("tiny", vocab_size=1000, tie_embeddings=tie))
+    x = torch.randint(0, 1000, (3, 40))
+    y = torch.randint(0, 1000, (3, 40))
+    y[0, :7] = -1  # ignored targets count in neither path
+    _, full = model(x, y)
+    full.backward()
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    logits, chunked = model(x, y, return_logits=False)
+    chunked.backward()
+    assert logits is None
+    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    got = grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chunked_cross_entropy_matches_under_bf16_autocast():
+    torch.manual_seed(0)
+    h = torch.randn(300, 64, requires_grad=True)
+    w = torch.randn(1000, 64, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = torch.nn.functional.cross_entropy((h @ w.t()).float(), t)
+    gh, gw = torch.autograd.grad(full, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = chunked_cross_entropy(h, w, t, chunk_size=64)
+    ch, cw = torch.autograd.grad(chunked, (h, w))
+    torch.testing.assert_close(chunked, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ch, gh, rtol=2e-2, atol=1e-4)  # bf16 matmuls, rounded at different points
+    torch.testing.assert_close(cw, gw, rtol=2e-2, atol=1e-4)
+
+
+def test_chunk_size_does_not_change_the_loss():
+    torch.manual_seed(0)
+    h, w, t = torch.randn(257, 32), torch.randn(500, 32), torch.randint(0, 500, (257,))
+    losses = [chunked_cross_entropy(h, w, t, chunk_size=c) for c in (1, 7, 256, 257, 1000)]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0])
