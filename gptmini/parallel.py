@@ -63,7 +63,13 @@ def init_distributed(device_name: str, parallel: str) -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)  # generous: rank 0 writes plots/checkpoints alone
         if under_torchrun:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+            # torchrun keeps one store across its --max-restarts rounds: a restarted group read the gloo
+            # addresses the previous round left there and dialled a dead rank's port (or waited for ever).
+            # A prefix per round keeps each round's keys apart.
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                                    device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank, local_rank, world, device)
