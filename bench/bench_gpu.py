@@ -25,6 +25,8 @@ SLICES: dict[str, list[str]] = {
     # What train.py runs (per-block compile), and the optimizer amortised over two micro-batches.
     "blocks": ["--sections", "train", "--seq", "1024", "--compile", "blocks"],
     "accum2": ["--sections", "train", "--seq", "1024", "--grad-accum", "2"],
+    # The loss over chunks of tokens (model(x, y, return_logits=False)): memory first, then speed.
+    "chunked": ["--sections", "train,dense", "--seq", "1024,2048", "--chunked-loss"],
     # The profile to read before any change.
     "profile": ["--sections", "train,dense", "--seq", "1024", "--steps", "10", "--profile", "{out}/prof"],
 }

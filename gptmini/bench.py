@@ -61,6 +61,7 @@ class Subject:
     max_seq_len: int
     vocab_size: int
     sliding_window: int | None = None
+    forward_kwargs: dict = field(default_factory=dict)  # e.g. return_logits=False (--chunked-loss)
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
         ctx = min(seq_len, self.sliding_window or seq_len)
@@ -160,6 +161,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (as train.py's grad_accum): amortises AdamW and clipping")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="gptmini models compute the loss over chunks of tokens (model(x, y, return_logits=False)): "
+                        "the (B, T, vocab) logits never exist whole; the baseline keeps its plain loss")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
     p.add_argument("--dense-d-ff", type=int, default=None,
                    help="d_ff of the dense variant (default: top_k * d_ff, the MoE's active FFN width)")
@@ -227,11 +231,11 @@ def gptmini_matmul_params(cfg) -> int:
     return cfg.n_layers * (attn + ffn) + d * cfg.vocab_size  # + the output head
 
 
-def gptmini_subject(name: str, cfg) -> Subject:
+def gptmini_subject(name: str, cfg, chunked_loss: bool = False) -> Subject:
     from gptmini.model import GPTOSSMini
 
     return Subject(
-        name=name,
+        name=f"{name}+chunked-ce" if chunked_loss else name,
         build=lambda: GPTOSSMini(cfg),
         matmul_params=gptmini_matmul_params(cfg),
         n_layers=cfg.n_layers,
@@ -239,6 +243,7 @@ def gptmini_subject(name: str, cfg) -> Subject:
         max_seq_len=cfg.max_seq_len,
         vocab_size=cfg.vocab_size,
         sliding_window=cfg.sliding_window,
+        forward_kwargs={"return_logits": False} if chunked_loss else {},
     )
 
 
@@ -385,8 +390,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer,
-                    device: torch.device, dtype: torch.dtype, grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optimizer, device: torch.device,
+                    dtype: torch.dtype, grad_accum: int = 1, **forward_kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimizer step as the trainer takes it: grad_accum forward/backward passes, clip, AdamW.
     Returns the loss tensor without reading it, so nothing waits on the device."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -394,7 +399,7 @@ def make_train_step(model: nn.Module, forward: nn.Module, opt: torch.optim.Optim
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for _ in range(grad_accum):  # the same batch each time: what is timed is the work, not the data
             with autocast(device, dtype):
-                _, loss = forward(x, y)
+                _, loss = forward(x, y, **forward_kwargs)
             (loss / grad_accum).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=device.type == "cuda")
         opt.step()
@@ -449,7 +454,8 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
     if hasattr(model, "flops_per_token"):
         run.model_flops_per_token = float(model.flops_per_token(run.seq_len))
     opt = make_optimizer(model, device)
-    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype, args.grad_accum)
+    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype, args.grad_accum,
+                           **subject.forward_kwargs)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = random_batch(subject.vocab_size, run.batch_size, run.seq_len, device, gen)
     for _ in range(args.warmup):
@@ -682,7 +688,8 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, a
         model = subject.build()
     model.train()
     opt = make_optimizer(model, device)
-    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype)
+    step = make_train_step(model, compiled(model, args.compile, args.compile_mode), opt, device, dtype,
+                           **subject.forward_kwargs)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
         train_loader, _ = build_loaders(data_dir, run.seq_len, run.seq_len, run.batch_size, 0, 1, args.seed, device)
@@ -827,9 +834,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norm stats, loss) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
     peak = args.peak_tflops or (H100_SXM_BF16_PEAK_TFLOPS if device.type == "cuda" else None)
-    moe = gptmini_subject(args.preset, cfg)
+    moe = gptmini_subject(args.preset, cfg, args.chunked_loss)
     dense_cfg = dataclasses.replace(cfg, num_experts=0, top_k=1, d_ff=args.dense_d_ff or max(1, cfg.top_k) * cfg.d_ff)
-    dense = gptmini_subject(f"{args.preset}-dense", dense_cfg)
+    dense = gptmini_subject(f"{args.preset}-dense", dense_cfg, args.chunked_loss)
     if args.plan:
         print(plan_text(cfg, args.preset, seqs, args.tokens_per_step, peak or H100_SXM_BF16_PEAK_TFLOPS))
         print()
@@ -855,7 +862,7 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in sections:
         for path in decode_paths:
             for b in decode_batches:
-                results.decode.append(time_decode(moe, path, b, args, device, dtype))
+                results.decode.append(time_decode(gptmini_subject(args.preset, cfg), path, b, args, device, dtype))
                 save()
     if "loader" in sections:
         seq = args.loader_seq or seqs[0]
