@@ -427,6 +427,13 @@ class GPTOSSMini(nn.Module):
         self.last_expert_load: Tensor | None = None
         self.reset_parameters()
 
+    def _apply(self, fn, recurse: bool = True):
+        # `model.to(torch.bfloat16)` would round the RoPE frequencies too, turning position 2047 by up to
+        # 0.9 rad more or less than training did; they are recomputed in fp32 on the new device instead.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(self.inv_freq.device)
+        return self
+
     def reset_parameters(self) -> None:
         """N(0, 0.02) everywhere; the projections that write into the residual stream get 0.02/sqrt(2L) so the
         residual's variance does not grow with depth (GPT-2)."""

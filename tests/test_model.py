@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from model_helpers import SEED_CONFIG, one_thread, sharp_model, tiny  # noqa: F401 (autouse fixture)
 
 from gptmini import GPTOSSMini, ModelConfig, PRESETS
-from gptmini.model import MoE, RMSNorm, SwiGLU
+from gptmini.model import MoE, RMSNorm, SwiGLU, rope_inv_freq
 from gptmini.weights import load_pretrained, save_pretrained
 
 
@@ -282,3 +282,10 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_loosely():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(ref.item(), rel=0.05)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
+    model = GPTOSSMini(ModelConfig.from_preset("tiny", vocab_size=256)).to(torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.config.head_dim, model.config.rope_theta))
