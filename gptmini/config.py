@@ -132,7 +132,7 @@ TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # demo gets the most learning per token (about one pass over the embedded corpus).
     "demo": {
         "data": {"seq_len": 64, "batch_size": 4},
-        "optim": {"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 20},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
         "train": {"steps": 400, "log_every": 10, "eval_every": 50, "eval_batches": 4, "ckpt_every": 100},
     },
     "seed": {
