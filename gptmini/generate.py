@@ -144,9 +144,14 @@ def sampling_mask(tokenizer, vocab_size: int, device: torch.device) -> Tensor:
     return allowed
 
 
-def resolve_model_dir(args: argparse.Namespace) -> str:
+def load_for_cli(args: argparse.Namespace, device: str = "cpu"):
+    """(model, tokenizer) for `--checkpoint` (a run folder, final/, best/ or checkpoints/step_*, as
+    `gptmini eval` takes) or `--model` (a registry URI)."""
+    from gptmini.checkpoint import load_model
+    from gptmini.weights import load_pretrained
+
     if args.checkpoint:
-        return args.checkpoint
+        return load_model(args.checkpoint, device=device)
     try:
         from gptmini.registry import resolve_model_uri
     except ImportError as exc:
@@ -154,13 +159,13 @@ def resolve_model_dir(args: argparse.Namespace) -> str:
             f"--model {args.model} needs the model registry (gptmini.registry with MLflow: "
             f"pip install 'gptmini[pipeline]'), which is unavailable here ({exc}); use --checkpoint DIR instead"
         ) from exc
-    return resolve_model_uri(args.model)
+    return load_pretrained(resolve_model_uri(args.model), device=device)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gptmini generate", description="Stream text from a trained gptmini model.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="folder with model.safetensors + config.json (a run's final/)")
+    src.add_argument("--checkpoint", help="a run folder, final/, checkpoints/best/ or a checkpoints/step_* folder")
     src.add_argument("--model", help="registry URI, e.g. models:/gptmini@production")
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: empty prompt)")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -177,12 +182,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptmini.weights import load_pretrained
-
     args = parse_args(argv)
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
-        model, tok = load_pretrained(resolve_model_dir(args), device=args.device)
+        model, tok = load_for_cli(args, device=args.device)
         prompts = [[tok.eot_token] + tok.encode(text) for text in (args.prompt or [""])]
         generator = None
         if args.seed is not None:

@@ -105,17 +105,16 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, eot_token: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gptmini.generate import resolve_model_dir
-    from gptmini.weights import load_pretrained
+    from gptmini.generate import load_for_cli
 
     p = argparse.ArgumentParser(prog="gptmini export-hf", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="folder with model.safetensors + config.json (a run's final/)")
+    src.add_argument("--checkpoint", help="a run folder, final/, checkpoints/best/ or a checkpoints/step_* folder")
     src.add_argument("--model", help="registry URI, e.g. models:/gptmini@production")
     p.add_argument("--out", required=True, help="output folder (replaced whole if it exists)")
     args = p.parse_args(argv)
     try:
-        model, tok = load_pretrained(resolve_model_dir(args))
+        model, tok = load_for_cli(args)
         out = export_hf(model, args.out, tok.eot_token)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gptmini export-hf: {exc}", file=sys.stderr)

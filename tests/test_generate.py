@@ -1,3 +1,4 @@
+import shutil
 import sys
 
 import pytest
@@ -7,6 +8,7 @@ from model_helpers import one_thread, sharp_model, tiny  # noqa: F401 (autouse f
 from gptmini import GPTOSSMini, ModelConfig
 from gptmini.generate import main as generate_main
 from gptmini.generate import sample_next
+from gptmini.hf import main as export_main
 from gptmini.model import KVCache
 from gptmini.weights import save_pretrained
 
@@ -182,4 +184,18 @@ def test_cli_bad_input_is_one_clear_error(checkpoint, tmp_path, capsys):
     assert generate_main(["--checkpoint", str(checkpoint), "--temperature", "-1"]) == 2
     assert "temperature=-1.0" in capsys.readouterr().err
     assert generate_main(["--checkpoint", str(tmp_path / "missing")]) == 2
-    assert "config.json" in capsys.readouterr().err
+    assert "'" + str(tmp_path / "missing") + "' does not exist" in capsys.readouterr().err
+
+
+def test_cli_takes_a_run_folder_as_gptmini_eval_does(checkpoint, tmp_path, capsys):
+    """`--checkpoint RUN` resolves to the run's final/, else checkpoints/best/ (checkpoint.load_model)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(checkpoint, run / "checkpoints" / "best")
+    args = ["--prompt", "a", "--max-new-tokens", "6", "--temperature", "0"]
+    assert generate_main(["--checkpoint", str(checkpoint), *args]) == 0
+    expected = capsys.readouterr().out
+    assert generate_main(["--checkpoint", str(run), *args]) == 0
+    assert capsys.readouterr().out == expected
+    assert export_main(["--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
