@@ -322,4 +322,7 @@ def test_tracking_params_and_logged_config_hold_no_credentials(tmp_path):
     assert params["data.sources"] and "***" in params["data.sources"]
     assert not [k for k, v in params.items() if SECRET in v]
     assert SECRET not in config.to_toml(cfg)
+    saved = config.to_json(cfg)  # train_config.json, in the run folder and in every checkpoint
+    assert SECRET not in saved and "***" in saved
+    assert config.from_dict(json.loads(saved)).model == cfg.model
 
