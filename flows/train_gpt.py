@@ -393,6 +393,7 @@ def train_gpt(
         train_retries: retries of a failed training (each resumes from the last checkpoint).
     """
     from gptmini.config import PRESETS
+    from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
 
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
@@ -401,6 +402,11 @@ def train_gpt(
     if nnodes > 1 and ":" not in rdzv_endpoint:
         raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint='HOST:PORT' (a host every node reaches); "
                          f"got {rdzv_endpoint!r}")
+    if tokenizer not in KNOWN_TOKENIZERS:
+        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
+    if not 0.0 < val_fraction < 1.0 or max_new_tokens < 1:
+        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1) and max_new_tokens ({max_new_tokens}) >= 1")
+    registry.check_model_name(model_name)  # before a version is registered under it, not after
     sources = check_sources(sources)
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
 

@@ -313,7 +313,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def to_json(cfg: Config) -> str:
-    """train_config.json, saved in the run folder and in every checkpoint (which may be logged as artifacts):
+    """train_config.json, saved in the run folder and in every checkpoint (folders people copy and share):
     credentials in source URLs and the tracking URI are masked, as in config.toml. Nothing reads those two
     fields back from it (resuming takes them from the command line)."""
     return json.dumps(redact_tree(cfg.to_dict()), indent=2, sort_keys=True)

@@ -299,6 +299,14 @@ def promote(mlflow_client, version: int | str, alias: str = PRODUCTION, name: st
     return previous.version if previous else None
 
 
+def check_model_name(name: str) -> str:
+    """A registered model's name is part of its models:/ URIs and a folder of the download cache: letters,
+    digits, _ . and -, and no `..`."""
+    if not (isinstance(name, str) and _SAFE_NAME.fullmatch(name) and ".." not in name):
+        raise RegistryError(f"model name {name!r} is not allowed; use letters, digits, _ . and - (e.g. {MODEL_NAME!r})")
+    return name
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (name, alias, version)."""
     if not uri.startswith("models:/"):

@@ -325,6 +325,9 @@ FLOW_CASES = [
     ({"sources": []}, "sources is empty"),
     ({"sources": ["/no/such/corpus.txt"]}, "/no/such/corpus.txt"),
     ({"sources": ["ftp://example.com/a.txt"]}, "ftp://example.com/a.txt"),
+    ({"model_name": "my model"}, "'my model'"),
+    ({"tokenizer": "gpt5"}, "'gpt5'"),
+    ({"val_fraction": 1.5}, "val_fraction (1.5)"),
 ]
 
 
