@@ -14,6 +14,7 @@ to RUN/mlflow_unsent.jsonl and counted in the log.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -93,6 +94,11 @@ class MlflowTracker(Tracker):
         self.run_dir = run_dir
         self.flush_every_s = flush_every_s
         self.system_metrics = cfg.tracking.system_metrics
+        if self.system_metrics and importlib.util.find_spec("psutil") is None:
+            print("gptmini: system metrics need psutil, which is not installed; logging none "
+                  "(pip install 'gptmini[pipeline]', or --tracking.system_metrics false to silence this)",
+                  file=sys.stderr)
+            self.system_metrics = False
         self.run_id, self.owns_run = self._open_run(cfg)
         self._queue: queue.Queue = queue.Queue()
         self._pending_metrics: list[Any] = []
@@ -238,10 +244,8 @@ class MlflowTracker(Tracker):
     def _sample_system(self) -> None:
         from mlflow.entities import Metric
 
-        try:
-            import psutil
-        except ImportError:
-            return
+        import psutil
+
         now = int(time.time() * 1000)
         proc = psutil.Process()
         values = {
