@@ -306,3 +306,37 @@ def _flow_run_logs(stack: Stack, flow_run_id: str) -> list[str]:
                                             limit=200, offset=len(messages)):
                 messages += [log.message for log in batch]
             return messages
+
+
+def test_cancelled_flow_run_ends_its_mlflow_run_killed_and_leaves_no_trainer(stack, monkeypatch):
+    """`prefect flow-run cancel` while training: the flow run ends Cancelled, its MLflow run KILLED (the
+    flow's on_cancellation hook), and no torchrun or rank is left training (issue 5, item 2)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    up = stack.sh("up", "serve")
+    assert up.returncode == 0, up.stdout + up.stderr
+    extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
+    params = {"preset": "tiny", "steps": 500, "extra_args": extra, "experiment": "faults-cancel",
+              "model_name": "gptmini-cancel"}
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("train-gpt/demo")
+            flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
+    run_id = str(flow_run.id)
+    run_dir = stack.state / "runs" / run_id
+    wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)
+
+    cancel = subprocess.run([str(BIN / "prefect"), "flow-run", "cancel", run_id], capture_output=True, text=True,
+                            timeout=120, env={**env(), **stack.client_env})
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    wait_for(lambda: _flow_run_state(stack, run_id).is_final(), "the cancelled flow run to end", timeout=120)
+    assert _flow_run_state(stack, run_id).type.value == "CANCELLED"
+    wait_for(lambda: not _process_alive_for(run_id), "the flow run's processes to be gone", timeout=60)
+    mc = _mlflow_client(stack, monkeypatch)
+    (mlflow_run,) = mc.search_runs([mc.get_experiment_by_name("faults-cancel").experiment_id],
+                                   f"tags.`prefect.flow_run_id` = '{run_id}'")
+    wait_for(lambda: mc.get_run(mlflow_run.info.run_id).info.status != "RUNNING", "the MLflow run to end", timeout=60)
+    assert mc.get_run(mlflow_run.info.run_id).info.status == "KILLED"
+    assert not mc.search_model_versions("name='gptmini-cancel'")
+    assert max(train_losses(read_metrics(run_dir / "metrics.jsonl"))) < 500  # stopped, not finished
