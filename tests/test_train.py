@@ -142,6 +142,24 @@ def test_fsdp_checkpoint_loads_at_another_world_size(baselines):
         torch.testing.assert_close(state[k], final[k], rtol=0, atol=0, msg=k)
 
 
+def test_fsdp_checkpoint_resumes_training_at_another_world_size(baselines, prepared_dir, tmp_path):
+    """The 2-rank FSDP checkpoint of step 4, resumed by one process with 2x accumulation (the same global
+    batch): DCP reshards the weights and the optimizer, the sampler's position is global, so steps 5-8
+    repeat the FSDP run's losses and end on its weights."""
+    ckpt = baselines["fsdp"] / "checkpoints" / "step_00000004"
+    assert read_json(ckpt / "trainer_state.json")["world_size"] == 2
+    out = tmp_path / "resumed-1p"
+    proc = run(train_cmd(prepared_dir, out, None, "--resume", str(ckpt)))
+    assert "written by 2 rank(s), this run has 1" in proc.stdout
+    resumed = train_losses(read_metrics(out / "metrics.jsonl"))
+    fsdp = train_losses(read_metrics(baselines["fsdp"] / "metrics.jsonl"))
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert [resumed[s] for s in range(5, 9)] == pytest.approx([fsdp[s] for s in range(5, 9)], rel=1e-4)
+    a, b = weights(out), weights(baselines["fsdp"])
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_best_and_final_load_with_load_pretrained(baselines):
     from gptmini.weights import load_pretrained
 
