@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,24 +243,31 @@ def _process_alive_for(flow_run_id: str) -> bool:
     return flow_run_id in live_flow_run_ids()
 
 
-def test_serving_process_killed_mid_flow_run_then_retried_resumes(stack, ledger, monkeypatch):
+def _demo_run_at_first_checkpoint(stack: Stack, params: dict) -> tuple[str, Path]:
+    """(flow run id, run folder) of a `train-gpt/demo` run of the tiny preset with `params`, started through
+    the serving process, once its first checkpoint is written."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with ledger.trial(SERVE_KILLED):
-        up = stack.sh("up", "serve")
-        assert up.returncode == 0, up.stdout + up.stderr
-        extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
-        params = {"preset": "tiny", "steps": 8, "extra_args": extra, "prompts": ["def"], "max_new_tokens": 4,
-                  "promotion": "always", "experiment": "faults-flow", "model_name": "gptmini-faults"}
-        with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
-            with get_client(sync_client=True) as client:
-                deployment = client.read_deployment_by_name("train-gpt/demo")
-                flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-        run_id = str(flow_run.id)
-        run_dir = stack.state / "runs" / run_id
+    up = stack.sh("up", "serve")
+    assert up.returncode == 0, up.stdout + up.stderr
+    extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("train-gpt/demo")
+            flow_run = client.create_flow_run_from_deployment(
+                deployment.id, parameters={"preset": "tiny", "extra_args": extra, **params})
+    run_id = str(flow_run.id)
+    run_dir = stack.state / "runs" / run_id
+    wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)
+    return run_id, run_dir
 
-        wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)
+
+def test_serving_process_killed_mid_flow_run_then_retried_resumes(stack, ledger, monkeypatch):
+    with ledger.trial(SERVE_KILLED):
+        run_id, run_dir = _demo_run_at_first_checkpoint(stack, {
+            "steps": 8, "prompts": ["def"], "max_new_tokens": 4, "promotion": "always",
+            "experiment": "faults-flow", "model_name": "gptmini-faults"})
         os.killpg(stack.pid("serve"), signal.SIGKILL)  # the serving process and the flow run it runs
         wait_for(lambda: not _process_alive_for(run_id), "the flow run's processes to be gone", timeout=60)
         assert _flow_run_state(stack, run_id).type.value == "RUNNING"  # what Prefect believes: the lie to fix
@@ -311,21 +317,8 @@ def _flow_run_logs(stack: Stack, flow_run_id: str) -> list[str]:
 def test_cancelled_flow_run_ends_its_mlflow_run_killed_and_leaves_no_trainer(stack, monkeypatch):
     """`prefect flow-run cancel` while training: the flow run ends Cancelled, its MLflow run KILLED (the
     flow's on_cancellation hook), and no torchrun or rank is left training (issue 5, item 2)."""
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-    up = stack.sh("up", "serve")
-    assert up.returncode == 0, up.stdout + up.stderr
-    extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
-    params = {"preset": "tiny", "steps": 500, "extra_args": extra, "experiment": "faults-cancel",
-              "model_name": "gptmini-cancel"}
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
-        with get_client(sync_client=True) as client:
-            deployment = client.read_deployment_by_name("train-gpt/demo")
-            flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-    run_id = str(flow_run.id)
-    run_dir = stack.state / "runs" / run_id
-    wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)
+    run_id, run_dir = _demo_run_at_first_checkpoint(stack, {
+        "steps": 500, "experiment": "faults-cancel", "model_name": "gptmini-cancel"})
 
     cancel = subprocess.run([str(BIN / "prefect"), "flow-run", "cancel", run_id], capture_output=True, text=True,
                             timeout=120, env={**env(), **stack.client_env})
