@@ -404,8 +404,10 @@ def train_gpt(
                          f"got {rdzv_endpoint!r}")
     if tokenizer not in KNOWN_TOKENIZERS:
         raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
-    if not 0.0 < val_fraction < 1.0 or max_new_tokens < 1:
-        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1) and max_new_tokens ({max_new_tokens}) >= 1")
+    if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
+        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of documents")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     registry.check_model_name(model_name)  # before a version is registered under it, not after
     sources = check_sources(sources)
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel

@@ -214,7 +214,7 @@ def test_checkpoint_cut_mid_write_is_ignored_and_the_previous_one_used(baselines
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_sigterm_saves_a_checkpoint_and_exits_0(sig, prepared_dir, tmp_path):
+def test_preemption_signal_saves_a_checkpoint_and_exits_0(sig, prepared_dir, tmp_path):
     """A preemption (SIGTERM), or Ctrl-C (SIGINT): the step finishes, a checkpoint is written, exit 0."""
     out = tmp_path / "run"
     cmd = train_cmd(prepared_dir, out, None, "--steps", "200", "--train.ckpt_every", "1000")
