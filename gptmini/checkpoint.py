@@ -4,8 +4,8 @@ A training checkpoint `RUN/checkpoints/step_XXXXXXXX/` holds:
 
     dcp/                      model + optimizer tensors (torch.distributed.checkpoint: sharded under FSDP,
                               resharded on load, so a checkpoint loads at another world size)
-    trainer_state.json        step, tokens seen, best val loss, scheduler, optimizer param groups
-    rank_00000.json ...       per rank: the data sampler's position and the python/numpy/torch/CUDA RNG states
+    trainer_state.json        step, tokens seen, best val loss, the data sampler's (global) position
+    rank_00000.json ...       per rank: the python/numpy/torch/CUDA RNG states
     train_config.json         the resolved config (exact; config.toml is the readable copy)
     COMPLETE                  the commit marker, written last
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
-import json
 import os
 import pickle
 import random
@@ -44,70 +43,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gptmini import parallel
+from gptmini import parallel, weights
+from gptmini.errors import MissingPathError, UserError
+from gptmini.files import fsync_dir, fsync_tree, read_json, write_atomic, write_json
+from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
 
 STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be trusted or read; the message names the file."""
-
-
-# Atomic files and folders
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Temp file + fsync + rename: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
-
-
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished folder into place, replacing an older one (best/, final/)."""
-    fsync_tree(tmp)
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # RNG states as JSON
@@ -274,8 +221,7 @@ def save_checkpoint(
         dcp.save(payload, storage_writer=dcp.FileSystemWriter(tmp / "dcp", sync_files=True), no_dist=not env.distributed)
     write_json(tmp / f"rank_{env.rank:05d}.json", rank_state)
     if env.is_main:
-        state = dict(trainer_state, world_size=env.world_size, optimizer_param_groups=_param_groups(optim_sd))
-        write_json(tmp / "trainer_state.json", state)
+        write_json(tmp / "trainer_state.json", dict(trainer_state, world_size=env.world_size))
         write_atomic(tmp / "train_config.json", config_json)
         write_atomic(tmp / "config.toml", config_toml)
     parallel.barrier()
@@ -290,10 +236,6 @@ def save_checkpoint(
             shutil.rmtree(old)
     parallel.barrier()
     return final
-
-
-def _param_groups(optim_sd: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in g.items() if k != "params"} for g in optim_sd["param_groups"]]
 
 
 def _dcp_load(state: dict[str, Any], path: Path, env: parallel.DistEnv) -> None:
@@ -341,54 +283,36 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-# Weights (best/, final/) and loading for eval/generate
-
-def save_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], out: Path, extra: dict[str, Any]) -> None:
-    """Rank 0: `model` is a plain (unwrapped) model; its weights are replaced by `state_dict` when given."""
-    from gptmini import weights
-
-    out = Path(out)
-    tmp = out.with_name(f".tmp_{out.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    weights.save_pretrained(model, tmp)
-    write_json(tmp / "train_info.json", extra)
-    replace_dir(tmp, out)
+# Loading a model for evaluation, generation and export
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) from a run folder, a `final/`/`best/` folder, or a training checkpoint folder.
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """(model in eval mode, tokenizer) from a run folder, a weights folder (final/, checkpoints/best/, a
+    downloaded registry version) or a training checkpoint folder: the one loader every caller uses.
 
     A run folder resolves to final/, else checkpoints/best/, else its latest complete checkpoint.
     """
-    from gptmini import weights
-
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist; pass a run, final/ or checkpoint folder")
+        raise MissingPathError(f"checkpoint path {str(path)!r} does not exist; pass a run, final/ or checkpoint folder")
     if (path / "checkpoints").is_dir() or (path / "final").is_dir():
         for candidate in (path / "final", path / "checkpoints" / "best"):
-            if (candidate / "model.safetensors").is_file():
+            if (candidate / weights.WEIGHTS_NAME).is_file():
                 return weights.load_pretrained(candidate, device=device)
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
+            raise MissingPathError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
         path = latest
-    if (path / "model.safetensors").is_file():
+    if (path / weights.WEIGHTS_NAME).is_file():
         return weights.load_pretrained(path, device=device)
     if not is_complete(path):
-        raise ValueError(
+        raise CheckpointError(
             f"{str(path)!r} is neither a weights folder (model.safetensors + config.json) nor a complete "
             f"training checkpoint ({MARKER} marker); pass a run folder, final/, best/ or checkpoints/{STEP_PREFIX}*"
         )
-    from gptmini import config as config_mod
-    from gptmini.model import GPTOSSMini
-    from gptmini.tokenizer import get_tokenizer
-
-    cfg = config_mod.from_dict(read_json(path / "train_config.json"))
-    model = GPTOSSMini(cfg.model)
-    env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))
-    load_checkpoint(path, model, None, env)
-    return model.to(device).eval(), get_tokenizer(cfg.model.tokenizer)
+    model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
+    model = GPTOSSMini(model_config)
+    load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
+    tokenizer = get_tokenizer(model_config.tokenizer)
+    check_vocab(model_config.vocab_size, tokenizer)
+    return model.to(device).eval(), tokenizer

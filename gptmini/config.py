@@ -11,7 +11,6 @@ JSON and MLflow params unchanged.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -28,14 +27,16 @@ else:  # pragma: no cover
 
 import tomli_w
 
-from gptmini.model import PRESETS, ModelConfig
+from gptmini.errors import UserError
+from gptmini.model import ModelConfig
+from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
 from gptmini.redact import redact_tree
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value the user must fix; the message names the value and the fix."""
 
 
@@ -120,52 +121,46 @@ class Config:
 
 SECTIONS = ("model", "data", "optim", "train", "tracking")
 
-# The training half of each model preset in gptmini.model.PRESETS (sections of overrides).
-# configs/<name>.toml spell the same values out as files to copy and edit.
-TRAIN_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "tiny": {
-        "data": {"seq_len": 32, "batch_size": 4},
-        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
-        "train": {"steps": 20, "log_every": 1, "eval_every": 10, "eval_batches": 2, "ckpt_every": 10},
-    },
-    # Small batches, many steps: on 2 CPU cores the 100k-row output layer costs most of each token, so the
-    # demo gets the most learning per token (about one pass over the embedded corpus).
-    "demo": {
-        "data": {"seq_len": 64, "batch_size": 4},
-        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
-        "train": {"steps": 400, "log_every": 10, "eval_every": 50, "eval_batches": 4, "ckpt_every": 100},
-    },
+# The named presets, model and training together: the one place they are written. `gptmini train --preset
+# NAME --print-config` writes one out as a TOML file to copy and edit.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # The seed notebook's config dict, verbatim. 50304 is GPT-2's 50257 padded to a multiple of 128.
     "seed": {
+        "model": {"tokenizer": "gpt2"},
         "data": {"seq_len": 1024, "batch_size": 16},
         "optim": {"lr": 6e-4, "min_lr": 6e-5, "warmup_steps": 1000},
         "train": {"steps": 20000, "grad_accum": 4, "log_every": 50, "eval_every": 1000, "ckpt_every": 1000},
     },
-}
-
-# Short spellings for the flags people type most (the flow passes these too).
-ALIASES: dict[str, tuple[str, ...]] = {
-    "data.data_dir": ("--data-dir",),
-    "data.sources": ("--sources",),
-    "data.batch_size": ("--batch-size",),
-    "data.seq_len": ("--seq-len",),
-    "optim.lr": ("--lr",),
-    "train.out_dir": ("--out", "--out-dir"),
-    "train.steps": ("--steps",),
-    "train.grad_accum": ("--grad-accum",),
-    "train.parallel": ("--parallel",),
-    "train.device": ("--device",),
-    "train.compile": ("--compile",),
-    "train.deterministic": ("--deterministic",),
-    "train.seed": ("--seed",),
-    "train.resume": ("--resume",),
-    "tracking.tracking_uri": ("--tracking-uri",),
-    "tracking.experiment": ("--experiment",),
-    "tracking.run_id": ("--mlflow-run-id",),
-    "tracking.run_name": ("--run-name",),
+    # The seed's demonstration model (256 dim, 4 layers) on cl100k_base (100277 padded to 100352), sized to
+    # train for a few minutes on a laptop CPU. Small batches, many steps: on 2 CPU cores the 100k-row output
+    # layer costs most of each token, so the demo gets the most learning per token (about one pass over the
+    # embedded corpus, which leaves nothing for dropout to regularise).
+    "demo": {
+        "model": {"vocab_size": 100352, "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2,
+                  "d_ff": 1024, "num_experts": 4, "top_k": 2, "max_seq_len": 256, "dropout": 0.0},
+        "data": {"seq_len": 64, "batch_size": 4},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
+        "train": {"steps": 400, "log_every": 10, "eval_every": 50, "eval_batches": 4, "ckpt_every": 100},
+    },
+    # For tests: every feature on (GQA, MoE), as small as the cl100k vocabulary allows.
+    "tiny": {
+        "model": {"vocab_size": 100352, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "d_ff": 128, "num_experts": 4, "top_k": 2, "max_seq_len": 128, "dropout": 0.0},
+        "data": {"seq_len": 32, "batch_size": 4},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "train": {"steps": 20, "log_every": 1, "eval_every": 10, "eval_batches": 2, "ckpt_every": 10},
+    },
 }
 
 
-def _section_types(section: str) -> dict[str, Any]:
+def model_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a named preset, with `overrides` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name]["model"], **overrides})
+
+
+def section_types(section: str) -> dict[str, Any]:
     return typing.get_type_hints(typing.get_type_hints(Config)[section])
 
 
@@ -218,7 +213,7 @@ def _apply(cfg: Config, overrides: dict[str, Any], origin: str) -> None:
             raise ConfigError(
                 f"{origin}: unknown section [{section}]; valid sections: {', '.join(SECTIONS)} (and top-level `preset`)"
             )
-        hints = _section_types(section)
+        hints = section_types(section)
         target = getattr(cfg, section)
         for key, value in values.items():
             if key not in hints:
@@ -231,8 +226,8 @@ def _apply(cfg: Config, overrides: dict[str, Any], origin: str) -> None:
 def from_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    cfg = Config(preset=name, model=dataclasses.replace(PRESETS[name]))
-    _apply(cfg, TRAIN_PRESETS.get(name, {}), f"preset {name!r}")
+    cfg = Config(preset=name)
+    _apply(cfg, PRESETS[name], f"preset {name!r}")
     return cfg
 
 
@@ -286,10 +281,8 @@ def validate(cfg: Config) -> None:
         ModelConfig(**dataclasses.asdict(cfg.model))
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    from gptmini.tokenizer import KNOWN
-
-    if cfg.model.tokenizer not in KNOWN:
-        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}; choose one of: {', '.join(KNOWN)}")
+    if cfg.model.tokenizer not in KNOWN_TOKENIZERS:
+        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
 
 
 def to_toml(cfg: Config) -> str:
@@ -317,38 +310,3 @@ def to_json(cfg: Config) -> str:
     credentials in source URLs and the tracking URI are masked, as in config.toml. Nothing reads those two
     fields back from it (resuming takes them from the command line)."""
     return json.dumps(redact_tree(cfg.to_dict()), indent=2, sort_keys=True)
-
-
-def build_parser(prog: str = "gptmini train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train gptmini. Precedence: CLI flags > --config TOML > --preset > defaults. "
-        "Run under `torchrun --nproc-per-node N -m gptmini.train` for DDP/FSDP.",
-        argument_default=argparse.SUPPRESS,
-    )
-    p.add_argument("--config", help="TOML file with [model]/[data]/[optim]/[train]/[tracking] sections")
-    p.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)} (default: the TOML's, else {Config.preset})")
-    for section in SECTIONS:
-        group = p.add_argument_group(f"[{section}]")
-        for key, hint in _section_types(section).items():
-            dest = f"{section}.{key}"
-            flags = (f"--{dest}", *ALIASES.get(dest, ()))
-            origin = typing.get_origin(hint)
-            if origin is list:
-                group.add_argument(*flags, dest=dest, nargs="+", metavar="VALUE")
-            elif hint is bool:
-                group.add_argument(*flags, dest=dest, nargs="?", const="true", metavar="BOOL")
-            else:
-                group.add_argument(*flags, dest=dest, metavar="VALUE")
-    return p
-
-
-def parse_args(argv: list[str] | None) -> Config:
-    """Parse CLI flags into a resolved Config; raises ConfigError on bad values."""
-    ns = vars(build_parser().parse_args(argv))
-    cli: dict[str, dict[str, Any]] = {}
-    for dest, value in ns.items():
-        if "." in dest:
-            section, key = dest.split(".", 1)
-            cli.setdefault(section, {})[key] = value
-    return load(ns.get("config"), cli, ns.get("preset"))

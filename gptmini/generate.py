@@ -1,4 +1,4 @@
-"""Sampling and `gptmini generate`.
+"""Sampling: greedy, temperature, top-k and top-p, streamed token by token.
 
 The decoding loop runs the prompt once (prefill) and then one token per step against a preallocated KV
 cache (`gptmini.model.KVCache`); `use_cache=False` recomputes the whole sequence every step instead, which
@@ -6,14 +6,12 @@ is the reference the cache is tested against. Prompts of different lengths are l
 """
 from __future__ import annotations
 
-import argparse
-import codecs
-import sys
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from gptmini.errors import UserError
 from gptmini.model import GPTOSSMini, KVCache
 
 Prompts = Tensor | Sequence[Sequence[int]]
@@ -21,11 +19,11 @@ Prompts = Tensor | Sequence[Sequence[int]]
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1, or None to keep every token")
+        raise UserError(f"top_k={top_k} must be >= 1, or None to keep every token")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1], or None to keep every token")
+        raise UserError(f"top_p={top_p} must be in (0, 1], or None to keep every token")
 
 
 def sample_next(
@@ -60,11 +58,11 @@ def left_pad(prompts: Prompts, fill: int, device: torch.device) -> tuple[Tensor,
     """(B, T) ids and (B,) padding counts, None when every prompt has the same length."""
     if isinstance(prompts, Tensor):
         if prompts.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(prompts.shape)}")
+            raise UserError(f"input_ids must be (batch, seq_len), got shape {tuple(prompts.shape)}")
         return prompts.to(device), None
     lengths = [len(p) for p in prompts]
     if not prompts or min(lengths) == 0:
-        raise ValueError("every prompt needs at least one token (start an empty prompt with end-of-text)")
+        raise UserError("every prompt needs at least one token (start an empty prompt with end-of-text)")
     T = max(lengths)
     idx = torch.tensor([[fill] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     pad = torch.tensor([T - n for n in lengths], dtype=torch.long, device=device)
@@ -93,7 +91,7 @@ def stream(
     B, T = idx.shape
     total = T + max_new_tokens
     if total > cfg.max_seq_len and cfg.rope_scaling is None and cfg.sliding_window is None:
-        raise ValueError(
+        raise UserError(
             f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} exceeds max_seq_len={cfg.max_seq_len}; "
             f"shorten them, or set rope_scaling='ntk' or a sliding_window in the model config"
         )
@@ -144,87 +142,17 @@ def sampling_mask(tokenizer, vocab_size: int, device: torch.device) -> Tensor:
     return allowed
 
 
-def load_for_cli(args: argparse.Namespace, device: str = "cpu"):
-    """(model, tokenizer) for `--checkpoint` (a run folder, final/, best/ or checkpoints/step_*, as
-    `gptmini eval` takes) or `--model` (a registry URI)."""
-    from gptmini.checkpoint import load_model
-    from gptmini.weights import load_pretrained
-
-    if args.checkpoint:
-        return load_model(args.checkpoint, device=device)
-    try:
-        from gptmini.registry import resolve_model_uri
-    except ImportError as exc:
-        raise ValueError(
-            f"--model {args.model} needs the model registry (gptmini.registry with MLflow: "
-            f"pip install 'gptmini[pipeline]'), which is unavailable here ({exc}); use --checkpoint DIR instead"
-        ) from exc
-    return load_pretrained(resolve_model_uri(args.model), device=device)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="gptmini generate", description="Stream text from a trained gptmini model.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a run folder, final/, checkpoints/best/ or a checkpoints/step_* folder")
-    src.add_argument("--model", help="registry URI, e.g. models:/gptmini@production")
-    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch (default: empty prompt)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
-        model, tok = load_for_cli(args, device=args.device)
-        prompts = [[tok.eot_token] + tok.encode(text) for text in (args.prompt or [""])]
-        generator = None
-        if args.seed is not None:
-            generator = torch.Generator(device=args.device).manual_seed(args.seed)
-        tokens = stream(
-            model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, eos_token_id=tok.eot_token, use_cache=not args.no_cache, generator=generator,
-            allowed=sampling_mask(tok, model.config.vocab_size, torch.device(args.device)),
-        )
-        if len(prompts) == 1:
-            print_stream(tok, args.prompt[0] if args.prompt else "", tokens)
-        else:
-            print_batch(tok, args.prompt, tokens)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"gptmini generate: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def print_stream(tok, prompt: str, tokens: Iterator[Tensor]) -> None:
-    # A character can span several tokens: decode bytes incrementally so nothing prints half a character.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(prompt)
-    for column in tokens:
-        t = int(column[0])
-        if t == tok.eot_token:
-            break
-        sys.stdout.write(utf8.decode(tok.decode_bytes([t])))
-        sys.stdout.flush()
-    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
-
-
-def print_batch(tok, prompts: list[str], tokens: Iterator[Tensor]) -> None:
-    rows = torch.stack(list(tokens), dim=1).tolist()  # (B, new)
-    for i, (prompt, row) in enumerate(zip(prompts, rows)):
-        if tok.eot_token in row:
-            row = row[: row.index(tok.eot_token)]
-        print(f"--- [{i}]\n{prompt}{tok.decode(row)}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def generate_text(model: GPTOSSMini, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
+                  top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0) -> str:
+    """One continuation of `prompt`, as `gptmini generate` samples it: the prompt follows end-of-text (a
+    document starts there), temperature 0 is greedy, top_k <= 0 and top_p >= 1 are off."""
+    device = next(model.parameters()).device
+    ids = [tokenizer.eot_token] + tokenizer.encode(prompt)
+    out = generate(
+        model, [ids], int(max_new_tokens), temperature=float(temperature),
+        top_k=int(top_k) if top_k and int(top_k) > 0 else None,
+        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
+        eos_token_id=tokenizer.eot_token, generator=torch.Generator(device=device).manual_seed(int(seed)),
+        allowed=sampling_mask(tokenizer, model.config.vocab_size, device),
+    )[0]
+    return tokenizer.decode([t for t in out[len(ids):] if t != tokenizer.eot_token])

@@ -6,16 +6,15 @@ RMSNorm, SwiGLU and routing already follow those models, which tests/test_hf.py 
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from gptmini.model import GPTOSSMini, ModelConfig
-from gptmini.weights import model_state, unwrap, write_dir_atomic, write_json
+from gptmini.files import write_dir_atomic, write_json
+from gptmini.weights import model_state, unwrap
 
 
 def hf_architecture(config: ModelConfig) -> tuple[str, str]:
@@ -102,27 +101,3 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, eot_token: i
             "config.json": lambda p: write_json(p, config),
         },
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gptmini.generate import load_for_cli
-
-    p = argparse.ArgumentParser(prog="gptmini export-hf", description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a run folder, final/, checkpoints/best/ or a checkpoints/step_* folder")
-    src.add_argument("--model", help="registry URI, e.g. models:/gptmini@production")
-    p.add_argument("--out", required=True, help="output folder (replaced whole if it exists)")
-    args = p.parse_args(argv)
-    try:
-        model, tok = load_for_cli(args)
-        out = export_hf(model, args.out, tok.eot_token)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"gptmini export-hf: {exc}", file=sys.stderr)
-        return 2
-    arch, _ = hf_architecture(model.config)
-    print(f"wrote {arch} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

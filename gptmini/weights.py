@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptmini.errors import MissingPathError, UserError
+from gptmini.files import write_dir_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig, rope_inv_freq
 from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
 
@@ -38,31 +37,6 @@ def model_state(model: GPTOSSMini) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def write_dir_atomic(dest: str | os.PathLike, files: dict[str, Callable[[Path], None]]) -> Path:
-    """Create `dest` with each file written by `files[name](path)`; replaces an existing `dest` whole."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-        old = None
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
     model = unwrap(model)
     state = model_state(model)
@@ -79,7 +53,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, metada
 def load_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{path} not found; pass a folder written by gptmini.weights.save_pretrained "
             f"(a run's final/ or checkpoints/best/)"
         )
@@ -102,7 +76,7 @@ def load_pretrained(
             state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
     except (SafetensorError, KeyError, RuntimeError) as exc:  # a damaged file, or one of another config
-        raise ValueError(f"{path} does not hold this config.json's weights ({str(exc).splitlines()[0][:200]}); "
+        raise UserError(f"{path} does not hold this config.json's weights ({str(exc).splitlines()[0][:200]}); "
                          f"pass a folder written by gptmini.weights.save_pretrained") from None
     if config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight

@@ -13,7 +13,7 @@ import torch
 from gptmini import checkpoint, config
 from gptmini.model import GPTOSSMini, PRESETS
 from gptmini.parallel import DistEnv
-from gptmini.train import build_optimizer
+from gptmini.optim import build_optimizer
 
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 SMALL = dict(vocab_size=512, tokenizer="cl100k_base")  # a small table: these tests never tokenize
@@ -26,7 +26,7 @@ def tiny_model() -> GPTOSSMini:
 
 def trained(steps: int = 2) -> tuple[GPTOSSMini, torch.optim.Optimizer]:
     model = tiny_model()
-    opt = build_optimizer(model, config.OptimConfig(lr=1e-2), ENV.device)
+    opt = build_optimizer(model, config.OptimConfig(lr=1e-2))
     for _ in range(steps):
         x = torch.randint(0, 512, (2, 8))
         _, loss = model(x, x)
@@ -45,7 +45,7 @@ def test_model_and_optimizer_state_round_trip_exactly(tmp_path):
     model, opt = trained()
     path = save(tmp_path, 2, model, opt)
     model2, opt2 = tiny_model(), None
-    opt2 = build_optimizer(model2, config.OptimConfig(lr=1e-2), ENV.device)
+    opt2 = build_optimizer(model2, config.OptimConfig(lr=1e-2))
     state, rank_state = checkpoint.load_checkpoint(path, model2, opt2, ENV)
     assert state["step"] == 2 and state["world_size"] == 1 and rank_state is not None
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):

@@ -73,13 +73,13 @@ def test_every_service_binds_127_0_0_1_only():
 def real_checkpoint(tmp_path_factory) -> Path:
     """A genuine training checkpoint (tiny preset, one AdamW step), written by save_checkpoint."""
     from gptmini.model import GPTOSSMini
-    from gptmini.train import build_optimizer
+    from gptmini.optim import build_optimizer
 
     run = tmp_path_factory.mktemp("ckpt") / "run"
     cfg = config.load(cli={"data": {"data_dir": str(run / "data")}, "train": {"out_dir": str(run)}}, preset="tiny")
     torch.manual_seed(0)
     model = GPTOSSMini(cfg.model)
-    opt = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim)
     _, loss = model(torch.randint(0, 1000, (1, 8)), torch.randint(0, 1000, (1, 8)))
     loss.backward()
     opt.step()

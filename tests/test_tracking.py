@@ -104,7 +104,7 @@ def test_no_tracking_uri_means_no_tracker(monkeypatch, tmp_path):
 def test_training_runs_with_mlflow_absent(prepared_dir, tmp_path):
     """A tracking URI set on a machine without MLflow (the GPU boxes): a warning, and training goes on."""
     code = ("import sys; sys.modules['mlflow'] = None; from gptmini.train import main; "
-            f"sys.exit(main(sys.argv[1:]))")
+            "sys.exit(main(sys.argv[1:]))")
     args = [*TINY, "--steps", "1", "--data-dir", str(prepared_dir), "--out", str(tmp_path / "run"),
             "--tracking-uri", "http://127.0.0.1:9"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)

@@ -5,12 +5,11 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from gptmini import config
 from gptmini.config import ConfigError
 from gptmini.model import GPTOSSMini, PRESETS
-from gptmini.train import build_optimizer, get_lr
+from gptmini.optim import build_optimizer, get_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +84,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 def test_weight_decay_applies_to_matrices_only():
     model = GPTOSSMini(PRESETS["tiny"])
-    opt = build_optimizer(model, config.OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, config.OptimConfig(weight_decay=0.1))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in plain["params"])

@@ -10,15 +10,15 @@ memory map costs microseconds, and no prefetching worker means the sampler's pos
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gptmini.data.prepare import FORMAT, SPLITS
-from gptmini.data.sources import DataError, sha256_file
+from gptmini.data.prepare import SPLITS, read_manifest
+from gptmini.data.sources import DataError
+from gptmini.files import sha256_file
 
 RERUN = "re-run `gptmini prepare ... --out {dir} --force` to rebuild the shards"
 
@@ -64,19 +64,6 @@ class TokenShards:
             parts.append(self.segments[i][pos - self.offsets[i] : end - self.offsets[i]])
             pos = end
         return np.concatenate(parts)
-
-
-def read_manifest(data_dir: Path) -> dict:
-    path = data_dir / "manifest.json"
-    if not path.exists():
-        raise DataError(f"no manifest.json in {data_dir}; run `gptmini prepare SOURCE... --out {data_dir}` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); {RERUN.format(dir=data_dir)}") from exc
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}; {RERUN.format(dir=data_dir)}")
-    return manifest
 
 
 def _open_shard(data_dir: Path, shard: dict, n_vocab: int, verify: bool) -> list[np.ndarray]:
@@ -273,6 +260,21 @@ class WindowLoader:
         self.sampler.load_state_dict(state)
 
 
+def eval_loader(data_dir: str | Path, split: str, seq_len: int, batch_size: int = 8, rank: int = 0,
+                world_size: int = 1, device: str | torch.device = "cpu", verify: bool = True) -> WindowLoader:
+    """A split in order, as non-overlapping windows: each `for x, y in loader` is one full pass over this
+    rank's part, with the same batch count on every rank (FSDP gathers weights inside forward)."""
+    tokens = TokenShards.open(data_dir, split, verify)
+    if len(tokens) < seq_len + 1 + seq_len * (world_size - 1):
+        raise DataError(
+            f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than one window of seq_len={seq_len} "
+            f"(+1) per rank on {world_size} rank(s); raise --val-fraction, add documents or lower the seq_len"
+        )
+    windows = SlidingWindowDataset(tokens, seq_len, seq_len)
+    sampler = DistributedWindowSampler(len(windows), rank, world_size, shuffle=False)
+    return WindowLoader(windows, sampler, batch_size, device)
+
+
 def build_loaders(
     data_dir: str | Path,
     seq_len: int,
@@ -307,17 +309,12 @@ def build_loaders(
             f"for world_size={world_size}: add text, or lower batch_size, seq_len or stride"
         )
     train = WindowLoader(train_ds, DistributedWindowSampler(len(train_ds), rank, world_size, seed), batch_size, device)
-    val_tokens = TokenShards.open(data_dir, "val", verify)
-    if len(val_tokens) < seq_len + 1 + seq_len * (world_size - 1):
-        warnings.warn(
-            f"the val split of {data_dir} has {len(val_tokens)} tokens, fewer than one window of seq_len={seq_len} "
-            f"per rank on {world_size} rank(s): no validation loader; raise --val-fraction or add documents",
-            stacklevel=2,
-        )
+    try:
+        val = eval_loader(data_dir, "val", seq_len, batch_size, rank, world_size, device, verify)
+    except DataError as exc:
+        warnings.warn(f"{exc}: no validation loader", stacklevel=2)
         return train, None
-    val_ds = SlidingWindowDataset(val_tokens, seq_len, seq_len)  # validation: non-overlapping windows
-    val = WindowLoader(val_ds, DistributedWindowSampler(len(val_ds), rank, world_size, seed, shuffle=False), batch_size, device)
     return train, val
 
 
-__all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "DistributedWindowSampler", "WindowLoader", "build_loaders"]
+__all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "DistributedWindowSampler", "WindowLoader", "build_loaders", "eval_loader"]

@@ -1,4 +1,4 @@
-"""`gptmini prepare SOURCE... --out DIR`: text → tiktoken ids → uint32 Arrow IPC shards + manifest.json.
+"""Preparing a corpus: text → tiktoken ids → uint32 Arrow IPC shards + manifest.json.
 
 The main process reads and decodes the sources and decides each document's split; worker processes
 tokenize (tiktoken releases the GIL, but one process per core also overlaps the Python-side work); the
@@ -12,7 +12,6 @@ and does nothing.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -34,14 +33,13 @@ from gptmini.data.sources import (
     HttpOptions,
     Source,
     Stats,
-    atomic_write_bytes,
     default_cache_dir,
     nonempty_documents,
     open_source,
     replaced_bytes,
-    sha256_file,
     utc_now,
 )
+from gptmini.files import read_json, sha256_file, write_atomic
 from gptmini.redact import redact_tree
 from gptmini.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
@@ -240,8 +238,10 @@ class ShardWriter:
 # The command
 
 
-def input_key(cfg: PrepareConfig, sources: list[Source]) -> str:
-    """A hash of everything the shards depend on: the inputs' bytes and the settings that shape the output."""
+def input_key(cfg: PrepareConfig, inputs: list[dict]) -> str:
+    """The tokenization cache key: a hash of everything the shards depend on, the inputs' bytes and the
+    settings that shape the output. `inputs` is `[{"spec": SOURCE, "inputs": [provenance, ...]}, ...]`, the
+    shape of the manifest's `sources`; the flow keys its shard folders and its task cache by the same hash."""
     key = {
         "format": FORMAT,
         "tokenizer": cfg.tokenizer,
@@ -249,19 +249,34 @@ def input_key(cfg: PrepareConfig, sources: list[Source]) -> str:
         "shard_tokens": cfg.shard_tokens,
         "chunk_chars": cfg.chunk_chars,
         "text_field": cfg.text_field,
-        "sources": [[s.spec, [p["sha256"] for p in s.provenance]] for s in sources],
+        "sources": [[s["spec"], [p["sha256"] for p in s["inputs"]]] for s in inputs],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def read_manifest(out: Path) -> dict | None:
-    path = out / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a prepared folder; a missing, unreadable or foreign one is a DataError that says
+    how to rebuild it."""
+    path = Path(data_dir) / "manifest.json"
+    rerun = f"re-run `gptmini prepare SOURCE... --out {data_dir} --force` to rebuild it"
+    if not path.exists():
+        raise DataError(f"no manifest.json in {data_dir}; run `gptmini prepare SOURCE... --out {data_dir}` first")
+    try:
+        manifest = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); {rerun}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path} has format {found!r}, expected {FORMAT!r}; {rerun}")
+    return manifest
 
 
 def _up_to_date(out: Path, key: str) -> dict | None:
-    manifest = read_manifest(out)
-    if manifest is None or manifest.get("input_key") != key:
+    try:
+        manifest = read_manifest(out)
+    except DataError:  # none yet, or one to overwrite
+        return None
+    if manifest.get("input_key") != key:
         return None
     for split in manifest["splits"].values():
         for shard in split["shards"]:
@@ -299,7 +314,7 @@ def prepare(cfg: PrepareConfig) -> Result:
         for spec in cfg.sources
     ]
     out = Path(cfg.out)
-    key = input_key(cfg, sources)
+    key = input_key(cfg, [{"spec": s.spec, "inputs": s.provenance} for s in sources])
     if not cfg.force and (manifest := _up_to_date(out, key)) is not None:
         return Result(manifest, True, time.perf_counter() - t0, 0, 0)
 
@@ -320,8 +335,11 @@ def prepare(cfg: PrepareConfig) -> Result:
                       f"{counts.text_chars / 1e6 / (last_report - t0):.1f}M characters/s", file=sys.stderr, flush=True)
         shards = [w.close() for w in writers]
     except BaseException:
-        live = read_manifest(out)
-        keep = {s["file"] for split in live["splits"].values() for s in split["shards"]} if live else set()
+        try:
+            live = read_manifest(out)
+            keep = {s["file"] for split in live["splits"].values() for s in split["shards"]}
+        except DataError:
+            keep = set()
         for w in writers:
             w.abort(keep)
         raise
@@ -357,7 +375,7 @@ def prepare(cfg: PrepareConfig) -> Result:
         # The manifest travels (MLflow artifact, registry tags): no user:password@ or ?token= from the URLs.
         "sources": redact_tree([{"spec": s.spec, "inputs": s.provenance} for s in sources]),
     }
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     _remove_stale_shards(out, manifest)
     return Result(manifest, False, time.perf_counter() - t0, counts.text_chars, workers)
 
@@ -367,63 +385,3 @@ def _remove_stale_shards(out: Path, manifest: dict) -> None:
     for path in out.glob("*.arrow"):
         if path.name.split("-")[0] in SPLITS and path.name not in keep:
             path.unlink()
-
-
-def parse_args(argv: list[str]) -> PrepareConfig:
-    p = argparse.ArgumentParser(
-        prog="gptmini prepare",
-        description="Tokenize text sources into verified uint32 Arrow token shards plus manifest.json.",
-        epilog="SOURCE: wikipedia:TITLE | http(s)://URL | embedded:python-docs | FILE | FOLDER | 'GLOB' "
-        "(.txt .md .jsonl .parquet). Downloads are cached in --cache-dir by sha256.",
-    )
-    p.add_argument("sources", nargs="*", metavar="SOURCE")
-    p.add_argument("--out", required=True, type=Path, help="output folder (manifest.json + *.arrow)")
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by hash)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="most tokens per shard")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: inline)")
-    p.add_argument("--text-field", default="text", help="the text field of .jsonl lines / column of .parquet")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="download cache ($GPTMINI_CACHE_DIR)")
-    p.add_argument("--wikipedia-api", default=HttpOptions().wikipedia_api, help="MediaWiki api.php URL "
-                   "($GPTMINI_WIKIPEDIA_API)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request")
-    p.add_argument("--retries", type=int, default=5, help="HTTP retries on 429/5xx and connection errors")
-    p.add_argument("--backoff", type=float, default=0.5, help="HTTP backoff factor (seconds)")
-    p.add_argument("--refresh", action="store_true", help="re-download URLs even if cached")
-    p.add_argument("--force", action="store_true", help="rewrite the shards even if they are up to date")
-    a = p.parse_args(argv)
-    http = HttpOptions(timeout=a.timeout, retries=a.retries, backoff=a.backoff, wikipedia_api=a.wikipedia_api)
-    return PrepareConfig(
-        sources=a.sources, out=a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction,
-        shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
-        http=http, refresh=a.refresh, force=a.force,
-    )
-
-
-def summary(res: Result, out: Path) -> str:
-    m = res.manifest
-    if res.up_to_date:
-        return f"{out}/manifest.json is up to date (input_key {m['input_key'][:12]}); nothing to do"
-    s, tr, va = m["stats"], m["splits"]["train"], m["splits"]["val"]
-    mchars = res.text_chars / 1e6
-    return (
-        f"wrote {out}: train {tr['tokens']:,} tokens ({tr['documents']} docs, {len(tr['shards'])} shards), "
-        f"val {va['tokens']:,} tokens ({va['documents']} docs, {len(va['shards'])} shards); "
-        f"skipped {s['empty_documents']} empty document(s), replaced {s['replaced_bytes']} non-UTF-8 byte(s); "
-        f"{mchars:.1f}M characters in {res.seconds:.1f}s with {res.workers} tokenizer process(es)"
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        res = prepare(cfg)
-    except DataError as exc:
-        print(f"gptmini prepare: error: {exc}", file=sys.stderr)
-        return 1
-    print(summary(res, cfg.out))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from gptmini.errors import UserError
+from gptmini.files import sha256_file, write_atomic
 from gptmini.redact import redact
 
 EMBEDDED = {"python-docs": "CPython's pydoc_data.topics: the Python language reference, one document per topic"}
@@ -38,10 +40,9 @@ WIKIPEDIA_API = "https://en.wikipedia.org/w/api.php"
 USER_AGENT = "gptmini/0.1 (small-GPT training data prep; python-requests)"
 CHUNK_CHARS = 1 << 20  # characters per chunk handed to the tokenizer
 READ_BYTES = 1 << 20  # bytes per read from a file or download
-HASH_BYTES = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input to the data pipeline: the message names the value and the fix."""
 
 
@@ -91,26 +92,6 @@ codecs.register_error("gptmini-count-replace", _count_and_replace)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("GPTMINI_CACHE_DIR") or Path.home() / ".cache" / "gptmini")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BYTES):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these are shared data files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def utc_now() -> str:
@@ -226,7 +207,7 @@ class Cache:
     def remember(self, prov: dict) -> None:
         for path in (self._url_record(prov["url"]), self.blob(prov["sha256"]).with_suffix(".json")):
             path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, json.dumps(prov, indent=1).encode())
+            write_atomic(path, json.dumps(prov, indent=1))
 
     def download(self, url: str, source: str, opts: HttpOptions) -> dict:
         """GET `url` (retrying 429/5xx), stream it into the cache by sha256, and return its provenance."""

@@ -1,0 +1,44 @@
+"""Where a model runs: the device, its autocast, and its peak FLOP/s for MFU.
+
+The trainer, evaluation, generation and the benchmarks all choose and describe the device here.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from gptmini.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for MFU; other devices get no MFU rather than a guess.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
+              "4090": 165e12}
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` is CUDA when a GPU is visible, else CPU; a rank takes the GPU of its local rank."""
+    if name not in DEVICES:
+        raise UserError(f"device {name!r} is unknown; choose one of: {', '.join(DEVICES)}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device 'cuda' was asked for but no CUDA device is visible; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls); CPU runs fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)

@@ -1,0 +1,480 @@
+"""The training recipe, the same in one process and under torchrun:
+
+    setup (run folder, data, model, optimizer, resume)
+    loop { train_step: accumulate micro-batches, clip, step → log → evaluate (keep the best) → checkpoint }
+    finish (final weights, summary.json, artifacts)
+
+The caller owns the process: `gptmini.cli.train` parses the config, joins the process group, installs the
+signal handlers and chooses the tracker. The trainer reports to a `Tracker` it is handed and never imports
+MLflow.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gptmini import checkpoint, metrics, parallel
+from gptmini.config import Config, ConfigError, to_json, to_toml
+from gptmini.data.loader import WindowLoader, build_loaders
+from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.data.sources import DataError
+from gptmini.device import autocast, peak_flops
+from gptmini.errors import UserError
+from gptmini.evaluate import evaluate
+from gptmini.files import write_atomic, write_json
+from gptmini.model import GPTOSSMini
+from gptmini.optim import build_optimizer, get_lr
+from gptmini.tokenizer import check_vocab, get_tokenizer
+from gptmini.weights import save_pretrained
+
+# How a training run ended: summary.json's `status`, and the exit code of `gptmini train`.
+COMPLETED, PREEMPTED = "completed", "preempted"
+BAD_CONFIG, BAD_DATA, OOM, FAILED = "bad_config", "bad_data", "oom", "failed"
+EXIT_CODES = {COMPLETED: 0, PREEMPTED: 0, BAD_CONFIG: 2, BAD_DATA: 2, OOM: 1, FAILED: 1}
+
+
+def ending(exc: BaseException) -> str:
+    """The status of a run that raised `exc`."""
+    if isinstance(exc, DataError):
+        return BAD_DATA
+    if isinstance(exc, UserError):
+        return BAD_CONFIG
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OOM
+    return FAILED
+
+
+class Tracker:
+    """What the trainer reports to: this no-op one runs when there is no tracking (and on every rank but 0);
+    `gptmini.tracking.MlflowTracker` sends the same calls to MLflow. Used as a context manager, it ends the
+    run with `status`, or FAILED (KILLED for Ctrl-C) when the block raises."""
+
+    run_id: str | None = None
+    status = "FINISHED"
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None:
+            self.status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        self.close(self.status)
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def close(self, status: str) -> None: ...
+
+
+TrackerFactory = Callable[[Config, Path, bool], Tracker]
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and stops.
+
+    A second SIGINT interrupts at once (an impatient Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Ranks may see the signal at different steps; stop when any rank has it, all at the same step."""
+        flag = torch.tensor([float(self.requested)], device=device)
+        return bool(parallel.all_reduce(flag, "max").item())
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must carry besides the tensors to resume exactly."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    wall_time_s: float = 0.0  # summed over the run and its resumptions
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
+                "best_step": self.best_step, "wall_time_s": self.wall_time_s}
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds and the loop uses."""
+
+    cfg: Config
+    env: parallel.DistEnv
+    dir: Path
+    raw_model: GPTOSSMini  # the module itself: its config, counters and FLOP count
+    model: nn.Module  # what runs forward and backward: raw_model compiled and wrapped (DDP, FSDP)
+    optimizer: torch.optim.Optimizer
+    train_loader: WindowLoader
+    val_loader: WindowLoader | None
+    log: metrics.MetricsLog
+    state: TrainState
+    t_start: float
+
+    def say(self, *parts: Any) -> None:
+        if self.env.is_main:
+            print(*parts, flush=True)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.seq_len * self.cfg.train.grad_accum * self.env.world_size
+
+    def wall_time(self) -> float:
+        return self.state.wall_time_s + time.time() - self.t_start
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def unigram_entropy(segments: list[np.ndarray]) -> float:
+    """Entropy (nats/token) of the token frequencies: the loss of the best model that ignores context."""
+    size = max(int(s.max()) for s in segments if len(s)) + 1
+    counts = sum(np.bincount(s, minlength=size) for s in segments)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# Setup
+
+
+def prepare_data(cfg: Config, env: parallel.DistEnv) -> None:
+    """`--sources`: tokenize them first (rank 0; a no-op when the shards are up to date)."""
+    if not cfg.data.sources:
+        return
+    if not cfg.data.data_dir:
+        cfg.data.data_dir = str(Path(cfg.train.out_dir) / "data")
+    if env.is_main:
+        prepare(PrepareConfig(sources=list(cfg.data.sources), out=Path(cfg.data.data_dir),
+                              tokenizer=cfg.model.tokenizer))
+    parallel.barrier()
+
+
+def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | None]:
+    """Build the run, resumed from its last checkpoint when asked. Returns it with the RNG state to restore
+    just before the first step (None for a fresh run, or one resumed at another world size)."""
+    t_start = time.time()
+    run_dir = Path(cfg.train.out_dir)
+    # Resolve what we resume from before touching the run folder: a fresh run must not clobber one.
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    if cfg.train.resume == "none" and checkpoint.latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or another --out")
+    prepare_data(cfg, env)
+    set_deterministic(cfg.train.deterministic)
+    try:
+        check_vocab(cfg.model.vocab_size, get_tokenizer(cfg.model.tokenizer))
+    except UserError as exc:
+        raise ConfigError(f"model.vocab_size: {exc}") from None
+    train_loader, val_loader = build_loaders(
+        cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.rank, env.world_size,
+        seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size,
+    )
+
+    # Same seed on every rank: FSDP2 shards each rank's own init, so the inits must agree.
+    seed_everything(cfg.train.seed)
+    raw_model = GPTOSSMini(cfg.model).to(env.device)
+    if cfg.train.compile:
+        parallel.compile_model(raw_model, "blocks")
+    model = parallel.wrap(raw_model, cfg.train.parallel, env)
+    optimizer = build_optimizer(model, cfg.optim)
+    seed_everything(cfg.train.seed + env.rank)  # dropout masks differ per rank
+
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").unlink(missing_ok=True)  # a previous attempt's ending is not this one's
+        write_atomic(run_dir / "config.toml", to_toml(cfg))
+        write_atomic(run_dir / "train_config.json", to_json(cfg))
+    run = Run(cfg, env, run_dir, raw_model, model, optimizer, train_loader, val_loader,
+              metrics.MetricsLog(run_dir / "metrics.jsonl"), TrainState(), t_start)
+    rng = resume(run, resume_from) if resume_from is not None else None
+    if env.is_main:
+        run.log.truncate_after(run.state.step)  # a fresh run starts an empty file; a resumed one drops lost steps
+    parallel.barrier()
+    return run, rng
+
+
+def resume(run: Run, path: Path) -> dict[str, Any] | None:
+    saved, rank_state = checkpoint.load_checkpoint(path, run.model, run.optimizer, run.env)
+    run.state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], best_val_loss=saved["best_val_loss"],
+                           best_step=saved["best_step"], wall_time_s=saved["wall_time_s"])
+    # The sampler's position is global, so it restores at any world size; the RNG streams only at the same size.
+    run.train_loader.load_state_dict(saved["sampler"])
+    if rank_state is None:
+        run.say(f"note: {path} was written by {saved['world_size']} rank(s), this run has {run.env.world_size}: "
+                f"weights, optimizer and data position carry over, RNG streams start anew")
+    run.say(f"resumed from {path} at step {run.state.step} ({run.state.tokens_seen:,} tokens seen)")
+    return rank_state["rng"] if rank_state is not None else None
+
+
+# The step, logging, evaluation and checkpoints
+
+
+def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) on the device."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = [run.train_loader.next_batch() for _ in range(run.cfg.train.grad_accum)]
+    step_tokens = sum(y.numel() for _, y in micro)
+    step_loss = torch.zeros((), device=run.env.device)
+    for i, (x, y) in enumerate(micro):
+        # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
+        weight = y.numel() / step_tokens
+        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device):
+            _, loss = run.model(x, y)
+            (loss * weight).backward()
+        step_loss += loss.detach() * weight
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.state.tokens_seen += step_tokens * run.env.world_size
+    return step_loss, grad_norm
+
+
+class Meter:
+    """Sums the loss on the device between log lines, so logging is the loop's only host sync."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.peak = peak_flops(run.env.device)
+        self.flops_per_token = run.raw_model.flops_per_token(run.cfg.seq_len)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps = torch.zeros((), device=self.run.env.device), 0
+        self.t, self.tokens = time.time(), self.run.state.tokens_seen
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def record(self, lr: float, grad_norm: torch.Tensor) -> dict[str, Any]:
+        """The train record: `loss` is the mean over the steps since the last record and over the ranks."""
+        run, env = self.run, self.run.env
+        parallel.all_reduce(self.loss)
+        now = time.time()
+        rec: dict[str, Any] = {
+            "kind": "train", "step": run.state.step, "loss": self.loss.item() / (env.world_size * self.steps),
+            "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+            "tokens": run.state.tokens_seen,
+            "tokens_per_s": (run.state.tokens_seen - self.tokens) / max(now - self.t, 1e-9),
+            "aux_loss": float(run.raw_model.last_aux_loss.detach()),
+        }
+        if self.peak:
+            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / (self.peak * env.world_size)
+        if run.raw_model.last_expert_load is not None:
+            load = run.raw_model.last_expert_load.float()
+            rec["expert_balance"] = float(load.max() / load.mean().clamp(min=1e-9))
+        self.reset()
+        return rec
+
+
+def log_line(step: int, total: int, rec: dict[str, Any]) -> str:
+    parts = [f"step {step:>6}/{total}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
+             f"grad {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if "mfu" in rec:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    if "expert_balance" in rec:
+        parts.append(f"experts max/mean {rec['expert_balance']:.2f}")
+    return " | ".join(parts)
+
+
+def log_train(run: Run, tracker: Tracker, rec: dict[str, Any]) -> None:
+    if run.env.is_main:
+        run.log.log(rec)
+        tracker.log_metrics({k: v for k, v in rec.items() if k not in ("kind", "step")}, rec["step"])
+        run.say(log_line(rec["step"], run.cfg.train.steps, rec))
+    if not math.isfinite(rec["loss"]):
+        raise FloatingPointError(
+            f"loss is {rec['loss']} at step {rec['step']}; lower --lr (now {run.cfg.optim.lr}) or raise "
+            f"--optim.warmup_steps, then --resume auto from the last checkpoint"
+        )
+
+
+def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None:
+    """Periodic evaluations take eval_batches per rank; the final one the whole val split. A new best
+    val loss exports checkpoints/best/."""
+    if run.val_loader is None:
+        return None
+    result = evaluate(run.model, run.val_loader, None if final else run.cfg.train.eval_batches)
+    step = run.state.step
+    if run.env.is_main:
+        run.log.log({"kind": "val", "step": step, **result})
+        tracker.log_metrics({"val_loss": result["val_loss"], "val_perplexity": result["val_perplexity"]}, step)
+        run.say(f"step {step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_perplexity']:.1f}")
+    if result["val_loss"] < run.state.best_val_loss:
+        run.state.best_val_loss, run.state.best_step = result["val_loss"], step
+        export_weights(run, run.dir / "checkpoints" / "best", {"step": step, **result})
+    if run.env.is_main:
+        for png in metrics.plot(run.log.read(), run.dir / "plots"):
+            tracker.log_artifact(png, "plots")
+    return result
+
+
+def save(run: Run) -> Path:
+    """Collective: a resumable checkpoint of this step."""
+    trainer_state = {**run.state.to_dict(), "wall_time_s": run.wall_time(), "sampler": run.train_loader.state_dict()}
+    return checkpoint.save_checkpoint(
+        run.dir, run.state.step, run.model, run.optimizer, trainer_state=trainer_state,
+        rank_state={"rng": checkpoint.rng_state()}, config_json=to_json(run.cfg), config_toml=to_toml(run.cfg),
+        env=run.env, keep_last=run.cfg.train.keep_last,
+    )
+
+
+def export_weights(run: Run, out: Path, extra: dict[str, Any]) -> None:
+    """Collective: plain safetensors weights (best/, final/) that `checkpoint.load_model` reads."""
+    if run.cfg.train.parallel == "fsdp":
+        full = checkpoint.full_state_dict(run.model)  # collective: every rank gathers
+        if run.env.is_main:
+            plain = GPTOSSMini(run.cfg.model)
+            plain.load_state_dict(full)
+            save_pretrained(plain, out, metadata=extra)
+    elif run.env.is_main:
+        save_pretrained(run.raw_model, out, metadata=extra)
+    parallel.barrier()
+
+
+def should_stop(run: Run, preempt: Preemption) -> bool:
+    if run.env.world_size == 1:
+        return preempt.requested
+    # Agreeing costs a collective: on GPU only at log steps, where the loop syncs anyway.
+    at_sync = run.env.device.type == "cpu" or run.state.step % run.cfg.train.log_every == 0
+    return at_sync and preempt.agreed(run.env.device)
+
+
+# The end of a run
+
+
+def summary(run: Run, status: str, last_val: dict[str, float] | None, unigram: float | None,
+            tracker: Tracker) -> dict[str, Any]:
+    state, d = run.state, run.dir
+    return {
+        "status": status, "steps": state.step, "tokens": state.tokens_seen, "wall_time_s": run.wall_time(),
+        "final_val_loss": last_val["val_loss"] if last_val else None,
+        "final_val_perplexity": last_val["val_perplexity"] if last_val else None,
+        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+        "best_step": state.best_step, "unigram_entropy": unigram, "world_size": run.env.world_size,
+        "parallel": run.cfg.train.parallel, "n_params": run.raw_model.num_params(),
+        "n_active_params": run.raw_model.num_active_params(), "mlflow_run_id": tracker.run_id,
+        "paths": {"run": str(d), "metrics": str(d / "metrics.jsonl"), "config": str(d / "config.toml"),
+                  "plots": str(d / "plots"), "last_checkpoint": str(checkpoint.latest_checkpoint(d)),
+                  "best": str(d / "checkpoints" / "best") if state.best_step >= 0 else None,
+                  "final": str(d / "final") if status == COMPLETED else None},
+    }
+
+
+def finish(run: Run, tracker: Tracker, status: str, last_val: dict[str, float] | None,
+           unigram: float | None) -> dict[str, Any]:
+    """final/ (when completed), summary.json, the plots and the artifacts."""
+    if status == COMPLETED:
+        export_weights(run, run.dir / "final", {"step": run.state.step, **(last_val or {})})
+    result = summary(run, status, last_val, unigram, tracker)
+    if not run.env.is_main:
+        return result
+    records = run.log.read()
+    if records:
+        metrics.plot(records, run.dir / "plots")
+    write_json(run.dir / "summary.json", result)
+    for name in ("plots/loss.png", "plots/lr.png"):
+        if (run.dir / name).is_file():
+            tracker.log_artifact(run.dir / name, "plots")
+    tracker.log_artifact(run.dir / "config.toml")
+    tracker.log_artifact(run.dir / "summary.json")
+    if run.state.best_step >= 0:
+        tracker.log_artifact(run.dir / "checkpoints" / "best", "checkpoints/best")
+    if status == COMPLETED:
+        tracker.log_artifact(run.dir / "final", "final")
+        if last_val:
+            tracker.log_metrics({"final_val_loss": last_val["val_loss"],
+                                 "final_val_perplexity": last_val["val_perplexity"]}, run.state.step)
+    run.say(f"done: {status} at step {run.state.step}, {run.state.tokens_seen:,} tokens, {result['wall_time_s']:.1f}s; "
+            f"val loss {result['final_val_loss']} (unigram baseline {unigram:.3f}); summary {run.dir / 'summary.json'}")
+    return result
+
+
+def write_ending(run_dir: str | Path, status: str, error: str) -> None:
+    """summary.json for a run that ended in an error, so a caller (the flow) reads how it ended instead of
+    parsing the output."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(run_dir) / "summary.json", {"status": status, "error": error, "exit_code": EXIT_CODES[status]})
+
+
+# The recipe
+
+
+def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption,
+          open_tracker: TrackerFactory = lambda cfg, run_dir, is_main: Tracker()) -> dict[str, Any]:
+    run, rng = setup(cfg, env)
+    with open_tracker(cfg, run.dir, env.is_main) as tracker:
+        unigram = None
+        if env.is_main:
+            manifest = run.train_loader.dataset.tokens.manifest
+            unigram = unigram_entropy(run.train_loader.dataset.tokens.segments)
+            n_params, n_active = run.raw_model.num_params(), run.raw_model.num_active_params()
+            tracker.log_params({**cfg.flat(), "run.world_size": env.world_size, "run.n_params": n_params,
+                                "run.n_active_params": n_active, "run.tokens_per_step": run.tokens_per_step,
+                                "run.data_manifest_key": manifest.get("input_key", "")})
+            run.say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {cfg.train.parallel} on "
+                    f"{env.world_size} x {env.device.type} | {run.tokens_per_step:,} tokens/step | train split "
+                    f"unigram entropy {unigram:.3f} nats | run {run.dir}")
+        run.model.train()
+        if rng is not None:
+            checkpoint.set_rng_state(rng)  # last, so nothing between here and the loop draws from it
+        meter, last_val, status = Meter(run), None, COMPLETED
+        while run.state.step < cfg.train.steps:
+            lr = get_lr(run.state.step, cfg.optim, cfg.train.steps)
+            loss, grad_norm = train_step(run, lr)
+            meter.add(loss)
+            step, done = run.state.step, run.state.step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or done:
+                log_train(run, tracker, meter.record(lr, grad_norm))
+            if step % cfg.train.eval_every == 0 or done:
+                last_val = validate(run, tracker, final=done)
+            stop = should_stop(run, preempt)
+            if step % cfg.train.ckpt_every == 0 or done or stop:
+                save(run)
+            if stop and not done:
+                status = PREEMPTED
+                run.say(f"{preempt.signal_name}: saved checkpoint at step {step}; exiting (resume with --resume auto)")
+                break
+        if status == PREEMPTED:
+            tracker.status = "KILLED"
+        return finish(run, tracker, status, last_val, unigram)
