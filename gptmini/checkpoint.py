@@ -47,7 +47,7 @@ from gptmini import parallel, weights
 from gptmini.errors import MissingPathError, UserError
 from gptmini.files import fsync_dir, fsync_tree, read_json, write_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig
-from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
+from gptmini.tokenizer import Tokenizer, get_tokenizer
 
 STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
@@ -313,6 +313,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
     model = GPTOSSMini(model_config)
     load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
-    tokenizer = get_tokenizer(model_config.tokenizer)
-    check_vocab(model_config.vocab_size, tokenizer)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), get_tokenizer(model_config.tokenizer)

@@ -433,7 +433,6 @@ def finish(run: Run, tracker: Tracker, status: str, last_val: dict[str, float] |
 def write_ending(run_dir: str | Path, status: str, error: str) -> None:
     """summary.json for a run that ended in an error, so a caller (the flow) reads how it ended instead of
     parsing the output."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(run_dir) / "summary.json", {"status": status, "error": error, "exit_code": EXIT_CODES[status]})
 
 

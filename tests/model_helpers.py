@@ -1,9 +1,9 @@
-"""Small models for the model/generation/HF tests (kept apart from conftest.py, which other suites own)."""
+"""Small models for the model, generation and HF tests: configs and weights that make mistakes show."""
 from __future__ import annotations
 
-import pytest
 import torch
 
+from gptmini.config import model_preset
 from gptmini.model import GPTOSSMini, ModelConfig
 
 SEED_CONFIG = {
@@ -21,7 +21,7 @@ SEED_CONFIG = {
 
 
 def tiny(**overrides) -> ModelConfig:
-    return ModelConfig.from_preset("tiny", **{"vocab_size": 256, **overrides})
+    return model_preset("tiny", **{"vocab_size": 256, **overrides})
 
 
 def sharp_model(config: ModelConfig, seed: int = 0, std: float = 0.2) -> GPTOSSMini:
@@ -40,12 +40,3 @@ def sharp_model(config: ModelConfig, seed: int = 0, std: float = 0.2) -> GPTOSSM
                 p.normal_(0.0, std)
     return model.eval()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a shared 2-core machine, intra-op threads cost far more than they give
-    (20 greedy tokens: 0.08 s on one thread, up to 4 s on two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

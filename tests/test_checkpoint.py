@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptmini import checkpoint, config
-from gptmini.model import GPTOSSMini, PRESETS
+from gptmini.model import GPTOSSMini
 from gptmini.parallel import DistEnv
 from gptmini.optim import build_optimizer
 
@@ -21,7 +21,7 @@ SMALL = dict(vocab_size=512, tokenizer="cl100k_base")  # a small table: these te
 
 def tiny_model() -> GPTOSSMini:
     torch.manual_seed(0)
-    return GPTOSSMini(config.dataclasses.replace(PRESETS["tiny"], vocab_size=512))
+    return GPTOSSMini(config.model_preset("tiny", vocab_size=512))
 
 
 def trained(steps: int = 2) -> tuple[GPTOSSMini, torch.optim.Optimizer]:

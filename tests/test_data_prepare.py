@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from pydoc_data import topics
 
-from gptmini.data import prepare as prep
+from gptmini.cli.prepare import main as prepare_main
 from gptmini.data.loader import TokenShards
 from gptmini.data.prepare import PrepareConfig, prepare, split_of
 from gptmini.data.sources import DataError
@@ -87,9 +87,9 @@ def test_manifest_records_sha256_token_counts_and_provenance(embedded):
 def test_rerun_with_the_same_inputs_is_a_no_op(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hello world, " * 50)
     argv = [str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--workers", "1", "--cache-dir", str(tmp_path / "c")]
-    assert prep.main(argv) == 0
+    assert prepare_main(argv) == 0
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
-    assert prep.main(argv) == 0
+    assert prepare_main(argv) == 0
     assert "is up to date" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
 
@@ -134,7 +134,7 @@ def test_empty_corpus_is_an_error(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.md").write_text("   \n\n")
     argv = [str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "1", "--cache-dir", str(tmp_path / "c")]
-    assert prep.main(argv) == 1
+    assert prepare_main(argv) == 2  # bad input
     err = capsys.readouterr().err
     assert "the corpus is empty: 2 document(s), all empty or whitespace-only" in err
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -190,8 +190,8 @@ def test_a_single_huge_line_is_streamed_in_bounded_memory(tmp_path):
 )
 def test_bad_options_are_named(tmp_path, capsys, args, message):
     sources = ["embedded:python-docs"] if message else []
-    rc = prep.main([*sources, "--out", str(tmp_path / "o"), "--workers", "1", *args])
-    assert rc == 1
+    rc = prepare_main([*sources, "--out", str(tmp_path / "o"), "--workers", "1", *args])
+    assert rc == 2  # bad input
     assert (message or "no sources given") in capsys.readouterr().err
 
 
@@ -211,7 +211,7 @@ def test_the_gptmini_command_exits_non_zero_with_the_message(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "gptmini.cli", "prepare", "s3://bucket/x.txt", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     assert proc.stderr.strip().splitlines()[-1] == (
         "gptmini prepare: error: unknown source scheme 's3' in 's3://bucket/x.txt'; use wikipedia:TITLE, "
         "http(s)://URL, embedded:python-docs, or a local file, folder or glob")

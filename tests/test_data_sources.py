@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gptmini.data import prepare as prep
+from gptmini.cli.prepare import main as prepare_main
 from gptmini.data.loader import TokenShards
 from gptmini.data.sources import (
     Cache,
@@ -170,13 +170,13 @@ def test_http_404_is_a_clear_error(server, tmp_path):
 def test_wikipedia_title_prepares_into_shards_that_decode_to_the_article(server, tmp_path):
     argv = ["wikipedia:GPT", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
             "--wikipedia-api", f"{server}/w/api.php", "--workers", "1", "--val-fraction", "0"]
-    assert prep.main(argv) == 0
+    assert prepare_main(argv) == 0
     shards = TokenShards.open(tmp_path / "out", "train")
     tok = get_tokenizer()
     assert tok.decode(shards[0 : len(shards)]) == ARTICLE + "<|endoftext|>"
     manifest = shards.manifest
     assert manifest["sources"][0]["inputs"][0]["title"] == "Generative pre-trained transformer"
-    assert prep.main(argv) == 0 and Wiki.hits["GPT"] == 1  # second run: from the cache, and a no-op
+    assert prepare_main(argv) == 0 and Wiki.hits["GPT"] == 1  # second run: from the cache, and a no-op
 
 
 @pytest.mark.parametrize(

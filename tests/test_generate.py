@@ -3,14 +3,18 @@ import sys
 
 import pytest
 import torch
-from model_helpers import one_thread, sharp_model, tiny  # noqa: F401 (autouse fixture)
+from model_helpers import sharp_model, tiny
 
-from gptmini import GPTOSSMini, ModelConfig
-from gptmini.generate import main as generate_main
+from gptmini.config import model_preset
+from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.cli.generate import main as generate_main
+from gptmini.generate import generate, stream
 from gptmini.generate import sample_next
-from gptmini.hf import main as export_main
+from gptmini.cli.export_hf import main as export_main
 from gptmini.model import KVCache
 from gptmini.weights import save_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -26,8 +30,8 @@ from gptmini.weights import save_pretrained
 def test_kv_cache_generation_matches_full_recompute(overrides):
     model = sharp_model(tiny(**overrides))
     x = torch.randint(0, 256, (3, 9))
-    cached = model.generate(x, 40, temperature=0, use_cache=True)
-    full = model.generate(x, 40, temperature=0, use_cache=False)
+    cached = generate(model, x, 40, temperature=0, use_cache=True)
+    full = generate(model, x, 40, temperature=0, use_cache=False)
     assert cached.shape == (3, 49)
     assert torch.equal(cached, full)
     assert cached[:, 9:].unique().numel() > 20  # the sharp model does not just repeat one token
@@ -36,7 +40,7 @@ def test_kv_cache_generation_matches_full_recompute(overrides):
 def test_prompt_longer_than_the_window_fills_the_ring_from_its_tail():
     model = sharp_model(tiny(sliding_window=4))
     x = torch.randint(0, 256, (2, 11))
-    assert torch.equal(model.generate(x, 12, temperature=0), model.generate(x, 12, temperature=0, use_cache=False))
+    assert torch.equal(generate(model, x, 12, temperature=0), generate(model, x, 12, temperature=0, use_cache=False))
 
 
 def test_kv_cache_holds_only_the_kv_heads_and_a_window_of_slots():
@@ -48,16 +52,16 @@ def test_kv_cache_holds_only_the_kv_heads_and_a_window_of_slots():
 def test_padded_batch_matches_prompts_run_one_by_one():
     model = sharp_model(tiny(sliding_window=6))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10, 11], [12]]
-    batch = model.generate(prompts, 15, temperature=0)
-    alone = [model.generate([p], 15, temperature=0)[0] for p in prompts]
+    batch = generate(model, prompts, 15, temperature=0)
+    alone = [generate(model, [p], 15, temperature=0)[0] for p in prompts]
     assert batch == alone
-    assert batch == model.generate(prompts, 15, temperature=0, use_cache=False)
+    assert batch == generate(model, prompts, 15, temperature=0, use_cache=False)
 
 
 def test_temperature_zero_is_greedy_argmax():
     model = sharp_model(tiny())
     x = torch.randint(0, 256, (2, 5))
-    out = model.generate(x, 6, temperature=0)
+    out = generate(model, x, 6, temperature=0)
     seq = x
     for _ in range(6):
         with torch.no_grad():
@@ -70,7 +74,7 @@ def test_sampling_is_reproducible_under_a_seed():
     x = torch.randint(0, 256, (2, 5))
 
     def run(seed):
-        return model.generate(x, 20, temperature=1.0, top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(seed))
+        return generate(model, x, 20, temperature=1.0, top_k=50, top_p=0.95, generator=torch.Generator().manual_seed(seed))
 
     assert torch.equal(run(7), run(7))
     assert not torch.equal(run(7), run(8))
@@ -91,52 +95,52 @@ def test_top_k_and_top_p_keep_only_the_allowed_tokens():
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_parameters_raise(kwargs):
     with pytest.raises(ValueError):
-        GPTOSSMini(tiny()).generate(torch.zeros(1, 2, dtype=torch.long), 2, **kwargs)
+        generate(GPTOSSMini(tiny()), torch.zeros(1, 2, dtype=torch.long), 2, **kwargs)
 
 
 def test_each_row_stops_at_end_of_text():
     model = sharp_model(tiny())
     x = torch.randint(0, 256, (3, 4))
-    free = model.generate(x, 12, temperature=0)
+    free = generate(model, x, 12, temperature=0)
     eos = int(free[0, 4 + 2])  # row 0's third new token
-    out = model.generate(x, 12, temperature=0, eos_token_id=eos)
+    out = generate(model, x, 12, temperature=0, eos_token_id=eos)
     stop = (free[0, 4:] == eos).nonzero()[0].item()  # first time row 0 emits it (at most step 2)
     assert (out[0, 4 + stop:] == eos).all()
     for row in (1, 2):  # a row continues untouched until it emits eos itself
         hits = (free[row, 4:] == eos).nonzero()
         end = hits[0].item() if len(hits) else out.size(1) - 4
         assert torch.equal(out[row, 4:4 + end], free[row, 4:4 + end])
-    as_lists = model.generate(x.tolist(), 12, temperature=0, eos_token_id=eos)
+    as_lists = generate(model, x.tolist(), 12, temperature=0, eos_token_id=eos)
     assert as_lists[0] == x[0].tolist() + free[0, 4:4 + stop + 1].tolist()  # ends with eos
 
 
 def test_generation_stops_early_once_every_row_is_done():
     model = sharp_model(tiny())
     x = torch.randint(0, 256, (1, 4))
-    eos = int(model.generate(x, 1, temperature=0)[0, -1])
-    assert model.generate(x, 50, temperature=0, eos_token_id=eos).shape == (1, 5)
+    eos = int(generate(model, x, 1, temperature=0)[0, -1])
+    assert generate(model, x, 50, temperature=0, eos_token_id=eos).shape == (1, 5)
 
 
 def test_generating_past_max_seq_len_without_window_or_scaling_is_a_clear_error():
     model = GPTOSSMini(tiny(max_seq_len=16))
     with pytest.raises(ValueError, match="max_seq_len=16"):
-        model.generate(torch.zeros(1, 10, dtype=torch.long), 10)
+        generate(model, torch.zeros(1, 10, dtype=torch.long), 10)
 
 
 def test_stream_yields_one_column_per_step():
     model = sharp_model(tiny())
     x = torch.randint(0, 256, (2, 3))
-    cols = list(model.stream(x, 5, temperature=0))
+    cols = list(stream(model, x, 5, temperature=0))
     assert len(cols) == 5 and all(c.shape == (2,) for c in cols)
-    assert torch.equal(torch.stack(cols, 1), model.generate(x, 5, temperature=0)[:, 3:])
+    assert torch.equal(torch.stack(cols, 1), generate(model, x, 5, temperature=0)[:, 3:])
 
 
 def test_generation_runs_in_eval_mode_and_restores_training_mode():
     model = sharp_model(tiny(dropout=0.5)).train()
     x = torch.randint(0, 256, (2, 3))
-    a = model.generate(x, 5, temperature=0)
+    a = generate(model, x, 5, temperature=0)
     assert model.training
-    assert torch.equal(a, model.generate(x, 5, temperature=0))  # no dropout while generating
+    assert torch.equal(a, generate(model, x, 5, temperature=0))  # no dropout while generating
 
 
 class RecordingStdout:
@@ -155,7 +159,7 @@ class RecordingStdout:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "final"
-    save_pretrained(sharp_model(ModelConfig.from_preset("tiny"), std=0.05), path)
+    save_pretrained(sharp_model(model_preset("tiny"), std=0.05), path)
     return path
 
 

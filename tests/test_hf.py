@@ -3,12 +3,15 @@ import json
 
 import pytest
 import torch
-from model_helpers import one_thread, sharp_model, tiny  # noqa: F401 (autouse fixture)
+from model_helpers import sharp_model, tiny
 
 from gptmini.hf import export_hf
-from gptmini.hf import main as export_main
+from gptmini.cli.export_hf import main as export_main
+from gptmini.config import model_preset
 from gptmini.model import ModelConfig
 from gptmini.weights import save_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,7 +41,7 @@ def test_transformers_logits_equal_ours(name, tmp_path):
 
 
 def test_export_hf_cli_writes_safetensors_and_config(tmp_path, capsys):
-    save_pretrained(sharp_model(ModelConfig.from_preset("tiny")), tmp_path / "final")
+    save_pretrained(sharp_model(model_preset("tiny")), tmp_path / "final")
     assert export_main(["--checkpoint", str(tmp_path / "final"), "--out", str(tmp_path / "hf")]) == 0
     assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -3,18 +3,21 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import SEED_CONFIG, one_thread, sharp_model, tiny  # noqa: F401 (autouse fixture)
+from model_helpers import SEED_CONFIG, sharp_model, tiny
 
-from gptmini import GPTOSSMini, ModelConfig, PRESETS
+from gptmini.config import model_preset
+from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini.model import MoE, RMSNorm, SwiGLU, rope_inv_freq
 from gptmini.weights import load_pretrained, save_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_seed_config_dict_builds_the_model_verbatim():
     with torch.device("meta"):  # 736M parameters: shapes only
         model = GPTOSSMini(**SEED_CONFIG)
     assert {k: getattr(model.config, k) for k in SEED_CONFIG} == SEED_CONFIG
-    assert {k: getattr(PRESETS["seed"], k) for k in SEED_CONFIG} == SEED_CONFIG
+    assert {k: getattr(model_preset("seed"), k) for k in SEED_CONFIG} == SEED_CONFIG
 
 
 def test_seed_parameter_count_matches_closed_form():
@@ -27,7 +30,7 @@ def test_seed_parameter_count_matches_closed_form():
     total = V * D + L * per_layer + D  # tied embedding/output + final norm
     active = total - L * (E - K) * 3 * D * F_
     with torch.device("meta"):
-        model = GPTOSSMini(PRESETS["seed"])
+        model = GPTOSSMini(model_preset("seed"))
     assert model.num_params() == total == 735_898_368
     assert model.num_active_params() == active
     assert model.flops_per_token(2048) == 6 * active + 12 * L * D * 2048
@@ -237,7 +240,7 @@ def test_targets_of_minus_one_are_ignored():
 
 def test_scaled_init_shrinks_residual_projections():
     torch.manual_seed(0)
-    model = GPTOSSMini(ModelConfig.from_preset("tiny", vocab_size=256, n_layers=8, d_model=256, d_ff=512))
+    model = GPTOSSMini(model_preset("tiny", vocab_size=256, n_layers=8, d_model=256, d_ff=512))
     wq = model.layers[0].attention.wq.weight.std().item()
     wo = model.layers[0].attention.wo.weight.std().item()
     assert wq == pytest.approx(0.02, rel=0.05)
@@ -247,7 +250,7 @@ def test_scaled_init_shrinks_residual_projections():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_save_and_load_pretrained_round_trip(tmp_path, tie):
-    model = sharp_model(ModelConfig.from_preset("tiny", tie_embeddings=tie))
+    model = sharp_model(model_preset("tiny", tie_embeddings=tie))
     save_pretrained(model, tmp_path / "final")
     save_pretrained(model, tmp_path / "final")  # replacing a folder works and leaves no temp folders
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
@@ -285,7 +288,7 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32_loosely():
 
 
 def test_rope_frequencies_stay_fp32_when_the_model_is_cast_to_bf16():
-    model = GPTOSSMini(ModelConfig.from_preset("tiny", vocab_size=256)).to(torch.bfloat16)
+    model = GPTOSSMini(model_preset("tiny", vocab_size=256)).to(torch.bfloat16)
     assert model.inv_freq.dtype == torch.float32
     assert model.tok_embeddings.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.inv_freq, rope_inv_freq(model.config.head_dim, model.config.rope_theta))

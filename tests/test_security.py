@@ -137,7 +137,7 @@ def test_load_model_never_runs_a_pickle_from_a_checkpoint(how, real_checkpoint, 
 
 
 def test_gptmini_eval_never_runs_a_pickle(real_checkpoint, tmp_path, capsys):
-    from gptmini.evaluate import main as eval_main
+    from gptmini.cli.eval import main as eval_main
 
     marker = tmp_path / "PWNED"
     for how in LOADS:
@@ -168,13 +168,13 @@ def test_trainer_resume_never_runs_a_pickle(real_checkpoint, tmp_path):
 @pytest.mark.parametrize("place", ["model.safetensors", "pytorch_model.bin"])
 def test_load_pretrained_never_runs_a_pickle(place, real_checkpoint, tmp_path):
     """A weights folder whose weights file is a pickle, or with a pickle beside a missing safetensors."""
-    from gptmini.generate import main as generate_main
-    from gptmini.hf import main as export_main
+    from gptmini.cli.export_hf import main as export_main
+    from gptmini.cli.generate import main as generate_main
     from gptmini.model import GPTOSSMini, ModelConfig
     from gptmini.weights import load_pretrained, save_pretrained
 
     folder = tmp_path / "final"
-    save_pretrained(GPTOSSMini(ModelConfig.from_preset("tiny")), folder)
+    save_pretrained(GPTOSSMini(config.model_preset("tiny")), folder)
     marker = tmp_path / "PWNED"
     if place == "pytorch_model.bin":
         (folder / "model.safetensors").unlink()
@@ -290,7 +290,7 @@ def private_server():
 
 
 def test_source_credentials_stay_out_of_the_manifest_and_errors(private_server, tmp_path, capsys):
-    from gptmini.data.prepare import main as prepare_main
+    from gptmini.cli.prepare import main as prepare_main
 
     url = f"http://bob:{SECRET}@{private_server}/corpus.txt?token={SECRET}"
     out = tmp_path / "data"

@@ -169,7 +169,7 @@ def test_best_and_final_load_with_load_pretrained(baselines):
 
 
 def test_gptmini_eval_reports_val_loss_of_a_run(baselines, tmp_path):
-    from gptmini.evaluate import main
+    from gptmini.cli.eval import main
 
     out = tmp_path / "eval.json"
     assert main(["--checkpoint", str(baselines["ddp"]), "--max-batches", "2", "--json", str(out)]) == 0

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from gptmini import config
+from gptmini.cli.train import parse_args
 from gptmini.config import ConfigError
-from gptmini.model import GPTOSSMini, PRESETS
+from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,22 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_precedence_is_cli_over_toml_over_preset_over_defaults(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "tiny"\n[optim]\nlr = 0.01\nwarmup_steps = 7\n[data]\ndata_dir = "d"\n')
-    cfg = config.parse_args(["--config", str(toml), "--optim.lr", "0.02", "--steps", "5"])
-    assert cfg.preset == "tiny" and cfg.model == PRESETS["tiny"]  # the TOML's preset
+    cfg = parse_args(["--config", str(toml), "--optim.lr", "0.02", "--steps", "5"])
+    assert cfg.preset == "tiny" and cfg.model == config.model_preset("tiny")  # the TOML's preset
     assert cfg.optim.lr == 0.02  # CLI beats TOML
     assert cfg.optim.warmup_steps == 7  # TOML beats preset (2)
     assert cfg.train.steps == 5
-    assert cfg.data.batch_size == config.TRAIN_PRESETS["tiny"]["data"]["batch_size"]  # preset beats default
+    assert cfg.data.batch_size == config.PRESETS["tiny"]["data"]["batch_size"]  # preset beats default
     assert cfg.optim.beta2 == config.OptimConfig().beta2  # default
-    assert config.parse_args(["--config", str(toml), "--preset", "demo"]).model == PRESETS["demo"]
+    assert parse_args(["--config", str(toml), "--preset", "demo"]).model == config.model_preset("demo")
 
 
 def test_cli_sets_model_fields_and_optional_values():
-    cfg = config.parse_args(["--preset", "tiny", "--data-dir", "d", "--model.n_layers", "3",
+    cfg = parse_args(["--preset", "tiny", "--data-dir", "d", "--model.n_layers", "3",
                              "--model.sliding_window", "8", "--compile", "--deterministic", "false"])
     assert cfg.model.n_layers == 3 and cfg.model.sliding_window == 8
     assert cfg.train.compile and not cfg.train.deterministic
-    assert config.parse_args(["--preset", "tiny", "--data-dir", "d", "--model.sliding_window", "none"]).model.sliding_window is None
+    assert parse_args(["--preset", "tiny", "--data-dir", "d", "--model.sliding_window", "none"]).model.sliding_window is None
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -45,7 +46,7 @@ def test_cli_sets_model_fields_and_optional_values():
 ])
 def test_bad_values_name_the_value_and_the_fix(argv, words):
     with pytest.raises(ConfigError) as err:
-        config.parse_args(argv)
+        parse_args(argv)
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
@@ -57,7 +58,7 @@ def test_unknown_toml_key_is_rejected_by_name(tmp_path):
 
 
 def test_resolved_config_round_trips_through_toml_and_json(tmp_path):
-    cfg = config.parse_args(["--preset", "demo", "--data-dir", "d", "--lr", "0.005", "--sources", "a", "b"])
+    cfg = parse_args(["--preset", "demo", "--data-dir", "d", "--lr", "0.005", "--sources", "a", "b"])
     path = tmp_path / "config.toml"
     path.write_text(config.to_toml(cfg))
     assert config.load(path) == cfg
@@ -83,7 +84,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
 
 
 def test_weight_decay_applies_to_matrices_only():
-    model = GPTOSSMini(PRESETS["tiny"])
+    model = GPTOSSMini(config.model_preset("tiny"))
     opt = build_optimizer(model, config.OptimConfig(weight_decay=0.1))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0

@@ -8,6 +8,8 @@ from gptmini.cli import run
 
 
 def promote(args: argparse.Namespace) -> None:
+    if not args.alias.isidentifier():
+        raise registry.RegistryError(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
     mc = registry.client(args.tracking_uri)
     with registry.mlflow_errors(mc.tracking_uri):
         if args.list:
@@ -32,6 +34,4 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.list and (args.version is None or not args.version.isdigit()):
         p.error(f"give the version number to promote (got {args.version!r}); see `gptmini promote --list`")
-    if not args.alias.isidentifier():
-        p.error(f"alias {args.alias!r} is not a valid alias name; use letters, digits and _")
     return run("gptmini promote", lambda: promote(args))

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from gptmini import parallel, tracking, trainer
@@ -137,8 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def record_ending(argv: list[str], status: str, error: str) -> None:
+    """summary.json for a run that ended in an error, in a run folder that exists (a caller such as the flow
+    creates it to read how the run ended); a mistyped command never leaves a folder behind."""
     out = out_dir_of(argv)
-    if out and os.environ.get("RANK", "0") == "0":
+    if out and Path(out).is_dir() and os.environ.get("RANK", "0") == "0":
         trainer.write_ending(out, status, error)
 
 

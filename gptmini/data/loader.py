@@ -265,11 +265,22 @@ def eval_loader(data_dir: str | Path, split: str, seq_len: int, batch_size: int 
     """A split in order, as non-overlapping windows: each `for x, y in loader` is one full pass over this
     rank's part, with the same batch count on every rank (FSDP gathers weights inside forward)."""
     tokens = TokenShards.open(data_dir, split, verify)
-    if len(tokens) < seq_len + 1 + seq_len * (world_size - 1):
-        raise DataError(
-            f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than one window of seq_len={seq_len} "
-            f"(+1) per rank on {world_size} rank(s); raise --val-fraction, add documents or lower the seq_len"
-        )
+    if not _holds_eval_windows(tokens, seq_len, world_size):
+        raise DataError(_too_short(data_dir, split, tokens, seq_len, world_size))
+    return _eval_windows(tokens, seq_len, batch_size, rank, world_size, device)
+
+
+def _holds_eval_windows(tokens: TokenShards, seq_len: int, world_size: int) -> bool:
+    return len(tokens) >= seq_len + 1 + seq_len * (world_size - 1)
+
+
+def _too_short(data_dir: str | Path, split: str, tokens: TokenShards, seq_len: int, world_size: int) -> str:
+    return (f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than one window of seq_len={seq_len} "
+            f"(+1) per rank on {world_size} rank(s); raise --val-fraction, add documents or lower the seq_len")
+
+
+def _eval_windows(tokens: TokenShards, seq_len: int, batch_size: int, rank: int, world_size: int,
+                  device: str | torch.device) -> WindowLoader:
     windows = SlidingWindowDataset(tokens, seq_len, seq_len)
     sampler = DistributedWindowSampler(len(windows), rank, world_size, shuffle=False)
     return WindowLoader(windows, sampler, batch_size, device)
@@ -309,11 +320,12 @@ def build_loaders(
             f"for world_size={world_size}: add text, or lower batch_size, seq_len or stride"
         )
     train = WindowLoader(train_ds, DistributedWindowSampler(len(train_ds), rank, world_size, seed), batch_size, device)
-    try:
-        val = eval_loader(data_dir, "val", seq_len, batch_size, rank, world_size, device, verify)
-    except DataError as exc:
-        warnings.warn(f"{exc}: no validation loader", stacklevel=2)
+    val_tokens = TokenShards.open(data_dir, "val", verify)
+    if not _holds_eval_windows(val_tokens, seq_len, world_size):
+        warnings.warn(_too_short(data_dir, "val", val_tokens, seq_len, world_size) + ": no validation loader",
+                      stacklevel=2)
         return train, None
+    val = _eval_windows(val_tokens, seq_len, batch_size, rank, world_size, device)
     return train, val
 
 
