@@ -16,7 +16,7 @@ import pytest
 BIN = Path(sys.executable).parent
 STEPS = 12
 # The tiny preset, 16-token windows, a checkpoint every 2 steps, deterministic: resumes must reproduce
-# every loss bit for bit (issue 4's promise).
+# every loss bit for bit.
 COMMON = [
     "--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", str(STEPS), "--deterministic",
     "--train.log_every", "1", "--train.ckpt_every", "2", "--train.eval_every", "6", "--train.eval_batches", "1",

@@ -1,4 +1,4 @@
-"""Fault injection into the trainer (issue 7): kill -9 at random steps and mid-checkpoint, SIGTERM as a
+"""Fault injection into the trainer: kill -9 at random steps and mid-checkpoint, SIGTERM as a
 preemption, a full disk while a checkpoint is written, and one torchrun rank killed under --max-restarts.
 
 After each fault: the latest complete checkpoint loads, nothing half-written is taken for complete, the

@@ -1,4 +1,4 @@
-"""Parity with the Hugging Face implementations the ecosystem runs (issue 2, item 6)."""
+"""Parity with the Hugging Face implementations the ecosystem runs."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""Secure defaults (issue 7): loopback-only services, no loader that runs a pickle, no path traversal, and
+"""Secure defaults: loopback-only services, no loader that runs a pickle, no path traversal, and
 no credentials in logged params, logs or manifests. (Authentication against real servers is in
 test_faults_services.py, whose stack runs with it turned on.)
 

@@ -78,7 +78,7 @@ class Source:
     documents: Iterator[Document]
 
 
-# Counting, not just replacing, undecodable bytes: the issue wants them "replaced and counted".
+# Undecodable bytes are replaced and counted, not just replaced: the manifest reports how many (stats.replaced_bytes).
 _REPLACED = [0]
 
 
