@@ -66,11 +66,14 @@ def test_resolved_config_round_trips_through_toml_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["tiny", "demo", "seed"])
-def test_config_files_spell_out_their_preset(name):
-    cfg = config.load(ROOT / "configs" / f"{name}.toml", {"data": {"data_dir": "d"}})
-    preset = config.from_preset(name)
-    assert (cfg.model, cfg.optim, cfg.train) == (preset.model, preset.optim, preset.train)
-    assert (cfg.data.seq_len, cfg.data.batch_size) == (preset.data.seq_len, preset.data.batch_size)
+def test_print_config_writes_a_file_that_loads_back_as_the_preset(name, tmp_path, capsys):
+    from gptmini.cli.train import main
+
+    assert main(["--preset", name, "--sources", "embedded:python-docs", "--print-config"]) == 0
+    path = tmp_path / f"{name}.toml"
+    path.write_text(capsys.readouterr().out)
+    assert config.load(path) == config.load(cli={"data": {"sources": ["embedded:python-docs"]}}, preset=name)
+    assert config.load(path).model == config.model_preset(name)
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr():
