@@ -43,6 +43,17 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def commit(tmp: str | os.PathLike, path: str | os.PathLike, mode: int = 0o644) -> None:
+    """Move a finished temporary file onto `path` (same folder): fsync its data, rename, fsync the folder, so
+    a crash leaves the old file or the new one. For writers that learn the name only at the end (content-
+    addressed shards and downloads); the others use `atomic_path`."""
+    os.chmod(tmp, mode)  # mkstemp makes 0600; these files are read by other processes and users
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends cleanly, fsync it and rename it onto `path`.
@@ -56,14 +67,10 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, mode)  # mkstemp makes 0600; these files are read by other processes and users
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        commit(tmp, path, mode)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:

@@ -39,7 +39,7 @@ from gptmini.data.sources import (
     replaced_bytes,
     utc_now,
 )
-from gptmini.files import read_json, sha256_file, write_atomic
+from gptmini.files import commit, read_json, sha256_file, write_atomic
 from gptmini.redact import redact_tree
 from gptmini.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
 
@@ -226,7 +226,7 @@ class ShardWriter:
             del batch, tokens, raw
             sha = sha256_file(tmp)
             name = f"{self.split}-{len(self.shards):05d}-{sha[:12]}.arrow"
-            os.replace(tmp, self.out / name)
+            commit(tmp, self.out / name)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

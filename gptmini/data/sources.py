@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gptmini.errors import UserError
-from gptmini.files import sha256_file, write_atomic
+from gptmini.files import commit, sha256_file, write_atomic
 from gptmini.redact import redact
 
 EMBEDDED = {"python-docs": "CPython's pydoc_data.topics: the Python language reference, one document per topic"}
@@ -232,7 +232,7 @@ class Cache:
                             h.update(block)
                             f.write(block)
                     sha = h.hexdigest()
-                    os.replace(tmp, self.blob(sha))
+                    commit(tmp, self.blob(sha))
                 except BaseException:
                     if os.path.exists(tmp):
                         os.unlink(tmp)
