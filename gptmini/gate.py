@@ -8,8 +8,8 @@ from pathlib import Path
 
 from gptmini.errors import UserError
 from gptmini.evaluate import evaluate_weights
-from gptmini.weights import load_config
 from gptmini.registry import MODEL_NAME, PRODUCTION, promote, resolve_model_uri, version_by_alias
+from gptmini.weights import load_config
 
 POLICIES = ("if-better", "always", "never")
 
@@ -58,13 +58,26 @@ def max_seq_len(weights_dir: str | Path) -> int:
     return load_config(weights_dir).max_seq_len
 
 
+def against_champion(mlflow_client, version: str, weights_dir: str | Path, data_dir: str | Path, champion,
+                     min_improvement: float = 0.0, name: str = MODEL_NAME, val_loss: float | None = None) -> Decision:
+    """`decide` between `version` (its weights in `weights_dir`) and the `champion` ModelVersion, both
+    evaluated on the same tokens of `data_dir` in windows of the shorter of their max_seq_len. `val_loss`,
+    the challenger's loss in windows of its own max_seq_len, is reused when those are the windows."""
+    champion_dir = resolve_model_uri(f"models:/{name}/{champion.version}", mlflow_client.tracking_uri)
+    seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
+    if val_loss is None or seq_len != max_seq_len(weights_dir):
+        val_loss = evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
+    champion_loss = evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
+    return decide(version, val_loss, champion.version, champion_loss, min_improvement)
+
+
 def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, val_loss: float,
                         data_dir: str | Path, policy: str = "if-better", min_improvement: float = 0.0,
                         name: str = MODEL_NAME) -> Decision:
     """The gate after each registration. policy `if-better`: promote `version` (its weights in
     `weights_dir`, its `val_loss` measured by evaluate_weights on `data_dir`) only if there is no production
-    version yet or it beats production on the same validation tokens in windows of the same length;
-    `always` / `never` skip the comparison. The decision is recorded on the version either way."""
+    version yet or it beats production (`against_champion`); `always` / `never` skip the comparison. The
+    decision is recorded on the version either way."""
     if policy not in POLICIES:
         raise UserError(f"promotion policy {policy!r} is unknown; use one of: {', '.join(POLICIES)}")
     champion = version_by_alias(mlflow_client, PRODUCTION, name)
@@ -75,12 +88,8 @@ def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, va
     elif champion is None:
         decision = decide(version, val_loss)
     else:
-        champion_dir = resolve_model_uri(f"models:/{name}/{champion.version}", mlflow_client.tracking_uri)
-        seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
-        if seq_len != max_seq_len(weights_dir):
-            val_loss = evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
-        champion_loss = evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
-        decision = decide(version, val_loss, champion.version, champion_loss, min_improvement)
+        decision = against_champion(mlflow_client, version, weights_dir, data_dir, champion, min_improvement,
+                                    name, val_loss)
     record_decision(mlflow_client, decision, name)
     if decision.promote:
         promote(mlflow_client, version, PRODUCTION, name, reason=decision.reason)

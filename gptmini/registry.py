@@ -1,4 +1,5 @@
-"""The MLflow model registry: the `gptmini` registered model, its aliases, and `gptmini promote`.
+"""The MLflow model registry: the client, the `gptmini` registered model's versions and aliases, and
+`models:/` URIs resolved to local weights (downloaded once per version).
 
 A version is a pyfunc "model from code" (gptmini/registry_model.py) plus the safetensors weights, so
 loading it runs our generation code and unpickles nothing. Its tags trace it back: `data_manifest_sha256`,
@@ -25,7 +26,6 @@ from pathlib import Path
 from gptmini.errors import Failure, UserError
 
 MODEL_NAME = "gptmini"
-EXPERIMENT_NAME = "gptmini"
 PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
 MODEL_CODE = Path(__file__).with_name("registry_model.py")
 GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0}

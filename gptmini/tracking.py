@@ -1,5 +1,7 @@
-"""MLflow tracking from rank 0: the only place the trainer touches MLflow, imported lazily.
+"""MLflow runs: the trainer's tracker (rank 0) and the run a Prefect flow run owns. MLflow is imported
+lazily, so the library runs without it.
 
+The trainer's tracker:
 - No tracking URI (neither --tracking-uri nor $MLFLOW_TRACKING_URI), not rank 0, or MLflow absent:
   a no-op `Tracker`; training never needs MLflow.
 - A run id from the caller (--mlflow-run-id or $MLFLOW_RUN_ID, e.g. the Prefect flow): we log into that
@@ -11,6 +13,9 @@
 Every call only enqueues; a background thread sends batches and keeps what failed to retry later, so a
 briefly unreachable server never stalls or kills training. Whatever is still unsent at close is written
 to RUN/mlflow_unsent.jsonl and counted in the log.
+
+The flow's run (`open_flow_run`): created once per flow run, tagged with its id, reopened when the flow run
+is retried, and ended by the flow (FINISHED) or its state hooks (`end_flow_run`: FAILED or KILLED).
 """
 from __future__ import annotations
 
@@ -23,17 +28,25 @@ import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gptmini.config import TrackingConfig
 from gptmini.files import write_json
 from gptmini.redact import redact
+from gptmini.registry import client
 from gptmini.trainer import Tracker
 
 MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
 MAX_PARAMS = 100  # ... and for params
 # Params that legitimately differ between a run and its resumption; MLflow forbids changing a param.
 VOLATILE_PARAMS = ("train.resume",)
+EXPERIMENT_NAME = TrackingConfig.experiment
+FLOW_RUN_TAG = "prefect.flow_run_id"
+# MLflow 3 opens an experiment without this tag in its GenAI layout (traces, prompts), which hides the runs'
+# metrics and charts.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(configured: str) -> str:
@@ -50,6 +63,22 @@ def credentials_to_env(uri: str) -> str:
     if parts.password is not None:
         os.environ["MLFLOW_TRACKING_PASSWORD"] = urllib.parse.unquote(parts.password)
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def experiment_id(mlflow_client, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created (tagged as model training) if it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_TAGS)
+    except MlflowException:
+        exp = mlflow_client.get_experiment_by_name(name)  # created meanwhile by a concurrent run
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def open_tracker(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
@@ -108,8 +137,7 @@ class MlflowTracker(Tracker):
             if saved.get("tracking_uri") == self.shown_uri:
                 self.client.update_run(saved["run_id"], status="RUNNING")
                 return saved["run_id"], True
-        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.tracking.experiment)
+        exp_id = experiment_id(self.client, cfg.tracking.experiment)
         run = self.client.create_run(exp_id, run_name=cfg.tracking.run_name or None,
                                      tags={"gptmini.run_dir": str(self.run_dir.resolve())})
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,3 +282,70 @@ class MlflowTracker(Tracker):
                 f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
             for item in self._pending_other:
                 f.write(json.dumps({"unsent": item[0], "detail": str(item[1:])[:500]}) + "\n")
+
+
+# The flow's run
+
+
+@dataclass
+class FlowRun:
+    """The MLflow run of one Prefect flow run: the flow logs into it here, the trainer through its id."""
+
+    client: Any
+    experiment_id: str
+    run_id: str
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # Logging a param again with the same value (a retried flow run) is allowed; masked as the
+        # trainer's are, since a source URL may carry user:password@ or ?token=.
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, redact(str(value)))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def open_flow_run(uri: str, experiment: str, flow_run_id: str, tags: dict[str, str],
+                  artifact_root: Path | None = None) -> FlowRun:
+    """The MLflow run of flow run `flow_run_id`: created on its first attempt, set RUNNING again on a retry,
+    so every attempt logs into one run. A new experiment keeps its artifacts under `artifact_root` unless
+    the store is a server, which places them itself."""
+    mc = client(uri)
+    local = artifact_root is not None and not uri.startswith(("http://", "https://"))
+    exp_id = experiment_id(mc, experiment, artifact_root.as_uri() if local else None)
+    run = _find_flow_run(mc, exp_id, flow_run_id)
+    if run is None:
+        run = mc.create_run(exp_id, tags={**tags, FLOW_RUN_TAG: flow_run_id}, run_name=tags.get("mlflow.runName"))
+    else:
+        mc.update_run(run.info.run_id, status="RUNNING")
+    return FlowRun(mc, exp_id, run.info.run_id)
+
+
+def end_flow_run(uri: str, experiment: str, flow_run_id: str, status: str, final_state: str) -> None:
+    """End the MLflow run of flow run `flow_run_id` (if it has one) with `status`, noting the flow run's
+    `final_state` on it: for the flow's state hooks, and for flow runs whose process died."""
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(experiment)
+    run = exp and _find_flow_run(mc, exp.experiment_id, flow_run_id)
+    if run:
+        mc.set_tag(run.info.run_id, "prefect.final_state", final_state[:5000])
+        mc.set_terminated(run.info.run_id, status)
+
+
+def _find_flow_run(mlflow_client, experiment_id: str, flow_run_id: str):
+    runs = mlflow_client.search_runs([experiment_id], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1)
+    return runs[0] if runs else None

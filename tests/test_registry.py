@@ -14,28 +14,23 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 
-from gptmini import registry  # noqa: E402
+from gptmini import gate, registry  # noqa: E402
+from gptmini.checkpoint import load_model  # noqa: E402
+from gptmini.cli.promote import main as promote_main  # noqa: E402
 from gptmini.data.loader import SlidingWindowDataset, TokenShards  # noqa: E402
-from gptmini.data.prepare import main as prepare_main  # noqa: E402
-from gptmini.model import GPTOSSMini, ModelConfig  # noqa: E402
+from gptmini.evaluate import evaluate_weights  # noqa: E402
+from gptmini.generate import generate_text  # noqa: E402
 from gptmini.weights import save_pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shards"
-    assert prepare_main(["embedded:python-docs", "--out", str(out), "--workers", "1"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def weights(shards, tmp_path_factory):
-    """{'worse': random init, 'better': 10 AdamW steps on the train split}: folders of save_pretrained."""
+def weights(prepared_shards, tiny_weights, tmp_path_factory):
+    """{'worse': the tiny preset at its random init, 'better': that model after 10 AdamW steps on the train
+    split}: folders of save_pretrained."""
     root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    model = GPTOSSMini(ModelConfig.from_preset("tiny"))
-    save_pretrained(model, root / "worse")
-    windows = SlidingWindowDataset(TokenShards.open(shards, "train"), 32, 32)
+    model, _ = load_model(tiny_weights)
+    model.train()
+    windows = SlidingWindowDataset(TokenShards.open(prepared_shards, "train"), 32, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for step in range(10):
         x, y = windows.batch(np.arange(step * 4, step * 4 + 4))
@@ -44,7 +39,7 @@ def weights(shards, tmp_path_factory):
         opt.step()
         opt.zero_grad()
     save_pretrained(model, root / "better")
-    return {name: root / name for name in ("worse", "better")}
+    return {"worse": tiny_weights, "better": root / "better"}
 
 
 @pytest.fixture(scope="module")
@@ -92,35 +87,45 @@ def test_pyfunc_model_runs_our_generation_for_any_prompt_length(store, weights):
     outputs = model.predict([short, long], params=greedy)
     assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
     # Greedy decoding through the registry equals our own code on the same weights.
-    from gptmini.weights import load_pretrained
-
-    local, tok = load_pretrained(weights["better"])
-    assert outputs[1] == registry.generate_text(local, tok, long, **greedy)
+    local, tok = load_model(weights["better"])
+    assert outputs[1] == generate_text(local, tok, long, **greedy)
     assert len(model.predict([long], params={"max_new_tokens": 40, "temperature": 0.0})[0]) > len(outputs[1])
 
 
-def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, shards):
+def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prepared_shards):
     mc, _ = store
-    losses = {k: registry.evaluate_weights(w, shards)["val_loss"] for k, w in weights.items()}
+    losses = {k: evaluate_weights(w, prepared_shards)["val_loss"] for k, w in weights.items()}
     assert losses["better"] < losses["worse"]
 
     _, v1 = register(store, weights["worse"])
-    first = registry.champion_challenger(mc, v1.version, weights["worse"], losses["worse"], shards)
+    first = gate.champion_challenger(mc, v1.version, weights["worse"], losses["worse"], prepared_shards)
     assert first.promote and "no production" in first.reason
 
     _, v2 = register(store, weights["better"])
-    better = registry.champion_challenger(mc, v2.version, weights["better"], losses["better"], shards)
+    better = gate.champion_challenger(mc, v2.version, weights["better"], losses["better"], prepared_shards)
     assert better.promote and better.champion_version == str(v1.version)
     assert better.champion_val_loss == pytest.approx(losses["worse"])
 
     _, v3 = register(store, weights["worse"])
-    worse = registry.champion_challenger(mc, v3.version, weights["worse"], losses["worse"], shards)
+    worse = gate.champion_challenger(mc, v3.version, weights["worse"], losses["worse"], prepared_shards)
     assert not worse.promote
     aliases = {k: str(v) for k, v in mc.get_registered_model("gptmini").aliases.items()}
     assert aliases["production"] == aliases["champion"] == str(v2.version)
     assert aliases["challenger"] == str(v3.version)
     assert mc.get_model_version("gptmini", v3.version).tags["gate.decision"] == "rejected"
     assert mc.get_model_version("gptmini", v2.version).tags["gate.decision"] == "promoted"
+
+
+def test_a_version_is_compared_with_the_champion_on_the_same_validation_tokens(store, weights, prepared_shards):
+    """What `promote-model` with a data_dir asks: a registered version against production, neither loss given."""
+    mc, _ = store
+    _, champion = register(store, weights["worse"])
+    _, challenger = register(store, weights["better"])
+    decision = gate.against_champion(mc, challenger.version, weights["better"], prepared_shards, champion)
+    losses = {k: evaluate_weights(w, prepared_shards)["val_loss"] for k, w in weights.items()}
+    assert decision.promote and decision.champion_version == str(champion.version)
+    assert decision.challenger_val_loss == pytest.approx(losses["better"])
+    assert decision.champion_val_loss == pytest.approx(losses["worse"])
 
 
 def test_registry_uri_resolves_the_alias_at_each_call(store, weights):
@@ -139,11 +144,11 @@ def test_registry_uri_resolves_the_alias_at_each_call(store, weights):
 def test_promote_cli_moves_production_and_champion(store, weights, capsys):
     mc, _ = store
     _, v1 = register(store, weights["worse"])
-    assert registry.promote_main([str(v1.version)]) == 0
+    assert promote_main([str(v1.version)]) == 0
     assert "gptmini@production -> v1" in capsys.readouterr().out
     aliases = {k: str(v) for k, v in mc.get_registered_model("gptmini").aliases.items()}
     assert aliases["production"] == aliases["champion"] == str(v1.version)
-    assert registry.promote_main(["--list"]) == 0
+    assert promote_main(["--list"]) == 0
     assert "production" in capsys.readouterr().out
 
 
@@ -153,7 +158,7 @@ def test_promote_cli_moves_production_and_champion(store, weights, capsys):
 ])
 def test_promote_cli_rejects_bad_input_with_one_clear_line(store, weights, capsys, argv, message):
     register(store, weights["worse"])
-    assert registry.promote_main(argv) == 1
+    assert promote_main(argv) == 2  # bad input, as for every gptmini command
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -170,7 +175,7 @@ def test_bad_registry_uris_get_a_message_naming_the_fix(store, weights, uri, mes
 
 
 def test_generate_cli_loads_from_the_registry(store, weights, capsys):
-    from gptmini.generate import main as generate_main
+    from gptmini.cli.generate import main as generate_main
 
     mc, _ = store
     _, v1 = register(store, weights["better"])

@@ -1,39 +1,37 @@
-"""MLflow tracking from the trainer, against a real SQLite store."""
+"""MLflow runs against a real SQLite store: the trainer's tracker, and the run a flow run owns."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from gptmini import tracking
-from gptmini.config import parse_args
+from gptmini.cli.train import parse_args
 
-pytestmark = pytest.mark.slow
+mlflow = pytest.importorskip("mlflow")
 
 TINY = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "3",
         "--train.eval_every", "2", "--train.eval_batches", "1", "--train.ckpt_every", "10"]
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    from gptmini.data.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("data") / "python-docs"
-    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1))
-    return out
+def empty_db(tmp_path_factory):
+    """An MLflow SQLite database with its schema migrated once (the migrations take seconds)."""
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture()
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, empty_db):
     """A SQLite tracking store with its artifacts under tmp_path; no MLflow env leaks in."""
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
-    from mlflow import MlflowClient
-
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)
     exp_id = client.create_experiment("gptmini-test", artifact_location=(tmp_path / "artifacts").as_uri())
     return uri, client, exp_id
 
@@ -45,12 +43,13 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
     return found
 
 
-def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, prepared_dir, tmp_path):
+@pytest.mark.slow
+def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, prepared_shards, tmp_path):
     from gptmini.train import main
 
     uri, client, exp_id = store
     out = tmp_path / "run"
-    assert main([*TINY, "--data-dir", str(prepared_dir), "--out", str(out), "--tracking-uri", uri,
+    assert main([*TINY, "--data-dir", str(prepared_shards), "--out", str(out), "--tracking-uri", uri,
                  "--experiment", "gptmini-test", "--run-name", "t1"]) == 0
     (run,) = client.search_runs([exp_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "t1"
@@ -65,6 +64,7 @@ def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, p
             "final/config.json", "checkpoints/best/model.safetensors"} <= files
 
 
+@pytest.mark.slow
 def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, tmp_path, monkeypatch):
     from gptmini.train import main
 
@@ -81,12 +81,13 @@ def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, tmp_path,
     assert len(client.search_runs([exp_id])) == 1  # no run of its own
 
 
-def test_a_diverged_run_is_marked_failed_not_left_running(store, prepared_dir, tmp_path):
+@pytest.mark.slow
+def test_a_diverged_run_is_marked_failed_not_left_running(store, prepared_shards, tmp_path):
     from gptmini.train import main
 
     uri, client, exp_id = store
     with pytest.raises(FloatingPointError, match="lower --lr"):
-        main([*TINY, "--data-dir", str(prepared_dir), "--out", str(tmp_path / "run"), "--tracking-uri", uri,
+        main([*TINY, "--data-dir", str(prepared_shards), "--out", str(tmp_path / "run"), "--tracking-uri", uri,
               "--experiment", "gptmini-test", "--lr", "1e12", "--optim.min_lr", "0", "--optim.grad_clip", "0",
               "--train.log_every", "1"])
     (run,) = client.search_runs([exp_id])
@@ -96,18 +97,82 @@ def test_a_diverged_run_is_marked_failed_not_left_running(store, prepared_dir, t
 def test_no_tracking_uri_means_no_tracker(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = parse_args([*TINY, "--data-dir", "d"])
-    assert type(tracking.start(cfg, tmp_path, is_main=True)) is tracking.Tracker
+    assert type(tracking.open_tracker(cfg, tmp_path, is_main=True)) is tracking.Tracker
     cfg = parse_args([*TINY, "--data-dir", "d", "--tracking-uri", "sqlite:///x.db"])
-    assert type(tracking.start(cfg, tmp_path, is_main=False)) is tracking.Tracker  # ranks other than 0
+    assert type(tracking.open_tracker(cfg, tmp_path, is_main=False)) is tracking.Tracker  # ranks other than 0
 
 
-def test_training_runs_with_mlflow_absent(prepared_dir, tmp_path):
+@pytest.mark.slow
+def test_training_runs_with_mlflow_absent(prepared_shards, tmp_path):
     """A tracking URI set on a machine without MLflow (the GPU boxes): a warning, and training goes on."""
     code = ("import sys; sys.modules['mlflow'] = None; from gptmini.train import main; "
             "sys.exit(main(sys.argv[1:]))")
-    args = [*TINY, "--steps", "1", "--data-dir", str(prepared_dir), "--out", str(tmp_path / "run"),
+    args = [*TINY, "--steps", "1", "--data-dir", str(prepared_shards), "--out", str(tmp_path / "run"),
             "--tracking-uri", "http://127.0.0.1:9"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mlflow is not installed" in proc.stderr
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+# The run a flow run owns
+
+
+def test_flow_run_is_created_once_and_reopened_when_the_flow_run_is_retried(store):
+    uri, client, _ = store
+    first = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {"mlflow.runName": "brave-fox", "preset": "tiny"})
+    first.end("FAILED")  # the first attempt failed
+    again = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {"mlflow.runName": "brave-fox", "preset": "tiny"})
+    assert again.run_id == first.run_id
+    run = client.get_run(again.run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "brave-fox"
+    assert run.data.tags["prefect.flow_run_id"] == "flow-1" and run.data.tags["preset"] == "tiny"
+    other = tracking.open_flow_run(uri, "gptmini-test", "flow-2", {})
+    assert other.run_id != first.run_id
+
+
+def test_a_new_experiment_is_for_model_training_with_its_artifacts_in_the_given_folder(store, tmp_path):
+    uri, client, _ = store
+    run = tracking.open_flow_run(uri, "new-experiment", "flow-1", {}, artifact_root=tmp_path / "flow-artifacts")
+    exp = client.get_experiment(run.experiment_id)
+    assert exp.name == "new-experiment"
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow 3's GenAI layout
+    assert exp.artifact_location == (tmp_path / "flow-artifacts").as_uri()
+
+
+def test_the_flow_logs_params_tags_metrics_text_and_artifacts_into_its_run(store, tmp_path):
+    uri, client, _ = store
+    run = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {})
+    secret = "https://user:hunter2@example.org/corpus.txt"
+    run.log_params({"flow.sources": f'["{secret}"]', "flow.nproc": 2})
+    run.log_params({"flow.nproc": 2})  # the same value again, as a retried flow run logs it
+    run.set_tags({"data_manifest_sha256": "ab" * 32})
+    run.log_metrics({"registered_val_loss": 4.5}, step=7)
+    run.log_text('[{"mode": "greedy"}]', "samples.json")
+    (tmp_path / "manifest.json").write_text("{}")
+    run.log_artifact(tmp_path / "manifest.json", "data")
+    logged = client.get_run(run.run_id)
+    assert logged.data.params["flow.nproc"] == "2"
+    assert "hunter2" not in logged.data.params["flow.sources"]
+    assert logged.data.tags["data_manifest_sha256"] == "ab" * 32
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "registered_val_loss")] == [(7, 4.5)]
+    assert {a.path for a in client.list_artifacts(run.run_id)} == {"samples.json", "data"}
+    assert [a.path for a in client.list_artifacts(run.run_id, "data")] == ["data/manifest.json"]
+
+
+@pytest.mark.parametrize("status", ["FINISHED", "FAILED", "KILLED"])
+def test_end_flow_run_ends_it_with_the_status_and_notes_the_flow_runs_state(store, status):
+    uri, client, _ = store
+    run = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {})
+    tracking.end_flow_run(uri, "gptmini-test", "flow-1", status, f"{status}: why it ended")
+    ended = client.get_run(run.run_id)
+    assert ended.info.status == status
+    assert ended.data.tags["prefect.final_state"] == f"{status}: why it ended"
+
+
+def test_end_flow_run_of_a_flow_run_without_an_mlflow_run_changes_nothing(store):
+    uri, client, exp_id = store
+    tracking.end_flow_run(uri, "gptmini-test", "never-started", "FAILED", "FAILED: parameters")
+    tracking.end_flow_run(uri, "no-such-experiment", "never-started", "FAILED", "FAILED: parameters")
+    assert client.search_runs([exp_id]) == []
+    assert client.get_experiment_by_name("no-such-experiment") is None
