@@ -256,9 +256,8 @@ def test_sampler_state_from_other_data_is_refused():
         s.load_state_dict(DistributedWindowSampler(50, seed=1).state_dict())
 
 
+@pytest.mark.gpu
 def test_loader_on_cuda_pins_and_copies_non_blocking(data_dir):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here; the CUDA path runs on the GPU machine")
     train, _ = build_loaders(data_dir, seq_len=16, batch_size=4, device="cuda")
     x, y = train.next_batch()
     assert x.is_cuda and y.is_cuda and x.dtype == torch.int64

@@ -23,7 +23,7 @@ from fault_helpers import STEPS, env, ledger_fixture, train_cmd, wait_for
 from gptmini.checkpoint import MARKER, is_complete, latest_checkpoint, list_checkpoints, load_model, read_json
 from gptmini.metrics import read_metrics, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 KILL = "kill -9 of the trainer at a random step"
 KILL_MID_WRITE = "kill -9 of the trainer while a checkpoint is written"
@@ -37,15 +37,6 @@ def ledger(request, tmp_path_factory):
     yield from ledger_fixture(request, tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from gptmini.data.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("data") / "python-docs"
-    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1))
-    return out
-
-
 def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -53,9 +44,9 @@ def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def baseline(shards, tmp_path_factory) -> dict[int, float]:
+def baseline(prepared_shards, tmp_path_factory) -> dict[int, float]:
     out = tmp_path_factory.mktemp("baseline") / "run"
-    run_to_end(train_cmd(shards, out))
+    run_to_end(train_cmd(prepared_shards, out))
     return train_losses(read_metrics(out / "metrics.jsonl"))
 
 
@@ -84,7 +75,7 @@ def latest_step(out: Path) -> int:
     return int(latest.name.split("_")[1]) if latest else 0
 
 
-def check_after_fault(out: Path, shards: Path) -> None:
+def check_after_fault(out: Path, prepared_shards: Path) -> None:
     """The invariants every fault must leave: complete checkpoints load, half-written ones are not taken."""
     from gptmini.data.loader import TokenShards
     from gptmini.weights import load_pretrained
@@ -100,20 +91,20 @@ def check_after_fault(out: Path, shards: Path) -> None:
         assert read_json(latest / "trainer_state.json")["step"] == int(latest.name.split("_")[1])
     if (root / "best" / "model.safetensors").exists():
         load_pretrained(root / "best")
-    TokenShards.open(shards, "train", verify=True)
-    TokenShards.open(shards, "val", verify=True)
+    TokenShards.open(prepared_shards, "train", verify=True)
+    TokenShards.open(prepared_shards, "val", verify=True)
 
 
-def inject_kill(shards: Path, out: Path, rng: random.Random) -> None:
+def inject_kill(prepared_shards: Path, out: Path, rng: random.Random) -> None:
     first = latest_step(out) + 1
     step = rng.randint(first, min(first + 2, STEPS - 1))
     log = out.parent / f"segment-{rng.random():.6f}.log"
-    proc = start(train_cmd(shards, out), log)
+    proc = start(train_cmd(prepared_shards, out), log)
     wait_for(lambda: logged(log, step), f"step {step}", proc=proc)
     kill_tree(proc)
 
 
-def inject_kill_mid_write(shards: Path, out: Path) -> None:
+def inject_kill_mid_write(prepared_shards: Path, out: Path) -> None:
     """SIGKILL as soon as a new checkpoint's temporary folder appears (DCP writes ~100 MB into it)."""
     done = latest_step(out)
     root = out / "checkpoints"
@@ -121,16 +112,16 @@ def inject_kill_mid_write(shards: Path, out: Path) -> None:
     def writing() -> bool:
         return any(int(p.name.rsplit("_", 1)[1]) > done for p in root.glob(".tmp_step_*"))
 
-    proc = start(train_cmd(shards, out), out.parent / "mid-write.log")
+    proc = start(train_cmd(prepared_shards, out), out.parent / "mid-write.log")
     wait_for(writing, "a checkpoint write", proc=proc)
     kill_tree(proc)
 
 
-def inject_sigterm(shards: Path, out: Path, rng: random.Random) -> None:
+def inject_sigterm(prepared_shards: Path, out: Path, rng: random.Random) -> None:
     first = latest_step(out) + 1
     step = rng.randint(first, min(first + 2, STEPS - 1))
     log = out.parent / f"segment-{rng.random():.6f}.log"
-    proc = start(train_cmd(shards, out), log)
+    proc = start(train_cmd(prepared_shards, out), log)
     wait_for(lambda: logged(log, step), f"step {step}", proc=proc)
     proc.send_signal(signal.SIGTERM)  # the trainer itself, as a scheduler preempting it would
     assert proc.wait(timeout=300) == 0
@@ -139,7 +130,7 @@ def inject_sigterm(shards: Path, out: Path, rng: random.Random) -> None:
     assert latest_step(out) == summary["steps"] >= step, "the preempted run did not checkpoint where it stopped"
 
 
-def inject_full_disk(shards: Path, out: Path) -> None:
+def inject_full_disk(prepared_shards: Path, out: Path) -> None:
     """A 1 MB file-size limit: metrics and config files fit, the ~100 MB checkpoint (or best/) does not."""
     before = [p.name for p in list_checkpoints(out)]
     limit = 1 << 20
@@ -148,14 +139,14 @@ def inject_full_disk(shards: Path, out: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     log = out.parent / "full-disk.log"
-    proc = start(train_cmd(shards, out), log, preexec_fn=cap)
+    proc = start(train_cmd(prepared_shards, out), log, preexec_fn=cap)
     # The write fails (EFBIG, or torch's zip writer finding a short file) and the trainer exits non-zero.
     assert proc.wait(timeout=600) != 0, log.read_text()[-2000:]
     assert [p.name for p in list_checkpoints(out)] == before
     assert not [p for p in (out / "checkpoints").glob(".tmp_step_*") if (p / MARKER).exists()]
 
 
-def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(shards, baseline, ledger, tmp_path):
+def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(prepared_shards, baseline, ledger, tmp_path):
     out = tmp_path / "run"
     rng = random.Random()
     faults = [KILL, KILL_MID_WRITE, SIGTERM, KILL, FULL_DISK, KILL]
@@ -163,32 +154,32 @@ def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(shards, ba
     for fault in faults:
         ledger.run(fault)
         if fault == KILL:
-            inject_kill(shards, out, rng)
+            inject_kill(prepared_shards, out, rng)
         elif fault == KILL_MID_WRITE:
-            inject_kill_mid_write(shards, out)
+            inject_kill_mid_write(prepared_shards, out)
         elif fault == SIGTERM:
-            inject_sigterm(shards, out, rng)
+            inject_sigterm(prepared_shards, out, rng)
         else:
-            inject_full_disk(shards, out)
-        check_after_fault(out, shards)
+            inject_full_disk(prepared_shards, out)
+        check_after_fault(out, prepared_shards)
         survived.append(fault)
-    run_to_end(train_cmd(shards, out))
-    check_after_fault(out, shards)
+    run_to_end(train_cmd(prepared_shards, out))
+    check_after_fault(out, prepared_shards)
     assert losses(out) == baseline, "a resumed run's losses differ from the uninterrupted run's"
     assert read_json(out / "summary.json")["status"] == "completed"
     for fault in survived:
         ledger.survived(fault)
 
 
-def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(shards, ledger, tmp_path):
+def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(prepared_shards, ledger, tmp_path):
     steps = ("--steps", "8")
     ddp = ("--parallel", "ddp")
-    run_to_end(train_cmd(shards, tmp_path / "base", *ddp, *steps, nproc=2))
+    run_to_end(train_cmd(prepared_shards, tmp_path / "base", *ddp, *steps, nproc=2))
     expected = losses(tmp_path / "base")
 
     out = tmp_path / "run"
     with ledger.trial(RANK_KILL):
-        proc = start(train_cmd(shards, out, *ddp, *steps, nproc=2, torchrun_args=("--max-restarts", "3")),
+        proc = start(train_cmd(prepared_shards, out, *ddp, *steps, nproc=2, torchrun_args=("--max-restarts", "3")),
                      tmp_path / "torchrun.log")
         step = random.Random().randint(3, 6)
         wait_for(lambda: step in losses(out), f"step {step}", proc=proc)
@@ -211,6 +202,6 @@ def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(shar
         assert proc.wait(timeout=600) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
         log = (tmp_path / "torchrun.log").read_text()
         assert "resumed from" in log, "the restarted workers did not resume from a checkpoint"
-        check_after_fault(out, shards)
+        check_after_fault(out, prepared_shards)
         assert losses(out) == expected
         assert read_json(out / "summary.json")["status"] == "completed"

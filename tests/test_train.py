@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from gptmini.checkpoint import list_checkpoints, load_model, read_json
 from gptmini.metrics import read_metrics, train_losses
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 STEPS = 8
 COMMON = [
@@ -72,21 +72,12 @@ def kill_at_step(cmd: list[str], out: Path, step: int, committed: bool = False) 
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    from gptmini.data.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("data") / "python-docs"
-    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1))
-    return out
-
-
-@pytest.fixture(scope="module")
-def baselines(prepared_dir: Path, tmp_path_factory) -> dict[str, Path]:
+def baselines(prepared_shards: Path, tmp_path_factory) -> dict[str, Path]:
     """The uninterrupted runs: '1p' (1 process, 2x accumulation), 'ddp' and 'fsdp' (2 ranks)."""
     root = tmp_path_factory.mktemp("baselines")
     runs = {"1p": (None, ()), "ddp": (2, ("--parallel", "ddp")), "fsdp": (2, ("--parallel", "fsdp"))}
     for name, (nproc, extra) in runs.items():
-        run(train_cmd(prepared_dir, root / name, nproc, *extra))
+        run(train_cmd(prepared_shards, root / name, nproc, *extra))
     return {name: root / name for name in runs}
 
 
@@ -122,10 +113,10 @@ def test_fsdp_on_2_ranks_matches_ddp(baselines):
     assert la == pytest.approx(lb, rel=1e-5)
 
 
-def test_accumulation_without_sync_under_fsdp_equals_the_big_batch(baselines, prepared_dir, tmp_path):
+def test_accumulation_without_sync_under_fsdp_equals_the_big_batch(baselines, prepared_shards, tmp_path):
     """2 ranks x 2 micro-batches of 1 (gradient sync only on the last) == 2 ranks x 1 batch of 2."""
     out = tmp_path / "fsdp-accum"
-    run(train_cmd(prepared_dir, out, 2, "--parallel", "fsdp", "--batch-size", "1", "--grad-accum", "2"))
+    run(train_cmd(prepared_shards, out, 2, "--parallel", "fsdp", "--batch-size", "1", "--grad-accum", "2"))
     a, b = weights(out), weights(baselines["ddp"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
@@ -142,14 +133,14 @@ def test_fsdp_checkpoint_loads_at_another_world_size(baselines):
         torch.testing.assert_close(state[k], final[k], rtol=0, atol=0, msg=k)
 
 
-def test_fsdp_checkpoint_resumes_training_at_another_world_size(baselines, prepared_dir, tmp_path):
+def test_fsdp_checkpoint_resumes_training_at_another_world_size(baselines, prepared_shards, tmp_path):
     """The 2-rank FSDP checkpoint of step 4, resumed by one process with 2x accumulation (the same global
     batch): DCP reshards the weights and the optimizer, the sampler's position is global, so steps 5-8
     repeat the FSDP run's losses and end on its weights."""
     ckpt = baselines["fsdp"] / "checkpoints" / "step_00000004"
     assert read_json(ckpt / "trainer_state.json")["world_size"] == 2
     out = tmp_path / "resumed-1p"
-    proc = run(train_cmd(prepared_dir, out, None, "--resume", str(ckpt)))
+    proc = run(train_cmd(prepared_shards, out, None, "--resume", str(ckpt)))
     assert "written by 2 rank(s), this run has 1" in proc.stdout
     resumed = train_losses(read_metrics(out / "metrics.jsonl"))
     fsdp = train_losses(read_metrics(baselines["fsdp"] / "metrics.jsonl"))
@@ -179,28 +170,28 @@ def test_gptmini_eval_reports_val_loss_of_a_run(baselines, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["1p", "ddp", "fsdp"])
-def test_kill_9_then_resume_auto_reproduces_every_loss(mode, baselines, prepared_dir, tmp_path):
+def test_kill_9_then_resume_auto_reproduces_every_loss(mode, baselines, prepared_shards, tmp_path):
     nproc, extra = {"1p": (None, ()), "ddp": (2, ("--parallel", "ddp")), "fsdp": (2, ("--parallel", "fsdp"))}[mode]
     out = tmp_path / mode
     kill_step = random.Random().randint(3, STEPS - 2)
-    assert kill_at_step(train_cmd(prepared_dir, out, nproc, *extra), out, kill_step) == -signal.SIGKILL
+    assert kill_at_step(train_cmd(prepared_shards, out, nproc, *extra), out, kill_step) == -signal.SIGKILL
     assert list_checkpoints(out), f"no checkpoint before the kill at step {kill_step}"
-    run(train_cmd(prepared_dir, out, nproc, *extra, "--resume", "auto"))
+    run(train_cmd(prepared_shards, out, nproc, *extra, "--resume", "auto"))
     expected = train_losses(read_metrics(baselines[mode] / "metrics.jsonl"))
     assert train_losses(read_metrics(out / "metrics.jsonl")) == expected, f"killed at step {kill_step}"
 
 
-def test_checkpoint_cut_mid_write_is_ignored_and_the_previous_one_used(baselines, prepared_dir, tmp_path):
+def test_checkpoint_cut_mid_write_is_ignored_and_the_previous_one_used(baselines, prepared_shards, tmp_path):
     """A file-size limit makes the write of step 4's checkpoint fail half-way, as a full disk would."""
     out = tmp_path / "run"
-    kill_at_step(train_cmd(prepared_dir, out, None), out, 2, committed=True)
+    kill_at_step(train_cmd(prepared_shards, out, None), out, 2, committed=True)
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
     limit = 1 << 20  # far below the ~80 MB model+optimizer file, far above metrics and config files
 
     def cap_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run(train_cmd(prepared_dir, out, None, "--resume", "auto", "--train.eval_every", "100"),
+    proc = subprocess.run(train_cmd(prepared_shards, out, None, "--resume", "auto", "--train.eval_every", "100"),
                           env=env(), capture_output=True, text=True, timeout=300, preexec_fn=cap_file_size)
     assert proc.returncode != 0
     assert "CheckpointException" in proc.stderr, proc.stderr[-2000:]  # the write failed, nothing else
@@ -208,16 +199,16 @@ def test_checkpoint_cut_mid_write_is_ignored_and_the_previous_one_used(baselines
     assert half_written.is_dir() and not (half_written / "COMPLETE").exists()
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
 
-    run(train_cmd(prepared_dir, out, None, "--resume", "auto"))
+    run(train_cmd(prepared_shards, out, None, "--resume", "auto"))
     expected = train_losses(read_metrics(baselines["1p"] / "metrics.jsonl"))
     assert train_losses(read_metrics(out / "metrics.jsonl")) == expected
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_preemption_signal_saves_a_checkpoint_and_exits_0(sig, prepared_dir, tmp_path):
+def test_preemption_signal_saves_a_checkpoint_and_exits_0(sig, prepared_shards, tmp_path):
     """A preemption (SIGTERM), or Ctrl-C (SIGINT): the step finishes, a checkpoint is written, exit 0."""
     out = tmp_path / "run"
-    cmd = train_cmd(prepared_dir, out, None, "--steps", "200", "--train.ckpt_every", "1000")
+    cmd = train_cmd(prepared_shards, out, None, "--steps", "200", "--train.ckpt_every", "1000")
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and 2 not in train_losses(read_metrics(out / "metrics.jsonl")):
