@@ -1,4 +1,4 @@
-"""Data pipeline throughput, measured in one run on the same text (issue 3).
+"""Data pipeline throughput, measured in one run on the same text.
 
 1. `gptmini prepare` (read files, split, tokenize, write verified shards) against raw
    `tiktoken.Encoding.encode_ordinary_batch` on the same documents already in memory: MB/s and tokens/s,
@@ -25,6 +25,7 @@ import tiktoken
 from pydoc_data import topics
 
 from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.files import write_json
 from gptmini.tokenizer import get_tokenizer
 
 # torch is imported only inside the loader benchmark: prepare's worker processes are spawned, and spawn
@@ -188,7 +189,7 @@ def main() -> None:
     for r in out["loader"]:
         print(f"{r['what']:34} {r['B']:4} {r['T']:5} {r['batches/s']:10.0f} {r['tokens/s'] / 1e6:8.1f} {r['vs nanoGPT']:10.2f}")
     if a.json:
-        a.json.write_text(json.dumps(out, indent=1))
+        write_json(a.json, out)
 
 
 if __name__ == "__main__":

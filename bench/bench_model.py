@@ -1,28 +1,33 @@
-"""CPU benchmark for the model (issue 2): training-step tokens/s of the `demo` preset, and generation
+"""CPU benchmark for the model: training-step tokens/s of the `demo` preset, and generation
 tokens/s with and without the KV cache.
 
     .venv/bin/python bench/bench_model.py [--batch 8] [--seq-len 256] [--new-tokens 256] [--json out.json]
 
 Generation is greedy, from a prompt of --prompt-len random tokens. At batch 1 both paths pay the same
 memory-bound read of the 100352 x 256 output matrix every step, which caps the cache's gain; larger
-batches amortise that read and show the cache's real effect. Generation extends the demo config to max_seq_len=512 so prompt + 256 new tokens fit; that changes no
-weight (RoPE has no position table), only the length check.
+batches amortise that read and show the cache's real effect. Generation extends the demo config to
+max_seq_len=512 so prompt + 256 new tokens fit; that changes no weight (RoPE has no position table), only
+the length check. The training step uses the trainer's optimizer (gptmini.optim, OptimConfig's defaults).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 
-from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.config import OptimConfig, model_preset
+from gptmini.files import write_json
+from gptmini.generate import generate
+from gptmini.model import GPTOSSMini
+from gptmini.optim import build_optimizer
 
 
 def train_tokens_per_s(model: GPTOSSMini, batch: int, seq_len: int, steps: int, warmup: int) -> float:
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optim = OptimConfig()
+    opt = build_optimizer(model, optim)
     model.train()
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
     times = []
@@ -31,7 +36,7 @@ def train_tokens_per_s(model: GPTOSSMini, batch: int, seq_len: int, steps: int, 
         _, loss = model(x[:, :-1], x[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -40,9 +45,9 @@ def train_tokens_per_s(model: GPTOSSMini, batch: int, seq_len: int, steps: int, 
 
 def generate_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int, use_cache: bool) -> float:
     x = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
-    model.generate(x, 4, temperature=0, use_cache=use_cache)  # warm-up
+    generate(model, x, 4, temperature=0, use_cache=use_cache)  # warm-up
     t0 = time.perf_counter()
-    out = model.generate(x, new, temperature=0, use_cache=use_cache)
+    out = generate(model, x, new, temperature=0, use_cache=use_cache)
     elapsed = time.perf_counter() - t0
     assert out.shape == (batch, prompt_len + new)
     return batch * new / elapsed
@@ -64,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    cfg = ModelConfig.from_preset(args.preset, max_seq_len=max(512, args.prompt_len + args.new_tokens))
+    cfg = model_preset(args.preset, max_seq_len=max(512, args.prompt_len + args.new_tokens))
     model = GPTOSSMini(cfg)
     train = train_tokens_per_s(model, args.batch, args.seq_len, args.steps, args.warmup)
     model.eval()
@@ -96,8 +101,7 @@ def main() -> None:
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

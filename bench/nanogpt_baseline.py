@@ -1,9 +1,9 @@
-"""A plain dense GPT-2-124M-class model, written nanoGPT-style: the speed baseline of issue 6.
+"""A plain dense GPT-2-124M-class model, written nanoGPT-style: the speed baseline of bench/bench_gpu.py.
 
 MHA, GELU MLP, LayerNorm with biases, learned positions, tied embeddings and SDPA (flash/cuDNN on
-CUDA). `gptmini bench` compiles it with torch.compile and trains it with fused AdamW on CUDA, in the
-same run and under the same step as gptmini, so the two MFU figures are comparable. It has no
-generation or checkpoint code: it exists to be timed.
+CUDA). bench_gpu.py compiles it and trains it with the trainer's optimizer, in the same run and under the
+same step as gptmini, so the two MFU figures are comparable. It has no generation or checkpoint code: it
+exists to be timed.
 """
 from __future__ import annotations
 
@@ -121,20 +121,11 @@ class GPT(nn.Module):
 
 
 def matmul_params(cfg: BaselineConfig) -> int:
-    """Weights each token multiplies through (biases and norms aside): the 6N of 6N + attention.
+    """Weights each token multiplies through (biases and norms aside): the N_matmul of
+    gptmini.model.training_flops.
 
     The tied embedding counts once, as the head's matmul; the embedding lookups are not matmuls.
     """
     d = cfg.n_embd
     per_layer = d * 3 * d + d * d + 2 * d * 4 * d  # c_attn, attn c_proj, c_fc, mlp c_proj
     return cfg.n_layer * per_layer + d * cfg.vocab_size
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str) -> torch.optim.AdamW:
-    """AdamW with decay on matrices only (nanoGPT's split); the fused CUDA kernel when on CUDA."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")

@@ -1,15 +1,15 @@
-"""Static-shape greedy decoding for gptmini models: the route issue 6 names to >= 1,000 tokens/s at batch 1.
+"""Static-shape greedy decoding for gptmini models: the route to >= 1,000 tokens/s at batch 1.
 
-Eager decode is launch-bound (about 900 small kernels per token for the seed model). Here the KV cache,
-the position and the mask are fixed-size device tensors, and the position advances in place, so every
-step has the same shapes and the same tensor addresses: one `torch.compile(mode="reduce-overhead")`
-graph (fusion + a CUDA graph) serves every step, and no step reads anything back to the host.
+Eager decode is launch-bound (about a thousand dispatched ops, some 700 of them kernels, per token for
+the seed model: bench/count_decode_ops.py). Here the KV cache, the position and the mask are fixed-size
+device tensors, and the position advances in place, so every step has the same shapes and the same tensor
+addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA graph) serves every step,
+and no step reads anything back to the host.
 
 It runs the model's own blocks (through the `cache.update(layer, k, v)` hook that Attention calls) and
-the model's RoPE, so the arithmetic is the model's. Experimental, and kept in bench/ until measured on a
-GPU: greedy only, prompts of one length, no sliding window and no RoPE scaling (the seed config's case).
-tests/test_static_decode.py checks it token for token against `model.generate` on CPU; the compiled /
-CUDA-graph mode was not run in the session that wrote it (no GPU was lent).
+the model's RoPE, so the arithmetic is the model's. It stays in bench/ until its CUDA-graph speed is
+measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window and no RoPE scaling (the
+seed config's case). tests/test_static_decode.py checks it token for token against `gptmini.generate` on CPU.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class StaticDecoder:
         if cfg.sliding_window is not None or cfg.rope_scaling is not None:
             raise ValueError(
                 f"static decoding supports neither sliding_window={cfg.sliding_window} nor "
-                f"rope_scaling={cfg.rope_scaling!r}; use model.generate for this config"
+                f"rope_scaling={cfg.rope_scaling!r}; use gptmini.generate.generate for this config"
             )
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}; shorten the prompt or the generation")

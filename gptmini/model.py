@@ -508,12 +508,24 @@ class GPTOSSMini(nn.Module):
         return self.num_params() - idle
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token (forward + backward): 6 per active matmul weight (PaLM, appendix B) plus
-        the attention scores and values, 12 * L * d_model * context. The embedding lookup is no matmul, but a
-        tied table is also the output projection."""
+        """Training FLOPs per token (`training_flops`) over the active parameters. The embedding lookup is no
+        matmul, but a tied table is also the output projection."""
         cfg = self.config
         n = self.num_active_params()
         if not cfg.tie_embeddings:
             n -= cfg.vocab_size * cfg.d_model
-        context = min(seq_len, cfg.sliding_window or seq_len)
-        return 6 * n + 12 * cfg.n_layers * cfg.d_model * context
+        return training_flops(n, cfg.n_layers, cfg.d_model, seq_len, cfg.sliding_window)
+
+
+def training_flops(matmul_params: int, n_layers: int, attn_dim: int, seq_len: int,
+                   sliding_window: int | None = None, causal: bool = False) -> int:
+    """Training FLOPs per token, forward + backward (PaLM, appendix B; nanoGPT's estimate_mfu):
+    6 * matmul_params + 12 * n_layers * attn_dim * context.
+
+    6 = 2 FLOPs per multiply-add forward and 4 backward (input and weight gradients). The attention term is
+    QK^T and PV, 2 * context * attn_dim each per layer forward (attn_dim = n_heads * head_dim), times 3 for
+    the backward. It counts the full context x context score matrix, as PaLM and nanoGPT do, so MFU compares
+    with their published figures; `causal` counts only the unmasked half that a causal flash kernel computes.
+    """
+    context = min(seq_len, sliding_window or seq_len)  # keys each query attends to
+    return 6 * matmul_params + (6 if causal else 12) * n_layers * attn_dim * context

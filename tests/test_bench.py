@@ -1,5 +1,5 @@
-"""The GPU harness (`gptmini bench`, issue 6) run on CPU at tiny sizes: it measures, writes its JSON and
-table, counts FLOPs as BENCHMARKS.md states, and runs without Prefect or MLflow (as on the GPU machine).
+"""The GPU harness (bench/bench_gpu.py) run on CPU at tiny sizes: it measures, writes its JSON and table,
+counts FLOPs as BENCHMARKS.md states, and runs without Prefect or MLflow (as on the GPU machine).
 
 No timing assertions: speed goes in BENCHMARKS.md.
 """
@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini import bench
-from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.config import model_preset
+from gptmini.model import GPTOSSMini
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/'s scripts import each other as `python bench/X.py` runs them
+import bench_gpu as bench
 
 # A 512-token vocabulary keeps the tiny preset's 100k-row head out of a test's time (and exercises the
 # loader's folding of cl100k ids into a smaller model vocabulary).
@@ -40,7 +44,7 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5)  # achieved over the given peak
         assert r["mfu_causal"] < r["mfu"]  # the causal count halves the attention term
         assert r["peak_mem_gib"] is None  # no CUDA allocator to ask
-    # On CPU, auto decode paths are model.stream's KV cache and the static-shape decoder (eager).
+    # On CPU, auto decode paths are gptmini.generate.stream's KV cache and the static-shape decoder (eager).
     assert [(d["path"], d["batch_size"], d["status"]) for d in results["decode"]] == [
         ("cache", 1, "ok"), ("cache", 2, "ok"), ("static", 1, "ok"), ("static", 2, "ok")]
     assert all(d["tokens_per_s"] > 0 for d in results["decode"])
@@ -57,20 +61,20 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
 
 
 def test_flops_per_token_is_six_n_plus_attention_term():
-    cfg = ModelConfig.from_preset("seed")
+    cfg = model_preset("seed")
     subject = bench.gptmini_subject("seed", cfg)
     d, L, T = cfg.d_model, cfg.n_layers, 1024
     n = subject.matmul_params
     assert subject.flops_per_token(T) == 6 * n + 12 * L * T * d
     assert subject.flops_per_token(T, causal=True) == 6 * n + 6 * L * T * d
     # Only top_k of the experts count: the active FFN weights are top_k * 3 * d * d_ff per layer.
-    dense_twin = ModelConfig.from_preset("seed", num_experts=0, top_k=1, d_ff=cfg.top_k * cfg.d_ff)
+    dense_twin = model_preset("seed", num_experts=0, top_k=1, d_ff=cfg.top_k * cfg.d_ff)
     assert n - bench.gptmini_matmul_params(dense_twin) == L * d * cfg.num_experts  # the router
 
 
 @pytest.mark.parametrize("overrides", [{"num_experts": 0}, {}, {"tie_embeddings": False}], ids=["dense", "moe", "untied"])
 def test_matmul_params_count_the_model_weights_a_token_multiplies(overrides):
-    cfg = ModelConfig.from_preset("tiny", **overrides)
+    cfg = model_preset("tiny", **overrides)
     model = GPTOSSMini(cfg)
     matrices = {name: p.numel() for name, p in model.named_parameters() if p.dim() >= 2}
     # An untied input embedding is a lookup, not a matmul; a tied one is the head's weight, listed once.
@@ -86,7 +90,7 @@ def test_matmul_params_count_the_model_weights_a_token_multiplies(overrides):
 
 
 def test_plan_accounts_for_every_flop_of_the_formula(capsys):
-    cfg = ModelConfig.from_preset("seed", vocab_size=100352)
+    cfg = model_preset("seed", vocab_size=100352)
     parts = bench.flops_breakdown(cfg, 1024)
     assert sum(parts.values()) == bench.gptmini_subject("seed", cfg).flops_per_token(1024)
     head = parts["output head (vocab matmul)"] / sum(parts.values())
@@ -128,14 +132,21 @@ def test_runs_with_prefect_and_mlflow_absent_and_leaves_mfu_na_on_cpu(tmp_path):
     # The H100 machine has neither: block their import and run the command end to end.
     out = tmp_path / "r.json"
     argv = [*TINY, "--sections", "train", "--steps", "1", "--warmup", "0", "--out", str(out)]
+    # `python bench/bench_gpu.py ARGS` with both imports blocked: bench/ first on sys.path, run as __main__.
     code = (
-        "import sys; sys.modules['prefect'] = None; sys.modules['mlflow'] = None\n"
-        "from gptmini.cli import main\n"
-        f"sys.exit(main(['bench', *{argv!r}]))\n"
+        "import runpy, sys; sys.modules['prefect'] = None; sys.modules['mlflow'] = None\n"
+        f"sys.path.insert(0, 'bench'); sys.argv = ['bench/bench_gpu.py', *{argv!r}]\n"
+        "runpy.run_path('bench/bench_gpu.py', run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     (run,) = json.loads(out.read_text())["train"]
     assert run["status"] == "ok" and run["tokens_per_s"] > 0
     assert run["mfu"] is None and run["mfu_causal"] is None  # CPU without --peak-tflops: n/a
+
+
+def test_nanogpt_baseline_counts_the_flops_behind_the_published_mfu():
+    # nanoGPT 124M at T=1024: 6 * 123.57M + 12 * 12 * 1024 * 768 = 854.7 MFLOP/token (BENCHMARKS.md's anchor).
+    subject = bench.baseline_subject("gpt2", model_preset("seed"), block_size=1024, dropout=0.0)
+    assert subject.matmul_params == 123_568_128
+    assert subject.flops_per_token(1024) == 854_654_976

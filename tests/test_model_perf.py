@@ -1,10 +1,11 @@
-"""Performance paths of the model (issue 6) compute the same function as the plain ones, on CPU."""
+"""Performance paths of the model compute the same function as the plain ones, on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gptmini.model import GPTOSSMini, ModelConfig, chunked_cross_entropy
+from gptmini.config import model_preset
+from gptmini.model import GPTOSSMini, chunked_cross_entropy
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -14,7 +15,7 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("tie", [True, False])
 def test_chunked_loss_equals_full_logits_loss_and_its_gradients(tie):
     torch.manual_seed(0)
-    model = GPTOSSMini(ModelConfig.from_preset("tiny", vocab_size=1000, tie_embeddings=tie))
+    model = GPTOSSMini(model_preset("tiny", vocab_size=1000, tie_embeddings=tie))
     x = torch.randint(0, 1000, (3, 40))
     y = torch.randint(0, 1000, (3, 40))
     y[0, :7] = -1  # ignored targets count in neither path
