@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo up down clean bench
+.PHONY: install test test-fast demo up down clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
