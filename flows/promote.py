@@ -7,8 +7,9 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.train_gpt import retry_io, tracking_uri
+from flows.tasks import retry_io, tracking_uri
 from gptmini import registry
+from gptmini.gate import Decision, against_champion, record_decision
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
@@ -17,16 +18,12 @@ def promote_version(version: int, alias: str, model_name: str, data_dir: str | N
     target = registry.get_version(mc, version, model_name)
     champion = registry.version_by_alias(mc, registry.PRODUCTION, model_name)
     if data_dir and alias == registry.PRODUCTION and champion is not None and champion.version != target.version:
-        dirs = {mv.version: registry.resolve_model_uri(f"models:/{model_name}/{mv.version}", tracking_uri())
-                for mv in (target, champion)}
-        seq_len = min(map(registry.max_seq_len, dirs.values()))  # the same windows for both
-        losses = {v: registry.evaluate_weights(d, data_dir, seq_len)["val_loss"] for v, d in dirs.items()}
-        decision = registry.decide(target.version, losses[target.version], champion.version, losses[champion.version])
+        target_dir = registry.resolve_model_uri(f"models:/{model_name}/{target.version}", tracking_uri())
+        decision = against_champion(mc, target.version, target_dir, data_dir, champion, name=model_name)
     else:
-        decision = registry.Decision(True, f"manual promotion to {alias}", target.version,
-                                     float(target.tags.get("val_loss", "nan")),
-                                     champion.version if champion else None)
-    registry.record_decision(mc, decision, model_name)
+        decision = Decision(True, f"manual promotion to {alias}", target.version,
+                            float(target.tags.get("val_loss", "nan")), champion.version if champion else None)
+    record_decision(mc, decision, model_name)
     previous = registry.promote(mc, target.version, alias, model_name, reason=decision.reason) if decision.promote else None
     get_run_logger().info("%s@%s: %s (%s)", model_name, alias,
                           f"v{target.version} (was v{previous})" if decision.promote else "unchanged", decision.reason)

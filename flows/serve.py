@@ -20,7 +20,8 @@ from prefect.deployments.runner import EntrypointType
 from prefect.client.schemas.schedules import CronSchedule
 
 from flows.promote import promote_model
-from flows.train_gpt import train_gpt
+from flows.train_gpt import end_mlflow_run, train_gpt
+from gptmini.redact import redact
 
 RETRAIN_CRON = "0 3 * * *"
 MODULE = EntrypointType.MODULE_PATH  # `flows` is an installed package: runs import it by name
@@ -65,7 +66,7 @@ def crash_orphaned_runs(deployment_names: list[str]) -> list[str]:
     """A serving process killed mid-run runs no state hook: its flow runs would stay RUNNING in Prefect and in
     MLflow for ever, and `prefect flow-run retry` takes only a finished run. So, before serving, each RUNNING
     or PENDING run of our deployments with no process left on this machine is marked Crashed, and its MLflow
-    run FAILED (issue 7). A retry then resumes training from that run's last checkpoint."""
+    run FAILED. A retry then resumes training from that run's last checkpoint."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
                                                 FlowRunFilterState, FlowRunFilterStateType)
@@ -73,32 +74,30 @@ def crash_orphaned_runs(deployment_names: list[str]) -> list[str]:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    from flows.train_gpt import _end_mlflow_run
-
     crashed = []
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as api:
         ids = []
         for name in deployment_names:
             try:
-                ids.append(client.read_deployment_by_name(name).id)
+                ids.append(api.read_deployment_by_name(name).id)
             except ObjectNotFound:  # first start: nothing served yet
                 pass
         if not ids:
             return []
         active = FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=active)),
-                                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)))
+        runs = api.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=active)),
+                                  deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=ids)))
         alive = live_flow_run_ids()
         for run in runs:
             if str(run.id) in alive:
                 continue
             state = Crashed(message="the serving process stopped during this run (found when it restarted); "
                                     f"`prefect flow-run retry {run.id}` resumes it from its last checkpoint")
-            client.set_flow_run_state(run.id, state, force=True)
+            api.set_flow_run_state(run.id, state, force=True)
             try:
-                _end_mlflow_run("FAILED")(None, run, state)
+                end_mlflow_run("FAILED")(None, run, state)
             except Exception as exc:  # MLflow down must not keep the deployments from being served
-                print(f"could not mark the MLflow run of flow run {run.id} FAILED: {exc}", flush=True)
+                print(f"could not mark the MLflow run of flow run {run.id} FAILED: {redact(str(exc))}", flush=True)
             crashed.append(str(run.id))
     return crashed
 
@@ -121,7 +120,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"flow run {run_id} lost its process (this server was stopped mid-run): marked Crashed, its MLflow "
               f"run FAILED; resume it with `prefect flow-run retry {run_id}`", flush=True)
     serve(*served, limit=args.limit)
-
 
 
 if __name__ == "__main__":

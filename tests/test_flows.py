@@ -3,12 +3,14 @@ real `gptmini prepare` and real torchrun training of the tiny preset.
 
 One module-scoped pair of flow runs backs the end-to-end tests (each flow run costs tens of seconds on 2
 cores): the first registers v1 and promotes it (no production yet); the second, on the same sources,
-hits the cached data tasks, registers v2 and goes through the champion/challenger gate.
+hits the cached data tasks, registers v2 and goes through the champion/challenger gate. How the train task
+reads a training's ending is tested on the real task with the trainer's summary.json written by a stand-in.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -19,6 +21,7 @@ import pytest
 pytest.importorskip("prefect")
 mlflow = pytest.importorskip("mlflow")
 
+from prefect import flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import (  # noqa: E402
     ArtifactFilter,
@@ -31,7 +34,8 @@ from prefect.client.schemas.filters import (  # noqa: E402
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from gptmini import registry  # noqa: E402
+from flows import tasks  # noqa: E402
+from gptmini import registry, trainer  # noqa: E402
 
 TINY = {"preset": "tiny", "steps": 2, "prompts": ["def"], "max_new_tokens": 4}
 
@@ -52,10 +56,14 @@ def stack(tmp_path_factory):
             yield uri
 
 
-def task_states(flow_run_id) -> dict[str, str]:
+def task_runs(flow_run_id) -> dict:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}  # "download-3e1" -> "download"
+    return {run.name.rsplit("-", 1)[0]: run for run in runs}  # "download-3e1" -> "download"
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    return {name: run.state.name for name, run in task_runs(flow_run_id).items()}
 
 
 def mlflow_run_for(mc, flow_run_id):
@@ -87,7 +95,16 @@ def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, tw
     assert mv.tags["git_commit"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "2"  # the trainer's params, logged into the flow's run
+    assert run.data.params["flow.nproc"] == "1"
     assert "val_loss" in run.data.metrics
+    # The registered weights on the whole val split, named apart from the trainer's final_val_* (the last
+    # step's weights), and perplexity spelled one way.
+    assert run.data.metrics["registered_val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)
+    assert {"registered_val_perplexity", "registered_val_tokens", "final_val_loss", "final_val_perplexity"} <= set(
+        run.data.metrics)
+    assert not [k for k in run.data.metrics if "ppl" in k or k.startswith("final.")]
+    assert run.data.tags["registered_version"] == result["version"]
+    assert run.data.tags["gate.decision"] == "promoted"
     artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
     assert {"data", "model", "samples.json"} <= artifacts
 
@@ -117,6 +134,41 @@ def test_rerun_hits_the_cached_data_tasks(two_runs):
 
 
 @pytest.mark.slow
+def test_shards_folder_and_task_cache_are_keyed_by_prepares_input_key(two_runs):
+    (_, first), (_, second) = two_runs
+    data_dir = Path(first.result()["data_dir"])
+    key = json.loads((data_dir / "manifest.json").read_text())["input_key"]
+    assert data_dir.name == f"shards-{key[:16]}"
+    assert second.result()["data_dir"] == str(data_dir)
+
+
+@flow
+def data_only(sources: list[str], data_root: str) -> dict:
+    return tasks.prepare_shards(tasks.fetch(sources, f"{data_root}/cache"), "cl100k_base", 0.05, data_root)
+
+
+@pytest.mark.slow
+def test_tokenize_is_cached_while_the_sources_content_and_the_shards_stay(stack, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+
+    def run() -> tuple[str, Path]:
+        state = data_only([str(corpus)], str(tmp_path / "data"), return_state=True)
+        assert state.is_completed(), state.message
+        return task_states(state.state_details.flow_run_id)["tokenize"], Path(state.result()["data_dir"])
+
+    first, first_dir = run()
+    again, again_dir = run()
+    assert (first, again) == ("Completed", "Cached") and again_dir == first_dir
+    corpus.write_text("A different corpus under the same name. " * 200)
+    changed, changed_dir = run()
+    assert changed == "Completed" and changed_dir != first_dir
+    shutil.rmtree(changed_dir)  # a cached result whose shards are gone is not reused
+    remade, remade_dir = run()
+    assert remade == "Completed" and remade_dir == changed_dir and (remade_dir / "manifest.json").is_file()
+
+
+@pytest.mark.slow
 def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
     (flow_run_id, _), _ = two_runs
     with get_client(sync_client=True) as client:
@@ -129,13 +181,14 @@ def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
 
 
 @pytest.mark.slow
-def test_failing_training_fails_the_flow_and_the_mlflow_run(stack, two_runs):
+def test_bad_training_configuration_fails_the_flow_and_the_mlflow_run_without_a_retry(stack, two_runs):
     from flows.train_gpt import train_gpt
 
-    state = train_gpt(**TINY, extra_args=["--no-such-flag"], train_retries=0, return_state=True)
+    state = train_gpt(**TINY, extra_args=["--no-such-flag"], train_retries=1, return_state=True)
     assert state.is_failed()
-    assert "rejected its configuration" in state.message or "rejected its configuration" in str(
-        state.result(raise_on_failure=False))
+    message = str(state.result(raise_on_failure=False))
+    assert "rejected its configuration: the command line does not parse" in message
+    assert task_runs(state.state_details.flow_run_id)["train"].run_count == 1  # train_retries=1 unused
     run = mlflow_run_for(registry.client(stack), state.state_details.flow_run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags["prefect.final_state"].startswith("FAILED")
@@ -239,7 +292,7 @@ def test_deployments_are_registered_with_schedule_and_overridable_parameters(sta
 
 
 def test_report_keeps_sample_text_inside_its_table_cell():
-    from flows.train_gpt import report
+    from flows.report import report
 
     md = report({"val_loss": 1.5}, {"steps": 2}, [{"mode": "greedy", "prompt": "a|b", "text": "x\ny|z"}],
                 {"promote": False, "reason": "r"}, {"run": "r1", "version": "v1"}, "/runs/x", "ab", "3", "gptmini")
@@ -248,15 +301,12 @@ def test_report_keeps_sample_text_inside_its_table_cell():
     assert row.count("|") - row.count("\\|") == 4  # three cells, whatever the text holds
 
 
-def test_promote_model_flow_moves_production_and_rejects_an_unknown_version(stack, tmp_path):
+def test_promote_model_flow_moves_production_and_rejects_an_unknown_version(stack, tiny_weights):
     from flows.promote import promote_model
-    from gptmini.model import GPTOSSMini, ModelConfig
-    from gptmini.weights import save_pretrained
 
     mc = registry.client(stack)
-    save_pretrained(GPTOSSMini(ModelConfig.from_preset("tiny")), tmp_path / "w")
     run = mc.create_run(mc.get_experiment_by_name("gptmini").experiment_id)
-    mv = registry.log_model_version(mc, run.info.run_id, tmp_path / "w", {"val_loss": "9.0"}, name="promote-test")
+    mv = registry.log_model_version(mc, run.info.run_id, tiny_weights, {"val_loss": "9.0"}, name="promote-test")
     result = promote_model(version=int(mv.version), model_name="promote-test")
     assert result["promote"]
     aliases = {k: str(v) for k, v in mc.get_registered_model("promote-test").aliases.items()}
@@ -266,3 +316,99 @@ def test_promote_model_flow_moves_production_and_rejects_an_unknown_version(stac
     assert state.is_failed()
     with pytest.raises(registry.RegistryError, match="has no version"):
         state.result()
+
+
+# How the train task reads a training's ending: the real task and Prefect's retries; a stand-in for
+# torchrun writes the summary.json the trainer would and exits with its code.
+
+
+@flow
+def train_only(run_dir: str) -> dict:
+    return tasks.train.with_options(retries=2, retry_delay_seconds=0)(
+        "tiny", "data", run_dir, 2, 1, "none", "cpu", [], "mlflow-run-id", "sqlite:///unused.db", "run-name")
+
+
+def ending(status: str, **fields) -> dict:
+    return {"status": status, **fields}
+
+
+COMPLETED = ending(trainer.COMPLETED, steps=2)
+ENDINGS = {
+    "bad config": [(ending(trainer.BAD_CONFIG, error="ConfigError: --train.steps must be >= 1", exit_code=2), 2)],
+    "bad data": [(ending(trainer.BAD_DATA, error="DataError: train-00000.arrow is damaged", exit_code=2), 2)],
+    "preempted": [(ending(trainer.PREEMPTED, steps=1), 0), (COMPLETED, 0)],
+    "killed": [(None, -9), (COMPLETED, 0)],
+    "out of memory": [(ending(trainer.OOM, error="OutOfMemoryError: CUDA out of memory", exit_code=1), 1),
+                      (COMPLETED, 0)],
+    "failed": [(ending(trainer.FAILED, error="RuntimeError: NCCL timeout", exit_code=1), 1), (COMPLETED, 0)],
+}
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Replaces torchrun: each launch ends as the next of `endings` says; returns the commands it got."""
+    launches: list[list[str]] = []
+    endings: list = []
+
+    def run_streaming(cmd, env, keep=60):
+        run_dir = Path(cmd[cmd.index("--out") + 1])
+        assert run_dir.is_dir(), "the trainer records its ending only in a run folder that exists"
+        assert not (run_dir / "summary.json").exists(), "an earlier attempt's ending was left for this one"
+        summary, code = endings[len(launches)]
+        launches.append(cmd)
+        if summary is not None:
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+        return code, ["the trainer's last line"]
+
+    monkeypatch.setattr(tasks, "run_streaming", run_streaming)
+    return endings, launches
+
+
+@pytest.mark.parametrize("kind", ["bad config", "bad data"])
+def test_a_bad_configuration_or_bad_data_is_not_retried(stack, stand_in, tmp_path, kind):
+    endings, launches = stand_in
+    endings += ENDINGS[kind] * 3
+    state = train_only(str(tmp_path / "run"), return_state=True)
+    assert state.is_failed()
+    assert len(launches) == 1
+    message = str(state.result(raise_on_failure=False))
+    assert ENDINGS[kind][0][0]["error"] in message
+    assert ("rejected its configuration" if kind == "bad config" else "training data is unusable") in message
+
+
+@pytest.mark.parametrize("kind", ["preempted", "killed", "out of memory", "failed"])
+def test_a_retryable_ending_is_retried_and_resumes_from_the_runs_checkpoint(stack, stand_in, tmp_path, kind):
+    endings, launches = stand_in
+    endings += ENDINGS[kind]
+    state = train_only(str(tmp_path / "run"), return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == COMPLETED
+    assert len(launches) == 2 and launches[0] == launches[1]
+    assert all(cmd[cmd.index("--resume") + 1] == "auto" for cmd in launches)
+
+
+def test_retries_end_when_they_are_spent(stack, stand_in, tmp_path):
+    endings, launches = stand_in
+    endings += ENDINGS["preempted"][:1] * 3
+    state = train_only(str(tmp_path / "run"), return_state=True)
+    assert state.is_failed() and len(launches) == 3
+    assert "training stopped early (preempted at step 1)" in str(state.result(raise_on_failure=False))
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("killed", "without a summary.json"),
+    ("out of memory", "lower the batch size"),
+    ("failed", "RuntimeError: NCCL timeout"),
+])
+def test_a_retryable_ending_says_what_happened_and_what_a_retry_does(kind, says):
+    summary, code = ENDINGS[kind][0]
+    with pytest.raises(tasks.TrainingFailed) as info:
+        tasks.training_result(summary, code, ["the trainer's last line"])
+    assert info.value.retryable
+    assert says in str(info.value) and "a retry resumes from the last checkpoint" in str(info.value)
+
+
+def test_a_completed_summary_with_a_failed_exit_is_a_failure():
+    with pytest.raises(tasks.TrainingFailed, match="torchrun exited with code 1") as info:
+        tasks.training_result(COMPLETED, 1, [])
+    assert info.value.retryable

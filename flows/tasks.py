@@ -1,0 +1,297 @@
+"""The train-gpt flow's tasks, and the subprocesses they stream into the Prefect log.
+
+- The data tasks are cached: `download` by its inputs, `tokenize` by prepare's own `input_key` (the sources'
+  content and the settings), which also names the shards folder; a `tokenize` result is reused only while
+  its shards exist.
+- `train` runs torchrun in `state/runs/<flow run id>` with `--resume auto`, and reads how training ended
+  from the trainer's summary.json and torchrun's exit code: a retry resumes from the last checkpoint, and
+  is tried only when it can help.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from gptmini import registry
+from gptmini.checkpoint import load_model
+from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
+from gptmini.evaluate import evaluate_weights
+from gptmini.files import sha256_file
+from gptmini.gate import champion_challenger
+from gptmini.generate import generate_text
+from gptmini.redact import redact
+from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
+from gptmini.weights import save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+# Source specs that name no local path; anything else is a file, folder or glob.
+SCHEMES = ("wikipedia:", "http://", "https://", "embedded:")
+# (mode, temperature, top_k): the three ways the report samples each prompt.
+SAMPLING = [("greedy", 0.0, 0), ("temperature 0.8", 0.8, 0), ("top-k 40", 1.0, 40)]
+
+
+def state_dir() -> Path:
+    """All flow outputs: data, runs and (without a server) MLflow, under $GPTMINI_STATE (default ./state)."""
+    return Path(os.environ.get("GPTMINI_STATE") or ROOT / "state").resolve()
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI (infra sets the server's), else a SQLite store in the state folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
+
+
+def retry_io(task, task_run, state) -> bool:
+    """Retry what the network or a server did, not a name, version or value the user got wrong."""
+    return not isinstance(state.result(raise_on_failure=False), ValueError)  # RegistryError is one
+
+
+def git_commit() -> str:
+    """HEAD, with `-dirty` when tracked files differ from it: what the registered version was trained by."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+
+
+# Streaming subprocesses into the Prefect log
+
+
+# Loaded here, not in the forked child, where only the prctl call itself runs.
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the flow process dies (cancelled or killed), so no torchrun is
+    orphaned; torchrun forwards it to the ranks, which checkpoint and exit."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 60) -> tuple[int, list[str]]:
+    """Run `cmd`, sending each output line to the run log as it comes; returns (exit code, last lines)."""
+    logger = get_run_logger()
+    logger.info("$ %s", redact(" ".join(cmd)))  # a tracking URI or source URL may hold a password
+    tail: deque[str] = deque(maxlen=keep)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n").split("\r")[-1]  # a progress bar's last frame
+            if line.strip():
+                tail.append(line)
+                logger.info(redact(line))
+        return proc.wait(), list(tail)
+    finally:
+        if proc.poll() is None:  # interrupted here (cancellation): stop training cleanly
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("MLFLOW_RUN_ID", None)  # the run id goes explicitly on the command line
+    return env
+
+
+# Data
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], cache_policy=INPUTS + TASK_SOURCE,
+      cache_expiration=timedelta(days=1), persist_result=True)
+def download(sources: list[str], cache_dir: str) -> list[dict]:
+    """Fetch every source into the on-disk cache. Returns `[{"spec", "inputs": [provenance, ...]}]`, one
+    entry per source, each input with its sha256: the shape prepare keys its shards by."""
+    from gptmini.data.sources import Cache, open_source
+
+    logger = get_run_logger()
+    found = []
+    for spec in sources:
+        records = open_source(spec, cache=Cache(Path(cache_dir))).provenance
+        logger.info("%s: %d input(s), %s", redact(spec), len(records), ", ".join(r["sha256"][:12] for r in records))
+        found.append({"spec": spec, "inputs": records})
+    return found
+
+
+def fetch(sources: list[str], cache_dir: str) -> list[dict]:
+    """`download`, run afresh when a source is local: a file can change under the same path, and hashing it
+    again is cheap (a download is cached on disk by URL anyway)."""
+    local = any(not spec.startswith(SCHEMES) for spec in sources)
+    return download.with_options(refresh_cache=local)(sources, cache_dir)
+
+
+def shards_key(inputs: list[dict], tokenizer: str, val_fraction: float) -> str:
+    """prepare's `input_key` for `inputs` (download's result) with the settings the `tokenize` task passes
+    and prepare's defaults for the rest: the shards' cache key and folder name. input_key ignores `out`."""
+    cfg = PrepareConfig(sources=[s["spec"] for s in inputs], out=Path("."), tokenizer=tokenizer,
+                        val_fraction=val_fraction)
+    return input_key(cfg, inputs)
+
+
+def shards_dir(data_root: str, key: str) -> Path:
+    return Path(data_root) / f"shards-{key[:16]}"
+
+
+def _tokenize_cache_key(context, parameters: dict) -> str:
+    return shards_key(parameters["inputs"], parameters["tokenizer"], parameters["val_fraction"])
+
+
+@task(retries=1, cache_key_fn=_tokenize_cache_key, persist_result=True)
+def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str) -> dict:
+    """`gptmini prepare` into the folder named by the inputs' key; returns it with its manifest's sha256."""
+    key = shards_key(inputs, tokenizer, val_fraction)
+    out = shards_dir(data_root, key)
+    cmd = [sys.executable, "-m", "gptmini.cli", "prepare", *(s["spec"] for s in inputs), "--out", str(out),
+           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction)]
+    code, tail = run_streaming(cmd, subprocess_env(GPTMINI_CACHE_DIR=str(Path(data_root) / "cache")))
+    if code != 0:
+        raise RuntimeError(f"gptmini prepare failed (exit code {code}): {tail[-1] if tail else 'no output'}")
+    if read_manifest(out)["input_key"] != key:  # the result would be cached under the wrong content
+        raise RuntimeError("a source changed between the download and tokenize tasks; run the flow again")
+    return {"data_dir": str(out), "manifest_sha256": sha256_file(out / "manifest.json")}
+
+
+def prepare_shards(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str) -> dict:
+    """`tokenize`, whose cached result counts only while its shards are on disk: deleted, they are made again
+    and cached anew."""
+    present = (shards_dir(data_root, shards_key(inputs, tokenizer, val_fraction)) / "manifest.json").exists()
+    return tokenize.with_options(refresh_cache=not present)(inputs, tokenizer, val_fraction, data_root)
+
+
+# Training
+
+
+class TrainingFailed(RuntimeError):
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """The trainer's account of how it ended; None when it wrote none (killed, or never started)."""
+    path = Path(run_dir) / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def training_result(summary: dict | None, code: int, tail: list[str]) -> dict:
+    """The summary of a completed training, else a TrainingFailed that says how it ended and whether a retry
+    (which resumes from the last checkpoint) can help: not for a bad configuration or bad data. The
+    trainer's whole output is in the task's log; `tail` is quoted only when the trainer wrote no summary."""
+    status = summary["status"] if summary else None
+    if status == COMPLETED and code == 0:
+        return summary
+    error = (summary or {}).get("error", "")
+    if status == BAD_CONFIG:
+        raise TrainingFailed(f"the trainer rejected its configuration: {error}. Fix the flow parameters "
+                             "(preset, steps, parallel, extra_args)", retryable=False)
+    if status == BAD_DATA:
+        raise TrainingFailed(f"the training data is unusable: {error}", retryable=False)
+    if status == PREEMPTED:
+        raise TrainingFailed(f"training stopped early (preempted at step {summary['steps']}); a retry resumes "
+                             "from the checkpoint it saved", retryable=True)
+    if status == OOM:
+        raise TrainingFailed(f"training ran out of memory ({error}); a retry resumes from the last checkpoint, "
+                             "but runs out again unless you lower the batch size (extra_args ['--batch-size', "
+                             "'4', '--grad-accum', '2']) or use parallel='fsdp'", retryable=True)
+    if summary is None:
+        last = "\n".join(tail[-15:]) or "no output"
+        raise TrainingFailed(f"training ended (torchrun exit code {code}) without a summary.json: a process was "
+                             "killed (SIGKILL: out of host memory, or by hand) or torchrun could not start it; a "
+                             f"retry resumes from the last checkpoint. Last output:\n{last}", retryable=True)
+    why = error or f"it reported {status!r} but torchrun exited with code {code}"
+    raise TrainingFailed(f"training failed (exit code {code}): {why}; a retry resumes from the last checkpoint",
+                         retryable=True)
+
+
+def _retry_training(task, task_run, state) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, TrainingFailed) or exc.retryable
+
+
+def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
+    """One node: --standalone (a free local port). Several: torchrun's c10d rendezvous, nothing of ours."""
+    if nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={nproc}"]
+    return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+
+
+@task(retry_condition_fn=_retry_training, retry_delay_seconds=10)
+def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: int, parallel: str, device: str,
+          extra_args: list[str], mlflow_run_id: str, mlflow_uri: str, run_name: str, nnodes: int = 1,
+          rdzv_endpoint: str = "") -> dict:
+    """torchrun -m gptmini.train; its output streams into this task's log. Resumes from run_dir's last
+    checkpoint (`--resume auto`), so a retry continues where the failed attempt stopped."""
+    trainer = ["-m", "gptmini.train", "--preset", preset, "--data-dir", data_dir, "--out", run_dir,
+               "--parallel", parallel, "--device", device, "--resume", "auto",
+               "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id, "--run-name", run_name]
+    trainer += (["--steps", str(steps)] if steps is not None else []) + list(extra_args)
+    launcher = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
+    if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
+        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s %s",
+                              nnodes - 1, " ".join(launcher), " ".join(trainer))
+    # The trainer records how it ended in a run folder that exists; a previous attempt's ending is not this one's.
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "summary.json").unlink(missing_ok=True)
+    code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launcher, *trainer], subprocess_env())
+    return training_result(read_summary(run_dir), code, tail)
+
+
+# Evaluation, samples and the registry
+
+
+@task
+def export_best(run_dir: str) -> str:
+    """The best checkpoint's weights alone (safetensors + config.json), the folder that gets registered."""
+    model, _ = load_model(Path(run_dir) / "checkpoints" / "best")
+    return str(save_pretrained(model, Path(run_dir) / "registry-weights"))
+
+
+@task
+def evaluate(weights_dir: str, data_dir: str) -> dict:
+    """Val loss, perplexity and tokens of a model folder on the whole held-out split of `data_dir`."""
+    return evaluate_weights(weights_dir, data_dir)
+
+
+@task
+def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
+    """Greedy, temperature and top-k continuations of each prompt, for the report."""
+    model, tokenizer = load_model(weights_dir)
+    rows = []
+    for prompt in prompts:
+        for mode, temperature, top_k in SAMPLING:
+            text = generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_k=top_k, seed=0)
+            rows.append({"mode": mode, "prompt": prompt, "text": text})
+            get_run_logger().info("[%s] %r -> %r", mode, prompt, text)
+    return rows
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
+def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: str) -> str:
+    version = registry.log_model_version(registry.client(tracking_uri()), run_id, weights_dir, tags, name=model_name)
+    get_run_logger().info("registered %s version %s (alias challenger)", model_name, version.version)
+    return str(version.version)
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
+def gate(version: str, weights_dir: str, val_loss: float, data_dir: str, promotion: str, min_improvement: float,
+         model_name: str) -> dict:
+    """Champion/challenger: promote the new version only if it beats production on the same val data."""
+    decision = champion_challenger(registry.client(tracking_uri()), version, weights_dir, val_loss, data_dir, promotion,
+                                   min_improvement, model_name)
+    get_run_logger().info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", decision.reason)
+    return asdict(decision)
