@@ -300,7 +300,7 @@ def test_source_credentials_stay_out_of_the_manifest_and_errors(private_server, 
     assert SECRET not in manifest and "***@" in manifest
     wrong = f"http://bob:wrong-{SECRET}@{private_server}/corpus.txt"
     assert prepare_main([wrong, "--out", str(tmp_path / "d2"), "--workers", "1", "--retries", "0",
-                         "--cache-dir", str(tmp_path / "c2")]) == 1
+                         "--cache-dir", str(tmp_path / "c2")]) == 2  # bad input
     captured = capsys.readouterr()
     assert "401" in captured.err and SECRET not in captured.out + captured.err, captured.err
     assert not (tmp_path / "d2" / "manifest.json").exists()
@@ -315,9 +315,8 @@ def test_tracking_params_and_logged_config_hold_no_credentials(tmp_path):
     cfg = config.load(cli={"data": {"sources": [f"https://bob:{SECRET}@example.com/c.txt",
                                                 f"https://example.com/d.txt?access_token={SECRET}"]},
                            "tracking": {"tracking_uri": uri, "run_name": "r"}}, preset="tiny")
-    tracker = MlflowTracker(uri, cfg, tmp_path / "run")
-    tracker.log_params(cfg.flat())
-    tracker.close()
+    with MlflowTracker(uri, cfg, tmp_path / "run") as tracker:
+        tracker.log_params(cfg.flat())
     params = mlflow.MlflowClient(uri).get_run(tracker.run_id).data.params
     assert params["data.sources"] and "***" in params["data.sources"]
     assert not [k for k, v in params.items() if SECRET in v]
