@@ -1,20 +1,13 @@
-"""The real services, started by infra/stack.sh with authentication on, and the faults that involve them
-(issue 7): the MLflow server stopped in the middle of training, and the deployment-serving process killed in
-the middle of a flow run, then that flow run retried.
-
-One stack serves every test of this module: a Prefect server (GPTMINI_PREFECT_AUTH) and an MLflow server
-(GPTMINI_MLFLOW_AUTH, `--app-name basic-auth`), both on 127.0.0.1, in a temporary state folder.
+"""The real services, started by infra/stack.sh with authentication on (conftest's `service_stack`), and the
+faults that involve them: the MLflow server stopped in the middle of training, and the deployment-serving
+process killed in the middle of a flow run, then that flow run retried.
 """
 from __future__ import annotations
 
 import os
-import secrets
-import shlex
 import signal
-import socket
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -23,41 +16,18 @@ import pytest
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 
+from conftest import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH, Stack  # noqa: E402
 from fault_helpers import COMMON, env, ledger_fixture, train_cmd, wait_for  # noqa: E402
-from gptmini.checkpoint import list_checkpoints, read_json  # noqa: E402
+from gptmini.checkpoint import list_checkpoints  # noqa: E402
+from gptmini.files import read_json  # noqa: E402
 from gptmini.metrics import read_metrics, train_losses  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PREFECT_AUTH = f"gptmini:{secrets.token_hex(8)}"
-MLFLOW_USER, MLFLOW_PASSWORD = "admin", secrets.token_hex(10)
 MLFLOW_STOPPED = "MLflow server stopped in the middle of training, then restarted"
 MLFLOW_DOWN = "MLflow server stopped in the middle of training, back only after it ended"
 SERVE_KILLED = "kill -9 of the deployment-serving process mid flow run, then a retry"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Stack:
-    state: Path
-    env: dict[str, str]  # what stack.sh runs with
-    client_env: dict[str, str]  # what `stack.sh env` tells a client: URLs and credentials
-    prefect_api: str
-    mlflow_url: str
-
-    def sh(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(ROOT / "infra" / "stack.sh"), *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
-
-    def pid(self, service: str) -> int:
-        return int((self.state / "pids" / f"{service}.pid").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +35,10 @@ def ledger(request, tmp_path_factory):
     yield from ledger_fixture(request, tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("state")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
-    run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
-               "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
-               "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_CACHE_DIR": str(state / "cache"),
-               "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}",
-               "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
-    script = str(ROOT / "infra" / "stack.sh")
-    # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).
-    ups = [subprocess.Popen([script, "up", name], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for name in ("prefect", "mlflow")]
-    try:
-        for up in ups:
-            out, _ = up.communicate(timeout=300)
-            assert up.returncode == 0, out
-        exports = subprocess.run([script, "env"], env=run_env, capture_output=True, text=True).stdout
-        client_env = dict(kv.split("=", 1) for kv in shlex.split(exports)[1:])
-        yield Stack(state, run_env, client_env, client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"])
-    finally:
-        subprocess.run([script, "down"], env=run_env, capture_output=True, timeout=120)
+@pytest.fixture
+def stack(service_stack: Stack) -> Stack:
+    """The session's services, started with the credentials imported above."""
+    return service_stack
 
 
 # Authentication (secure defaults)
@@ -144,16 +96,7 @@ def _mlflow_client(stack: Stack, monkeypatch):
     return mlflow.MlflowClient(stack.mlflow_url)
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from gptmini.data.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("data") / "python-docs"
-    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1))
-    return out
-
-
-def test_mlflow_stopped_mid_training_loses_no_metric(stack, shards, ledger, tmp_path, monkeypatch):
+def test_mlflow_stopped_mid_training_loses_no_metric(stack, prepared_shards, ledger, tmp_path, monkeypatch):
     """Training logs to MLflow through a URI with the password in it; the server is killed at step 2 and
     started again later: training goes on, every metric reaches MLflow, the run ends FINISHED, and the
     password shows up in no param and no output."""
@@ -162,8 +105,8 @@ def test_mlflow_stopped_mid_training_loses_no_metric(stack, shards, ledger, tmp_
     log = tmp_path / "train.log"
     with ledger.trial(MLFLOW_STOPPED):
         with open(log, "wb") as f:
-            proc = subprocess.Popen(train_cmd(shards, out, "--tracking-uri", uri_with_password, "--experiment", "faults"),
-                                    env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            cmd = train_cmd(prepared_shards, out, "--tracking-uri", uri_with_password, "--experiment", "faults")
+            proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: 2 in train_losses(read_metrics(out / "metrics.jsonl")), "step 2", proc=proc)
             os.killpg(stack.pid("mlflow"), signal.SIGKILL)
@@ -193,7 +136,7 @@ def test_mlflow_stopped_mid_training_loses_no_metric(stack, shards, ledger, tmp_
         assert MLFLOW_PASSWORD not in (out / "config.toml").read_text()
 
 
-def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, shards, ledger, tmp_path, monkeypatch):
+def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, prepared_shards, ledger, tmp_path, monkeypatch):
     """The server dies at step 2 and is back only after training ended: what MLflow never got is in
     RUN/mlflow_unsent.jsonl and counted on stderr; MLflow's part plus that file hold every step's loss."""
     import json
@@ -202,9 +145,9 @@ def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, shards, l
     log = tmp_path / "train.log"
     with ledger.trial(MLFLOW_DOWN):
         with open(log, "wb") as f:
-            proc = subprocess.Popen(train_cmd(shards, out, "--tracking-uri", stack.mlflow_url, "--experiment", "faults"),
-                                    env=env(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD),
-                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            cmd = train_cmd(prepared_shards, out, "--tracking-uri", stack.mlflow_url, "--experiment", "faults")
+            credentials = env(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
+            proc = subprocess.Popen(cmd, env=credentials, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: 2 in train_losses(read_metrics(out / "metrics.jsonl")), "step 2", proc=proc)
             os.killpg(stack.pid("mlflow"), signal.SIGKILL)
@@ -316,7 +259,7 @@ def _flow_run_logs(stack: Stack, flow_run_id: str) -> list[str]:
 
 def test_cancelled_flow_run_ends_its_mlflow_run_killed_and_leaves_no_trainer(stack, monkeypatch):
     """`prefect flow-run cancel` while training: the flow run ends Cancelled, its MLflow run KILLED (the
-    flow's on_cancellation hook), and no torchrun or rank is left training (issue 5, item 2)."""
+    flow's on_cancellation hook), and no torchrun or rank is left training."""
     run_id, run_dir = _demo_run_at_first_checkpoint(stack, {
         "steps": 500, "experiment": "faults-cancel", "model_name": "gptmini-cancel"})
 

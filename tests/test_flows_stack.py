@@ -1,9 +1,8 @@
 """The real local stack (infra/stack.sh): a Prefect server, an MLflow server and the serving process, then
-`prefect deployment run train-gpt/demo --watch` from a plain shell, as a user runs it."""
+`prefect deployment run train-gpt/demo --watch` from a plain shell, as a user runs it (with the credentials
+`stack.sh env` hands out: conftest's `service_stack` turns authentication on)."""
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,37 +12,15 @@ import pytest
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("state")
-    env = {**os.environ, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
-           "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
-           "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_CACHE_DIR": str(state / "cache")}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PREFECT_API_URL", None)
-
-    def sh(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(ROOT / "infra" / "stack.sh"), *args], env=env, capture_output=True, text=True,
-                              timeout=timeout)
-
-    up = sh("up")
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        exports = sh("env").stdout.split()[1:]  # "export A=1 B=2 ..."
-        env.update(dict(kv.split("=", 1) for kv in exports))
-        yield state, env, sh
-    finally:
-        sh("down")
+def stack(service_stack):
+    """The session's two servers, plus the serving process: everything `make up` starts."""
+    up = service_stack.sh("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    return service_stack
 
 
 def pids(state: Path) -> dict[str, str]:
@@ -52,19 +29,18 @@ def pids(state: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_up_is_idempotent_and_health_checked(stack):
-    state, env, sh = stack
-    before = pids(state)
+    before = pids(stack.state)
     assert set(before) == {"prefect", "mlflow", "serve"}
-    again = sh("up")
+    again = stack.sh("up")
     assert again.returncode == 0 and again.stdout.count("already running") == 3
-    assert pids(state) == before
-    assert sh("status").stdout.count("healthy") == 3
-    assert {"prefect.log", "mlflow.log", "serve.log"} <= {p.name for p in (state / "logs").iterdir()}
+    assert pids(stack.state) == before
+    assert stack.sh("status").stdout.count("healthy") == 3
+    assert {"prefect.log", "mlflow.log", "serve.log"} <= {p.name for p in (stack.state / "logs").iterdir()}
 
 
 @pytest.mark.slow
 def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(stack):
-    state, env, _ = stack
+    state, env = stack.state, {**stack.env, **stack.client_env}
     run = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "train-gpt/demo", "--param", "preset=tiny", "--param", "steps=2",
          "--param", "max_new_tokens=4", "--param", 'prompts=["def"]', "--watch", "--watch-timeout", "400"],
@@ -82,9 +58,12 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
 
 @pytest.mark.slow
 def test_down_stops_every_service(stack):
-    state, _, sh = stack
-    started = pids(state).values()
-    assert sh("down").returncode == 0
-    assert not pids(state)
-    for pid in started:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    started = pids(stack.state).values()
+    try:
+        assert stack.sh("down").returncode == 0
+        assert not pids(stack.state)
+        for pid in started:
+            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    finally:  # the servers again, for the rest of the session
+        up = stack.sh("up", "prefect", "mlflow")
+        assert up.returncode == 0, up.stdout + up.stderr
