@@ -16,8 +16,8 @@ from typing import Any
 
 from gptmini import parallel, tracking, trainer
 from gptmini.cli import run
-from gptmini.config import PRESETS, SECTIONS, Config, load, section_types, to_toml
-from gptmini.errors import Failure
+from gptmini.config import PRESETS, SECTIONS, Config, ConfigError, load, section_types, to_toml
+from gptmini.errors import Failure, UserError
 
 # Short spellings for the flags people type most (the flow passes these too).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -42,8 +42,17 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that raises its error instead of exiting, so a bad flag is recorded in summary.json like any
+    other bad config (a caller reading it learns which flag)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        raise ConfigError(message)
+
+
 def build_parser(prog: str = "gptmini train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Train gptmini. Precedence: CLI flags > --config TOML > --preset > defaults. "
         "Run under `torchrun --nproc-per-node N -m gptmini.train` for DDP/FSDP.",
@@ -122,13 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             return train(argv)
-        except SystemExit as exc:  # argparse: --help (0), or flags it cannot parse (2, usage printed)
-            if exc.code == 2:
-                record_ending(argv, trainer.BAD_CONFIG, "the command line does not parse; see the usage message")
-            raise
         except Exception as exc:
             status = trainer.ending(exc)
-            record_ending(argv, status, f"{type(exc).__name__}: {exc}")
+            record_ending(argv, status, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
             if status == trainer.OOM:
                 raise Failure(f"out of memory ({str(exc).splitlines()[0][:200]}); lower --batch-size (with "
                               f"--grad-accum to keep the tokens per step) or use --parallel fsdp") from exc
