@@ -26,6 +26,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from gptmini import registry
 from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
+from gptmini.data.sources import Cache, open_source
 from gptmini.evaluate import evaluate_weights
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
@@ -115,8 +116,6 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def download(sources: list[str], cache_dir: str) -> list[dict]:
     """Fetch every source into the on-disk cache. Returns `[{"spec", "inputs": [provenance, ...]}]`, one
     entry per source, each input with its sha256: the shape prepare keys its shards by."""
-    from gptmini.data.sources import Cache, open_source
-
     logger = get_run_logger()
     found = []
     for spec in sources:

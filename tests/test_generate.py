@@ -6,7 +6,7 @@ import torch
 from model_helpers import sharp_model, tiny
 
 from gptmini.config import model_preset
-from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.model import GPTOSSMini
 from gptmini.cli.generate import main as generate_main
 from gptmini.generate import generate, stream
 from gptmini.generate import sample_next

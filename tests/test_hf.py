@@ -8,7 +8,6 @@ from model_helpers import sharp_model, tiny
 from gptmini.hf import export_hf
 from gptmini.cli.export_hf import main as export_main
 from gptmini.config import model_preset
-from gptmini.model import ModelConfig
 from gptmini.weights import save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")

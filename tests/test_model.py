@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from model_helpers import SEED_CONFIG, sharp_model, tiny
 
 from gptmini.config import model_preset
-from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.model import GPTOSSMini
 from gptmini.model import MoE, RMSNorm, SwiGLU, rope_inv_freq
 from gptmini.weights import load_pretrained, save_pretrained
 

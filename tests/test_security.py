@@ -170,7 +170,7 @@ def test_load_pretrained_never_runs_a_pickle(place, real_checkpoint, tmp_path):
     """A weights folder whose weights file is a pickle, or with a pickle beside a missing safetensors."""
     from gptmini.cli.export_hf import main as export_main
     from gptmini.cli.generate import main as generate_main
-    from gptmini.model import GPTOSSMini, ModelConfig
+    from gptmini.model import GPTOSSMini
     from gptmini.weights import load_pretrained, save_pretrained
 
     folder = tmp_path / "final"
