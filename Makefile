@@ -21,11 +21,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# Two workers (`-n auto` on bigger machines), whole modules each: while one waits on a server or a
+# subprocess, the other computes.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # The local stack (infra/stack.sh): Prefect server, MLflow server and the deployment-serving process,
 # bound to 127.0.0.1, with their state and logs in ./state. `up` is idempotent.

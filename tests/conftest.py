@@ -27,13 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# The modules that take minutes (trained baselines, flow runs, the service stack), longest first.
+SLOWEST_FIRST = ("test_train", "test_faults_services", "test_flows", "test_flows_stack", "test_faults")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device here; the CUDA path runs on the GPU machine")
+    """`make test` spreads whole modules over pytest-xdist workers (`--dist loadfile`: a module's fixtures
+    are built once), handing them out in this order, so the long modules start first and the short ones fill
+    in around them instead of one long module running alone at the end."""
+    no_cuda = pytest.mark.skip(reason="no CUDA device here; the CUDA path runs on the GPU machine")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
 @pytest.fixture(scope="session")
