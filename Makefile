@@ -16,10 +16,12 @@ $(BIN)/python:
 
 # torch first, through pip, so the machine's own index settings pick the build (the CPU wheel on disk here, a
 # CUDA build elsewhere); then uv installs the rest (about 200 packages with the pipeline and test extras) in
-# seconds where pip takes about a minute and a half, and keeps the torch it finds.
+# seconds where pip takes about a minute and a half, pinned to that torch so it never swaps the build.
+# Bytecode is compiled at install, as pip does: otherwise the first test run compiles it, in every process.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)" uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e ".[test]"
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip install -q --python $(BIN)/python --constraint $(VENV)/torch-pin.txt --compile-bytecode -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
