@@ -1,19 +1,30 @@
-"""`gptmini export-hf`: a gptmini model in the Hugging Face layout (model.safetensors + config.json).
+"""`gptmini export-hf`: a gptmini model as a Hugging Face folder that transformers, vLLM and chat UIs load
+whole: model.safetensors, config.json, tokenizer.json, tokenizer_config.json and generation_config.json.
 
 A model with experts becomes `MixtralForCausalLM`; a dense one `LlamaForCausalLM`, or `MistralForCausalLM`
 when it uses a sliding window (Llama has none). The tensors are renamed, never transformed: our RoPE,
 RMSNorm, SwiGLU and routing already follow those models, which tests/test_hf.py checks logit for logit.
+
+The tokenizer is transformers' own conversion of the tiktoken encoding (`TikTokenConverter`), with three
+corrections so that it encodes and decodes exactly as `gptmini.tokenizer` does:
+- special tokens keep their tiktoken ids: the converter appends them after the BPE ranks, which puts
+  cl100k's end-of-text at 100256 (a gap in cl100k) instead of 100257;
+- a literal `<|endoftext|>` typed in the text is text (`split_special_tokens`), as `encode_ordinary` reads it;
+- every prompt starts with end-of-text, as `gptmini generate` and training's document boundaries have it.
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from gptmini.errors import UserError
+from gptmini.files import write_atomic, write_dir_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig
-from gptmini.files import write_dir_atomic, write_json
+from gptmini.tokenizer import Tokenizer
 from gptmini.weights import model_state, unwrap
 
 
@@ -90,14 +101,79 @@ def hf_state_dict(model: GPTOSSMini) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_hf(model: torch.nn.Module, directory: str | os.PathLike, eot_token: int | None = None) -> Path:
+@functools.lru_cache(maxsize=4)  # ~1 s for cl100k; tests export many models with one tokenizer
+def hf_tokenizer_json(tok: Tokenizer) -> str:
+    try:  # transformers is optional (gptmini[hf]); its `tokenizers` dependency comes with it
+        from tokenizers import AddedToken, processors
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError as exc:
+        raise UserError("export-hf converts the tokenizer with transformers: pip install 'gptmini[hf]'") from exc
+    enc = tok.enc
+
+    class Converter(TikTokenConverter):
+        def load_tiktoken_bpe(self, _url):  # the ranks are in memory; the file route needs `blobfile`
+            return enc._mergeable_ranks
+
+        def extract_vocab_merges_from_model(self, url):
+            vocab, merges = super().extract_vocab_merges_from_model(url)
+            return vocab | enc._special_tokens, merges  # specials at their tiktoken ids, not appended
+
+    hf = Converter(pattern=enc._pat_str).converted()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in enc._special_tokens])
+    eot = enc.decode_single_token_bytes(tok.eot_token).decode()
+    hf.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, tok.eot_token)]),
+    ])
+    return hf.to_str()
+
+
+def hf_tokenizer_config(tok: Tokenizer, max_len: int) -> dict:
+    eot = tok.enc.decode_single_token_bytes(tok.eot_token).decode()
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot, "eos_token": eot, "pad_token": eot,
+        "add_bos_token": True,
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len,
+    }
+
+
+def hf_generation_config(config: ModelConfig, tok: Tokenizer) -> dict:
+    # What `sampling_mask` keeps out of our sampling: the vocab padding and the specials other than
+    # end-of-text, none of which decode as text. A model trained on our data never ranks them first, but a
+    # fine-tuned or barely trained one can, and greedy decoding must then agree with `gptmini generate`.
+    suppress = [i for i in range(tok.n_ordinary, config.vocab_size) if i != tok.eot_token]
+    return {
+        "bos_token_id": tok.eot_token,
+        "eos_token_id": tok.eot_token,
+        "pad_token_id": tok.eot_token,
+        "suppress_tokens": suppress,
+        "max_length": config.max_seq_len,
+    }
+
+
+def check_export_target(directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"--out {directory} exists and is not an empty folder; name a new folder or remove it first")
+    return directory
+
+
+def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Tokenizer) -> Path:
+    """Write the folder whole or not at all; an existing non-empty `directory` is refused, never replaced."""
+    directory = check_export_target(directory)
     model = unwrap(model)
     state = hf_state_dict(model)
-    config = hf_config(model.config, eot_token)
+    config = hf_config(model.config, tokenizer.eot_token)
     return write_dir_atomic(
         directory,
         {
             "model.safetensors": lambda p: save_file(state, p, metadata={"format": "pt"}),
             "config.json": lambda p: write_json(p, config),
+            "tokenizer.json": lambda p: write_atomic(p, hf_tokenizer_json(tokenizer)),
+            "tokenizer_config.json": lambda p: write_json(p, hf_tokenizer_config(tokenizer, model.config.max_seq_len)),
+            "generation_config.json": lambda p: write_json(p, hf_generation_config(model.config, tokenizer)),
         },
     )

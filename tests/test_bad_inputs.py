@@ -55,6 +55,8 @@ def world(tmp_path_factory) -> World:
     (r / "nofield.jsonl").write_text('{"body": "no text field"}\n')
     (r / "empty-folder").mkdir()
     (r / "empty-folder" / "image.png").write_bytes(b"\x89PNG")
+    (r / "hf-taken").mkdir()  # an export target someone already uses
+    (r / "hf-taken" / "notes.md").write_text("mine")
     # Configs
     (r / "syntax.toml").write_text("[train\nsteps = 3\n")
     (r / "section.toml").write_text("[trian]\nsteps = 3\n")
@@ -235,6 +237,9 @@ def _cases() -> list[Case]:
         Case("export-hf", "checkpoint path missing",
              lambda w: ["export-hf", "--checkpoint", w.p("nope"), "--out", w.p("hf")], lambda w: "nope",
              lambda w: [w.p("hf")]),
+        Case("export-hf", "output folder not empty",
+             lambda w: ["export-hf", "--checkpoint", w.p("weights"), "--out", w.p("hf-taken")], lambda w: "hf-taken",
+             lambda w: [w.p("hf-taken/config.json"), w.p("hf-taken/model.safetensors")]),
         # promote: registry names and aliases
         Case("promote", "no tracking server", lambda w: ["promote", "1"], lambda w: "MLFLOW_TRACKING_URI"),
         Case("promote", "version not a number", lambda w: ["promote", "latest", "--tracking-uri", w.mlflow],

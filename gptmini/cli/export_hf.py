@@ -1,24 +1,28 @@
-"""`gptmini export-hf`: a checkpoint or registered model as a Hugging Face folder (Llama/Mistral/Mixtral)."""
+"""`gptmini export-hf`: a checkpoint or registered model as a Hugging Face folder (Llama/Mistral/Mixtral),
+with its tokenizer and generation config."""
 from __future__ import annotations
 
 import argparse
 
 from gptmini.cli import run
 from gptmini.cli.source import add_model_source, load_model_source
-from gptmini.hf import export_hf, hf_architecture
+from gptmini.hf import check_export_target, export_hf, hf_architecture
 
 
 def export(args: argparse.Namespace) -> None:
+    check_export_target(args.out)  # before the minutes a large model takes to load
     model, tok = load_model_source(args)
-    out = export_hf(model, args.out, tok.eot_token)
+    out = export_hf(model, args.out, tok)
     arch, _ = hf_architecture(model.config)
-    print(f"wrote {arch} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote {arch} and its tokenizer to {out} (load with transformers.pipeline('text-generation', model=...) "
+          f"or serve with `vllm serve {out}`)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gptmini export-hf",
-                                description="Export a gptmini model in the Hugging Face layout (safetensors + config.json).")
+                                description="Export a gptmini model as a Hugging Face folder (weights, config, tokenizer, "
+                                            "generation config).")
     add_model_source(p)
-    p.add_argument("--out", required=True, help="output folder (replaced whole if it exists)")
+    p.add_argument("--out", required=True, help="output folder: new, or empty (a non-empty folder is refused)")
     args = p.parse_args(argv)
     return run("gptmini export-hf", lambda: export(args))
