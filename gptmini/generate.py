@@ -86,7 +86,9 @@ def stream(
     when every row has, or after max_new_tokens."""
     check_sampling(temperature, top_k, top_p)
     cfg = model.config
-    device = model.tok_embeddings.weight.device
+    # The final norm's weight gives the activations' device and dtype: int8 weights (gptmini.quantize) leave
+    # the norms in the model's dtype, while the embedding table may be int8.
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
     idx, pad = left_pad(idx, eos_token_id or 0, device)
     B, T = idx.shape
     total = T + max_new_tokens
@@ -96,7 +98,6 @@ def stream(
             f"shorten them, or set rope_scaling='ntk' or a sliding_window in the model config"
         )
     size = min(total, cfg.sliding_window or total)
-    dtype = model.tok_embeddings.weight.dtype
     cache = KVCache(cfg, B, size, device, dtype) if use_cache else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     was_training = model.training

@@ -28,7 +28,8 @@ from gptmini.errors import Failure, UserError
 MODEL_NAME = "gptmini"
 PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
 MODEL_CODE = Path(__file__).with_name("registry_model.py")
-GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0}
+GENERATION_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 50, "top_p": 1.0, "seed": 0,
+                       "quantize": "none"}
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -78,7 +79,7 @@ def model_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-    dtypes = {int: "long", float: "double"}
+    dtypes = {int: "long", float: "double", str: "string"}
     params = [ParamSpec(k, dtypes[type(v)], v) for k, v in GENERATION_DEFAULTS.items()]
     return ModelSignature(inputs=Schema([ColSpec("string")]),
                           outputs=Schema([ColSpec("string")]), params=ParamSchema(params))

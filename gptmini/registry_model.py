@@ -6,20 +6,36 @@ text comes from our own sampling code. The sequence length is not frozen into th
 exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
 
 Input: a list of prompts (or a DataFrame with one string column, e.g. `prompt`). Params: max_new_tokens, temperature,
-top_k, top_p, seed. Output: the generated continuations, one string per prompt.
+top_k, top_p, seed, quantize ("none" or "int8"). Output: the generated continuations, one string per prompt.
+
+A version carries its full-precision weights only; `quantize` is applied when a predict first asks for it, and
+the quantized copy is kept for later calls. Quantizing takes well under a second at our sizes and is a pure
+function of the weights, so a second stored artifact would only be one more thing to keep in step with the
+version, and the gate would still have evaluated the other one.
 """
 from __future__ import annotations
 
+import copy
+
 import mlflow
+import torch
 from mlflow.pyfunc import PythonModel
 
+from gptmini import quantize
 from gptmini.checkpoint import load_model
 from gptmini.generate import generate_text
 
 
 class GPTMiniModel(PythonModel):
     def load_context(self, context) -> None:
-        self.model, self.tokenizer = load_model(context.artifacts["weights"])
+        model, self.tokenizer = load_model(context.artifacts["weights"])
+        self.models = {"none": model}
+
+    def model(self, mode: str) -> torch.nn.Module:
+        mode = quantize.check_mode(mode)
+        if mode not in self.models:
+            self.models[mode] = quantize.apply(copy.deepcopy(self.models["none"]), mode)
+        return self.models[mode]
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str]:
         if hasattr(model_input, "columns"):  # a DataFrame: its `prompt` column, else its only column
@@ -27,7 +43,9 @@ class GPTMiniModel(PythonModel):
             prompts = model_input[column].tolist()
         else:
             prompts = list(model_input)
-        return [generate_text(self.model, self.tokenizer, str(p), **(params or {})) for p in prompts]
+        params = dict(params or {})
+        model = self.model(params.pop("quantize", "none"))
+        return [generate_text(model, self.tokenizer, str(p), **params) for p in prompts]
 
 
 mlflow.models.set_model(GPTMiniModel())

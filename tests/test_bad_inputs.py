@@ -230,6 +230,8 @@ def _cases() -> list[Case]:
         Case("generate", "registry URI with a path", gen("--model", "models:/../../etc@production"),
              lambda w: "models:/../../etc@production"),
         Case("generate", "not a registry URI", gen("--model", "runs:/abc/model"), lambda w: "runs:/abc/model"),
+        Case("generate", "unknown quantize mode", gen("--checkpoint", "{r}/weights", "--quantize", "int4"),
+             lambda w: "'int4'", argparse=True),
         # export-hf
         Case("export-hf", "damaged weights",
              lambda w: ["export-hf", "--checkpoint", w.p("weights-damaged"), "--out", w.p("hf")],

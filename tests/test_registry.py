@@ -92,6 +92,17 @@ def test_pyfunc_model_runs_our_generation_for_any_prompt_length(store, weights):
     assert len(model.predict([long], params={"max_new_tokens": 40, "temperature": 0.0})[0]) > len(outputs[1])
 
 
+def test_pyfunc_quantize_param_runs_the_int8_model_of_the_same_version(store, weights):
+    from gptmini import quantize
+
+    _, mv = register(store, weights["better"])
+    model = mlflow.pyfunc.load_model(f"models:/gptmini/{mv.version}")
+    greedy = {"max_new_tokens": 5, "temperature": 0.0}
+    local, tok = load_model(weights["better"])
+    int8 = model.predict(["The Python interpreter"], params={**greedy, "quantize": "int8"})
+    assert int8 == [generate_text(quantize.apply(local, "int8"), tok, "The Python interpreter", **greedy)]
+
+
 def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prepared_shards):
     mc, _ = store
     losses = {k: evaluate_weights(w, prepared_shards)["val_loss"] for k, w in weights.items()}

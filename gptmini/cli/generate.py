@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from gptmini import quantize
 from gptmini.cli import run
 from gptmini.cli.source import add_model_source, load_model_source
 from gptmini.device import pick_device
@@ -27,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quantize", default="none", choices=quantize.MODES,
+                   help="int8: weight-only int8 for every matmul weight and the experts (see BENCHMARKS.md)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
@@ -37,6 +40,7 @@ def generate(args: argparse.Namespace) -> None:
     check_sampling(args.temperature, args.top_k, args.top_p)
     device = pick_device(args.device)
     model, tok = load_model_source(args, device=device)
+    model = quantize.apply(model, args.quantize)
     prompts = [[tok.eot_token] + tok.encode(text) for text in (args.prompt or [""])]
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     tokens = stream(
