@@ -32,21 +32,38 @@ SLICES: dict[str, list[str]] = {
     # The profile to read before any change.
     "profile": ["--sections", "train,dense", "--seq", "1024", "--steps", "10", "--profile", "{out}/prof"],
 }
+# Slices that are their own scripts, run as `python SCRIPT ARGS` in a subprocess (each imports what the
+# bench_gpu slices do not: vLLM, a second CUDA context).
+SCRIPTS: dict[str, list[str]] = {
+    # Weight-only int8 (gptmini.quantize) against fp32 and bf16: decode at batch 1 and 16, memory, val loss.
+    "int8": ["bench/bench_quantize.py", "--device", "cuda", "--preset", "demo,seed", "--train-steps", "40",
+             "--json", "{out}/int8.json"],
+    # vLLM loads the export-hf folder and decodes the same greedy tokens; "skipped" where vLLM is absent.
+    "vllm": ["bench/vllm_smoke.py", "--out", "{out}/vllm.json"],
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="bench/results", type=Path)
-    p.add_argument("--only", default=",".join(SLICES), help=f"comma list from {','.join(SLICES)}")
+    names = [*SLICES, *SCRIPTS]
+    p.add_argument("--only", default=",".join(names), help=f"comma list from {','.join(names)}")
     p.add_argument("extra", nargs="*", help="more bench_gpu.py options for every slice (after --)")
     args = p.parse_args(argv)
-    names = [n for n in args.only.split(",") if n]
-    unknown = sorted(set(names) - set(SLICES))
+    names = [n for n in args.only.split(",") if n]  # in the order given
+    unknown = sorted(set(names) - set(SLICES) - set(SCRIPTS))
     if unknown:
-        p.error(f"--only {','.join(unknown)}: choose from {','.join(SLICES)}")
+        p.error(f"--only {','.join(unknown)}: choose from {','.join([*SLICES, *SCRIPTS])}")
     smi = subprocess.run(["nvidia-smi", "-q"], capture_output=True, text=True) if shutil.which("nvidia-smi") else None
     write_atomic(args.out_dir / "nvidia-smi.txt", smi.stdout if smi else "nvidia-smi not found\n")
     for name in names:
+        if name in SCRIPTS:
+            cmd = [sys.executable, *(a.replace("{out}", str(args.out_dir)) for a in SCRIPTS[name])]
+            print(f"\n### slice {name}: {' '.join(cmd)}", flush=True)
+            t0 = time.time()
+            rc = subprocess.run(cmd).returncode
+            print(f"### slice {name} exited {rc} after {time.time() - t0:.0f} s", flush=True)
+            continue
         argv_slice = [a.replace("{out}", str(args.out_dir)) for a in SLICES[name]]
         argv_slice += ["--device", "cuda", "--out", str(args.out_dir / f"{name}.json"), *args.extra]
         print(f"\n### slice {name}: python bench/bench_gpu.py {' '.join(argv_slice)}", flush=True)

@@ -123,7 +123,8 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
     eot = enc.decode_single_token_bytes(tok.eot_token).decode()
     hf.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A {eot} $B", special_tokens=[(eot, tok.eot_token)]),
+        processors.TemplateProcessing(single=f"{eot} $A", pair=f"{eot} $A {eot} $B",
+                                      special_tokens=[(eot, tok.eot_token)]),
     ])
     return hf.to_str()
 

@@ -90,7 +90,8 @@ class Int8MoE(MoE):
         for e in range(self.num_experts):
             token, slot = torch.where(experts == e)  # (n_e,) each
             xe = x[token]  # (n_e, D)
-            h = F.silu(int8_linear(xe, self.w1_int8[e], self.w1_scale[e])) * int8_linear(xe, self.w3_int8[e], self.w3_scale[e])
+            gate = F.silu(int8_linear(xe, self.w1_int8[e], self.w1_scale[e]))  # (n_e, F)
+            h = gate * int8_linear(xe, self.w3_int8[e], self.w3_scale[e])  # (n_e, F)
             out = int8_linear(h, self.w2_int8[e], self.w2_scale[e])  # (n_e, D)
             y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
         return y

@@ -1,0 +1,191 @@
+"""Decode speed, memory and val loss of fp32, bf16 and int8 weights (gptmini.quantize), with the memory bound.
+
+    .venv/bin/python bench/bench_quantize.py [--preset demo] [--batch 1,16] [--new-tokens 64] [--train-steps 40]
+        [--profile] [--device cpu] [--json out.json]
+
+Each (preset, dtype) runs in its own process, so resident memory (VmRSS after decoding, less the process's
+RSS before the model was built) is that model's alone. The model is the preset at seed 0 trained
+--train-steps AdamW steps on the embedded corpus (CPython's docs), so that its val loss means something and
+quantization error shows in it; the val loss is over the first --val-batches windows of the val split.
+
+The bound: at batch 1 decode must read every weight it uses once per token, so tokens/s <= copy bandwidth /
+bytes read per token (all matmul weights, less the experts a token does not visit, less an untied
+embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy, counted as bytes read
+plus bytes written. --profile prints the ops that take a batch-1 decode's time, which explain the gap.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptmini import quantize
+from gptmini.config import model_preset
+from gptmini.files import write_json
+from gptmini.generate import generate
+from gptmini.model import GPTOSSMini
+
+DTYPES = ("fp32", "bf16", "int8")
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def copy_bandwidth(device: str, mib: int = 512) -> float:
+    """Bytes moved per second (read + write) by a large tensor copy: the roof a memory-bound decode hits."""
+    src = torch.empty(mib << 20, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() / min(times[1:])
+
+
+def bytes_read_per_token(model: GPTOSSMini) -> int:
+    cfg = model.config
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.dim() >= 2)
+    per_expert = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.dim() == 3:  # stacked experts (E, N, K), or their int8 copies
+            per_expert += t.numel() * t.element_size() // cfg.num_experts
+        elif t.dim() == 2 and t.shape[0] == cfg.num_experts and name.endswith("_scale"):
+            per_expert += t.numel() * t.element_size() // cfg.num_experts
+    idle = (cfg.num_experts - cfg.top_k) * per_expert if cfg.is_moe else 0
+    element = 1 if quantize.is_quantized(model) else model.norm.weight.element_size()
+    table = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * element
+    return total - idle - table
+
+
+def trained_model(preset: str, steps: int, data: Path, seed_len: int) -> GPTOSSMini:
+    from gptmini.data.loader import SlidingWindowDataset, TokenShards
+
+    torch.manual_seed(0)
+    model = GPTOSSMini(model_preset(preset, max_seq_len=512))
+    if steps:
+        windows = SlidingWindowDataset(TokenShards.open(data, "train"), seed_len, seed_len)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for step in range(steps):
+            x, y = windows.batch(np.arange(step * 8, step * 8 + 8))
+            model(x, y)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return model.eval().requires_grad_(False)
+
+
+def decode_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int, device: str) -> float:
+    x = torch.randint(0, 100000, (batch, prompt_len), device=device)
+    generate(model, x, 4, temperature=0)  # warm-up
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generate(model, x, new, temperature=0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return batch * new / min(times)
+
+
+def profile_decode(model: GPTOSSMini, device: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randint(0, 100000, (1, 16), device=device)
+    generate(model, x, 4, temperature=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, x, 32, temperature=0)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
+
+
+def one(args: argparse.Namespace) -> dict:
+    """One (preset, dtype) in this process."""
+    preset, dtype = args.one.split(":")
+    base = rss_bytes()
+    model = trained_model(preset, args.train_steps, args.data, 64)
+    val = None
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype == "int8":
+        model = quantize.apply(model, "int8")
+    model = model.to(args.device)
+    gc.collect()
+    if args.data and args.val_batches:
+        from gptmini.evaluate import evaluate_split
+
+        val = evaluate_split(model, args.data, seq_len=256, batch_size=4, max_batches=args.val_batches)["val_loss"]
+    result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": bytes_read_per_token(model),
+              "val_loss": val}
+    for b in map(int, args.batch.split(",")):
+        result[f"decode_b{b}_tokens_per_s"] = round(decode_tokens_per_s(model, b, 16, args.new_tokens, args.device), 2)
+    result["rss_mib"] = round(rss_bytes() / 2**20, 1)
+    result["model_rss_mib"] = round((rss_bytes() - base) / 2**20, 1)
+    if args.profile:
+        result["profile"] = profile_decode(model, args.device)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo", help="comma list of presets")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--train-steps", type=int, default=40)
+    p.add_argument("--val-batches", type=int, default=8)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--data", type=Path, help="prepared shards (default: the embedded corpus, prepared once)")
+    p.add_argument("--json")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    if args.data is None and args.train_steps:
+        from gptmini.data.prepare import PrepareConfig, prepare
+
+        args.data = Path(tempfile.mkdtemp()) / "python-docs"
+        prepare(PrepareConfig(sources=["embedded:python-docs"], out=args.data, workers=1))
+    bandwidth = copy_bandwidth(args.device)
+    rows = []
+    for preset in args.preset.split(","):
+        for dtype in args.dtypes.split(","):
+            cmd = [sys.executable, __file__, "--one", f"{preset}:{dtype}", "--batch", args.batch,
+                   "--new-tokens", str(args.new_tokens), "--train-steps", str(args.train_steps),
+                   "--val-batches", str(args.val_batches), "--device", args.device, "--threads", str(args.threads)]
+            cmd += ["--data", str(args.data)] if args.data else []
+            cmd += ["--profile"] if args.profile and preset == "demo" and dtype in ("fp32", "int8") else []
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            row["bound_b1_tokens_per_s"] = round(bandwidth / row["bytes_read_per_token"], 1)
+            row["b1_fraction_of_bound"] = round(row["decode_b1_tokens_per_s"] / row["bound_b1_tokens_per_s"], 2)
+            profile = row.pop("profile", None)
+            print(json.dumps(row), flush=True)
+            if profile:
+                print(profile, flush=True)
+            rows.append(row)
+    meta = {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": args.threads, "torch": torch.__version__,
+            "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
+    print(json.dumps(meta))
+    if args.json:
+        write_json(args.json, {"rows": rows, **meta})
+
+
+if __name__ == "__main__":
+    main()
