@@ -174,6 +174,14 @@ def test_promote_cli_rejects_bad_input_with_one_clear_line(store, weights, capsy
     assert message in err and err.count("\n") == 1
 
 
+def test_promote_cli_with_no_server_answering_is_a_runtime_failure_in_one_line(monkeypatch, capsys):
+    """Not the user's input: exit 1, still one line that says what to check."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert promote_main(["--list", "--tracking-uri", "http://127.0.0.1:9"]) == 1
+    err = capsys.readouterr().err
+    assert "MLflow at http://127.0.0.1:9" in err and "is the server up" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("uri, message", [
     ("gptmini@production", "not a registry URI"),
     ("models:/gptmini", "cannot parse"),
