@@ -1,6 +1,7 @@
 """Training config and the loop's pure parts: precedence, validation, schedule, optimizer groups."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -96,3 +97,20 @@ def test_weight_decay_applies_to_matrices_only():
     assert all("norm" in names[id(p)] for p in plain["params"])
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     assert not math.isnan(decayed["lr"])
+
+
+@pytest.mark.parametrize("argv, status, words", [
+    (["--data-dir", "{tmp}/nothing"], "bad_data", "no manifest.json"),
+    (["--data-dir", "{tmp}/nothing", "--steps", "0"], "bad_config", "train.steps = 0"),
+    (["--data-dir", "{tmp}/nothing", "--stepz", "3"], "bad_config", "--stepz"),
+])
+def test_a_failed_run_says_how_it_ended_in_summary_json_and_its_exit_code(argv, status, words, tmp_path, capsys):
+    """What a caller (the flow) reads instead of the output: bad input is exit 2 and named in summary.json."""
+    from gptmini.cli.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    assert main(["--preset", "tiny", "--out", str(out), *[a.format(tmp=tmp_path) for a in argv]]) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == status and summary["exit_code"] == 2 and words in summary["error"]
+    assert words in capsys.readouterr().err
