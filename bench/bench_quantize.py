@@ -4,9 +4,10 @@
         [--profile] [--device cpu] [--json out.json]
 
 Each (preset, dtype) runs in its own process, so resident memory (VmRSS after decoding, less the process's
-RSS before the model was built) is that model's alone. The model is the preset at seed 0 trained
---train-steps AdamW steps on the embedded corpus (CPython's docs), so that its val loss means something and
-quantization error shows in it; the val loss is over the first --val-batches windows of the val split.
+RSS before the model was loaded) is that model's alone. The model is the preset at seed 0 trained
+--train-steps AdamW steps on the embedded corpus (CPython's docs) in the parent process and saved, so that
+its val loss means something and quantization error shows in it (with --train-steps 0, the random init is
+built in each child); the val loss is over the first --val-batches windows of the val split.
 
 The bound: at batch 1 decode must read every weight it uses once per token, so tokens/s <= copy bandwidth /
 bytes read per token (all matmul weights, less the experts a token does not visit, less an untied
@@ -16,6 +17,7 @@ plus bytes written. --profile prints the ops that take a batch-1 decode's time, 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import platform
@@ -30,14 +32,20 @@ import torch
 
 from gptmini import quantize
 from gptmini.config import model_preset
+from gptmini.checkpoint import load_model
 from gptmini.files import write_json
 from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
+from gptmini.weights import save_pretrained
 
 DTYPES = ("fp32", "bf16", "int8")
 
 
 def rss_bytes() -> int:
+    """Resident bytes once the C heap has handed back what freed tensors left (glibc keeps it otherwise)."""
+    gc.collect()
+    if platform.system() == "Linux":
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -90,7 +98,7 @@ def trained_model(preset: str, steps: int, data: Path, seed_len: int) -> GPTOSSM
 
 
 def decode_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int, device: str) -> float:
-    x = torch.randint(0, 100000, (batch, prompt_len), device=device)
+    x = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     generate(model, x, 4, temperature=0)  # warm-up
     times = []
     for _ in range(2):
@@ -105,7 +113,7 @@ def decode_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int
 def profile_decode(model: GPTOSSMini, device: str) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    x = torch.randint(0, 100000, (1, 16), device=device)
+    x = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
     generate(model, x, 4, temperature=0)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         generate(model, x, 32, temperature=0)
@@ -116,14 +124,17 @@ def one(args: argparse.Namespace) -> dict:
     """One (preset, dtype) in this process."""
     preset, dtype = args.one.split(":")
     base = rss_bytes()
-    model = trained_model(preset, args.train_steps, args.data, 64)
+    if args.weights:
+        model = load_model(args.weights)[0].eval().requires_grad_(False)
+    else:
+        model = trained_model(preset, 0, None, 0)
     val = None
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     elif dtype == "int8":
         model = quantize.apply(model, "int8")
     model = model.to(args.device)
-    gc.collect()
+    loaded = rss_bytes() - base
     if args.data and args.val_batches:
         from gptmini.evaluate import evaluate_split
 
@@ -133,7 +144,10 @@ def one(args: argparse.Namespace) -> dict:
     for b in map(int, args.batch.split(",")):
         result[f"decode_b{b}_tokens_per_s"] = round(decode_tokens_per_s(model, b, 16, args.new_tokens, args.device), 2)
     result["rss_mib"] = round(rss_bytes() / 2**20, 1)
-    result["model_rss_mib"] = round((rss_bytes() - base) / 2**20, 1)
+    result["model_rss_mib"] = round(loaded / 2**20, 1)  # loaded (and quantized), before val loss and decoding
+    result["model_rss_after_decode_mib"] = round((rss_bytes() - base) / 2**20, 1)
+    result["weight_mib"] = round(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+                                 / 2**20, 1)
     if args.profile:
         result["profile"] = profile_decode(model, args.device)
     return result
@@ -153,6 +167,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="prepared shards (default: the embedded corpus, prepared once)")
     p.add_argument("--json")
     p.add_argument("--one", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
@@ -166,11 +181,16 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device)
     rows = []
     for preset in args.preset.split(","):
+        weights = None
+        if args.train_steps:
+            weights = Path(tempfile.mkdtemp()) / preset
+            save_pretrained(trained_model(preset, args.train_steps, args.data, 64), weights)
         for dtype in args.dtypes.split(","):
             cmd = [sys.executable, __file__, "--one", f"{preset}:{dtype}", "--batch", args.batch,
                    "--new-tokens", str(args.new_tokens), "--train-steps", str(args.train_steps),
                    "--val-batches", str(args.val_batches), "--device", args.device, "--threads", str(args.threads)]
             cmd += ["--data", str(args.data)] if args.data else []
+            cmd += ["--weights", str(weights)] if weights else []
             cmd += ["--profile"] if args.profile and preset == "demo" and dtype in ("fp32", "int8") else []
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             row["bound_b1_tokens_per_s"] = round(bandwidth / row["bytes_read_per_token"], 1)
