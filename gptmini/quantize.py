@@ -131,4 +131,8 @@ def apply(model: GPTOSSMini, mode: str | None) -> GPTOSSMini:
                 setattr(module, name, Int8MoE(child))
             elif isinstance(child, nn.Linear):
                 setattr(module, name, Int8Linear(*quantize_rows(child.weight)))
+    for p in model.parameters():
+        # Weights loaded from safetensors are views of one mapping of the file, which quantizing has read whole:
+        # one norm left pointing into it kept all of it resident (the demo model: 257 MiB where 38 are int8).
+        p.data = p.data.clone()
     return model
