@@ -31,11 +31,12 @@ import numpy as np
 import torch
 
 from gptmini import quantize
-from gptmini.config import model_preset
+from gptmini.config import OptimConfig, model_preset
 from gptmini.checkpoint import load_model
 from gptmini.files import write_json
 from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
+from gptmini.optim import build_optimizer
 from gptmini.weights import save_pretrained
 
 DTYPES = ("fp32", "bf16", "int8")
@@ -88,7 +89,7 @@ def trained_model(preset: str, steps: int, data: Path, seed_len: int) -> GPTOSSM
     model = GPTOSSMini(model_preset(preset, max_seq_len=512))
     if steps:
         windows = SlidingWindowDataset(TokenShards.open(data, "train"), seed_len, seed_len)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.0))
         for step in range(steps):
             x, y = windows.batch(np.arange(step * 8, step * 8 + 8))
             model(x, y)[1].backward()
