@@ -154,8 +154,29 @@ def attention_mask(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
     return allowed[:, None]
 
 
+def padded_positions(start: int, T: int, pad: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Query positions (B|1, T) and key positions (-1 on left padding) of T columns starting at `start`."""
+    qpos = torch.arange(start, start + T, device=device)[None]  # (1, T)
+    if pad is None:
+        return qpos, qpos
+    qpos = qpos - pad[:, None]  # (B, T)
+    return qpos.clamp(min=0), qpos.masked_fill(qpos < 0, -1)
+
+
+def prompt_mask(qpos: Tensor, kpos: Tensor, padded: bool, window: int | None) -> Tensor | None:
+    """The mask of a chunk attending to itself; None means plain causal attention (SDPA's is_causal, the fast
+    kernels)."""
+    T = kpos.size(-1)
+    if not padded and (window is None or T <= window):
+        return None
+    mask = attention_mask(qpos.expand_as(kpos), kpos, window)
+    # A padding row sees only itself, so no row of the softmax is empty (that would give NaNs).
+    return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
 class KVCache:
-    """Preallocated keys/values for generation, holding only the n_kv_heads heads (GQA's memory saving).
+    """Preallocated keys/values for generating a batch of prompts together (left-padded to one length),
+    holding only the n_kv_heads heads (GQA's memory saving).
 
     With a sliding window it is a ring buffer of `window` slots: column c goes to slot c % size, and `pos`
     records which absolute position each slot holds, so the attention mask needs no reordering.
@@ -171,6 +192,20 @@ class KVCache:
         self.slots: Tensor | None = None  # slots written by the forward in progress
         self.prefill = True
 
+    def begin(self, T: int, pad: Tensor | None, window: int | None) -> tuple[Tensor, Tensor | None, int]:
+        """Positions and mask for the next T columns; returns (qpos, mask, tokens seen once they are in)."""
+        qpos, kpos = padded_positions(self.length, T, pad, self.pos.device)
+        self.prefill = self.length == 0
+        if not self.prefill and T != 1:
+            raise ValueError(f"after the prompt, decode one token per step (got {T})")
+        n = min(T, self.size)
+        self.slots = torch.arange(self.length + T - n, self.length + T, device=qpos.device) % self.size
+        self.pos[:, self.slots] = kpos.expand(self.pos.size(0), -1)[:, -n:]
+        self.length += T
+        if self.prefill:
+            return qpos, prompt_mask(qpos, kpos, pad is not None, window), self.length
+        return qpos, attention_mask(qpos, self.pos, window), self.length
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store this chunk's keys/values; return what the chunk's queries attend to."""
         n = self.slots.numel()
@@ -178,6 +213,78 @@ class KVCache:
         self.v[layer].index_copy_(2, self.slots, v[:, :, -n:].to(self.v.dtype))
         # The prompt attends to itself (the ring may be smaller than it); later tokens to the cache.
         return (k, v) if self.prefill else (self.k[layer], self.v[layer])
+
+
+class SlotCache:
+    """The KV cache of continuous batching: `slots` independent sequences, each with its own length and
+    positions, so a sequence can start or end between any two decode steps.
+
+    Rows 0..n-1 hold the running sequences. `start(row)` makes the next forward the prompt of a new sequence
+    in `row` (a (1, T) input); `step(n)` makes it one token for each of rows 0..n-1 (an (n, 1) input).
+    Position p of a row lives in column p % size: with a sliding window each row is its own ring buffer of
+    `window` columns, as in KVCache. Keeping the running rows first lets a decode step read the cache as a
+    view, with no gather; `move` fills the hole a finished sequence leaves.
+    """
+
+    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
+        self.size = min(config.max_seq_len, config.sliding_window or config.max_seq_len)
+        self.ring = self.size < config.max_seq_len
+        shape = (config.n_layers, slots, config.n_kv_heads, self.size, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.full((slots, self.size), -1, device=device, dtype=torch.long)  # (slots, S)
+        self.lengths = [0] * slots  # tokens each row holds; kept on the host, so a step needs no sync
+        self.row: int | None = None  # the row being prefilled, else a decode step
+        self.rows = 0
+
+    def start(self, row: int) -> None:
+        self.row = row
+
+    def step(self, n: int) -> None:
+        self.row, self.rows = None, n
+
+    def begin(self, T: int, pad: Tensor | None, window: int | None) -> tuple[Tensor, Tensor | None, int]:
+        device = self.pos.device
+        if pad is not None:
+            raise ValueError("a SlotCache holds one prompt per row; prefill prompts one at a time, unpadded")
+        if self.row is not None:
+            n = min(T, self.size)
+            qpos = torch.arange(T, device=device)[None]  # (1, T)
+            self.cols = torch.arange(T - n, T, device=device) % self.size
+            self.pos[self.row] = -1
+            self.pos[self.row, self.cols] = qpos[0, -n:]
+            self.lengths[self.row] = T
+            return qpos, prompt_mask(qpos, qpos, False, window), T
+        if T != 1:
+            raise ValueError(f"a decode step takes one token per row (got {T})")
+        n = self.rows
+        lengths = self.lengths[:n]
+        qpos = torch.tensor(lengths, device=device)[:, None]  # (n, 1)
+        self.cols = qpos[:, 0] % self.size
+        self.index = torch.arange(n, device=device)
+        self.pos[self.index, self.cols] = qpos[:, 0]
+        # Without a ring, columns past the longest row hold nothing yet: attend only up to it.
+        self.width = self.size if self.ring else max(lengths) + 1
+        self.lengths[:n] = [length + 1 for length in lengths]
+        return qpos, attention_mask(qpos, self.pos[:n, : self.width], window), max(lengths) + 1
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.row is not None:
+            n = self.cols.numel()
+            self.k[layer, self.row].index_copy_(1, self.cols, k[0, :, -n:].to(self.k.dtype))
+            self.v[layer, self.row].index_copy_(1, self.cols, v[0, :, -n:].to(self.v.dtype))
+            return k, v
+        self.k[layer][self.index, :, self.cols] = k[:, :, 0].to(self.k.dtype)  # (n, nkv, hd)
+        self.v[layer][self.index, :, self.cols] = v[:, :, 0].to(self.v.dtype)
+        n, w = self.rows, self.width
+        return self.k[layer, :n, :, :w], self.v[layer, :n, :, :w]
+
+    def move(self, src: int, dst: int) -> None:
+        """Row `src`'s sequence continues in row `dst`."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+        self.pos[dst] = self.pos[src]
+        self.lengths[dst] = self.lengths[src]
 
 
 class Attention(nn.Module):
@@ -195,7 +302,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+        cache: KVCache | SlotCache | None = None
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -325,7 +433,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+        cache: KVCache | SlotCache | None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, mask, cache))
         if isinstance(self.feed_forward, MoE):
@@ -428,7 +537,7 @@ class GPTOSSMini(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         pad: Tensor | None = None,
         last_only: bool = False,
         rope_len: int | None = None,
@@ -441,17 +550,14 @@ class GPTOSSMini(nn.Module):
         exist whole (chunked_cross_entropy; same loss and gradients)."""
         cfg = self.config
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        qpos = torch.arange(start, start + T, device=idx.device)[None]  # (1, T)
-        kpos = qpos
-        if pad is not None:
-            qpos = qpos - pad[:, None]  # (B, T)
-            kpos = qpos.masked_fill(qpos < 0, -1)
-            qpos = qpos.clamp(min=0)
-        theta = ntk_theta(cfg, rope_len or start + T)
+        if cache is not None:
+            qpos, mask, seen = cache.begin(T, pad, cfg.sliding_window)
+        else:
+            qpos, kpos = padded_positions(0, T, pad, idx.device)
+            mask, seen = prompt_mask(qpos, kpos, pad is not None, cfg.sliding_window), T
+        theta = ntk_theta(cfg, rope_len or seen)
         inv_freq = self.inv_freq if theta == cfg.rope_theta else rope_inv_freq(cfg.head_dim, theta).to(idx.device)
         cos, sin = rope_cos_sin(qpos, inv_freq)
-        mask = self._mask(qpos, kpos, cache, T, pad is not None)
 
         x = self.drop(self.tok_embeddings(idx))
         aux, load = [], []
@@ -460,8 +566,6 @@ class GPTOSSMini(nn.Module):
             if a is not None:
                 aux.append(a)
                 load.append(l)
-        if cache is not None:
-            cache.length += T
         self.last_aux_loss = torch.stack(aux).mean() if aux else torch.zeros((), device=idx.device)
         self.last_expert_load = torch.stack(load).sum(0) if load else None
 
@@ -477,24 +581,6 @@ class GPTOSSMini(nn.Module):
         if self.training and aux:
             loss = loss + cfg.aux_loss_coef * self.last_aux_loss
         return logits, loss
-
-    def _mask(self, qpos: Tensor, kpos: Tensor, cache: KVCache | None, T: int, padded: bool) -> Tensor | None:
-        """None means plain causal attention (SDPA's is_causal, the fast kernels)."""
-        window = self.config.sliding_window
-        if cache is not None:
-            cache.prefill = cache.length == 0
-            if not cache.prefill and T != 1:
-                raise ValueError(f"after the prompt, decode one token per step (got {T})")
-            n = min(T, cache.size)
-            cache.slots = torch.arange(cache.length + T - n, cache.length + T, device=qpos.device) % cache.size
-            cache.pos[:, cache.slots] = kpos.expand(cache.pos.size(0), -1)[:, -n:]
-            if not cache.prefill:
-                return attention_mask(qpos, cache.pos, window)
-        if not padded and (window is None or T <= window):
-            return None
-        mask = attention_mask(qpos.expand_as(kpos), kpos, window)
-        # A padding row sees only itself, so no row of the softmax is empty (that would give NaNs).
-        return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied embedding counts once
