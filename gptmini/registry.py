@@ -215,6 +215,18 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:
         return _resolve(mc, uri, name, alias, version)
 
 
+def current_version(uri: str, tracking_uri: str | None = None) -> str | None:
+    """The version `uri` names right now: an alias's target (None while the alias points nowhere), or the
+    version a `models:/NAME/N` URI names. `gptmini serve` polls this to follow an alias."""
+    name, alias, version = parse_model_uri(uri)
+    if alias is None:
+        return version
+    mc = client(tracking_uri)
+    with mlflow_errors(mc.tracking_uri):
+        mv = version_by_alias(mc, alias, name)
+    return str(mv.version) if mv is not None else None
+
+
 def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) -> Path:
     if alias is not None:
         mv = version_by_alias(mc, alias, name)
