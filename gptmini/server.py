@@ -690,8 +690,12 @@ def serve(config: ServeConfig) -> None:
     """Load (or start following) the model, then answer HTTP until SIGINT/SIGTERM."""
     torch.set_grad_enabled(False)
     host = ModelHost(config)
-    sock = listen(config.host, config.port)
     host.start()
+    try:
+        sock = listen(config.host, config.port)
+    except BaseException:
+        host.close()
+        raise
     app = create_app(host)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10, access_log=True))
     where = f"http://{config.host}:{config.port}"

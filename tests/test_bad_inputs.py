@@ -20,7 +20,7 @@ import torch
 from gptmini import checkpoint, config, parallel
 from gptmini.cli import main as gptmini
 
-SUBCOMMANDS = ("prepare", "train", "eval", "generate", "export-hf", "promote")
+SUBCOMMANDS = ("prepare", "train", "eval", "generate", "export-hf", "promote", "serve")
 
 
 @dataclass
@@ -129,6 +129,7 @@ def _cases() -> list[Case]:
                                   "--timeout", "2", "--cache-dir", w.p("cache"), *[x.format(r=w.root) for x in a]])
     prep_gone = lambda w: [w.p("prep/manifest.json")]  # noqa: E731
     gen = lambda *a: (lambda w: ["generate", *[x.format(r=w.root) for x in a]])  # noqa: E731
+    serve = lambda *a: (lambda w: ["serve", *[x.format(r=w.root) for x in a]])  # noqa: E731
     return [
         Case("gptmini", "unknown command", lambda w: ["trian"], lambda w: "'trian'"),
         # prepare: sources and flags
@@ -217,6 +218,19 @@ def _cases() -> list[Case]:
         Case("eval", "unknown split", lambda w: ["eval", "--checkpoint", str(w.weights), "--split", "test"],
              lambda w: "'test'", argparse=True),
         # generate
+        Case("serve", "checkpoint path missing", serve("--checkpoint", "{r}/nope"), lambda w: "nope"),
+        Case("serve", "damaged weights", serve("--checkpoint", "{r}/weights-damaged"), lambda w: "weights-damaged"),
+        Case("serve", "registry URI with a path", serve("--model", "models:/../../etc@production"),
+             lambda w: "models:/../../etc@production"),
+        Case("serve", "not a registry URI", serve("--model", "runs:/abc/model"), lambda w: "runs:/abc/model"),
+        Case("serve", "max-batch 0", serve("--checkpoint", "{r}/weights", "--max-batch", "0"),
+             lambda w: "--max-batch=0", argparse=True),
+        Case("serve", "poll interval 0", serve("--model", "models:/gptmini@production", "--poll-interval", "0"),
+             lambda w: "--poll-interval=0", argparse=True),
+        Case("serve", "port out of range", serve("--checkpoint", "{r}/weights", "--port", "70000"),
+             lambda w: "--port=70000", argparse=True),
+        Case("serve", "an API key too short to be secret", serve("--checkpoint", "{r}/weights", "--api-key", "abc"),
+             lambda w: "shorter than 8"),
         Case("generate", "checkpoint path missing", gen("--checkpoint", "{r}/nope"), lambda w: "nope"),
         Case("generate", "damaged weights", gen("--checkpoint", "{r}/weights-damaged"), lambda w: "weights-damaged"),
         Case("generate", "weights of another config", gen("--checkpoint", "{r}/weights-other-config"),

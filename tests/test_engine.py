@@ -1,0 +1,157 @@
+"""The continuous-batching engine in process: per-row caches, per-request sampling, stop strings, slots freed.
+
+The model is `sharp_model` (large weights), so a cache row that read another row's keys, or a position off by
+one, changes the greedy tokens.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from gptmini.engine import Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
+from gptmini.generate import generate_text
+from gptmini.model import GPTOSSMini, SlotCache
+from gptmini.tokenizer import get_tokenizer
+from model_helpers import sharp_model, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["Hello world", "The Python interpreter", "a", "import os\nimport sys\n", "def f(x):", "class A:",
+           "x = 1", "while True:"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return get_tokenizer("cl100k_base")
+
+
+def model_of(**overrides) -> GPTOSSMini:
+    return sharp_model(tiny(vocab_size=100352, max_seq_len=64, **overrides))
+
+
+def run_together(engine: Engine, tok, prompts: list[str], samplings: list[Sampling], stagger: float = 0.0):
+    """Submit each prompt from its own thread (`stagger` seconds apart) and return their (text, reason, n)."""
+    out: dict[int, tuple] = {}
+
+    def one(i: int) -> None:
+        out[i] = generate_one(engine, [tok.eot_token] + tok.encode(prompts[i]), samplings[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+        time.sleep(stagger)
+    for t in threads:
+        t.join()
+    return [out[i] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 6}, {"num_experts": 0}],
+                         ids=["moe", "sliding-window-ring", "dense"])
+def test_greedy_requests_batched_at_different_times_match_generate(tok, overrides):
+    model = model_of(**overrides)
+    engine = Engine(model, tok, max_batch=3)  # 8 prompts through 3 rows: rows are reused and compacted
+    try:
+        lengths = [20, 7, 15, 3, 20, 11, 1, 9]
+        got = run_together(engine, tok, PROMPTS, [Sampling(max_tokens=n, temperature=0) for n in lengths], 0.01)
+    finally:
+        engine.close(wait=True)
+    for prompt, n, (text, reason, count) in zip(PROMPTS, lengths, got):
+        assert text == generate_text(model, tok, prompt, max_new_tokens=n, temperature=0)
+        assert count <= n and (reason == "length") == (count == n)
+
+
+def test_a_seeded_request_gives_the_same_text_alone_or_in_a_full_batch(tok):
+    model = model_of()
+    engine = Engine(model, tok, max_batch=6)
+    try:
+        mine = Sampling(max_tokens=25, temperature=1.0, top_k=40, top_p=0.9, seed=7)
+        alone = generate_one(engine, [tok.eot_token] + tok.encode("The Python"), mine)
+        others = [Sampling(max_tokens=25, temperature=t, seed=s) for t, s in ((1.3, 1), (0.0, None), (0.7, 2))]
+        crowd = run_together(engine, tok, ["x", "The Python", "y = 2", "def g():"],
+                             [others[0], mine, others[1], others[2]])
+    finally:
+        engine.close(wait=True)
+    assert crowd[1] == alone
+    assert alone[0] == generate_text(model, tok, "The Python", max_new_tokens=25, temperature=1.0, top_k=40,
+                                     top_p=0.9, seed=7)
+
+
+def test_slot_cache_rows_keep_their_own_positions_after_a_move():
+    """Row 2's sequence moved into row 0 decodes exactly as it would have in row 2."""
+    torch.manual_seed(0)
+    model = model_of(sliding_window=5)
+    prompts = [torch.randint(0, 1000, (1, n)) for n in (3, 9, 6)]
+
+    def decode(move: bool) -> torch.Tensor:
+        cache = SlotCache(model.config, 3, torch.device("cpu"), torch.float32)
+        for row, p in enumerate(prompts):
+            cache.start(row)
+            model(p, cache=cache)
+        rows = [2, 1, 0] if move else [0, 1, 2]
+        if move:  # 0 finished: 2 takes its place
+            cache.move(2, 0)
+        cache.step(2 if move else 3)
+        idx = torch.tensor([[5], [6]] if move else [[7], [6], [5]])
+        logits, _ = model(idx, cache=cache, last_only=True)
+        return logits[rows.index(2) if not move else 0]
+
+    torch.testing.assert_close(decode(move=True), decode(move=False))
+
+
+def test_stop_strings_end_the_text_before_them_and_partial_matches_are_held(tok):
+    stream = TextStream(tok, ["END", "\n\n"])
+    sent = []
+    for piece in ["Hello", " E", "N", "D", " more"]:
+        for t in tok.encode(piece):
+            delta, stopped = stream.push(t)
+            sent.append(delta)
+            if stopped:
+                break
+        if stopped:
+            break
+    assert stopped and "".join(sent) == "Hello "
+    assert "E" not in sent[1]  # " E" could begin "END": it was held back, not sent and then taken back
+
+    stream = TextStream(tok, ["END"])
+    parts = [stream.push(t)[0] for t in tok.encode("Hello E")]
+    assert "".join(parts) + stream.flush() == "Hello E"  # a partial match that never completes is sent at the end
+
+
+def test_a_cancelled_sequence_leaves_its_slot_and_the_others_finish(tok):
+    engine = Engine(model_of(), tok, max_batch=2)
+    try:
+        events = []
+        seq = Sequence([tok.eot_token], Sampling(max_tokens=60, temperature=0, ignore_eos=True),
+                       lambda d, r: events.append(r))
+        engine.submit([seq])
+        while len(events) < 3:
+            time.sleep(0.005)
+        seq.cancel()
+        engine.wake()
+        deadline = time.monotonic() + 10
+        while engine.occupancy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.occupancy == 0 and len(seq.tokens) < 60
+        assert generate_one(engine, [tok.eot_token], Sampling(max_tokens=5, temperature=0))[1] in ("length", "stop")
+    finally:
+        engine.close(wait=True)
+
+
+def test_a_full_queue_refuses_the_whole_request(tok):
+    engine = Engine(model_of(), tok, max_batch=1, max_queue=2)
+    block = threading.Event()
+    try:
+        # One long sequence holds the only row; the queue then takes 2 and refuses a third.
+        engine.submit([Sequence([tok.eot_token], Sampling(max_tokens=60, temperature=0, ignore_eos=True),
+                                lambda d, r: block.wait())])
+        time.sleep(0.1)
+        queued = [Sequence([tok.eot_token], Sampling(max_tokens=1), lambda d, r: None) for _ in range(2)]
+        engine.submit(queued)
+        with pytest.raises(QueueFull, match="limit is 2"):
+            engine.submit([Sequence([tok.eot_token], Sampling(max_tokens=1), lambda d, r: None)])
+    finally:
+        block.set()
+        engine.close(wait=True)

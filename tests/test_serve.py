@@ -1,0 +1,260 @@
+"""`gptmini serve` as users run it: a real uvicorn process on 127.0.0.1, called through the `openai` client
+(and raw HTTP where a client would never send such a request).
+
+The model is the tiny preset with sharp weights (tests/model_helpers.py), so mixed-up cache rows or positions
+change the greedy text; the references are `gptmini generate`'s tokens for the same prompt.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from gptmini.config import model_preset
+from gptmini.checkpoint import load_model
+from gptmini.generate import generate_text
+from gptmini.weights import save_pretrained
+from model_helpers import sharp_model
+from serve_helpers import BIN, Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+API_KEY = "test-key-0123456789"
+PROMPTS = ["Hello world", "The Python interpreter", "a", "import os\nimport sys\n", "def f(x):", "class A:",
+           "x = 1", "while True:", "for i in range(10):", "# comment", "print(", "return", "if __name__",
+           "lambda", "yield from", "async def main():"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve") / "weights"
+    save_pretrained(sharp_model(model_preset("tiny")), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(weights):
+    model, tok = load_model(weights)
+    return lambda prompt, n: generate_text(model, tok, prompt, max_new_tokens=n, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def server(weights, tmp_path_factory):
+    """4 batch slots and a queue of 12: 16 concurrent requests all fit, most of them waiting at first."""
+    s = Server("--checkpoint", str(weights), "--max-batch", "4", "--max-queue", "12", "--max-tokens", "100",
+               "--max-body-bytes", "20000", api_key=API_KEY, log=tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    s.stop()
+
+
+def test_completions_chat_and_models_answer_in_openai_shape(server, reference):
+    client = server.openai()
+    assert [m.id for m in client.models.list().data] == ["gptmini"]
+
+    done = client.completions.create(model="gptmini", prompt=["Hello world", "def f(x):"], max_tokens=12,
+                                     temperature=0)
+    assert done.model == "gptmini" and [c.index for c in done.choices] == [0, 1]
+    assert [c.text for c in done.choices] == [reference("Hello world", 12), reference("def f(x):", 12)]
+    assert all(c.finish_reason in ("stop", "length") for c in done.choices)
+    assert done.usage.prompt_tokens == 2 * 1 + 2 + 4  # end-of-text + each prompt's tokens
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+    ignore = {"ignore_eos": True}
+    full = client.completions.create(model="gptmini", prompt="x", max_tokens=9, temperature=0, extra_body=ignore)
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 9
+
+    seeded = client.completions.create(model="gptmini", prompt="x", max_tokens=10, temperature=1.0, seed=5, n=2)
+    again = client.completions.create(model="gptmini", prompt="x", max_tokens=10, temperature=1.0, seed=5, n=2)
+    assert [c.text for c in seeded.choices] == [c.text for c in again.choices]
+
+    chat = client.chat.completions.create(model="gptmini", messages=[{"role": "system", "content": "Be brief."},
+                                                                     {"role": "user", "content": "Hi"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    expected = reference("Be brief.\n\nUser: Hi\nAssistant:", 8).split("\nUser:")[0].lstrip()
+    assert chat.choices[0].message.content == expected
+
+
+def test_streams_are_server_sent_events_that_add_up_to_the_whole_answer(server, reference):
+    client = server.openai()
+    chunks = list(client.completions.create(model="gptmini", prompt="The Python interpreter", max_tokens=20,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reference("The Python interpreter", 20)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
+
+    parts = list(client.chat.completions.create(model="gptmini", messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=6, temperature=0, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert all(p.object == "chat.completion.chunk" for p in parts)
+
+    with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
+                      json={"prompt": "x", "max_tokens": 3, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_sixteen_concurrent_requests_are_each_answered_with_their_own_text(server, reference):
+    client = server.openai()
+    lengths = [random.Random(i).randint(1, 40) for i in range(len(PROMPTS))]
+
+    def ask(i: int):
+        if i % 4 == 3:  # some stream, some sample with a seed, the rest are greedy
+            chunks = client.completions.create(model="gptmini", prompt=PROMPTS[i], max_tokens=lengths[i],
+                                               temperature=0, stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        if i % 4 == 2:
+            return client.completions.create(model="gptmini", prompt=PROMPTS[i], max_tokens=lengths[i],
+                                             temperature=0.9, seed=i).choices[0].text
+        return client.completions.create(model="gptmini", prompt=PROMPTS[i], max_tokens=lengths[i],
+                                         temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(16)))
+    seeded_alone = {i: ask(i) for i in range(16) if i % 4 == 2}  # the same seeded request, now on its own
+    for i, answer in enumerate(answers):
+        if i % 4 == 2:
+            assert answer == seeded_alone[i], f"request {i} changed with the batch around it"
+        else:
+            assert answer == reference(PROMPTS[i], lengths[i]), f"request {i} ({PROMPTS[i]!r}) was mixed up"
+    server.wait_for(lambda: server.metric("gptmini_batch_occupancy") == 0, what="slots to empty")
+
+
+def test_greedy_answer_is_what_gptmini_generate_prints(server, weights):
+    cli = subprocess.run([str(BIN / "gptmini"), "generate", "--checkpoint", str(weights), "--prompt", "class A:",
+                          "--max-new-tokens", "15", "--temperature", "0"], capture_output=True, text=True, check=True)
+    answer = server.openai().completions.create(model="gptmini", prompt="class A:", max_tokens=15, temperature=0)
+    assert cli.stdout == "class A:" + answer.choices[0].text + "\n"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    before = server.metric("gptmini_completion_tokens_total")
+    with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
+                      json={"prompt": "x", "max_tokens": 100, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(line for line in lines if line)
+        assert server.metric("gptmini_batch_occupancy") == 1
+    server.wait_for(lambda: server.metric("gptmini_batch_occupancy") == 0, timeout=10, what="the slot to be freed")
+    generated = server.metric("gptmini_completion_tokens_total") - before
+    assert generated < 100, "the generation ran on after its client left"
+
+
+BAD = [  # (body, what the error must name, status, param)
+    ("{not json", "not valid JSON", 400, None),
+    ("[1, 2]", "JSON object", 400, None),
+    ({"max_tokens": 5}, "'prompt'", 400, "prompt"),
+    ({"prompt": 5}, "prompt must be a string", 400, "prompt"),
+    ({"prompt": [1, 2, 3]}, "token-id prompts are not supported", 400, "prompt"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -0.5}, "temperature: Input should be greater than or equal to 0", 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p: Input should be greater than 0", 400, "top_p"),
+    ({"prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1", 400, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 101}, "cap of 100", 400, "max_tokens"),
+    ({"prompt": "word " * 100, "max_tokens": 50}, "exceeds the model's context of 128", 400, "max_tokens"),
+    ({"prompt": "x", "n": 9}, "n: Input should be less than or equal to 8", 400, "n"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4", 400, "stop"),
+    ({"prompt": "x", "logprobs": 3}, "logprobs=3 is not supported", 400, "logprobs"),
+    ({"prompt": "x", "frobnicate": 1}, "unrecognized request argument 'frobnicate'", 400, "frobnicate"),
+    ({"prompt": "x", "model": "gpt-4"}, "'gpt-4' is not served here", 404, "model"),
+    ({"prompt": "x", "model": "/etc/passwd"}, "'/etc/passwd' is not served here", 404, "model"),
+    ({"prompt": "x", "model": "models:/gptmini/1"}, "is not served here", 404, "model"),
+    ({"prompt": "x" * 30000}, "limit of 20000 bytes", 413, None),
+]
+
+
+@pytest.mark.parametrize("body,names,status,param", BAD, ids=[str(b)[:40] for b, *_ in BAD])
+def test_bad_requests_get_an_openai_error_naming_the_field_and_limit(server, body, names, status, param):
+    content = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/completions", content=content, timeout=30,
+                   headers={**server.headers, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert names in error["message"] and error["param"] == param
+
+
+def test_bad_chat_messages_are_named(server):
+    for messages, names in (([], "non-empty list"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
+                            ([{"role": "user", "content": 3}], "messages[0].content")):
+        r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=30,
+                       json={"messages": messages})
+        assert r.status_code == 400 and names in r.json()["error"]["message"], r.text
+
+
+def test_the_api_key_is_checked_as_a_bearer_token(server):
+    no_key = httpx.post(server.url + "/v1/completions", json={"prompt": "x"}, timeout=30)
+    wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong-key-000000", max_retries=0)
+    assert no_key.status_code == 401 and no_key.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(model="gptmini", prompt="x", max_tokens=1)
+    assert httpx.get(server.url + "/health").status_code == 200  # probes need no key
+
+
+def test_metrics_count_requests_tokens_and_latency(server):
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    for name in ("gptmini_requests_total", "gptmini_completion_tokens_total", "gptmini_request_latency_seconds_bucket",
+                 "gptmini_time_to_first_token_seconds_bucket", "gptmini_inter_token_latency_seconds_bucket",
+                 "gptmini_queue_depth", "gptmini_batch_occupancy", 'gptmini_served_model_info{model="gptmini"'):
+        assert name in text, name
+    assert server.metric("gptmini_requests_total", 'endpoint="completions",status="400"') >= 1
+
+
+def test_a_bounded_soak_answers_or_refuses_every_request_and_empties_its_slots(weights, tmp_path):
+    """20 s of 16 clients (random lengths, some streaming and hanging up early) against 4 slots and a queue
+    of 4: every request is answered or refused with 429 and Retry-After, none fails, and the slots empty."""
+    server = Server("--checkpoint", str(weights), "--max-batch", "4", "--max-queue", "4", "--max-tokens", "64",
+                    log=tmp_path / "soak.log")
+    counts = {"sent": 0, "answered": 0, "refused": 0, "hung_up": 0, "other": []}
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 20
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            while time.monotonic() < stop_at:
+                body = {"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(1, 64),
+                        "temperature": rng.choice([0, 0.8]), "stream": rng.random() < 0.4}
+                hang_up = body["stream"] and rng.random() < 0.5
+                with lock:
+                    counts["sent"] += 1
+                with http.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code == 429:
+                        assert r.headers.get("retry-after") == "1"
+                        outcome = "refused"
+                    elif r.status_code != 200:
+                        outcome = None
+                        with lock:
+                            counts["other"].append((r.status_code, r.read()[:200]))
+                    elif hang_up:
+                        next(r.iter_lines())
+                        outcome = "hung_up"
+                    else:
+                        r.read()
+                        outcome = "answered"
+                if outcome:
+                    with lock:
+                        counts[outcome] += 1
+                if outcome == "refused":
+                    time.sleep(rng.uniform(0.05, 0.3))
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(client, range(16)))
+        server.wait_for(lambda: server.metric("gptmini_batch_occupancy") == 0
+                        and server.metric("gptmini_queue_depth") == 0, timeout=15, what="the slots to empty")
+        assert counts["other"] == []
+        assert counts["sent"] == counts["answered"] + counts["refused"] + counts["hung_up"]
+        assert counts["answered"] > 16 and counts["refused"] > 0, counts
+        assert server.metric("gptmini_requests_total", 'endpoint="completions",status="500"') == 0
+    finally:
+        server.stop()
