@@ -273,6 +273,7 @@ class ModelHost:
         self._last_poll_error = ""
         if config.model_uri:
             self.name, self.alias, _ = registry.parse_model_uri(config.model_uri)
+            self.unready = f"looking up {config.model_uri} in the registry"
 
     def queue_depth(self) -> int:
         return sum(e.queue_depth for e in self.engines())
