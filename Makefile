@@ -34,8 +34,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
-# The local stack (infra/stack.sh): Prefect server, MLflow server and the deployment-serving process,
-# bound to 127.0.0.1, with their state and logs in ./state. `up` is idempotent.
+# The local stack (infra/stack.sh): Prefect server, MLflow server, the deployment-serving process and the
+# model server (gptmini serve on :8000), bound to 127.0.0.1, with their state and logs in ./state. `up` is
+# idempotent.
 up: $(STAMP)
 	@infra/stack.sh up
 
@@ -53,6 +54,8 @@ demo: $(STAMP)
 	  echo && echo "== gptmini generate --model models:/gptmini@production --prompt 'The Python interpreter' ==" && \
 	  $(BIN)/gptmini generate --model models:/gptmini@production --prompt "The Python interpreter" \
 	    --max-new-tokens 40 --temperature 0.8 --top-k 40 --seed 0 && \
+	  echo && echo "== the model server (gptmini serve, following models:/gptmini@production) ==" && \
+	  infra/stack.sh ask "The Python interpreter" && \
 	  echo && infra/stack.sh urls
 
 clean:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The local gptmini stack: a Prefect server, an MLflow server (SQLite store + local artifacts) and the
-# process that serves the deployments. Everything binds 127.0.0.1, and all state and logs live under
-# one folder ($GPTMINI_STATE, default ./state):
+# The local gptmini stack: a Prefect server, an MLflow server (SQLite store + local artifacts), the
+# process that serves the deployments, and the model server (`gptmini serve`, OpenAI-compatible, following
+# models:/gptmini@production). Everything binds 127.0.0.1, and all state and logs live under one folder
+# ($GPTMINI_STATE, default ./state):
 #
 #   state/prefect/   Prefect's database and task results (PREFECT_HOME)
 #   state/mlflow/    mlflow.db (runs, registry) and artifacts/
 #   state/data/      downloaded sources and token shards     state/runs/   one folder per flow run
 #   state/logs/      one log per service                     state/pids/   one pid per service
 #
-# usage: infra/stack.sh up [prefect|mlflow|serve ...]|down|status|urls|env
+# usage: infra/stack.sh up [prefect|mlflow|serve|model ...]|down|status|urls|env|ask [PROMPT]
 # `up` is idempotent: a service whose process is alive and healthy is left alone, never started twice.
 #
 # Authentication is off by default (nothing listens beyond 127.0.0.1). Turn it on, before `up`, with
@@ -17,6 +18,7 @@
 #   GPTMINI_MLFLOW_AUTH=USER:PASSWORD    MLflow runs `--app-name basic-auth` with USER as its admin (the password
 #                                        takes >= 12 characters, and is set on the first start of a state folder);
 #                                        the serving process and `env` get MLFLOW_TRACKING_USERNAME/PASSWORD
+#   GPTMINI_API_KEY=KEY                  the model server demands `Authorization: Bearer KEY` on /v1
 # Health checks (/api/health, /health) stay open; everything else answers 401 without the credentials.
 set -euo pipefail
 
@@ -26,10 +28,13 @@ BIN="${GPTMINI_BIN:-$ROOT/.venv/bin}"
 PREFECT_PORT="${GPTMINI_PREFECT_PORT:-4200}"
 MLFLOW_PORT="${GPTMINI_MLFLOW_PORT:-5000}"
 RUNNER_PORT="${GPTMINI_RUNNER_PORT:-4201}"
+MODEL_PORT="${GPTMINI_MODEL_PORT:-8000}"
+MODEL_POLL="${GPTMINI_MODEL_POLL_INTERVAL:-10}"
 HOST=127.0.0.1
 PREFECT_URL="http://$HOST:$PREFECT_PORT"
 MLFLOW_URL="http://$HOST:$MLFLOW_PORT"
-SERVICES=(prefect mlflow serve)
+MODEL_URL="http://$HOST:$MODEL_PORT"
+SERVICES=(prefect mlflow serve model)
 
 export PREFECT_HOME="$STATE/prefect"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -63,6 +68,7 @@ health_url() {
     prefect) echo "$PREFECT_URL/api/health" ;;
     mlflow) echo "$MLFLOW_URL/health" ;;
     serve) echo "http://$HOST:$RUNNER_PORT/health" ;;
+    model) echo "$MODEL_URL/health" ;;
   esac
 }
 
@@ -87,6 +93,10 @@ set_command() {  # fills CMD with the service's command line
       CMD=(env "${AUTH_ENV[@]}" PREFECT_API_URL="$PREFECT_URL/api" MLFLOW_TRACKING_URI="$MLFLOW_URL" GPTMINI_STATE="$STATE"
         PREFECT_RUNNER_SERVER_ENABLE=true PREFECT_RUNNER_SERVER_HOST="$HOST"
         PREFECT_RUNNER_SERVER_PORT="$RUNNER_PORT" "$BIN/python" -m flows.serve) ;;
+    model)
+      # Up before any version exists: /ready says so until the first promotion, then it follows the alias.
+      CMD=(env "${AUTH_ENV[@]}" MLFLOW_TRACKING_URI="$MLFLOW_URL" "$BIN/gptmini" serve
+        --model models:/gptmini@production --host "$HOST" --port "$MODEL_PORT" --poll-interval "$MODEL_POLL") ;;
   esac
 }
 
@@ -153,6 +163,7 @@ urls() {
   cat <<EOF
 Prefect UI:  $PREFECT_URL   (flow runs, logs, artifacts: Runs > train-gpt > Artifacts)
 MLflow UI:   $MLFLOW_URL   (experiment gptmini; Models > gptmini for versions and aliases)
+Model API:   $MODEL_URL/v1   (OpenAI-compatible; serves models:/gptmini@production; metrics at /metrics)
 In another shell:
   export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL
   $BIN/prefect deployment run train-gpt/demo --watch
@@ -178,8 +189,35 @@ case "${1:-}" in
       printf '%-8s %-10s %s\n' "$name" "$state" "${pid:+pid $pid}"
     done ;;
   urls) urls ;;
+  ask)  # wait until the model server answers from the current production version, then ask it once
+    shift
+    env "${AUTH_ENV[@]}" MLFLOW_TRACKING_URI="$MLFLOW_URL" "$BIN/python" - "$MODEL_URL" "${1:-The Python interpreter}" <<'PY'
+import json, os, sys, time
+import httpx
+from gptmini import registry
+
+url, prompt = sys.argv[1], sys.argv[2]
+version = registry.current_version("models:/gptmini@production")
+if version is None:
+    sys.exit("infra: no production version yet: run `make demo`, or `gptmini promote VERSION`")
+headers = {"Authorization": f"Bearer {os.environ['GPTMINI_API_KEY']}"} if os.environ.get("GPTMINI_API_KEY") else {}
+deadline = time.monotonic() + 120
+while (ready := httpx.get(f"{url}/ready", timeout=5)).json().get("model") != f"gptmini/{version}":
+    if time.monotonic() > deadline:
+        sys.exit(f"infra: the model server still answers {ready.text} after 120 s; see state/logs/model.log")
+    time.sleep(1)
+body = {"model": "gptmini", "prompt": prompt, "max_tokens": 40, "temperature": 0.8, "top_k": 40, "seed": 0}
+response = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=120)
+if response.status_code != 200:
+    sys.exit(f"infra: the model server answered {response.status_code}: {response.text}")
+answer = response.json()
+print(f"$ curl {url}/v1/completions -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+print(f"[{answer['model']}, finish_reason={answer['choices'][0]['finish_reason']}]")
+print(prompt + answer["choices"][0]["text"])
+PY
+    ;;
   env)  # for `eval "$(infra/stack.sh env)"`
     echo "export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL GPTMINI_STATE=$STATE${AUTH_ENV[*]:+$(printf ' %q' "${AUTH_ENV[@]}")}" ;;
   *)
-    echo "usage: infra/stack.sh up [prefect|mlflow|serve ...]|down|status|urls|env" >&2; exit 2 ;;
+    echo "usage: infra/stack.sh up [prefect|mlflow|serve|model ...]|down|status|urls|env|ask [PROMPT]" >&2; exit 2 ;;
 esac

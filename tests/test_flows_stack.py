@@ -30,12 +30,12 @@ def pids(state: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_up_is_idempotent_and_health_checked(stack):
     before = pids(stack.state)
-    assert set(before) == {"prefect", "mlflow", "serve"}
+    assert set(before) == {"prefect", "mlflow", "serve", "model"}
     again = stack.sh("up")
-    assert again.returncode == 0 and again.stdout.count("already running") == 3
+    assert again.returncode == 0 and again.stdout.count("already running") == 4
     assert pids(stack.state) == before
-    assert stack.sh("status").stdout.count("healthy") == 3
-    assert {"prefect.log", "mlflow.log", "serve.log"} <= {p.name for p in (stack.state / "logs").iterdir()}
+    assert stack.sh("status").stdout.count("healthy") == 4
+    assert {"prefect.log", "mlflow.log", "serve.log", "model.log"} <= {p.name for p in (stack.state / "logs").iterdir()}
 
 
 @pytest.mark.slow
@@ -54,6 +54,10 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
                              "def", "--max-new-tokens", "4", "--temperature", "0"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert sample.returncode == 0 and sample.stdout.startswith("def"), sample.stderr
+    # The model server follows the alias: `stack.sh ask` waits for it to serve v1, then asks it (as `make demo`).
+    ask = stack.sh("ask", "def", timeout=180)
+    assert ask.returncode == 0, ask.stdout + ask.stderr
+    assert "[gptmini/1, finish_reason=" in ask.stdout and "\ndef" in ask.stdout
 
 
 @pytest.mark.slow
