@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -689,7 +688,6 @@ def listen(host: str, port: int) -> socket.socket:
 
 def serve(config: ServeConfig) -> None:
     """Load (or start following) the model, then answer HTTP until SIGINT/SIGTERM."""
-    torch.set_grad_enabled(False)
     host = ModelHost(config)
     host.start()
     try:

@@ -108,7 +108,7 @@ def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
                "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
                "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_MODEL_PORT": str(free_port()),
-               "GPTMINI_MODEL_POLL_INTERVAL": "1", "GPTMINI_CACHE_DIR": str(state / "cache"),
+               "GPTMINI_MODEL_POLL_INTERVAL": "2", "GPTMINI_CACHE_DIR": str(state / "cache"),
                "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}",
                "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
     script = str(ROOT / "infra" / "stack.sh")
