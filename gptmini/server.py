@@ -239,7 +239,7 @@ class Metrics:
         Gauge("gptmini_batch_occupancy", "sequences in the running batch", registry=r).set_function(host.occupancy)
         Gauge("gptmini_batch_slots", "batch slots (--max-batch)", registry=r).set_function(lambda: host.config.max_batch)
         self.served = Gauge("gptmini_served_model_info", "1 for the model version answering new requests",
-                            ["model", "version"], registry=r)
+                            ["model", "version", "quantize"], registry=r)
         self.swaps = Counter("gptmini_model_swaps", "times a new model version took over", registry=r)
         self.load_failures = Counter("gptmini_model_load_failures", "model versions that failed to load",
                                      ["version"], registry=r)
@@ -317,7 +317,7 @@ class ModelHost:
             if old is not None:
                 self.retired.append(old.engine)
         self.metrics.served.clear()
-        self.metrics.served.labels(new.label, new.version or "").set(1)
+        self.metrics.served.labels(new.label, new.version or "", self.config.quantize).set(1)
         if old is not None:
             self.metrics.swaps.inc()
             old.engine.close()  # it finishes its running and queued requests, then its thread ends

@@ -119,7 +119,11 @@ def test_accumulation_without_sync_under_fsdp_equals_the_big_batch(baselines, pr
     run(train_cmd(prepared_shards, out, 2, "--parallel", "fsdp", "--batch-size", "1", "--grad-accum", "2"))
     a, b = weights(out), weights(baselines["ddp"])
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        # Two micro-batches sum their gradients in another order than one batch of 2. Adam divides by
+        # sqrt(v), so on embedding rows whose gradients are near zero that rounding grows to ~1e-5 (measured:
+        # 1.3e-5 on tok_embeddings, under 2e-6 everywhere else); a wrong sync or scale moves weights by ~lr.
+        atol = 5e-5 if k == "tok_embeddings.weight" else 1e-5
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=atol, msg=k)
 
 
 def test_fsdp_checkpoint_loads_at_another_world_size(baselines):
