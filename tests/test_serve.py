@@ -210,14 +210,14 @@ def test_metrics_count_requests_tokens_and_latency(server):
 
 
 def test_a_bounded_soak_answers_or_refuses_every_request_and_empties_its_slots(weights, tmp_path):
-    """20 s of 16 clients (random lengths, some streaming and hanging up early) against 4 slots and a queue
+    """12 s of 16 clients (random lengths, some streaming and hanging up early) against 4 slots and a queue
     of 4: every request is answered or refused with 429 and Retry-After, none fails, and the slots empty.
     The server runs the int8 weights (`--quantize int8`), so they are soaked too."""
     server = Server("--checkpoint", str(weights), "--max-batch", "4", "--max-queue", "4", "--max-tokens", "64",
                     "--quantize", "int8", log=tmp_path / "soak.log")
     counts = {"sent": 0, "answered": 0, "refused": 0, "hung_up": 0, "other": []}
     lock = threading.Lock()
-    stop_at = time.monotonic() + 20
+    stop_at = time.monotonic() + 12
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
