@@ -249,7 +249,7 @@ def test_a_bounded_soak_answers_or_refuses_every_request_and_empties_its_slots(w
                     time.sleep(rng.uniform(0.05, 0.3))
 
     try:
-        assert server.metric("gptmini_served_model_info", 'model="gptmini",version="",quantize="int8"') == 1
+        assert server.metric("gptmini_served_model_info", 'model="gptmini",quantize="int8",version=""') == 1
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(client, range(16)))
         server.wait_for(lambda: server.metric("gptmini_batch_occupancy") == 0
