@@ -321,10 +321,10 @@ class ModelHost:
         if old is not None:
             self.metrics.swaps.inc()
             old.engine.close()  # it finishes its running and queued requests, then its thread ends
-            log.info("serve: now serving %s (was %s); requests already running finish on %s",
+            log.info("now serving %s (was %s); requests already running finish on %s",
                      new.label, old.label, old.label)
         else:
-            log.info("serve: serving %s", new.label)
+            log.info("serving %s", new.label)
 
     def _follow(self) -> None:
         while not self.stop.is_set():
@@ -338,7 +338,7 @@ class ModelHost:
             version = registry.current_version(uri)
         except (UserError, Failure) as exc:
             if str(exc) != self._last_poll_error:
-                log.warning("serve: cannot read %s: %s", uri, exc)
+                log.warning("cannot read %s: %s", uri, exc)
             self._last_poll_error = str(exc)
             if self.current is None:
                 self.unready = f"cannot read {uri}: {exc}"
@@ -359,7 +359,7 @@ class ModelHost:
             self.failed[version] = time.monotonic()
             self.metrics.load_failures.labels(version).inc()
             still = f"still serving {self.current.label}" if self.current else "nothing is served yet"
-            log.error("serve: %s (%s) failed to load: %s: %s; %s", label, uri, type(exc).__name__,
+            log.error("%s (%s) failed to load: %s: %s; %s", label, uri, type(exc).__name__,
                       str(exc).splitlines()[0][:300] if str(exc) else "", still)
             if self.current is None:
                 self.unready = f"{label} failed to load ({type(exc).__name__}); waiting for another version"
@@ -493,7 +493,7 @@ def create_app(host: ModelHost) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("serve: %s %s failed", request.method, request.url.path)
+        log.exception("%s %s failed", request.method, request.url.path)
         return await _api_error(request, ApiError(500, f"internal error: {type(exc).__name__}; see the server log",
                                                   "server_error"))
 
@@ -698,7 +698,7 @@ def serve(config: ServeConfig) -> None:
     app = create_app(host)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10, access_log=True))
     where = f"http://{config.host}:{config.port}"
-    log.info("serve: listening on %s (OpenAI API under %s/v1; metrics at %s/metrics)", where, where, where)
+    log.info("listening on %s (OpenAI API under %s/v1; metrics at %s/metrics)", where, where, where)
     try:
         server.run(sockets=[sock])
     finally:
