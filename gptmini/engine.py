@@ -122,7 +122,6 @@ class Engine:
         self.running: list[Sequence] = []  # running[i] lives in cache row i
         self.closing = self.closed = False
         self.lock = threading.Condition()
-        self.steps = self.tokens_generated = 0
         self.thread = threading.Thread(target=self._loop, name=f"engine[{name}]", daemon=True)
         self.thread.start()
 
@@ -209,7 +208,6 @@ class Engine:
         idx = torch.tensor([[seq.last] for seq in self.running], device=self.device)  # (n, 1)
         logits, _ = self.model(idx, cache=self.cache, last_only=True)
         self._advance(self.running, logits[:, -1])
-        self.steps += 1
         self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason or seq.cancelled])
 
     def _advance(self, seqs: list[Sequence], logits: Tensor) -> None:
@@ -230,7 +228,6 @@ class Engine:
     def _emit(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
         seq.last = token
-        self.tokens_generated += 1
         if token == self.eot and not seq.sampling.ignore_eos:
             return self._finish(seq, "stop", seq.text.flush())
         delta, stopped = seq.text.push(token)
