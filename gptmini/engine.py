@@ -99,7 +99,6 @@ class Sequence:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: TextStream | None = None
-    last: int = 0
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -205,7 +204,7 @@ class Engine:
             return
         n = len(self.running)
         self.cache.step(n)
-        idx = torch.tensor([[seq.last] for seq in self.running], device=self.device)  # (n, 1)
+        idx = torch.tensor([seq.tokens[-1:] for seq in self.running], device=self.device)  # (n, 1)
         logits, _ = self.model(idx, cache=self.cache, last_only=True)
         self._advance(self.running, logits[:, -1])
         self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason or seq.cancelled])
@@ -214,9 +213,8 @@ class Engine:
         """Sample one token for each of `seqs` from its row of (len(seqs), V) logits and report it."""
         greedy = [i for i, seq in enumerate(seqs) if seq.sampling.temperature == 0]
         picked: dict[int, int] = {}
-        if greedy:
-            rows = logits[greedy].float().masked_fill(~self.allowed, float("-inf"))
-            picked.update(zip(greedy, rows.argmax(dim=-1).tolist()))
+        if greedy:  # one argmax over all greedy rows
+            picked.update(zip(greedy, sample_next(logits[greedy], 0.0, allowed=self.allowed).tolist()))
         for i, seq in enumerate(seqs):
             if i not in picked:
                 s = seq.sampling
@@ -227,7 +225,6 @@ class Engine:
 
     def _emit(self, seq: Sequence, token: int) -> None:
         seq.tokens.append(token)
-        seq.last = token
         if token == self.eot and not seq.sampling.ignore_eos:
             return self._finish(seq, "stop", seq.text.flush())
         delta, stopped = seq.text.push(token)

@@ -557,9 +557,8 @@ def completion_body(rid: str, gen: Generation) -> dict:
 
 
 def chat_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
-    message = {"content": delta} if choice.text or delta or reason else {"role": "assistant", "content": ""}
-    if not choice.text and not reason:
-        message["role"] = "assistant"
+    # The stream opens with the role alone, as OpenAI's does; every later chunk carries content only.
+    message = {"content": delta} if choice.text or reason else {"role": "assistant", "content": ""}
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": gen.served.label,
             "choices": [{"index": choice.index, "delta": message, "finish_reason": reason, "logprobs": None}]}
 
