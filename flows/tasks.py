@@ -47,6 +47,13 @@ def state_dir() -> Path:
     return Path(os.environ.get("GPTMINI_STATE") or ROOT / "state").resolve()
 
 
+def result_storage() -> Path:
+    """Where the cached tasks persist their results: in the state folder, beside the shards they point at. Every
+    worker that shares $GPTMINI_STATE (one storage folder mounted on several machines) then shares the cache;
+    Prefect's default (~/.prefect/storage, one per machine) would silently re-tokenize on every other worker."""
+    return state_dir() / "prefect-results"
+
+
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI (infra sets the server's), else a SQLite store in the state folder."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
@@ -129,7 +136,7 @@ def fetch(sources: list[str], cache_dir: str) -> list[dict]:
     """`download`, run afresh when a source is local: a file can change under the same path, and hashing it
     again is cheap (a download is cached on disk by URL anyway)."""
     local = any(not spec.startswith(SCHEMES) for spec in sources)
-    return download.with_options(refresh_cache=local)(sources, cache_dir)
+    return download.with_options(refresh_cache=local, result_storage=result_storage())(sources, cache_dir)
 
 
 def shards_key(inputs: list[dict], tokenizer: str, val_fraction: float) -> str:
@@ -167,7 +174,8 @@ def prepare_shards(inputs: list[dict], tokenizer: str, val_fraction: float, data
     """`tokenize`, whose cached result counts only while its shards are on disk: deleted, they are made again
     and cached anew."""
     present = (shards_dir(data_root, shards_key(inputs, tokenizer, val_fraction)) / "manifest.json").exists()
-    return tokenize.with_options(refresh_cache=not present)(inputs, tokenizer, val_fraction, data_root)
+    return tokenize.with_options(refresh_cache=not present, result_storage=result_storage())(
+        inputs, tokenizer, val_fraction, data_root)
 
 
 # Training
