@@ -31,6 +31,7 @@ from gptmini.evaluate import evaluate_weights
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
+from gptmini.launch import torchrun_args
 from gptmini.redact import redact
 from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
 from gptmini.weights import save_pretrained
@@ -226,14 +227,6 @@ def training_result(summary: dict | None, code: int, tail: list[str]) -> dict:
 def _retry_training(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, TrainingFailed) or exc.retryable
-
-
-def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> list[str]:
-    """One node: --standalone (a free local port). Several: torchrun's c10d rendezvous, nothing of ours."""
-    if nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={nproc}"]
-    return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
 
 
 @task(retry_condition_fn=_retry_training, retry_delay_seconds=10)
