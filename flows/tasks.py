@@ -31,7 +31,9 @@ from gptmini.evaluate import evaluate_weights
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
-from gptmini.launch import torchrun_args
+from gptmini.launch import COMPLETED as COMPLETED_JOB
+from gptmini.launch import slurm, torchrun_args
+from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
 from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
 from gptmini.weights import save_pretrained
@@ -194,11 +196,12 @@ def read_summary(run_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def training_result(summary: dict | None, code: int, tail: list[str]) -> dict:
+def training_result(summary: dict | None, code: int, tail: list[str], ended: str = "") -> dict:
     """The summary of a completed training, else a TrainingFailed that says how it ended and whether a retry
     (which resumes from the last checkpoint) can help: not for a bad configuration or bad data. The
     trainer's whole output is in the task's log; `tail` is quoted only when the trainer wrote no summary."""
     status = summary["status"] if summary else None
+    ended = ended or f"torchrun exited with code {code}"
     if status == COMPLETED and code == 0:
         return summary
     error = (summary or {}).get("error", "")
@@ -216,11 +219,11 @@ def training_result(summary: dict | None, code: int, tail: list[str]) -> dict:
                              "'4', '--grad-accum', '2']) or use parallel='fsdp'", retryable=True)
     if summary is None:
         last = "\n".join(tail[-15:]) or "no output"
-        raise TrainingFailed(f"training ended (torchrun exit code {code}) without a summary.json: a process was "
+        raise TrainingFailed(f"training ended ({ended}) without a summary.json: a process was "
                              "killed (SIGKILL: out of host memory, or by hand) or torchrun could not start it; a "
                              f"retry resumes from the last checkpoint. Last output:\n{last}", retryable=True)
-    why = error or f"it reported {status!r} but torchrun exited with code {code}"
-    raise TrainingFailed(f"training failed (exit code {code}): {why}; a retry resumes from the last checkpoint",
+    why = error or f"it reported {status!r} but {ended}"
+    raise TrainingFailed(f"training failed ({ended}): {why}; a retry resumes from the last checkpoint",
                          retryable=True)
 
 
@@ -232,22 +235,47 @@ def _retry_training(task, task_run, state) -> bool:
 @task(retry_condition_fn=_retry_training, retry_delay_seconds=10)
 def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: int, parallel: str, device: str,
           extra_args: list[str], mlflow_run_id: str, mlflow_uri: str, run_name: str, nnodes: int = 1,
-          rdzv_endpoint: str = "") -> dict:
-    """torchrun -m gptmini.train; its output streams into this task's log. Resumes from run_dir's last
-    checkpoint (`--resume auto`), so a retry continues where the failed attempt stopped."""
-    trainer = ["-m", "gptmini.train", "--preset", preset, "--data-dir", data_dir, "--out", run_dir,
-               "--parallel", parallel, "--device", device, "--resume", "auto",
-               "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id, "--run-name", run_name]
+          rdzv_endpoint: str = "", launcher: str = "local", slurm_options: SlurmOptions | None = None) -> dict:
+    """torchrun -m gptmini.train, here or as a Slurm job; its output streams into this task's log. Resumes from
+    run_dir's last checkpoint (`--resume auto`), so a retry continues where the failed attempt stopped."""
+    trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, "--parallel", parallel,
+               "--device", device, "--resume", "auto", "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id,
+               "--run-name", run_name]
     trainer += (["--steps", str(steps)] if steps is not None else []) + list(extra_args)
-    launcher = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
-    if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
-        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s %s",
-                              nnodes - 1, " ".join(launcher), " ".join(trainer))
     # The trainer records how it ended in a run folder that exists; a previous attempt's ending is not this one's.
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     (Path(run_dir) / "summary.json").unlink(missing_ok=True)
-    code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launcher, *trainer], subprocess_env())
+    if launcher == "slurm":
+        return train_on_slurm(trainer, Path(run_dir), nnodes, nproc, slurm_options or SlurmOptions(), run_name)
+    launch = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
+    if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
+        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s -m gptmini.train %s",
+                              nnodes - 1, " ".join(launch), " ".join(trainer))
+    code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptmini.train", *trainer],
+                               subprocess_env())
     return training_result(read_summary(run_dir), code, tail)
+
+
+def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: SlurmOptions,
+                   job_name: str) -> dict:
+    """One sbatch job over `nnodes` nodes, followed to its end (a cancelled flow run scancels it). The job's
+    end state decides the retry as a local exit code would; the trainer's summary says whether it can help."""
+    logger = get_run_logger()
+    tail: deque[str] = deque(maxlen=60)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        logger.info(redact(line))
+
+    try:
+        state = slurm.launch(trainer, run_dir, nodes=nnodes, nproc_per_node=nproc, options=options, on_line=on_line,
+                             env=subprocess_env(), job_name=job_name,
+                             on_submit=lambda job: logger.info("submitted Slurm job %s (%s)", job, run_dir / "slurm-job.sh"))
+    except slurm.SlurmError as exc:
+        raise TrainingFailed(str(exc), retryable=False) from None
+    logger.info("Slurm job ended %s", state)
+    return training_result(read_summary(run_dir), 0 if state == COMPLETED_JOB else 1, list(tail),
+                           ended=f"the Slurm job ended {state}")
 
 
 # Evaluation, samples and the registry

@@ -18,6 +18,8 @@ from flows import tasks
 from flows.report import mlflow_links, publish, report
 from gptmini import registry, tracking
 from gptmini.config import PRESETS
+from gptmini.launch import LAUNCHERS
+from gptmini.launch.slurm import SlurmOptions
 from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
 
 DEFAULT_SOURCES = ["embedded:python-docs"]
@@ -55,14 +57,21 @@ def check_sources(sources: list[str]) -> list[str]:
 
 
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
-                     val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str) -> None:
+                     val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str,
+                     launcher: str = "local", slurm: SlurmOptions | None = None) -> None:
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
     if nproc < 1 or (steps is not None and steps < 1) or train_retries < 0:
         raise ValueError(f"nproc ({nproc}) and steps ({steps}) must be >= 1 and train_retries ({train_retries}) >= 0")
-    if nnodes > 1 and ":" not in rdzv_endpoint:
+    if nnodes < 1:
+        raise ValueError(f"nnodes ({nnodes}) must be >= 1")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is unknown; choose one of: {', '.join(LAUNCHERS)}")
+    if launcher == "local" and nnodes > 1 and ":" not in rdzv_endpoint:
         raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint='HOST:PORT' (a host every node reaches); "
-                         f"got {rdzv_endpoint!r}")
+                         f"got {rdzv_endpoint!r}, or use launcher='slurm', which finds it")
+    if slurm is not None:
+        slurm.check()
     if tokenizer not in KNOWN_TOKENIZERS:
         raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
     if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
@@ -81,6 +90,8 @@ def train_gpt(
     nproc: int = 1,
     nnodes: int = 1,
     rdzv_endpoint: str = "",
+    launcher: Literal["local", "slurm"] = "local",
+    slurm: SlurmOptions = SlurmOptions(),
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto",
     device: Literal["auto", "cpu", "cuda"] = "auto",
     tokenizer: str = "cl100k_base",
@@ -101,8 +112,12 @@ def train_gpt(
         sources: wikipedia:TITLE, http(s)://URL, embedded:python-docs, local files/folders/globs.
         steps: optimizer steps (None: the preset's).
         nproc: processes per node for torchrun (GPUs per node on CUDA).
-        nnodes, rdzv_endpoint: several nodes through torchrun's c10d rendezvous at HOST:PORT; the train
-            task logs the command to start on the other nodes (shared storage for state/ is assumed).
+        nnodes, rdzv_endpoint: several nodes through torchrun's c10d rendezvous at HOST:PORT; with the local
+            launcher the train task logs the command to start on the other nodes (shared storage for state/
+            is assumed).
+        launcher: local (torchrun here) or slurm (one sbatch job over nnodes nodes, followed into this log;
+            cancelling the flow run scancels it).
+        slurm: the Slurm job's partition, account, time_limit, gpus_per_node, sbatch_lines and requeue.
         parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp.
         extra_args: more `gptmini train` flags, e.g. ["--optim.lr", "1e-3"].
         promotion: if-better (champion/challenger on the same val data), always, or never.
@@ -110,7 +125,7 @@ def train_gpt(
             configuration or bad data is never retried.
     """
     check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
-                     train_retries, model_name)
+                     train_retries, model_name, launcher, slurm)
     sources = check_sources(sources)
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
 
@@ -131,7 +146,7 @@ def train_gpt(
 
     summary = tasks.train.with_options(retries=train_retries)(
         preset, data["data_dir"], str(run_dir), steps, nproc, parallel, device, extra_args, run.run_id, uri, name,
-        nnodes, rdzv_endpoint)
+        nnodes, rdzv_endpoint, launcher, slurm)
     weights = tasks.export_best(str(run_dir))
     # The registered weights (the best checkpoint) on the whole val split: not the trainer's final_val_*,
     # which are the last step's weights.
