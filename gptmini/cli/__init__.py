@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": ("gptmini.cli.generate", "stream text from a checkpoint or registered model"),
     "export-hf": ("gptmini.cli.export_hf", "export a checkpoint to Hugging Face format (Llama/Mixtral)"),
     "promote": ("gptmini.cli.promote", "move a registry alias (e.g. production) to a version"),
+    "launch": ("gptmini.cli.launch", "train across nodes as one Slurm job (sbatch + srun torchrun)"),
     "serve": ("gptmini.cli.serve", "serve a model over an OpenAI-compatible HTTP API, following an alias"),
 }
 

@@ -160,15 +160,22 @@ def follow(job_id: str, output: Path, on_line: Callable[[str], None], env: dict[
             cancel(job_id, env)
 
 
+def write_script(trainer_args: list[str], run_dir: Path, *, nodes: int, nproc_per_node: int, options: SlurmOptions,
+                 job_name: str = "gptmini") -> Path:
+    """`run_dir/slurm-job.sh`, whose output goes to `run_dir/slurm-<job id>.out`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    script = run_dir / "slurm-job.sh"
+    write_atomic(script, batch_script(trainer_args, nodes=nodes, nproc_per_node=nproc_per_node, options=options,
+                                      output=run_dir / "slurm-%j.out", job_name=job_name))
+    return script
+
+
 def launch(trainer_args: list[str], run_dir: Path, *, nodes: int, nproc_per_node: int, options: SlurmOptions,
            on_line: Callable[[str], None], env: dict[str, str] | None = None, job_name: str = "gptmini",
            on_submit: Callable[[str], None] | None = None) -> str:
-    """Write `run_dir/slurm-job.sh`, submit it, and follow the job to its end; returns the end state.
-    `run_dir/slurm-<job id>.out` keeps the whole output."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    script = run_dir / "slurm-job.sh"
-    write_atomic(script, batch_script(trainer_args, nodes=nodes, nproc_per_node=nproc_per_node,
-                                           options=options, output=run_dir / "slurm-%j.out", job_name=job_name))
+    """Write the job script, submit it, and follow the job to its end; returns the end state."""
+    script = write_script(trainer_args, run_dir, nodes=nodes, nproc_per_node=nproc_per_node, options=options,
+                          job_name=job_name)
     job_id = submit(script, env)
     if on_submit is not None:
         on_submit(job_id)
