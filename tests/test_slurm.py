@@ -1,12 +1,24 @@
-"""The two-node Slurm cluster of tests/slurm_cluster.py: jobs span both emulated nodes, scancel reaches them,
-and stopping a cluster leaves none of its daemons or job processes behind."""
+"""The two-node Slurm cluster of tests/slurm_cluster.py (jobs span both emulated nodes, scancel reaches them,
+stopping a cluster leaves none of its daemons or job processes behind), and the Slurm launcher on it:
+`gptmini launch slurm` and the train-gpt flow with launcher='slurm' train the tiny preset across both nodes."""
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from slurm_cluster import NODES, SlurmCluster, slurm_cluster_fixture  # noqa: F401  (the fixture)
+from test_flows import TINY, stack  # noqa: F401  (the Prefect test server + SQLite MLflow fixture)
+
+from gptmini import registry
+from gptmini.checkpoint import list_checkpoints, read_json
 
 pytestmark = [pytest.mark.slow]
 
@@ -52,3 +64,121 @@ def test_stop_leaves_no_daemon_or_job_process_and_spares_another_cluster(
     job_pids = [int(pid) for pid in pids.read_text().split()]
     assert not [pid for pid in [*daemons.values(), *job_pids] if pid_alive(pid)]
     assert slurm_cluster.node_states() == {node: "idle" for node in NODES}
+
+
+# The launcher: `gptmini launch slurm` and the flow's launcher='slurm', across both nodes
+
+
+BIN = Path(sys.executable).parent
+# The tiny preset as tests/test_train.py runs it: a checkpoint every 2 steps to resume from.
+TRAIN = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--train.log_every", "1",
+         "--train.ckpt_every", "2", "--train.eval_every", "4", "--train.eval_batches", "1"]
+
+
+def launch(cluster: SlurmCluster, shards: Path, out: Path, steps: int, *options: str) -> subprocess.Popen:
+    cmd = [str(BIN / "gptmini"), "launch", "slurm", "--nodes", "2", *options, "--", *TRAIN, "--steps", str(steps),
+           "--data-dir", str(shards), "--out", str(out)]
+    return subprocess.Popen(cmd, env=cluster.env, cwd=cluster.folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def running_job(cluster: SlurmCluster, timeout: float = 60) -> str:
+    """The id of the one job running on the cluster."""
+    found: list[str] = []
+
+    def one() -> bool:
+        found[:] = cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i", timeout=20).stdout.split()
+        return len(found) == 1
+
+    cluster.wait_for(one, "one running job", timeout)
+    return found[0]
+
+
+def checkpointed(run_dir: Path, step: int) -> bool:
+    return any(p.name == f"step_{step:08d}" for p in list_checkpoints(run_dir)) if run_dir.is_dir() else False
+
+
+def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
+    """`--requeue`: Slurm requeues the job mid-training (as after a node failure); the same script runs again,
+    resumes from the last checkpoint, and the command exits 0 once the job completes."""
+    out = tmp_path / "run"
+    proc = launch(slurm_cluster, prepared_shards, out, 8, "--requeue")
+    try:
+        job = running_job(slurm_cluster)
+        slurm_cluster.wait_for(lambda: checkpointed(out, 2), "the checkpoint at step 2", 240)
+        assert slurm_cluster.run("scontrol", "requeue", job).returncode == 0
+        text, _ = proc.communicate(timeout=400)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, text[-3000:]
+    assert "restart 1" in text and "resumed from" in text, text[-3000:]
+    summary = read_json(out / "summary.json")
+    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
+    assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
+
+
+def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
+    proc = launch(slurm_cluster, prepared_shards, tmp_path / "run", 10_000)
+    try:
+        job = running_job(slurm_cluster)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)["JobState"] == "CANCELLED"
+
+
+def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
+    proc = launch(slurm_cluster, prepared_shards, tmp_path / "run", 2, "--partition", "nope")
+    text, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, text
+    assert "sbatch refused" in text and "nope" in text and "Traceback" not in text
+
+
+@pytest.mark.dist
+def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resumes(slurm_cluster, stack,
+                                                                                    monkeypatch):
+    """train-gpt with launcher='slurm' over 2 nodes: the job is scancelled once it has checkpointed step 2;
+    the train task fails as retryable, its retry submits a new job that resumes there, and the flow
+    registers a version."""
+    from flows.train_gpt import train_gpt
+
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])  # the flow's sbatch reaches our cluster
+    runs = Path(os.environ["GPTMINI_STATE"]) / "runs"
+    cancelled: list[str] = []
+    stop = threading.Event()
+
+    def scancel_once() -> None:
+        while not stop.is_set() and not cancelled:
+            jobs = slurm_cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i", timeout=20).stdout.split()
+            if jobs and any(checkpointed(run, 2) for run in runs.glob("*")):
+                slurm_cluster.run("scancel", jobs[0])
+                cancelled.append(jobs[0])
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=scancel_once, daemon=True)
+    watcher.start()
+    try:
+        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, train_retries=1,
+                          extra_args=["--train.ckpt_every", "2", "--train.log_every", "1"], return_state=True)
+    finally:
+        stop.set()
+        watcher.join()
+    assert cancelled, "the job finished before it could be cancelled"
+    assert state.is_completed(), state.message
+    result = state.result()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    text = "\n".join(log.message for log in logs)
+    jobs = re.findall(r"submitted Slurm job (\d+)", text)
+    assert len(jobs) == 2 and jobs[0] == cancelled[0], text[-3000:]
+    assert "Slurm job ended CANCELLED" in text and "resumed from" in text
+    assert re.search(r"^0: ", text, re.M) and re.search(r"^1: ", text, re.M)  # srun --label: a task per node
+    assert all(slurm_cluster.job(job)["NodeList"] == "n[1-2]" for job in jobs)
+    summary = read_json(Path(result["run_dir"]) / "summary.json")
+    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
+    assert registry.client(stack).get_model_version("gptmini", result["version"]).run_id == result["mlflow_run_id"]

@@ -11,6 +11,7 @@ other end (the state is printed; `--resume auto` is always on, so running the co
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -79,4 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--")
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1:]
+    # SIGTERM (a `kill`, a cancelled flow run) unwinds like Ctrl-C, so the job being followed is scancelled.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return run("gptmini launch", lambda: launch_slurm(args))
