@@ -7,7 +7,7 @@ from dataclasses import asdict
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.tasks import retry_io, tracking_uri
+from flows.tasks import registry_lock, retry_io, tracking_uri
 from gptmini import registry
 from gptmini.gate import Decision, against_champion, record_decision
 
@@ -39,7 +39,8 @@ def promote_model(version: int, alias: str = registry.PRODUCTION, model_name: st
         raise ValueError(f"version {version} is not a registry version; versions start at 1")
     if not alias.isidentifier():
         raise ValueError(f"alias {alias!r} is not a valid alias; use letters, digits and _")
-    result = promote_version(version, alias, model_name, data_dir)
+    with registry_lock():
+        result = promote_version(version, alias, model_name, data_dir)
     verdict = "promoted" if result["promote"] else "not promoted"
     create_markdown_artifact(f"# {model_name}@{alias}: v{version} {verdict}\n\n{result['reason']}\n",
                              key="promotion", description=f"{model_name}@{alias} -> v{version}: {verdict}")

@@ -41,6 +41,7 @@ def deployments() -> list:
             "retrain", schedule=CronSchedule(cron=cron, timezone=timezone), paused=paused,
             parameters={"preset": "demo", "sources": ["embedded:python-docs"], "promotion": "if-better"},
             tags=["gptmini", "scheduled"], entrypoint_type=MODULE,
+            concurrency_limit=1,  # a run that comes due while the last one trains waits for it
             description=f"Scheduled retraining ({cron} {timezone}); promotes only a version that beats "
                         "production on the same validation data.",
         ),

@@ -16,12 +16,17 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 
 from gptmini import registry
 from gptmini.checkpoint import load_model
@@ -32,7 +37,8 @@ from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
 from gptmini.launch import COMPLETED as COMPLETED_JOB
-from gptmini.launch import slurm, torchrun_args
+from gptmini.launch import k8s, slurm, torchrun_args
+from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
 from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
@@ -235,9 +241,11 @@ def _retry_training(task, task_run, state) -> bool:
 @task(retry_condition_fn=_retry_training, retry_delay_seconds=10)
 def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: int, parallel: str, device: str,
           extra_args: list[str], mlflow_run_id: str, mlflow_uri: str, run_name: str, nnodes: int = 1,
-          rdzv_endpoint: str = "", launcher: str = "local", slurm_options: SlurmOptions | None = None) -> dict:
-    """torchrun -m gptmini.train, here or as a Slurm job; its output streams into this task's log. Resumes from
-    run_dir's last checkpoint (`--resume auto`), so a retry continues where the failed attempt stopped."""
+          rdzv_endpoint: str = "", launcher: str = "local", slurm_options: SlurmOptions | None = None,
+          k8s_options: K8sOptions | None = None) -> dict:
+    """torchrun -m gptmini.train, here, as a Slurm job or as a Kubeflow TrainJob; its output streams into this
+    task's log. Resumes from run_dir's last checkpoint (`--resume auto`), so a retry continues where the failed
+    attempt stopped."""
     trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, "--parallel", parallel,
                "--device", device, "--resume", "auto", "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id,
                "--run-name", run_name]
@@ -247,6 +255,8 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     (Path(run_dir) / "summary.json").unlink(missing_ok=True)
     if launcher == "slurm":
         return train_on_slurm(trainer, Path(run_dir), nnodes, nproc, slurm_options or SlurmOptions(), run_name)
+    if launcher == "k8s":
+        return train_on_k8s(trainer, Path(run_dir), nnodes, nproc, k8s_options or K8sOptions())
     launch = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
     if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
         get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s -m gptmini.train %s",
@@ -256,17 +266,23 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     return training_result(read_summary(run_dir), code, tail)
 
 
-def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: SlurmOptions,
-                   job_name: str) -> dict:
-    """One sbatch job over `nnodes` nodes, followed to its end (a cancelled flow run scancels it). The job's
-    end state decides the retry as a local exit code would; the trainer's summary says whether it can help."""
-    logger = get_run_logger()
-    tail: deque[str] = deque(maxlen=60)
+def streaming_logger() -> tuple[Callable[[str], None], deque[str]]:
+    """A line sink for a launcher that sends each line to the run log and keeps the last ones."""
+    logger, tail = get_run_logger(), deque(maxlen=60)
 
     def on_line(line: str) -> None:
         tail.append(line)
         logger.info(redact(line))
 
+    return on_line, tail
+
+
+def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: SlurmOptions,
+                   job_name: str) -> dict:
+    """One sbatch job over `nnodes` nodes, followed to its end (a cancelled flow run scancels it). The job's
+    end state decides the retry as a local exit code would; the trainer's summary says whether it can help."""
+    logger = get_run_logger()
+    on_line, tail = streaming_logger()
     try:
         state = slurm.launch(trainer, run_dir, nodes=nnodes, nproc_per_node=nproc, options=options, on_line=on_line,
                              env=subprocess_env(), job_name=job_name,
@@ -278,7 +294,40 @@ def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, o
                            ended=f"the Slurm job ended {state}")
 
 
+def train_on_k8s(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: K8sOptions) -> dict:
+    """One Kubeflow Trainer TrainJob, named after the run folder, followed to its end (a cancelled flow run deletes
+    it). Not run on a cluster in our tests: the manifest is validated against Trainer's API models."""
+    on_line, tail = streaming_logger()
+    name = "gptmini-" + run_dir.name[:8]  # the flow run id's first 8 hex digits
+    try:
+        state = k8s.launch(trainer, name, nnodes=nnodes, nproc_per_node=nproc, options=options, on_line=on_line)
+    except k8s.K8sError as exc:
+        raise TrainingFailed(str(exc), retryable=False) from None
+    get_run_logger().info("TrainJob %s ended %s", name, state)
+    return training_result(read_summary(run_dir), 0 if state == COMPLETED_JOB else 1, list(tail),
+                           ended=f"the TrainJob ended {state}")
+
+
 # Evaluation, samples and the registry
+
+# Registration, the gate and every alias move happen under this Prefect global concurrency limit (1 slot): two
+# runs finishing together (a manual demo and the 03:00 retrain) would otherwise both find the same production
+# version, or none, and both promote, leaving the alias on whichever wrote last.
+REGISTRY_LOCK = "gptmini-registry"
+
+
+@contextmanager
+def registry_lock(timeout_s: float = 3600) -> Iterator[None]:
+    """Hold the registry lock, creating its limit on first use; it holds across processes and machines,
+    since the Prefect server keeps it. A run that cannot get it within `timeout_s` fails (TimeoutError)."""
+    with get_client(sync_client=True) as api:
+        try:
+            api.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=REGISTRY_LOCK, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with concurrency(REGISTRY_LOCK, occupy=1, timeout_seconds=timeout_s, strict=True):
+        yield
+
 
 
 @task

@@ -19,6 +19,7 @@ from flows.report import mlflow_links, publish, report
 from gptmini import registry, tracking
 from gptmini.config import PRESETS
 from gptmini.launch import LAUNCHERS
+from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
 
@@ -90,8 +91,9 @@ def train_gpt(
     nproc: int = 1,
     nnodes: int = 1,
     rdzv_endpoint: str = "",
-    launcher: Literal["local", "slurm"] = "local",
+    launcher: Literal["local", "slurm", "k8s"] = "local",
     slurm: SlurmOptions = SlurmOptions(),
+    k8s: K8sOptions = K8sOptions(),
     parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto",
     device: Literal["auto", "cpu", "cuda"] = "auto",
     tokenizer: str = "cl100k_base",
@@ -115,9 +117,12 @@ def train_gpt(
         nnodes, rdzv_endpoint: several nodes through torchrun's c10d rendezvous at HOST:PORT; with the local
             launcher the train task logs the command to start on the other nodes (shared storage for state/
             is assumed).
-        launcher: local (torchrun here) or slurm (one sbatch job over nnodes nodes, followed into this log;
-            cancelling the flow run scancels it).
+        launcher: local (torchrun here), slurm (one sbatch job over nnodes nodes, followed into this log;
+            cancelling the flow run scancels it) or
+            k8s (one Kubeflow Trainer TrainJob, followed likewise; checked against Trainer's API, not yet run on a
+            cluster).
         slurm: the Slurm job's partition, account, time_limit, gpus_per_node, sbatch_lines and requeue.
+        k8s: the TrainJob's image, namespace, gpus_per_node, state_claim (mounted at /state) and runtime.
         parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp.
         extra_args: more `gptmini train` flags, e.g. ["--optim.lr", "1e-3"].
         promotion: if-better (champion/challenger on the same val data), always, or never.
@@ -146,7 +151,7 @@ def train_gpt(
 
     summary = tasks.train.with_options(retries=train_retries)(
         preset, data["data_dir"], str(run_dir), steps, nproc, parallel, device, extra_args, run.run_id, uri, name,
-        nnodes, rdzv_endpoint, launcher, slurm)
+        nnodes, rdzv_endpoint, launcher, slurm, k8s)
     weights = tasks.export_best(str(run_dir))
     # The registered weights (the best checkpoint) on the whole val split: not the trainer's final_val_*,
     # which are the last step's weights.
@@ -156,11 +161,12 @@ def train_gpt(
     run.log_text(json.dumps(rows, indent=1), "samples.json")
 
     val_loss = metrics["registered_val_loss"]
-    version = tasks.register(run.run_id, weights, {
-        "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{val_loss:.6f}",
-        "git_commit": commit, "preset": preset, "prefect.flow_run_id": flow_run_id,
-    }, model_name)
-    decision = tasks.gate(version, weights, val_loss, data["data_dir"], promotion, min_improvement, model_name)
+    with tasks.registry_lock():  # the gate decides against the production version no other run is moving
+        version = tasks.register(run.run_id, weights, {
+            "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{val_loss:.6f}",
+            "git_commit": commit, "preset": preset, "prefect.flow_run_id": flow_run_id,
+        }, model_name)
+        decision = tasks.gate(version, weights, val_loss, data["data_dir"], promotion, min_improvement, model_name)
     run.set_tags({"registered_version": version, "gate.decision": "promoted" if decision["promote"] else "rejected"})
 
     links = mlflow_links(uri, run.experiment_id, run.run_id, model_name, version)

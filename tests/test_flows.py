@@ -50,7 +50,7 @@ def stack(tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.setenv("GPTMINI_CACHE_DIR", str(root / "cache"))
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}), prefect_test_harness():
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}), prefect_test_harness(server_startup_timeout=120):  # the other xdist worker may be training
             mc = registry.client(uri)
             mc.create_experiment("gptmini", artifact_location=(root / "artifacts").as_uri())
             yield uri
@@ -253,6 +253,55 @@ def test_preempted_training_is_retried_and_resumes_from_its_checkpoint(stack):
     assert summary["status"] == "completed" and summary["steps"] == 8
 
 
+@pytest.mark.slow
+def test_two_runs_finishing_together_gate_one_after_the_other(stack):
+    """Two runs reach registration at the same moment: the test holds the registry lock while both train, and
+    lets go once both have drawn their samples. Both register; each gate decides against the production
+    version of its time (the first none, the second the first), so the alias ends on the better one whatever
+    the order."""
+    from flows.train_gpt import train_gpt
+
+    name, states = "race", {}
+
+    def run(steps: int) -> None:
+        states[steps] = train_gpt(**{**TINY, "steps": steps}, model_name=name, return_state=True)
+
+    threads = [threading.Thread(target=run, args=(steps,)) for steps in (2, 12)]
+    with tasks.registry_lock():
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 400
+        while time.time() < deadline and len(sampled := ours_done_sampling(name)) < 2:
+            assert all(t.is_alive() for t in threads), states
+            time.sleep(1)
+        assert len(sampled) == 2, "both runs should have reached the registry lock"
+        time.sleep(2)  # both are now polling for the lock's one slot
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(state.is_completed() for state in states.values()), {k: s.message for k, s in states.items()}
+
+    mc = registry.client(stack)
+    results = sorted((int(s.result()["version"]), s.result()["val_loss"]) for s in states.values())
+    (first, first_loss), (second, second_loss) = results
+    gates = {v: json.loads(mc.get_model_version(name, str(v)).tags["gate.json"]) for v in (first, second)}
+    assert gates[first]["champion_version"] is None and gates[first]["promote"]
+    assert str(gates[second]["champion_version"]) == str(first)
+    better = first if first_loss <= second_loss else second
+    assert str(mc.get_registered_model(name).aliases["production"]) == str(better)
+
+
+def ours_done_sampling(model_name: str) -> set[str]:
+    """The flow runs for `model_name` whose samples task has completed: the last step before the registry."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    done = set()
+    for run in (r for r in runs if r.parameters.get("model_name") == model_name):
+        sampled = task_runs(run.id).get("samples")
+        if sampled is not None and sampled.state is not None and sampled.state.is_completed():
+            done.add(str(run.id))
+    return done
+
+
 def test_bad_flow_parameters_fail_before_any_task(stack):
     from flows.train_gpt import train_gpt
 
@@ -279,6 +328,7 @@ def test_deployments_are_registered_with_schedule_and_overridable_parameters(sta
     assert demo.parameters["preset"] == "demo" and demo.parameters["sources"] == ["embedded:python-docs"]
     assert [s.schedule.cron for s in retrain.schedules] == [RETRAIN_CRON]
     assert retrain.parameters["promotion"] == "if-better"
+    assert retrain.global_concurrency_limit.limit == 1  # a retrain that comes due while one runs waits for it
     assert promote.entrypoint == "flows.promote.promote_model"
 
     # What `prefect deployment run train-gpt/demo --param steps=7` sends (timeout=0: only schedule it).
