@@ -20,7 +20,7 @@ import torch
 from gptmini import checkpoint, config, parallel
 from gptmini.cli import main as gptmini
 
-SUBCOMMANDS = ("prepare", "train", "eval", "generate", "export-hf", "promote", "serve")
+SUBCOMMANDS = ("prepare", "train", "eval", "generate", "export-hf", "promote", "serve", "launch")
 
 
 @dataclass
@@ -130,6 +130,8 @@ def _cases() -> list[Case]:
     prep_gone = lambda w: [w.p("prep/manifest.json")]  # noqa: E731
     gen = lambda *a: (lambda w: ["generate", *[x.format(r=w.root) for x in a]])  # noqa: E731
     serve = lambda *a: (lambda w: ["serve", *[x.format(r=w.root) for x in a]])  # noqa: E731
+    launch = lambda *a, out=True: (lambda w: ["launch", "slurm", *a[:a.index("--") + 1], "--preset", "tiny",  # noqa: E731
+                                              *data(w), *(["--out", w.p("out")] if out else []), *a[a.index("--") + 1:]])
     return [
         Case("gptmini", "unknown command", lambda w: ["trian"], lambda w: "'trian'"),
         # prepare: sources and flags
@@ -231,6 +233,14 @@ def _cases() -> list[Case]:
              lambda w: "--port=70000", argparse=True),
         Case("serve", "an API key too short to be secret", serve("--checkpoint", "{r}/weights", "--api-key", "abc"),
              lambda w: "shorter than 8"),
+        Case("launch", "train arguments not after --", lambda w: ["launch", "slurm", "--nodes", "2"], lambda w: "`--`",
+             argparse=True),
+        Case("launch", "2 nodes with --parallel none", launch("--nodes", "2", "--"), lambda w: "--parallel none",
+             out_gone),
+        Case("launch", "an sbatch line that is not an option", launch("--sbatch", "qos=high", "--"),
+             lambda w: "'qos=high'", out_gone),
+        Case("launch", "no run folder", launch("--", out=False), lambda w: "--out DIR"),
+        Case("launch", "an unknown preset", launch("--", "--preset", "huge"), lambda w: "'huge'", out_gone),
         Case("generate", "checkpoint path missing", gen("--checkpoint", "{r}/nope"), lambda w: "nope"),
         Case("generate", "damaged weights", gen("--checkpoint", "{r}/weights-damaged"), lambda w: "weights-damaged"),
         Case("generate", "weights of another config", gen("--checkpoint", "{r}/weights-other-config"),
@@ -347,6 +357,7 @@ FLOW_CASES = [
     ({"model_name": "my model"}, "'my model'"),
     ({"tokenizer": "gpt5"}, "'gpt5'"),
     ({"val_fraction": 1.5}, "val_fraction (1.5)"),
+    ({"nnodes": 2}, "rdzv_endpoint"),
 ]
 
 
@@ -363,6 +374,7 @@ def test_bad_train_gpt_parameters_fail_before_anything_is_created(params, names,
 
 
 @pytest.mark.parametrize("params,names", [({"parallel": "zero3"}, "parallel"), ({"device": "tpu"}, "device"),
+                                          ({"launcher": "pbs"}, "launcher"),
                                           ({"promotion": "sometimes"}, "promotion"), ({"steps": "many"}, "steps")])
 def test_flow_parameters_of_the_wrong_type_are_refused_by_prefect(params, names, flows_state, record):
     from prefect.exceptions import ParameterTypeError

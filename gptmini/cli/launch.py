@@ -31,22 +31,32 @@ def resume_auto(train_args: list[str]) -> list[str]:
 
 def launch_slurm(args: argparse.Namespace) -> int:
     train_args = resume_auto(args.train_args)
-    parse(train_args)  # a ConfigError (exit 2) now, not after the job waited in the queue
+    cfg, _ = parse(train_args)  # a ConfigError (exit 2) now, not after the job waited in the queue
+    world = args.nodes * args.nproc_per_node
+    if world > 1 and cfg.train.parallel == "none":
+        raise UserError(f"--nodes {args.nodes} x --nproc-per-node {args.nproc_per_node} is {world} ranks, but the "
+                        "train arguments say --parallel none; add --parallel ddp or --parallel fsdp after `--`")
     out = out_dir_of(train_args)
     if not out:
         raise UserError("the train arguments need --out DIR: the run folder, on storage every node sees")
     run_dir = Path(out).resolve()
     options = slurm.SlurmOptions(partition=args.partition, account=args.account, time_limit=args.time,
                                  gpus_per_node=args.gpus_per_node, sbatch_lines=args.sbatch, requeue=args.requeue)
+    options.check()
     script = run_dir / "slurm-job.sh"
     if not args.follow:
         job = slurm.submit(slurm.write_script(train_args, run_dir, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
                                               options=options, job_name=args.job_name))
         print(f"submitted Slurm job {job}; output: {run_dir / f'slurm-{job}.out'}")
         return 0
-    state = slurm.launch(train_args, run_dir, nodes=args.nodes, nproc_per_node=args.nproc_per_node, options=options,
-                         on_line=print, job_name=args.job_name,
-                         on_submit=lambda job: print(f"submitted Slurm job {job} ({script})", flush=True))
+    # SIGTERM (a `kill`, a cancelled flow run) unwinds like Ctrl-C, so the job being followed is scancelled.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        state = slurm.launch(train_args, run_dir, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
+                             options=options, on_line=print, job_name=args.job_name,
+                             on_submit=lambda job: print(f"submitted Slurm job {job} ({script})", flush=True))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     if state == COMPLETED and summary.get("status") == "completed":
         return 0
@@ -80,6 +90,4 @@ def main(argv: list[str] | None = None) -> int:
     split = argv.index("--")
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1:]
-    # SIGTERM (a `kill`, a cancelled flow run) unwinds like Ctrl-C, so the job being followed is scancelled.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     return run("gptmini launch", lambda: launch_slurm(args))

@@ -19,6 +19,8 @@ ran them here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import re
 import time
@@ -257,3 +259,31 @@ def follow(name: str, namespace: str, on_line: Callable[[str], None], poll: floa
     finally:
         if state is not None and state not in TERMINAL:
             cancel(name, namespace)
+
+
+@dataclass
+class K8sOptions:
+    """Where the TrainJob runs: the image (infra/Dockerfile, a CUDA build for GPUs), its namespace, GPUs per node,
+    the ReadWriteMany claim mounted at /state in every node (the flow's state folder must be that same claim),
+    and the ClusterTrainingRuntime Kubeflow Trainer installs."""
+    image: str = "gptmini:latest"
+    namespace: str = "default"
+    gpus_per_node: int = 0
+    state_claim: str = "gptmini-state"
+    runtime: str = "torch-distributed"
+
+
+def launch(trainer_args: list[str], name: str, *, nnodes: int, nproc_per_node: int, options: K8sOptions,
+           on_line: Callable[[str], None]) -> str:
+    """Create the TrainJob `name` (replacing a finished one of that name, from an earlier attempt) and follow it to
+    its end; returns the end state."""
+    manifest = trainjob_manifest(name, trainer_args, nnodes=nnodes, nproc_per_node=nproc_per_node,
+                                 image=options.image, namespace=options.namespace,
+                                 gpus_per_node=options.gpus_per_node, runtime=options.runtime,
+                                 state_claim=options.state_claim)
+    if job_state(name, options.namespace) is not None:
+        cancel(name, options.namespace)
+        while job_state(name, options.namespace) is not None:  # deletion is asynchronous
+            time.sleep(1)
+    submit(manifest)
+    return follow(name, options.namespace, on_line)
