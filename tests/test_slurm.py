@@ -71,7 +71,7 @@ def test_stop_leaves_no_daemon_or_job_process_and_spares_another_cluster(
 
 BIN = Path(sys.executable).parent
 # The tiny preset as tests/test_train.py runs it: a checkpoint every 2 steps to resume from.
-TRAIN = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--train.log_every", "1",
+TRAIN = ["--preset", "tiny", "--parallel", "ddp", "--seq-len", "16", "--batch-size", "2", "--train.log_every", "1",
          "--train.ckpt_every", "2", "--train.eval_every", "4", "--train.eval_batches", "1"]
 
 
@@ -105,8 +105,13 @@ def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmClu
     proc = launch(slurm_cluster, prepared_shards, out, 8, "--requeue")
     try:
         job = running_job(slurm_cluster)
-        slurm_cluster.wait_for(lambda: checkpointed(out, 2), "the checkpoint at step 2", 240)
+        slurm_cluster.wait_for(lambda: checkpointed(out, 2) or proc.poll() is not None, "the checkpoint at step 2",
+                               240)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert slurm_cluster.run("scontrol", "requeue", job).returncode == 0
+        # slurmctld holds a requeued job for 120 s (its begin time); an admin's release, so the test doesn't wait.
+        slurm_cluster.wait_job(job, {"PENDING"}, timeout=60)
+        assert slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
         text, _ = proc.communicate(timeout=400)
     finally:
         proc.kill()

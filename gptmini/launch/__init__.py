@@ -5,16 +5,13 @@
 - `k8s` (`gptmini.launch.k8s`): one Kubeflow Trainer TrainJob.
 
 Every launcher takes the trainer's own arguments (what follows `-m gptmini.train`) and ends in a job state
-named as Slurm names them; `RETRYABLE` says which of those a retry (resuming from the run's last checkpoint,
-`--resume auto`) can help. Whether the trainer refused its configuration is read from its summary.json, not
-from the job state.
+named as Slurm names them. Anything but COMPLETED (FAILED, NODE_FAIL, PREEMPTED, TIMEOUT, CANCELLED, ...) is
+worth a retry, which resumes from the run's last checkpoint (`--resume auto`), unless the trainer refused its
+configuration or its data: that is read from its summary.json, not from the job state.
 """
 from __future__ import annotations
 
 COMPLETED = "COMPLETED"
-# The job died under the trainer, not because of it: a retry resumes from the last checkpoint.
-RETRYABLE = frozenset({"FAILED", "NODE_FAIL", "PREEMPTED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "BOOT_FAIL",
-                       "DEADLINE"})
 LAUNCHERS = ("local", "slurm", "k8s")
 
 
