@@ -12,8 +12,7 @@ import json
 from prefect import flow
 
 from flows import tasks
-from flows.train_gpt import DEFAULT_SOURCES, check_parameters, check_sources
-from gptmini import registry
+from flows.train_gpt import DEFAULT_SOURCES, check_data_parameters, check_sources
 
 
 @flow(name="prepare-data")
@@ -27,9 +26,7 @@ def prepare_data(sources: list[str] = DEFAULT_SOURCES, tokenizer: str = "cl100k_
         tokenizer: cl100k_base, gpt2 or o200k_base.
         val_fraction: the share of documents held out for validation, in (0, 1).
     """
-    # train-gpt's own checks; the training parameters, which this flow has not, at train-gpt's defaults.
-    check_parameters(preset="demo", steps=None, nproc=1, nnodes=1, rdzv_endpoint="", tokenizer=tokenizer,
-                     val_fraction=val_fraction, max_new_tokens=32, train_retries=1, model_name=registry.MODEL_NAME)
+    check_data_parameters(tokenizer, val_fraction)
     sources = check_sources(sources)
     data_root = tasks.state_dir() / "data"
     inputs = tasks.fetch(sources, str(data_root / "cache"))

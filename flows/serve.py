@@ -4,7 +4,9 @@
 - `train-gpt/retrain`: scheduled retraining (cron $GPTMINI_RETRAIN_CRON, default 03:00 UTC daily, `off` to
   pause it; timezone $GPTMINI_RETRAIN_TZ), which
   promotes the new version only when it beats production on the same validation data;
-- `promote-model/promote`: move an alias (production by default) to a version.
+- `promote-model/promote`: move an alias (production by default) to a version;
+- `prepare-data/prepare`: download and tokenize a corpus into the state folder, so train-gpt on every worker
+  that shares it finds the shards cached.
 
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
     prefect deployment run train-gpt/demo --param steps=100 --watch
@@ -19,6 +21,7 @@ from prefect import serve
 from prefect.deployments.runner import EntrypointType
 from prefect.client.schemas.schedules import CronSchedule
 
+from flows.prepare_data import prepare_data
 from flows.promote import promote_model
 from flows.train_gpt import end_mlflow_run, train_gpt
 from gptmini.redact import redact
@@ -47,6 +50,11 @@ def deployments() -> list:
         ),
         promote_model.to_deployment(
             "promote", tags=["gptmini"], entrypoint_type=MODULE, description="Point an alias (default production) at a registry version.",
+        ),
+        prepare_data.to_deployment(
+            "prepare", parameters={"sources": ["embedded:python-docs"]}, tags=["gptmini"], entrypoint_type=MODULE,
+            description="Download and tokenize a corpus into the shared state folder, so train-gpt on every "
+                        "worker finds its shards cached.",
         ),
     ]
 

@@ -57,6 +57,13 @@ def check_sources(sources: list[str]) -> list[str]:
     return out
 
 
+def check_data_parameters(tokenizer: str, val_fraction: float) -> None:
+    if tokenizer not in KNOWN_TOKENIZERS:
+        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
+    if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
+        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of documents")
+
+
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
                      val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str,
                      launcher: str = "local", slurm: SlurmOptions | None = None) -> None:
@@ -73,10 +80,7 @@ def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rd
                          f"got {rdzv_endpoint!r}, or use launcher='slurm', which finds it")
     if slurm is not None:
         slurm.check()
-    if tokenizer not in KNOWN_TOKENIZERS:
-        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
-    if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
-        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of documents")
+    check_data_parameters(tokenizer, val_fraction)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     registry.check_model_name(model_name)  # before a version is registered under it, not after

@@ -4,7 +4,7 @@
 # models:/gptmini@production). Everything binds 127.0.0.1, and all state and logs live under one folder
 # ($GPTMINI_STATE, default ./state):
 #
-#   state/prefect/   Prefect's database and task results (PREFECT_HOME)
+#   state/prefect/   Prefect's database (PREFECT_HOME); state/prefect-results/: the cached tasks' results
 #   state/mlflow/    mlflow.db (runs, registry) and artifacts/
 #   state/data/      downloaded sources and token shards     state/runs/   one folder per flow run
 #   state/logs/      one log per service                     state/pids/   one pid per service

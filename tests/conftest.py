@@ -28,7 +28,8 @@ BIN = Path(sys.executable).parent
 
 
 # The modules that take minutes (trained baselines, flow runs, the service stack), longest first.
-SLOWEST_FIRST = ("test_train", "test_faults_services", "test_flows", "test_flows_stack", "test_faults")
+SLOWEST_FIRST = ("test_train", "test_faults_services", "test_flows", "test_slurm", "test_flows_stack", "test_multinode",
+                 "test_workers", "test_faults")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
