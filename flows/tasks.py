@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-from gptmini import registry
+from gptmini import registry, tracking
 from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
 from gptmini.data.sources import Cache, open_source
@@ -246,6 +247,9 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     """torchrun -m gptmini.train, here, as a Slurm job or as a Kubeflow TrainJob; its output streams into this
     task's log. Resumes from run_dir's last checkpoint (`--resume auto`), so a retry continues where the failed
     attempt stopped."""
+    # A password in the URI would land in the logged node command and the sbatch script: it travels in the
+    # environment (MLFLOW_TRACKING_USERNAME/PASSWORD), which subprocesses and Slurm jobs inherit.
+    mlflow_uri, with_credentials = tracking.credentials_to_env(mlflow_uri), "@" in mlflow_uri.split("//")[-1]
     trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, "--parallel", parallel,
                "--device", device, "--resume", "auto", "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id,
                "--run-name", run_name]
@@ -259,8 +263,10 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
         return train_on_k8s(trainer, Path(run_dir), nnodes, nproc, k8s_options or K8sOptions())
     launch = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
     if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
-        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s -m gptmini.train %s",
-                              nnodes - 1, " ".join(launch), " ".join(trainer))
+        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s -m gptmini.train %s%s",
+                              nnodes - 1, shlex.join(launch), shlex.join(trainer),
+                              "\n  (with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD set in its environment)"
+                              if with_credentials else "")
     code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptmini.train", *trainer],
                                subprocess_env())
     return training_result(read_summary(run_dir), code, tail)
