@@ -99,24 +99,34 @@ def _die_with_parent() -> None:
         _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 60) -> tuple[int, list[str]]:
+def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
     """Run `cmd`, sending each output line to the run log as it comes; returns (exit code, last lines)."""
-    logger = get_run_logger()
-    logger.info("$ %s", redact(" ".join(cmd)))  # a tracking URI or source URL may hold a password
-    tail: deque[str] = deque(maxlen=keep)
+    get_run_logger().info("$ %s", redact(" ".join(cmd)))  # a tracking URI or source URL may hold a password
+    on_line, tail = streaming_logger()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                             text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
     try:
         for line in proc.stdout:
             line = line.rstrip("\n").split("\r")[-1]  # a progress bar's last frame
             if line.strip():
-                tail.append(line)
-                logger.info(redact(line))
+                on_line(line)
         return proc.wait(), list(tail)
     finally:
         if proc.poll() is None:  # interrupted here (cancellation): stop training cleanly
             proc.terminate()
             proc.wait(timeout=60)
+
+
+def streaming_logger() -> tuple[Callable[[str], None], deque[str]]:
+    """A sink for a subprocess's or a job's output lines: each goes to the run log (credentials masked), and
+    the last 60 are kept to quote if it fails."""
+    logger, tail = get_run_logger(), deque(maxlen=60)
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        logger.info(redact(line))
+
+    return on_line, tail
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -249,7 +259,8 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     attempt stopped."""
     # A password in the URI would land in the logged node command and the sbatch script: it travels in the
     # environment (MLFLOW_TRACKING_USERNAME/PASSWORD), which subprocesses and Slurm jobs inherit.
-    mlflow_uri, with_credentials = tracking.credentials_to_env(mlflow_uri), "@" in mlflow_uri.split("//")[-1]
+    plain_uri = tracking.credentials_to_env(mlflow_uri)
+    with_credentials, mlflow_uri = plain_uri != mlflow_uri, plain_uri
     trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, "--parallel", parallel,
                "--device", device, "--resume", "auto", "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id,
                "--run-name", run_name]
@@ -270,17 +281,6 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptmini.train", *trainer],
                                subprocess_env())
     return training_result(read_summary(run_dir), code, tail)
-
-
-def streaming_logger() -> tuple[Callable[[str], None], deque[str]]:
-    """A line sink for a launcher that sends each line to the run log and keeps the last ones."""
-    logger, tail = get_run_logger(), deque(maxlen=60)
-
-    def on_line(line: str) -> None:
-        tail.append(line)
-        logger.info(redact(line))
-
-    return on_line, tail
 
 
 def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: SlurmOptions,
@@ -333,7 +333,6 @@ def registry_lock(timeout_s: float = 3600) -> Iterator[None]:
             pass
     with concurrency(REGISTRY_LOCK, occupy=1, timeout_seconds=timeout_s, strict=True):
         yield
-
 
 
 @task
