@@ -187,3 +187,38 @@ def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resu
     summary = read_json(Path(result["run_dir"]) / "summary.json")
     assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
     assert registry.client(stack).get_model_version("gptmini", result["version"]).run_id == result["mlflow_run_id"]
+
+
+def test_cancelling_the_flow_run_scancels_its_job(slurm_cluster: SlurmCluster, stack):  # noqa: F811
+    """`prefect flow-run cancel` has the runner or worker SIGTERM the flow run's process, which Prefect's engine
+    raises as a TerminationSignal: on its way out, the train task's follower scancels the job."""
+    from prefect.settings import PREFECT_API_URL
+
+    flow = ("from flows.train_gpt import train_gpt; train_gpt(preset='tiny', steps=100000, launcher='slurm', "
+            "nnodes=2, extra_args=['--train.eval_every', '100000'], train_retries=0)")
+    proc = subprocess.Popen([sys.executable, "-c", flow], env={**os.environ, **slurm_cluster.env,
+                                                                "PREFECT_API_URL": PREFECT_API_URL.value()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        job = running_job(slurm_cluster, timeout=240)
+        os.killpg(proc.pid, signal.SIGTERM)  # what the runner sends
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    assert slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)["JobState"] == "CANCELLED"
+
+
+def test_the_batch_script_carries_every_slurm_option(tmp_path):
+    from gptmini.launch.slurm import SlurmOptions, batch_script
+
+    options = SlurmOptions(partition="gpu", account="ml", time_limit="04:00:00", gpus_per_node=8,
+                           sbatch_lines=["--qos=high", "--signal=TERM@120"], requeue=True)
+    script = batch_script(["--preset", "seed", "--out", "/shared/run 1"], nodes=4, nproc_per_node=8, options=options,
+                          output=tmp_path / "slurm-%j.out")
+    sbatch = [line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert sbatch == ["--job-name=gptmini", "--nodes=4", "--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.out",
+                      "--open-mode=append", "--requeue", "--partition=gpu", "--account=ml", "--time=04:00:00",
+                      "--gpus-per-node=8", "--qos=high", "--signal=TERM@120"]
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--nnodes $SLURM_NNODES --nproc-per-node=8 --rdzv-backend=c10d" in srun
+    assert srun.endswith("-m gptmini.train --preset seed --out '/shared/run 1'")  # quoted for the shell
