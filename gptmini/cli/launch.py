@@ -53,7 +53,7 @@ def launch_slurm(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         state = slurm.launch(train_args, run_dir, nodes=args.nodes, nproc_per_node=args.nproc_per_node,
-                             options=options, on_line=print, job_name=args.job_name,
+                             options=options, on_line=lambda line: print(line, flush=True), job_name=args.job_name,
                              on_submit=lambda job: print(f"submitted Slurm job {job} ({script})", flush=True))
     finally:
         signal.signal(signal.SIGTERM, previous)
