@@ -37,8 +37,7 @@ from gptmini.evaluate import evaluate_weights
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
-from gptmini.launch import COMPLETED as COMPLETED_JOB
-from gptmini.launch import k8s, slurm, torchrun_args
+from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, slurm, torchrun_args
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact

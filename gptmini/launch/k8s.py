@@ -19,11 +19,10 @@ ran them here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
 import re
 import time
+from dataclasses import dataclass
 from functools import cache
 from typing import Any, Callable
 
