@@ -29,7 +29,7 @@ import tomli_w
 
 from gptmini.errors import UserError
 from gptmini.model import ModelConfig
-from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
+from gptmini.tokenizer import check_tokenizer_name
 from gptmini.redact import redact_tree
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
@@ -281,8 +281,10 @@ def validate(cfg: Config) -> None:
         ModelConfig(**dataclasses.asdict(cfg.model))
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    if cfg.model.tokenizer not in KNOWN_TOKENIZERS:
-        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
+    try:
+        check_tokenizer_name(cfg.model.tokenizer)
+    except UserError as exc:
+        raise ConfigError(f"model.tokenizer: {exc}") from None
 
 
 def to_toml(cfg: Config) -> str:

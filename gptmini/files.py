@@ -16,6 +16,11 @@ from pathlib import Path
 from typing import Any
 
 
+def default_cache_dir() -> Path:
+    """Downloads and trained tokenizers kept between runs on this machine."""
+    return Path(os.environ.get("GPTMINI_CACHE_DIR") or Path.home() / ".cache" / "gptmini")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
