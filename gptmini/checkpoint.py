@@ -7,6 +7,7 @@ A training checkpoint `RUN/checkpoints/step_XXXXXXXX/` holds:
     trainer_state.json        step, tokens seen, best val loss, the data sampler's (global) position
     rank_00000.json ...       per rank: the python/numpy/torch/CUDA RNG states
     train_config.json         the resolved config (exact; config.toml is the readable copy)
+    tokenizer.tiktoken        a trained tokenizer's file (none for a published encoding), so it decodes anywhere
     COMPLETE                  the commit marker, written last
 
 Every rank writes into `.tmp_step_XXXXXXXX/`; after a barrier rank 0 writes COMPLETE, fsyncs and renames
@@ -47,7 +48,7 @@ from gptmini import parallel, weights
 from gptmini.errors import MissingPathError, UserError
 from gptmini.files import fsync_dir, fsync_tree, read_json, write_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig
-from gptmini.tokenizer import Tokenizer, get_tokenizer
+from gptmini.tokenizer import BPE_FILE, Tokenizer, get_tokenizer
 
 STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
@@ -204,8 +205,11 @@ def save_checkpoint(
     config_toml: str,
     env: parallel.DistEnv,
     keep_last: int,
+    tokenizer_file: str | os.PathLike | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the committed folder."""
+    """Collective: every rank calls it. Returns the committed folder. `tokenizer_file`: see save_pretrained."""
+    # Every rank looks, so a missing tokenizer fails them all here rather than leaving the others at a barrier.
+    bpe = weights.trained_tokenizer_file(weights.unwrap(model).config.tokenizer, tokenizer_file)
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
     if env.is_main:
@@ -224,6 +228,8 @@ def save_checkpoint(
         write_json(tmp / "trainer_state.json", dict(trainer_state, world_size=env.world_size))
         write_atomic(tmp / "train_config.json", config_json)
         write_atomic(tmp / "config.toml", config_toml)
+        if bpe is not None:
+            shutil.copyfile(bpe, tmp / BPE_FILE)  # made durable by the fsync_tree below
     parallel.barrier()
     if env.is_main:
         fsync_tree(tmp)
@@ -313,4 +319,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
     model = GPTOSSMini(model_config)
     load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
-    return model.to(device).eval(), get_tokenizer(model_config.tokenizer)
+    return model.to(device).eval(), get_tokenizer(model_config.tokenizer, search=path)

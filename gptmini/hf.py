@@ -5,8 +5,9 @@ A model with experts becomes `MixtralForCausalLM`; a dense one `LlamaForCausalLM
 when it uses a sliding window (Llama has none). The tensors are renamed, never transformed: our RoPE,
 RMSNorm, SwiGLU and routing already follow those models, which tests/test_hf.py checks logit for logit.
 
-The tokenizer is transformers' own conversion of the tiktoken encoding (`TikTokenConverter`), with three
-corrections so that it encodes and decodes exactly as `gptmini.tokenizer` does:
+The tokenizer is transformers' own conversion of the tiktoken encoding (`TikTokenConverter`; a trained
+`bpe-*` tokenizer converts the same way, from the ranks of its tokenizer.tiktoken and cl100k's pattern), with
+three corrections so that it encodes and decodes exactly as `gptmini.tokenizer` does:
 - special tokens keep their tiktoken ids: the converter appends them after the BPE ranks, which puts
   cl100k's end-of-text at 100256 (a gap in cl100k) instead of 100257;
 - a literal `<|endoftext|>` typed in the text is text (`split_special_tokens`), as `encode_ordinary` reads it;

@@ -1,4 +1,5 @@
-"""A model on disk: `model.safetensors` + `config.json` (the ModelConfig, tokenizer included).
+"""A model on disk: `model.safetensors` + `config.json` (the ModelConfig, tokenizer included), and for a
+trained tokenizer its `tokenizer.tiktoken`, so the folder decodes on a machine that never saw the data.
 
 safetensors holds raw tensors only, so loading never unpickles anything. Folders are written under a
 temporary name and renamed into place, so a reader never sees half a model.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from gptmini.errors import MissingPathError, UserError
 from gptmini.files import write_dir_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig, rope_inv_freq
-from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
+from gptmini.tokenizer import BPE_FILE, Tokenizer, check_vocab, get_tokenizer, is_trained
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -37,17 +39,29 @@ def model_state(model: GPTOSSMini) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+def save_pretrained(
+    model: torch.nn.Module,
+    directory: str | os.PathLike,
+    metadata: dict | None = None,
+    tokenizer_file: str | os.PathLike | None = None,
+) -> Path:
+    """`tokenizer_file`: where a trained tokenizer's file is, if not in the user cache (see `get_tokenizer`)."""
     model = unwrap(model)
     state = model_state(model)
     meta = {"format": "pt", "gptmini": "1", **{k: str(v) for k, v in (metadata or {}).items()}}
-    return write_dir_atomic(
-        directory,
-        {
-            WEIGHTS_NAME: lambda p: save_file(state, p, metadata=meta),
-            CONFIG_NAME: lambda p: write_json(p, model.config.to_dict()),
-        },
-    )
+    files = {
+        WEIGHTS_NAME: lambda p: save_file(state, p, metadata=meta),
+        CONFIG_NAME: lambda p: write_json(p, model.config.to_dict()),
+    }
+    bpe = trained_tokenizer_file(model.config.tokenizer, tokenizer_file)
+    if bpe is not None:
+        files[BPE_FILE] = lambda p: shutil.copyfile(bpe, p)
+    return write_dir_atomic(directory, files)
+
+
+def trained_tokenizer_file(name: str, search: str | os.PathLike | None = None) -> Path | None:
+    """The .tiktoken file a folder holding this model must carry; None for a published encoding."""
+    return get_tokenizer(name, search=search).file if is_trained(name) else None
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
@@ -65,7 +79,7 @@ def load_pretrained(
 ) -> tuple[GPTOSSMini, Tokenizer]:
     """The model (in eval mode) and its tokenizer, checked against each other."""
     config = load_config(directory)
-    tokenizer = get_tokenizer(config.tokenizer)
+    tokenizer = get_tokenizer(config.tokenizer, search=directory)
     check_vocab(config.vocab_size, tokenizer)
     with torch.device("meta"):
         model = GPTOSSMini(config)

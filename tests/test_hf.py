@@ -10,7 +10,7 @@ from gptmini.cli.export_hf import main as export_main
 from gptmini.cli.generate import main as generate_main
 from gptmini.config import model_preset
 from gptmini.generate import generate, sampling_mask
-from gptmini.tokenizer import get_tokenizer
+from gptmini.tokenizer import get_tokenizer, train_bpe
 from gptmini.weights import save_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,9 +50,17 @@ VARIED_TEXT = (
 )
 
 
-def test_autotokenizer_ids_equal_ours_and_literal_specials_stay_text(tmp_path):
-    tok = get_tokenizer()
-    export_hf(sharp_model(tiny(vocab_size=384)), tmp_path / "hf", tok)
+def trained_tokenizer(tmp_path, monkeypatch):
+    """A byte-level BPE learned on text like VARIED_TEXT, so its merges cover code, CJK and emoji."""
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    return train_bpe([VARIED_TEXT * 3, "def g(y):\n\treturn y  # \u4f60\u597d \U0001f680 caf\u00e9\r\n" * 4], 400,
+                     tmp_path / "data")
+
+
+@pytest.mark.parametrize("kind", ["cl100k_base", "trained"])
+def test_autotokenizer_ids_equal_ours_and_literal_specials_stay_text(kind, tmp_path, monkeypatch):
+    tok = get_tokenizer() if kind == "cl100k_base" else trained_tokenizer(tmp_path, monkeypatch)
+    export_hf(sharp_model(tiny(vocab_size=max(384, tok.vocab_size), tokenizer=tok.name)), tmp_path / "hf", tok)
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = tok.encode(VARIED_TEXT)
     assert tok.eot_token not in ours
