@@ -22,7 +22,7 @@ def promote_version(version: int, alias: str, model_name: str, data_dir: str | N
         decision = against_champion(mc, target.version, target_dir, data_dir, champion, name=model_name)
     else:
         decision = Decision(True, f"manual promotion to {alias}", target.version,
-                            float(target.tags.get("val_loss", "nan")), champion.version if champion else None)
+                            float(target.tags.get("val_bpb", "nan")), champion.version if champion else None)
     record_decision(mc, decision, model_name)
     previous = registry.promote(mc, target.version, alias, model_name, reason=decision.reason) if decision.promote else None
     get_run_logger().info("%s@%s: %s (%s)", model_name, alias,

@@ -30,20 +30,37 @@ def _row(key: str, value) -> str:
 
 def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links: dict, run_dir: str,
            manifest_sha: str, version: str, model_name: str) -> str:
-    """`metrics` under the names the MLflow run has them, then the trainer's summary under its own names."""
-    numbers = {**metrics, **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}
+    """`metrics`: the registered weights over every val window (evaluate's names); then the trainer's
+    summary (its last and best evaluations under the same names) and the gate's paired comparison."""
+    training = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    evaluations = {"registered (best checkpoint)": {"step": summary.get("best_step"), **metrics},
+                   "training's last evaluation": summary.get("final"), "training's best evaluation": summary.get("best")}
+    names = ("step", "val_bpb", "val_loss", "val_perplexity", "val_tokens", "val_bytes")
     lines = [f"# train-gpt: {model_name} v{version}", "",
-             "| metric | value |", "|---|---|", *(_row(k, v) for k, v in numbers.items()),
+             "| evaluation | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             *(f"| {label} | " + " | ".join(_value(m.get(k)) for k in names) + " |"
+               for label, m in evaluations.items() if m),
+             "", "val_bpb: bits per byte of val text (tokenizer-independent); val_loss: nats per token.", "",
+             "| training | value |", "|---|---|", *(_row(k, v) for k, v in training.items()),
              "", "## Registry", "",
              f"- version **{version}** of `{model_name}`: {_link(links['version'])}",
-             f"- gate: **{'promoted to production' if decision['promote'] else 'not promoted'}**: {decision['reason']}",
-             f"- MLflow run: {_link(links['run'])}",
-             f"- data manifest sha256: `{manifest_sha}`", f"- run folder: `{run_dir}`", "",
-             "## Samples", "", "| mode | prompt | continuation |", "|---|---|---|",
-             *(f"| {r['mode']} | {_cell(r['prompt'])} | {_cell(repr(r['text']))} |" for r in rows)]
+             f"- gate: **{'promoted to production' if decision['promote'] else 'not promoted'}**: {decision['reason']}"]
+    if decision.get("difference") is not None:
+        lines.append(f"- paired difference (production - this version): {decision['difference']:+.4f} bits/byte, "
+                     f"standard error {decision['standard_error']:.4f}, over {decision['pieces']} val pieces")
+    lines += [f"- MLflow run: {_link(links['run'])}",
+              f"- data manifest sha256: `{manifest_sha}`", f"- run folder: `{run_dir}`", "",
+              "## Samples", "", "| mode | prompt | continuation |", "|---|---|---|",
+              *(f"| {r['mode']} | {_cell(r['prompt'])} | {_cell(repr(r['text']))} |" for r in rows)]
     if "loss_png" in links:
         lines += ["", "## Loss", "", f"![loss curve]({links['loss_png']})"]
     return "\n".join(lines)
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
 
 
 def publish(markdown: str, links: dict, version: str, model_name: str) -> None:

@@ -343,8 +343,12 @@ def export_best(run_dir: str) -> str:
 
 @task
 def evaluate(weights_dir: str, data_dir: str) -> dict:
-    """Val loss, perplexity and tokens of a model folder on the whole held-out split of `data_dir`."""
-    return evaluate_weights(weights_dir, data_dir)
+    """val_loss, val_bpb, val_perplexity, val_tokens and val_bytes of a model folder over every window of the
+    held-out split of `data_dir`."""
+    result = evaluate_weights(weights_dir, data_dir)
+    get_run_logger().info("%s: val loss %.4f nats/token, %.4f bits/byte over %s tokens (%s bytes)", weights_dir,
+                          result["val_loss"], result["val_bpb"], f"{result['val_tokens']:,}", f"{result['val_bytes']:,}")
+    return result
 
 
 @task
@@ -362,17 +366,25 @@ def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[d
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
-def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: str) -> str:
-    version = registry.log_model_version(registry.client(tracking_uri()), run_id, weights_dir, tags, name=model_name)
-    get_run_logger().info("registered %s version %s (alias challenger)", model_name, version.version)
+def register(run_id: str, weights_dir: str, tags: dict[str, str], model_name: str, model_id: str | None = None) -> str:
+    """A new version from the trainer's LoggedModel of the best checkpoint (`model_id`), or, when the trainer
+    logged none, from `weights_dir`."""
+    mc = registry.client(tracking_uri())
+    if model_id:
+        version = registry.register_logged_model(mc, model_id, tags, name=model_name)
+    else:
+        version = registry.log_model_version(mc, run_id, weights_dir, tags, name=model_name)
+    get_run_logger().info("registered %s version %s (alias challenger)%s", model_name, version.version,
+                          f" from logged model {model_id}" if model_id else "")
     return str(version.version)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
-def gate(version: str, weights_dir: str, val_loss: float, data_dir: str, promotion: str, min_improvement: float,
+def gate(version: str, weights_dir: str, val_bpb: float, data_dir: str, promotion: str, min_improvement: float,
          model_name: str) -> dict:
-    """Champion/challenger: promote the new version only if it beats production on the same val data."""
-    decision = champion_challenger(registry.client(tracking_uri()), version, weights_dir, val_loss, data_dir, promotion,
+    """Champion/challenger: promote the new version only if it beats production beyond noise, paired on the same
+    val text."""
+    decision = champion_challenger(registry.client(tracking_uri()), version, weights_dir, val_bpb, data_dir, promotion,
                                    min_improvement, model_name)
     get_run_logger().info("gate: %s (%s)", "promoted" if decision.promote else "not promoted", decision.reason)
     return asdict(decision)

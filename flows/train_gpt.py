@@ -21,7 +21,7 @@ from gptmini.config import PRESETS
 from gptmini.launch import LAUNCHERS
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
-from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS
+from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS, bpe_size
 
 DEFAULT_SOURCES = ["embedded:python-docs"]
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension", "def main():"]
@@ -58,10 +58,11 @@ def check_sources(sources: list[str]) -> list[str]:
 
 
 def check_data_parameters(tokenizer: str, val_fraction: float) -> None:
-    if tokenizer not in KNOWN_TOKENIZERS:
-        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}")
+    if tokenizer not in KNOWN_TOKENIZERS and not bpe_size(tokenizer):  # bpe_size raises for a bad N
+        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}, or "
+                         f"bpe:N (e.g. bpe:8192) to train a BPE of N ids on the corpus")
     if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
-        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of documents")
+        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
 
 
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
@@ -128,8 +129,13 @@ def train_gpt(
         slurm: the Slurm job's partition, account, time_limit, gpus_per_node, sbatch_lines and requeue.
         k8s: the TrainJob's image, namespace, gpus_per_node, state_claim (mounted at /state) and runtime.
         parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp.
+        tokenizer: cl100k_base (the demo's), gpt2, o200k_base, or bpe:N to train a byte-level BPE of N ids on
+            the corpus's train split (e.g. bpe:8192).
+        val_fraction: the share of the text held out for validation, dealt in chunks of about 256 tokens.
         extra_args: more `gptmini train` flags, e.g. ["--optim.lr", "1e-3"].
-        promotion: if-better (champion/challenger on the same val data), always, or never.
+        promotion: if-better (promote only when bits per byte, paired with production's on the same val text,
+            is lower by more than 2 standard errors), always, or never.
+        min_improvement: with if-better, the least improvement in bits per byte that promotes.
         train_retries: retries of a failed training (each resumes from the last checkpoint); a bad
             configuration or bad data is never retried.
     """
@@ -157,27 +163,29 @@ def train_gpt(
         preset, data["data_dir"], str(run_dir), steps, nproc, parallel, device, extra_args, run.run_id, uri, name,
         nnodes, rdzv_endpoint, launcher, slurm, k8s)
     weights = tasks.export_best(str(run_dir))
-    # The registered weights (the best checkpoint) on the whole val split: not the trainer's final_val_*,
-    # which are the last step's weights.
-    metrics = {f"registered_{k}": v for k, v in tasks.evaluate(weights, data["data_dir"]).items()}
-    run.log_metrics(metrics, step=summary["steps"])
+    # The registered weights (the best checkpoint) over every val window: the numbers the version carries.
+    metrics = tasks.evaluate(weights, data["data_dir"])
     rows = tasks.samples(weights, prompts, max_new_tokens)
     run.log_text(json.dumps(rows, indent=1), "samples.json")
 
-    val_loss = metrics["registered_val_loss"]
+    manifest = json.loads((Path(data["data_dir"]) / "manifest.json").read_text())
     with tasks.registry_lock():  # the gate decides against the production version no other run is moving
         version = tasks.register(run.run_id, weights, {
-            "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{val_loss:.6f}",
+            "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{metrics['val_loss']:.6f}",
+            "val_bpb": f"{metrics['val_bpb']:.6f}", "tokenizer": manifest["tokenizer"],
+            "tokenizer_sha256": manifest.get("tokenizer_sha256") or "",
             "git_commit": commit, "preset": preset, "prefect.flow_run_id": flow_run_id,
-        }, model_name)
-        decision = tasks.gate(version, weights, val_loss, data["data_dir"], promotion, min_improvement, model_name)
+        }, model_name, summary.get("mlflow_models", {}).get("best"))
+        decision = tasks.gate(version, weights, metrics["val_bpb"], data["data_dir"], promotion, min_improvement,
+                              model_name)
     run.set_tags({"registered_version": version, "gate.decision": "promoted" if decision["promote"] else "rejected"})
 
     links = mlflow_links(uri, run.experiment_id, run.run_id, model_name, version)
     publish(report(metrics, summary, rows, decision, links, str(run_dir), data["manifest_sha256"], version,
                    model_name), links, version, model_name)
     run.end("FINISHED")
-    return {"version": version, "promoted": decision["promote"], "val_loss": val_loss, "mlflow_run_id": run.run_id,
+    return {"version": version, "promoted": decision["promote"], "val_loss": metrics["val_loss"],
+            "val_bpb": metrics["val_bpb"], "decision": decision, "mlflow_run_id": run.run_id,
             "run_dir": str(run_dir), "data_dir": data["data_dir"], "samples": rows}
 
 

@@ -3,15 +3,44 @@ production on the same validation tokens, and record why on the version either w
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
+from gptmini.checkpoint import load_model
 from gptmini.errors import UserError
-from gptmini.evaluate import evaluate_weights
+from gptmini.evaluate import LN2, piece_sums
 from gptmini.registry import MODEL_NAME, PRODUCTION, promote, resolve_model_uri, version_by_alias
-from gptmini.weights import load_config
 
 POLICIES = ("if-better", "always", "never")
+# The challenger must beat production by more than this many standard errors of the paired difference: two
+# models trained alike but for the seed differ by about one standard error, and must not swap production.
+NOISE_SE = 2.0
+
+
+@dataclass
+class Comparison:
+    """Two models on the same val pieces: bits per byte of each, and their paired difference."""
+
+    challenger_val_bpb: float
+    champion_val_bpb: float
+    difference: float  # champion - challenger, bits per byte: above 0, the challenger is better
+    standard_error: float  # of `difference`, from the spread of the per-piece differences
+    pieces: int
+    val_bytes: int
+
+
+def paired(challenger_nats: np.ndarray, champion_nats: np.ndarray, nbytes: np.ndarray) -> Comparison:
+    """The bits-per-byte difference over pieces i, d = sum(champion_i - challenger_i) / sum(bytes_i) / ln 2, and
+    its standard error as a ratio estimator's: sqrt(n / (n-1) * sum((d_i - d * bytes_i)^2)) / sum(bytes_i)."""
+    bits_a, bits_b, total = challenger_nats / LN2, champion_nats / LN2, nbytes.sum()
+    per_piece = bits_b - bits_a
+    d = per_piece.sum() / total
+    n = len(per_piece)
+    se = float(math.sqrt(n / (n - 1) * ((per_piece - d * nbytes) ** 2).sum()) / total) if n > 1 else math.inf
+    return Comparison(float(bits_a.sum() / total), float(bits_b.sum() / total), float(d), se, n, int(total))
 
 
 @dataclass
@@ -21,75 +50,90 @@ class Decision:
     promote: bool
     reason: str
     challenger_version: str
-    challenger_val_loss: float
+    challenger_val_bpb: float
     champion_version: str | None = None
-    champion_val_loss: float | None = None
+    champion_val_bpb: float | None = None
+    difference: float | None = None
+    standard_error: float | None = None
+    pieces: int | None = None
 
     def __post_init__(self) -> None:  # MLflow hands versions out as int or str depending on the call
         self.challenger_version = str(self.challenger_version)
         self.champion_version = None if self.champion_version is None else str(self.champion_version)
 
 
-def decide(challenger_version: str, challenger_val_loss: float, champion_version: str | None = None,
-           champion_val_loss: float | None = None, min_improvement: float = 0.0) -> Decision:
-    """Promote when there is no champion yet, or when the challenger's val loss, measured on the same
-    validation tokens as the champion's, is lower by more than `min_improvement`."""
+def decide(challenger_version: str, challenger_val_bpb: float, champion_version: str | None = None,
+           comparison: Comparison | None = None, min_improvement: float = 0.0) -> Decision:
+    """Promote when there is no champion yet, or when the challenger's bits per byte, paired piece by piece
+    with the champion's on the same val text, is lower by more than NOISE_SE standard errors and by more than
+    `min_improvement` bits per byte."""
     if champion_version is None:
-        return Decision(True, "no production version yet", challenger_version, challenger_val_loss)
-    if champion_val_loss is None:
-        raise ValueError("champion_val_loss is needed to compare against a champion")
-    better = challenger_val_loss < champion_val_loss - min_improvement
-    verb = "beats" if better else "does not beat"
-    reason = (f"v{challenger_version} val loss {challenger_val_loss:.4f} {verb} production "
-              f"v{champion_version} {champion_val_loss:.4f} on the same validation data"
-              + (f" by more than {min_improvement}" if min_improvement else ""))
-    return Decision(better, reason, challenger_version, challenger_val_loss, champion_version, champion_val_loss)
+        return Decision(True, "no production version yet", challenger_version, challenger_val_bpb)
+    c = comparison
+    need = max(NOISE_SE * c.standard_error, min_improvement)
+    better = c.difference > need
+    verdict = (f"better by more than {NOISE_SE:g} standard errors" if better else
+               f"not better beyond noise (needs more than {need:.4f}: {NOISE_SE:g} standard errors"
+               + (f" or min_improvement {min_improvement}" if min_improvement else "") + ")")
+    reason = (f"v{challenger_version} {c.challenger_val_bpb:.4f} vs production v{champion_version} "
+              f"{c.champion_val_bpb:.4f} bits/byte on the same {c.pieces} val pieces ({c.val_bytes:,} bytes): "
+              f"difference {c.difference:+.4f} ± {c.standard_error:.4f} (1 s.e.), {verdict}")
+    return Decision(better, reason, challenger_version, c.challenger_val_bpb, champion_version, c.champion_val_bpb,
+                    c.difference, c.standard_error, c.pieces)
 
 
 def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -> None:
-    """Tags on the challenger version: `gate.decision` (promoted|rejected), `gate.reason`, the losses."""
+    """Tags on the challenger version: `gate.decision` (promoted|rejected), `gate.reason`, the difference and
+    its standard error, and the whole decision as `gate.json`."""
     tags = {"gate.decision": "promoted" if decision.promote else "rejected", "gate.reason": decision.reason,
             "gate.json": json.dumps(asdict(decision))}
+    if decision.difference is not None:
+        tags |= {"gate.difference_bpb": f"{decision.difference:.6f}",
+                 "gate.standard_error_bpb": f"{decision.standard_error:.6f}"}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, decision.challenger_version, key, value)
 
 
-def max_seq_len(weights_dir: str | Path) -> int:
-    return load_config(weights_dir).max_seq_len
+def compare(challenger_dir: str | Path, champion_dir: str | Path, data_dir: str | Path) -> Comparison:
+    """Both models on every val piece of `data_dir`, in windows of the shorter of their max_seq_len; each in
+    its own tokens when their tokenizers differ, on the same text."""
+    loaded = [load_model(path) for path in (challenger_dir, champion_dir)]
+    seq_len = min(model.config.max_seq_len for model, _ in loaded)
+    sums = [piece_sums(model, tokenizer, data_dir, seq_len) for model, tokenizer in loaded]
+    (nats_a, bytes_a, _), (nats_b, bytes_b, _) = sums
+    if not np.array_equal(bytes_a, bytes_b):  # the same text must spell the same bytes in any tokenizer
+        raise UserError(f"the two models read different val text from {data_dir} ({int(bytes_a.sum())} vs "
+                        f"{int(bytes_b.sum())} bytes); re-run `gptmini prepare ... --force`")
+    return paired(nats_a, nats_b, bytes_a)
 
 
 def against_champion(mlflow_client, version: str, weights_dir: str | Path, data_dir: str | Path, champion,
-                     min_improvement: float = 0.0, name: str = MODEL_NAME, val_loss: float | None = None) -> Decision:
-    """`decide` between `version` (its weights in `weights_dir`) and the `champion` ModelVersion, both
-    evaluated on the same tokens of `data_dir` in windows of the shorter of their max_seq_len. `val_loss`,
-    the challenger's loss in windows of its own max_seq_len, is reused when those are the windows."""
+                     min_improvement: float = 0.0, name: str = MODEL_NAME) -> Decision:
+    """`decide` between `version` (its weights in `weights_dir`) and the `champion` ModelVersion, paired on
+    the val pieces of `data_dir`."""
     champion_dir = resolve_model_uri(f"models:/{name}/{champion.version}", mlflow_client.tracking_uri)
-    seq_len = min(max_seq_len(weights_dir), max_seq_len(champion_dir))
-    if val_loss is None or seq_len != max_seq_len(weights_dir):
-        val_loss = evaluate_weights(weights_dir, data_dir, seq_len)["val_loss"]
-    champion_loss = evaluate_weights(champion_dir, data_dir, seq_len)["val_loss"]
-    return decide(version, val_loss, champion.version, champion_loss, min_improvement)
+    comparison = compare(weights_dir, champion_dir, data_dir)
+    return decide(version, comparison.challenger_val_bpb, champion.version, comparison, min_improvement)
 
 
-def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, val_loss: float,
+def champion_challenger(mlflow_client, version: str, weights_dir: str | Path, val_bpb: float,
                         data_dir: str | Path, policy: str = "if-better", min_improvement: float = 0.0,
                         name: str = MODEL_NAME) -> Decision:
     """The gate after each registration. policy `if-better`: promote `version` (its weights in
-    `weights_dir`, its `val_loss` measured by evaluate_weights on `data_dir`) only if there is no production
-    version yet or it beats production (`against_champion`); `always` / `never` skip the comparison. The
-    decision is recorded on the version either way."""
+    `weights_dir`, its `val_bpb` on `data_dir`) only if there is no production version yet or it beats
+    production beyond noise (`against_champion`); `always` / `never` skip the comparison. The decision is
+    recorded on the version either way."""
     if policy not in POLICIES:
         raise UserError(f"promotion policy {policy!r} is unknown; use one of: {', '.join(POLICIES)}")
     champion = version_by_alias(mlflow_client, PRODUCTION, name)
     if policy == "never":
-        decision = Decision(False, "promotion policy 'never'", version, val_loss)
+        decision = Decision(False, "promotion policy 'never'", version, val_bpb)
     elif policy == "always":
-        decision = Decision(True, "promotion policy 'always'", version, val_loss)
+        decision = Decision(True, "promotion policy 'always'", version, val_bpb)
     elif champion is None:
-        decision = decide(version, val_loss)
+        decision = decide(version, val_bpb)
     else:
-        decision = against_champion(mlflow_client, version, weights_dir, data_dir, champion, min_improvement,
-                                    name, val_loss)
+        decision = against_champion(mlflow_client, version, weights_dir, data_dir, champion, min_improvement, name)
     record_decision(mlflow_client, decision, name)
     if decision.promote:
         promote(mlflow_client, version, PRODUCTION, name, reason=decision.reason)

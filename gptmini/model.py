@@ -452,6 +452,21 @@ def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size
     return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_size)
 
 
+def token_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    """Each row's cross-entropy (N,), 0 where the target is -1, over chunks of rows as chunked_cross_entropy;
+    for evaluation, which sums losses per window and per byte (no gradient)."""
+    chunk_size = chunk_size or max(1, 2**27 // weight.size(0))
+    dtype = compute_dtype(h)
+    w = weight.to(dtype)
+    out = torch.empty(h.size(0), device=h.device)
+    for s in range(0, h.size(0), chunk_size):
+        t = targets[s : s + chunk_size]
+        logits = (h[s : s + chunk_size].to(dtype) @ w.T).float()  # (n, vocab)
+        loss = logits.logsumexp(dim=-1) - logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
+        out[s : s + chunk_size] = loss * (t != -1)
+    return out
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """The loss is the graph's last node, so its gradients are formed in the forward pass, chunk by chunk,
     while each chunk's logits exist; backward only scales them by the incoming gradient."""
@@ -542,12 +557,14 @@ class GPTOSSMini(nn.Module):
         last_only: bool = False,
         rope_len: int | None = None,
         return_logits: bool = True,
+        reduction: str = "mean",
     ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,)),
         `last_only` (logits of the last position only) and `rope_len` (the length the whole generation will
         reach, which fixes the NTK base so cached keys stay valid) serve generation. `return_logits=False` (with
         targets) computes the loss over chunks of tokens and returns (None, loss): the (B, T, vocab) logits never
-        exist whole (chunked_cross_entropy; same loss and gradients)."""
+        exist whole (chunked_cross_entropy; same loss and gradients). `reduction="none"` (with targets, no
+        gradient) returns (None, each token's loss (B, T)), 0 where the target is -1."""
         cfg = self.config
         B, T = idx.shape
         if cache is not None:
@@ -570,6 +587,8 @@ class GPTOSSMini(nn.Module):
         self.last_expert_load = torch.stack(load).sum(0) if load else None
 
         x = self.norm(x)
+        if targets is not None and reduction == "none":
+            return None, token_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1)).view(B, T)
         if targets is not None and not return_logits:
             logits = None
             loss = chunked_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))

@@ -233,7 +233,6 @@ def _hf_trainer(vocab_size: int) -> tuple[HFTokenizer, BpeTrainer]:
     ])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - 1,  # the last id is <|endoftext|>, which tiktoken adds
-        min_frequency=2,  # a pair seen once is memorisation, not a pattern: a small corpus gets fewer merges
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
         show_progress=False,
     )

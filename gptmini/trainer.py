@@ -27,17 +27,20 @@ from torch import nn
 from gptmini import checkpoint, metrics, parallel
 from gptmini.config import Config, ConfigError, to_json, to_toml
 from gptmini.data.loader import WindowLoader, build_loaders
-from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import autocast, peak_flops
 from gptmini.errors import UserError
-from gptmini.evaluate import evaluate
+from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_atomic, write_json
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
-from gptmini.tokenizer import check_vocab, get_tokenizer
+from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
 from gptmini.weights import save_pretrained
 
+# The measures of an evaluation that go to the tracker: the same names in summary.json, `gptmini eval`, the
+# flow's report and the registry version's tags.
+VAL_METRICS = ("val_loss", "val_bpb", "val_perplexity")
 # How a training run ended: summary.json's `status`, and the exit code of `gptmini train`.
 COMPLETED, PREEMPTED = "completed", "preempted"
 BAD_CONFIG, BAD_DATA, OOM, FAILED = "bad_config", "bad_data", "oom", "failed"
@@ -76,6 +79,12 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dataset(self, manifest_path: Path) -> None: ...
+
+    def log_model(self, name: str, folder: Path, step: int, metrics: dict[str, float]) -> str | None:
+        """Record checkpoint `folder` ("best", "final") with the metrics that describe it; the model's id."""
+        return None
 
     def close(self, status: str) -> None: ...
 
@@ -118,10 +127,11 @@ class TrainState:
     best_val_loss: float = math.inf
     best_step: int = -1
     wall_time_s: float = 0.0  # summed over the run and its resumptions
+    best: dict[str, float] | None = None  # the best evaluation's measures (val_loss, val_bpb, ...)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step, "wall_time_s": self.wall_time_s}
+                "best_step": self.best_step, "wall_time_s": self.wall_time_s, "best": self.best}
 
 
 @dataclass
@@ -139,6 +149,8 @@ class Run:
     log: metrics.MetricsLog
     state: TrainState
     t_start: float
+    nbytes: torch.Tensor  # UTF-8 bytes of each token id, for bits per byte
+    tokenizer_file: Path | None  # a trained tokenizer's file, saved with every checkpoint and weights folder
 
     def say(self, *parts: Any) -> None:
         if self.env.is_main:
@@ -199,13 +211,16 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or another --out")
     prepare_data(cfg, env)
     set_deterministic(cfg.train.deterministic)
+    tokenizer = data_tokenizer(cfg, env)
     try:
-        check_vocab(cfg.model.vocab_size, get_tokenizer(cfg.model.tokenizer))
+        check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
         raise ConfigError(f"model.vocab_size: {exc}") from None
+    # Validation reads windows of the model's whole context, as `gptmini eval` and the gate do, so a
+    # checkpoint's val_loss and val_bpb are the same numbers wherever they are measured.
     train_loader, val_loader = build_loaders(
         cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.rank, env.world_size,
-        seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size,
+        seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size, val_seq_len=cfg.model.max_seq_len,
     )
 
     # Same seed on every rank: FSDP2 shards each rank's own init, so the inits must agree.
@@ -223,7 +238,8 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         write_atomic(run_dir / "config.toml", to_toml(cfg))
         write_atomic(run_dir / "train_config.json", to_json(cfg))
     run = Run(cfg, env, run_dir, raw_model, model, optimizer, train_loader, val_loader,
-              metrics.MetricsLog(run_dir / "metrics.jsonl"), TrainState(), t_start)
+              metrics.MetricsLog(run_dir / "metrics.jsonl"), TrainState(), t_start,
+              token_bytes(tokenizer, cfg.model.vocab_size, env.device), tokenizer.file)
     rng = resume(run, resume_from) if resume_from is not None else None
     if env.is_main:
         run.log.truncate_after(run.state.step)  # a fresh run starts an empty file; a resumed one drops lost steps
@@ -231,10 +247,23 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
     return run, rng
 
 
+def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
+    """The tokenizer the shards were written with, which the model takes: a preset names cl100k_base, but data
+    prepared with `--tokenizer bpe:8192` needs an 8192-row embedding, not 100352."""
+    manifest = read_manifest(cfg.data.data_dir)
+    if manifest["tokenizer"] != cfg.model.tokenizer:
+        if env.is_main:
+            print(f"note: {cfg.data.data_dir} is tokenized with {manifest['tokenizer']} ({manifest['n_vocab']} ids), "
+                  f"not {cfg.model.tokenizer}: the model takes its tokenizer and vocab_size={manifest['vocab_size']}",
+                  flush=True)
+        cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
+    return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
+
+
 def resume(run: Run, path: Path) -> dict[str, Any] | None:
     saved, rank_state = checkpoint.load_checkpoint(path, run.model, run.optimizer, run.env)
     run.state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], best_val_loss=saved["best_val_loss"],
-                           best_step=saved["best_step"], wall_time_s=saved["wall_time_s"])
+                           best_step=saved["best_step"], wall_time_s=saved["wall_time_s"], best=saved.get("best"))
     # The sampler's position is global, so it restores at any world size; the RNG streams only at the same size.
     run.train_loader.load_state_dict(saved["sampler"])
     if rank_state is None:
@@ -296,6 +325,7 @@ class Meter:
             "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": run.state.tokens_seen,
             "tokens_per_s": (run.state.tokens_seen - self.tokens) / max(now - self.t, 1e-9),
+            "step_s": (now - self.t) / self.steps,
             "aux_loss": float(run.raw_model.last_aux_loss.detach()),
         }
         if self.peak:
@@ -307,9 +337,19 @@ class Meter:
         return rec
 
 
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s, 42s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def log_line(step: int, total: int, rec: dict[str, Any]) -> str:
     parts = [f"step {step:>6}/{total}", f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}",
              f"grad {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+    if "eta_s" in rec:
+        parts.append(f"eta {duration(rec['eta_s'])}")
     if "mfu" in rec:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     if "expert_balance" in rec:
@@ -318,6 +358,8 @@ def log_line(step: int, total: int, rec: dict[str, Any]) -> str:
 
 
 def log_train(run: Run, tracker: Tracker, rec: dict[str, Any]) -> None:
+    # The time left at this stretch's speed (evaluations and checkpoints included, since the last line).
+    rec["eta_s"] = (run.cfg.train.steps - rec["step"]) * rec.pop("step_s")
     if run.env.is_main:
         run.log.log(rec)
         tracker.log_metrics({k: v for k, v in rec.items() if k not in ("kind", "step")}, rec["step"])
@@ -334,14 +376,16 @@ def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None
     val loss exports checkpoints/best/."""
     if run.val_loader is None:
         return None
-    result = evaluate(run.model, run.val_loader, None if final else run.cfg.train.eval_batches)
+    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches)
     step = run.state.step
     if run.env.is_main:
         run.log.log({"kind": "val", "step": step, **result})
-        tracker.log_metrics({"val_loss": result["val_loss"], "val_perplexity": result["val_perplexity"]}, step)
-        run.say(f"step {step:>6} | val loss {result['val_loss']:.4f} | ppl {result['val_perplexity']:.1f}")
+        tracker.log_metrics({k: result[k] for k in VAL_METRICS}, step)
+        run.say(f"step {step:>6} | val loss {result['val_loss']:.4f} | {result['val_bpb']:.4f} bits/byte | "
+                f"ppl {result['val_perplexity']:.1f} | {result['val_tokens']:,} tokens")
     if result["val_loss"] < run.state.best_val_loss:
         run.state.best_val_loss, run.state.best_step = result["val_loss"], step
+        run.state.best = {"step": step, **result}
         export_weights(run, run.dir / "checkpoints" / "best", {"step": step, **result})
     if run.env.is_main:
         for png in metrics.plot(run.log.read(), run.dir / "plots"):
@@ -355,7 +399,7 @@ def save(run: Run) -> Path:
     return checkpoint.save_checkpoint(
         run.dir, run.state.step, run.model, run.optimizer, trainer_state=trainer_state,
         rank_state={"rng": checkpoint.rng_state()}, config_json=to_json(run.cfg), config_toml=to_toml(run.cfg),
-        env=run.env, keep_last=run.cfg.train.keep_last,
+        env=run.env, keep_last=run.cfg.train.keep_last, tokenizer_file=run.tokenizer_file,
     )
 
 
@@ -366,9 +410,9 @@ def export_weights(run: Run, out: Path, extra: dict[str, Any]) -> None:
         if run.env.is_main:
             plain = GPTOSSMini(run.cfg.model)
             plain.load_state_dict(full)
-            save_pretrained(plain, out, metadata=extra)
+            save_pretrained(plain, out, metadata=extra, tokenizer_file=run.tokenizer_file)
     elif run.env.is_main:
-        save_pretrained(run.raw_model, out, metadata=extra)
+        save_pretrained(run.raw_model, out, metadata=extra, tokenizer_file=run.tokenizer_file)
     parallel.barrier()
 
 
@@ -388,9 +432,10 @@ def summary(run: Run, status: str, last_val: dict[str, float] | None, unigram: f
     state, d = run.state, run.dir
     return {
         "status": status, "steps": state.step, "tokens": state.tokens_seen, "wall_time_s": run.wall_time(),
-        "final_val_loss": last_val["val_loss"] if last_val else None,
-        "final_val_perplexity": last_val["val_perplexity"] if last_val else None,
-        "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+        # The last evaluation (the whole val split when the run completed) and the best one, under the names
+        # evaluate() gives them.
+        "final": {"step": state.step, **last_val} if last_val else None,
+        "best": state.best,
         "best_step": state.best_step, "unigram_entropy": unigram, "world_size": run.env.world_size,
         "parallel": run.cfg.train.parallel, "n_params": run.raw_model.num_params(),
         "n_active_params": run.raw_model.num_active_params(), "mlflow_run_id": tracker.run_id,
@@ -412,21 +457,32 @@ def finish(run: Run, tracker: Tracker, status: str, last_val: dict[str, float] |
     records = run.log.read()
     if records:
         metrics.plot(records, run.dir / "plots")
+    # The weights go to the tracker as models (MLflow 3 LoggedModels, with their val measures), or, when it
+    # keeps no models, as plain artifacts of the run.
+    weights = {"best": (run.dir / "checkpoints" / "best", run.state.best)}
+    if status == COMPLETED and last_val:
+        weights["final"] = (run.dir / "final", {"step": run.state.step, **last_val})
+    result["mlflow_models"] = {}
+    for name, (folder, measured) in weights.items():
+        if measured is None:
+            continue
+        if name == "final" and result["mlflow_models"] and run.state.best_step == run.state.step:
+            result["mlflow_models"]["final"] = result["mlflow_models"]["best"]  # the same weights: one model
+            continue
+        model_id = tracker.log_model(name, folder, measured["step"], {k: measured[k] for k in VAL_METRICS})
+        if model_id:
+            result["mlflow_models"][name] = model_id
+        else:
+            tracker.log_artifact(folder, "checkpoints/best" if name == "best" else "final")
     write_json(run.dir / "summary.json", result)
     for name in ("plots/loss.png", "plots/lr.png"):
         if (run.dir / name).is_file():
             tracker.log_artifact(run.dir / name, "plots")
     tracker.log_artifact(run.dir / "config.toml")
     tracker.log_artifact(run.dir / "summary.json")
-    if run.state.best_step >= 0:
-        tracker.log_artifact(run.dir / "checkpoints" / "best", "checkpoints/best")
-    if status == COMPLETED:
-        tracker.log_artifact(run.dir / "final", "final")
-        if last_val:
-            tracker.log_metrics({"final_val_loss": last_val["val_loss"],
-                                 "final_val_perplexity": last_val["val_perplexity"]}, run.state.step)
-    run.say(f"done: {status} at step {run.state.step}, {run.state.tokens_seen:,} tokens, {result['wall_time_s']:.1f}s; "
-            f"val loss {result['final_val_loss']} (unigram baseline {unigram:.3f}); summary {run.dir / 'summary.json'}")
+    val = (f"val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte" if last_val else "no val split")
+    run.say(f"done: {status} at step {run.state.step}, {run.state.tokens_seen:,} tokens, {duration(result['wall_time_s'])}; "
+            f"{val} (unigram baseline {unigram:.3f} nats); summary {run.dir / 'summary.json'}")
     return result
 
 
@@ -451,6 +507,7 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption,
             tracker.log_params({**cfg.flat(), "run.world_size": env.world_size, "run.n_params": n_params,
                                 "run.n_active_params": n_active, "run.tokens_per_step": run.tokens_per_step,
                                 "run.data_manifest_key": manifest.get("input_key", "")})
+            tracker.log_dataset(Path(cfg.data.data_dir) / "manifest.json")
             run.say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {cfg.train.parallel} on "
                     f"{env.world_size} x {env.device.type} | {run.tokens_per_step:,} tokens/step | train split "
                     f"unigram entropy {unigram:.3f} nats | run {run.dir}")

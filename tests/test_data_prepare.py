@@ -1,4 +1,4 @@
-"""`gptmini prepare`: shards that decode back to the text, open anywhere, split by hash, written atomically."""
+"""`gptmini prepare`: shards that decode back to the text, open anywhere, split by chunks, written atomically."""
 from __future__ import annotations
 
 import json
@@ -13,8 +13,8 @@ from pydoc_data import topics
 
 from gptmini.cli.prepare import main as prepare_main
 from gptmini.data.loader import TokenShards
-from gptmini.data.prepare import PrepareConfig, prepare, split_of
-from gptmini.data.sources import DataError
+from gptmini.data.prepare import SPLIT_CHARS, Dealer, PrepareConfig, prepare
+from gptmini.data.sources import DataError, split_text
 from gptmini.tokenizer import get_tokenizer
 
 EOT = get_tokenizer().eot_token
@@ -45,14 +45,56 @@ def embedded(tmp_path_factory) -> Path:
     return tmp / "out"
 
 
+def dealt(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train pieces, val pieces): each text cut into chunks and dealt in order, a split's adjacent chunks joined."""
+    dealer, pieces = Dealer(val_fraction), ([], [])
+    for text in texts:
+        last = None
+        for chunk in split_text(text, SPLIT_CHARS):
+            split = dealer.next()
+            if split == last:
+                pieces[split][-1] += chunk
+            else:
+                pieces[split].append(chunk)
+            last = split
+    return pieces
+
+
 def test_embedded_corpus_shards_decode_back_to_the_source_text(embedded):
     texts = [topics.topics[k] for k in sorted(topics.topics)]
-    for split, want in ((0, "train"), (1, "val")):
-        expected = [t for t in texts if split_of(t, 0.1) == split]
-        assert documents(stream(embedded, want)) == expected
+    train, val = dealt(texts, 0.1)
+    assert documents(stream(embedded, "train")) == train
+    assert documents(stream(embedded, "val")) == val
+    assert sum(map(len, train + val)) == sum(map(len, texts))  # every character in exactly one split
+    assert all(any(piece in t for t in texts) for piece in val)  # a val piece is text that was next to itself
     manifest = json.loads((embedded / "manifest.json").read_text())
-    assert manifest["splits"]["val"]["documents"] > 0 and manifest["stats"]["documents"] == len(texts)
+    assert manifest["splits"]["val"]["chunks"] > 0 and manifest["documents"] == len(texts)
     assert (manifest["tokenizer"], manifest["n_vocab"], manifest["vocab_size"]) == ("cl100k_base", 100277, 100352)
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.1, 0.2])
+def test_val_holds_val_fraction_of_the_tokens_whatever_the_document_sizes(tmp_path, val_fraction):
+    # One document of 600 KB and 300 of a few words: a split by whole documents would put 0% or 90% in val.
+    (tmp_path / "big.txt").write_text(" ".join(f"word{i % 977} and more text" for i in range(30_000)))
+    for i in range(300):
+        (tmp_path / f"small{i:03d}.txt").write_text(f"note {i}: a short document.")
+    manifest = prepare(config(tmp_path, str(tmp_path / "*.txt"), val_fraction=val_fraction)).manifest
+    train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
+    assert val / (train + val) == pytest.approx(val_fraction, rel=0.2)
+
+
+def test_embedded_corpus_val_holds_five_percent_of_the_tokens(tmp_path):
+    manifest = prepare(config(tmp_path, "embedded:python-docs")).manifest
+    train, val = manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]
+    assert val / (train + val) == pytest.approx(0.05, rel=0.2)
+
+
+def test_a_one_file_corpus_gets_both_splits(tmp_path):
+    # 7 KB of CRLF text in one file: by whole documents it was all val and no train.
+    (tmp_path / "notes.txt").write_bytes(b"".join(b"line %d of a small notes file\r\n" % i for i in range(250)))
+    manifest = prepare(config(tmp_path, str(tmp_path / "notes.txt"))).manifest
+    assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["tokens"] > 0
+    assert documents(stream(tmp_path / "out", "train"))[0].startswith("line 0 of")  # chunk 0 always trains
 
 
 def test_shards_open_with_plain_pyarrow_polars_and_duckdb(embedded):
@@ -117,17 +159,6 @@ def test_several_worker_processes_write_the_same_shards_as_one(tmp_path, embedde
     res = prepare(config(tmp_path, "embedded:python-docs", val_fraction=0.1, workers=2, inline_bytes=0))
     one = json.loads((embedded / "manifest.json").read_text())
     assert res.workers == 2 and res.manifest["splits"] == one["splits"]
-
-
-def test_split_is_by_document_hash_not_by_order(tmp_path):
-    texts = [f"document number {i} " * (i % 7 + 1) for i in range(60)]
-    for i, t in enumerate(texts):
-        (tmp_path / f"{i:03d}.txt").write_text(t)
-    reversed_files = [str(tmp_path / f"{i:03d}.txt") for i in reversed(range(60))]
-    prepare(config(tmp_path, *reversed_files, val_fraction=0.25))
-    val = documents(stream(tmp_path / "out", "val"))
-    assert sorted(val) == sorted(t for t in texts if split_of(t, 0.25) == 1)
-    assert 5 < len(val) < 25
 
 
 def test_empty_corpus_is_an_error(tmp_path, capsys):

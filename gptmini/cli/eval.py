@@ -1,4 +1,4 @@
-"""`gptmini eval`: val loss and perplexity of a checkpoint or registered model on a prepared split."""
+"""`gptmini eval`: val loss, bits per byte and perplexity of a checkpoint or registered model on a prepared split."""
 from __future__ import annotations
 
 import argparse
@@ -26,14 +26,14 @@ def run_config(path: Path) -> dict | None:
 
 def evaluate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
-    model, _ = load_model_source(args, device=device)
+    model, tokenizer = load_model_source(args, device=device)
     trained = (run_config(Path(args.checkpoint)) if args.checkpoint else None) or {}
     data_dir = args.data_dir or trained.get("data", {}).get("data_dir")
     if not data_dir:
         raise UserError(f"no --data-dir given and none recorded with {args.checkpoint or args.model!r}; "
                         f"pass --data-dir DIR")
-    seq_len = args.seq_len or trained.get("data", {}).get("seq_len") or model.config.max_seq_len
-    result = evaluate_split(model, data_dir, seq_len, args.batch_size, args.split, args.max_batches)
+    seq_len = args.seq_len or model.config.max_seq_len
+    result = evaluate_split(model, tokenizer, data_dir, seq_len, args.batch_size, args.split, args.max_batches)
     result.update(checkpoint=str(args.checkpoint or args.model), data_dir=str(data_dir), split=args.split,
                   seq_len=seq_len)
     print(json.dumps(result, indent=2))
@@ -42,11 +42,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gptmini eval", description="Val loss and perplexity of a model.")
+    p = argparse.ArgumentParser(prog="gptmini eval", description="Val loss (nats/token), bits per byte and "
+                                "perplexity of a model, over every window of a prepared split.")
     add_model_source(p)
     p.add_argument("--data-dir", help="a `gptmini prepare` folder (default: the one the run trained on)")
     p.add_argument("--split", default="val", choices=("val", "train"))
-    p.add_argument("--seq-len", type=int, help="default: the run's seq_len, else the model's max_seq_len")
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len, as training's "
+                   "validation and the gate use)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 from gptmini.cli import run
-from gptmini.data.prepare import SHARD_TOKENS, PrepareConfig, Result, prepare
+from gptmini.data.prepare import SHARD_TOKENS, SPLIT_CHARS, PrepareConfig, Result, prepare
 from gptmini.data.sources import HttpOptions, default_cache_dir
-from gptmini.tokenizer import DEFAULT_TOKENIZER
+from gptmini.tokenizer import DEFAULT_TOKENIZER, KNOWN
 
 
 def parse_args(argv: list[str]) -> PrepareConfig:
@@ -20,8 +20,13 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     )
     p.add_argument("sources", nargs="*", metavar="SOURCE")
     p.add_argument("--out", required=True, type=Path, help="output folder (manifest.json + *.arrow)")
-    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (by hash)")
+    p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER,
+                   help=f"a tiktoken encoding ({', '.join(KNOWN)}), or bpe:N to train a byte-level BPE of N ids on "
+                   "the train split (saved as tokenizer.tiktoken beside the shards)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the text held out for validation, dealt in chunks of --split-chars")
+    p.add_argument("--split-chars", type=int, default=SPLIT_CHARS,
+                   help="characters per chunk dealt to train or val (cut at tokenizer-safe points)")
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="most tokens per shard")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (1: inline)")
     p.add_argument("--text-field", default="text", help="the text field of .jsonl lines / column of .parquet")
@@ -37,7 +42,7 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     http = HttpOptions(timeout=a.timeout, retries=a.retries, backoff=a.backoff, wikipedia_api=a.wikipedia_api)
     return PrepareConfig(
         sources=a.sources, out=a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction,
-        shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
+        split_chars=a.split_chars, shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
         http=http, refresh=a.refresh, force=a.force,
     )
 
@@ -49,8 +54,9 @@ def summary(res: Result, out: Path) -> str:
     s, tr, va = m["stats"], m["splits"]["train"], m["splits"]["val"]
     mchars = res.text_chars / 1e6
     return (
-        f"wrote {out}: train {tr['tokens']:,} tokens ({tr['documents']} docs, {len(tr['shards'])} shards), "
-        f"val {va['tokens']:,} tokens ({va['documents']} docs, {len(va['shards'])} shards); "
+        f"wrote {out}: {m['documents']} documents, {m['tokenizer']} tokens; train {tr['tokens']:,} tokens "
+        f"({tr['chunks']} chunks, {len(tr['shards'])} shards), val {va['tokens']:,} tokens ({va['chunks']} chunks, "
+        f"{len(va['shards'])} shards); "
         f"skipped {s['empty_documents']} empty document(s), replaced {s['replaced_bytes']} non-UTF-8 byte(s); "
         f"{mchars:.1f}M characters in {res.seconds:.1f}s with {res.workers} tokenizer process(es)"
     )

@@ -260,28 +260,84 @@ class WindowLoader:
         self.sampler.load_state_dict(state)
 
 
+class PieceWindows:
+    """Evaluation windows that never read across an end-of-text. The stream is cut at its end-of-text tokens
+    into pieces (a document, or a run of val chunks within one); each piece is read on its own, after an
+    end-of-text, in windows of at most seq_len targets: window i predicts tokens [start, start + n) from the
+    tokens just before each. The end-of-text itself is no target (at a val chunk's end it marks a cut, not an
+    end of the text). Short windows are padded (targets -1); `multiple` pads the window count with empty
+    windows so every rank gets the same number and none is dropped. `piece[i]` is window i's piece, the unit
+    the gate pairs two models on."""
+
+    def __init__(self, tokens: TokenShards | np.ndarray, seq_len: int, eot: int, multiple: int = 1):
+        self.tokens, self.seq_len, self.eot = tokens, seq_len, eot
+        begins, ends = piece_bounds(tokens, eot)
+        self.n_pieces = len(begins)
+        starts, lengths, piece = [], [], []
+        for j, (b, e) in enumerate(zip(begins.tolist(), ends.tolist())):
+            at = np.arange(b, e, seq_len)
+            starts.append(at)
+            lengths.append(np.minimum(seq_len, e - at))
+            piece.append(np.full(len(at), j))
+        pad = (-sum(len(a) for a in starts)) % multiple
+        self.start = np.concatenate([*starts, np.zeros(pad, np.int64)]).astype(np.int64)
+        self.length = np.concatenate([*lengths, np.zeros(pad, np.int64)]).astype(np.int64)
+        self.piece = np.concatenate([*piece, np.full(pad, -1)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.full((len(indices), self.seq_len), self.eot, dtype=np.int64)
+        y = np.full_like(x, -1)
+        for row, i in enumerate(indices.tolist()):
+            start, n = int(self.start[i]), int(self.length[i])
+            if n == 0:
+                continue
+            y[row, :n] = self.tokens[start : start + n]
+            if start == 0:
+                x[row, 1:n] = y[row, : n - 1]
+            else:
+                x[row, :n] = self.tokens[start - 1 : start + n - 1]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def piece_bounds(tokens: TokenShards | np.ndarray, eot: int) -> tuple[np.ndarray, np.ndarray]:
+    """(begins, ends) of the non-empty pieces between end-of-text tokens: piece j is tokens[begins[j]:ends[j]]."""
+    ends = _positions(tokens, eot)
+    if not len(ends) or ends[-1] != len(tokens) - 1:
+        ends = np.append(ends, len(tokens))  # a stream that does not end with end-of-text
+    begins = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    keep = ends > begins
+    return begins[keep], ends[keep]
+
+
+def _positions(tokens: TokenShards | np.ndarray, value: int) -> np.ndarray:
+    """Stream positions of `value`, shard by shard (a memory map is scanned, never copied whole)."""
+    if isinstance(tokens, np.ndarray):
+        return np.flatnonzero(tokens == value)
+    found = [np.flatnonzero(seg == value) + off for seg, off in zip(tokens.segments, tokens.offsets[:-1].tolist())]
+    return np.concatenate(found) if found else np.empty(0, np.int64)
+
+
 def eval_loader(data_dir: str | Path, split: str, seq_len: int, batch_size: int = 8, rank: int = 0,
                 world_size: int = 1, device: str | torch.device = "cpu", verify: bool = True) -> WindowLoader:
-    """A split in order, as non-overlapping windows: each `for x, y in loader` is one full pass over this
-    rank's part, with the same batch count on every rank (FSDP gathers weights inside forward)."""
+    """A split's `PieceWindows`, in order: each `for x, y in loader` is one full pass over this rank's part,
+    with the same batch count on every rank (FSDP gathers weights inside forward)."""
     tokens = TokenShards.open(data_dir, split, verify)
-    if not _holds_eval_windows(tokens, seq_len, world_size):
-        raise DataError(_too_short(data_dir, split, tokens, seq_len, world_size))
-    return _eval_windows(tokens, seq_len, batch_size, rank, world_size, device)
+    if not len(tokens):
+        raise DataError(_empty(data_dir, split))
+    return piece_loader(tokens, tokens.manifest["eot_token"], seq_len, batch_size, rank, world_size, device)
 
 
-def _holds_eval_windows(tokens: TokenShards, seq_len: int, world_size: int) -> bool:
-    return len(tokens) >= seq_len + 1 + seq_len * (world_size - 1)
+def _empty(data_dir: str | Path, split: str) -> str:
+    return (f"the {split} split of {data_dir} is empty; raise --val-fraction or add text, then re-run "
+            f"`gptmini prepare ... --out {data_dir} --force`")
 
 
-def _too_short(data_dir: str | Path, split: str, tokens: TokenShards, seq_len: int, world_size: int) -> str:
-    return (f"the {split} split of {data_dir} has {len(tokens)} tokens, fewer than one window of seq_len={seq_len} "
-            f"(+1) per rank on {world_size} rank(s); raise --val-fraction, add documents or lower the seq_len")
-
-
-def _eval_windows(tokens: TokenShards, seq_len: int, batch_size: int, rank: int, world_size: int,
-                  device: str | torch.device) -> WindowLoader:
-    windows = SlidingWindowDataset(tokens, seq_len, seq_len)
+def piece_loader(tokens: TokenShards | np.ndarray, eot: int, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, device: str | torch.device = "cpu") -> WindowLoader:
+    windows = PieceWindows(tokens, seq_len, eot, multiple=world_size)
     sampler = DistributedWindowSampler(len(windows), rank, world_size, shuffle=False)
     return WindowLoader(windows, sampler, batch_size, device)
 
@@ -297,10 +353,12 @@ def build_loaders(
     device: str | torch.device = "cpu",
     vocab_size: int | None = None,
     verify: bool = True,
+    val_seq_len: int | None = None,
 ) -> tuple[WindowLoader, WindowLoader | None]:
-    """(train, val) loaders over a prepared folder; val is None when its split is shorter than one window.
+    """(train, val) loaders over a prepared folder; val (`PieceWindows`) is None when its split is empty.
 
-    `vocab_size` (the model's) is checked against the manifest's tokenizer: every id must have a row.
+    `vocab_size` (the model's) is checked against the manifest's tokenizer: every id must have a row. Validation
+    windows are `val_seq_len` long (default: seq_len).
     """
     stride = seq_len if stride is None else stride
     train_tokens = TokenShards.open(data_dir, "train", verify)
@@ -321,12 +379,12 @@ def build_loaders(
         )
     train = WindowLoader(train_ds, DistributedWindowSampler(len(train_ds), rank, world_size, seed), batch_size, device)
     val_tokens = TokenShards.open(data_dir, "val", verify)
-    if not _holds_eval_windows(val_tokens, seq_len, world_size):
-        warnings.warn(_too_short(data_dir, "val", val_tokens, seq_len, world_size) + ": no validation loader",
-                      stacklevel=2)
+    if not len(val_tokens):
+        warnings.warn(_empty(data_dir, "val") + ": no validation loader", stacklevel=2)
         return train, None
-    val = _eval_windows(val_tokens, seq_len, batch_size, rank, world_size, device)
-    return train, val
+    return train, piece_loader(val_tokens, manifest["eot_token"], val_seq_len or seq_len, batch_size, rank, world_size,
+                               device)
 
 
-__all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "DistributedWindowSampler", "WindowLoader", "build_loaders", "eval_loader"]
+__all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "PieceWindows", "DistributedWindowSampler", "WindowLoader",
+           "build_loaders", "eval_loader", "piece_bounds", "piece_loader"]

@@ -1,9 +1,17 @@
 """Preparing a corpus: text → tiktoken ids → uint32 Arrow IPC shards + manifest.json.
 
-The main process reads and decodes the sources and decides each document's split; worker processes
+The main process reads and decodes the sources and deals their text to the splits; worker processes
 tokenize (tiktoken releases the GIL, but one process per core also overlaps the Python-side work); the
 main process writes the token stream of each split into shards of at most `shard_tokens` tokens. At most
 `2 * workers` tasks are in flight, so memory stays bounded however large the input.
+
+The split is by chunks within documents, not by whole documents: each document is cut into chunks of at
+most `split_chars` characters at tokenizer-safe points, and chunk k of the corpus goes to val when
+floor(k*f + 1 - f) > floor((k-1)*f + 1 - f), f = val_fraction. That deals exactly one chunk in 1/f to val
+(the second chunk first, so a one-file corpus has both splits and chunk 0 always trains), whatever the
+document sizes. Each run of one split's chunks within a document ends with end-of-text in that split's
+stream, so no window reads from one chunk into text that was not next to it, and every split holds the
+same text whichever tokenizer cuts it into tokens.
 
 Output names carry their sha256 (`train-00000-<sha12>.arrow`) and `manifest.json` is replaced last, in one
 rename: a reader sees the old shard set or the new one, never a mix. The manifest records `input_key`, a
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -21,6 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -37,15 +47,19 @@ from gptmini.data.sources import (
     nonempty_documents,
     open_source,
     replaced_bytes,
+    split_text,
     utc_now,
 )
 from gptmini.files import commit, read_json, sha256_file, write_atomic
 from gptmini.redact import redact_tree
-from gptmini.tokenizer import DEFAULT_TOKENIZER, get_tokenizer
+from gptmini.tokenizer import DEFAULT_TOKENIZER, Tokenizer, bpe_size, get_tokenizer, train_bpe
 
 FORMAT = "gptmini-tokens/1"
 SPLITS = ("train", "val")
 SHARD_TOKENS = 100_000_000  # 400 MB shards, as nanoGPT's FineWeb shards
+# About 256 cl100k tokens: the demo corpus (466 KB) gives some 450 chunks, so 5% is 23 val chunks, enough for
+# the gate's paired comparison, and a chunk still fills a window of the demo model's context.
+SPLIT_CHARS = 1024
 TASK_CHARS = 1 << 18  # characters per tokenization task sent to a worker
 # Below this many input bytes (about a second of one core's tokenizing), spawning workers costs more than
 # it saves: tokenize in this process.
@@ -58,6 +72,7 @@ class PrepareConfig:
     out: Path
     tokenizer: str = DEFAULT_TOKENIZER
     val_fraction: float = 0.05
+    split_chars: int = SPLIT_CHARS  # the split deals chunks of at most this many characters
     shard_tokens: int = SHARD_TOKENS
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     text_field: str = "text"
@@ -85,47 +100,67 @@ class Result:
 _TOKENIZER = None
 
 
-def _init_worker(name: str) -> None:
+def _init_worker(name: str, search: str | None = None) -> None:
     global _TOKENIZER
-    _TOKENIZER = get_tokenizer(name)
+    _TOKENIZER = get_tokenizer(name, search)
 
 
 def encode_task(task: list[tuple[int, str, bool]]) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of each split, in order: one (split, text, ends_document) piece after another."""
+    """Tokens of each split, in order: one (split, text, ends_run) piece after another."""
     enc, eot = _TOKENIZER.enc, np.array([_TOKENIZER.eot_token], dtype=np.uint32)
     parts: tuple[list, list] = ([], [])
-    for split, text, ends_document in task:
+    for split, text, ends_run in task:
         # encode_to_numpy with nothing special allowed or disallowed == encode_ordinary, minus the list.
         parts[split].append(enc.encode_to_numpy(text, disallowed_special=()))
-        if ends_document:
+        if ends_run:
             parts[split].append(eot)
     return tuple(np.concatenate(p) if p else np.empty(0, np.uint32) for p in parts)
 
 
-def split_of(first_chunk: str, val_fraction: float) -> int:
-    """0 (train) or 1 (val), from the sha256 of the document's first chunk: stable and order-free."""
-    digest = hashlib.sha256(first_chunk.encode("utf-8", "surrogatepass")).digest()
-    return int(int.from_bytes(digest[:8], "big") < val_fraction * 2**64)
+class Dealer:
+    """Chunk k goes to val when floor(k*f + 1 - f) steps up at k: one chunk in 1/f, the first at k = 1."""
+
+    def __init__(self, val_fraction: float):
+        self.f = Fraction(str(val_fraction))  # exact: 0.05 * 20 must be 1, not 0.9999...
+        self.k = 0
+
+    def level(self, k: int) -> int:
+        return math.floor(k * self.f + 1 - self.f)
+
+    def next(self) -> int:
+        k, self.k = self.k, self.k + 1
+        return int(k > 0 and self.level(k) > self.level(k - 1))
 
 
 @dataclass
 class Counts:
-    documents: list[int] = field(default_factory=lambda: [0, 0])
+    chunks: list[int] = field(default_factory=lambda: [0, 0])
     text_chars: int = 0
 
 
-def pieces(sources: list[Source], val_fraction: float, stats: Stats, counts: Counts) -> Iterator[tuple[int, str, bool]]:
+def pieces(sources: list[Source], val_fraction: float, split_chars: int, stats: Stats,
+           counts: Counts) -> Iterator[tuple[int, str, bool]]:
+    """(split, text, ends_run): each document's chunks dealt to the splits, consecutive chunks of one split
+    joined (they are adjacent text), `ends_run` where end-of-text follows in that split's stream."""
+    dealer = Dealer(val_fraction)
     for source in sources:
-        for _, chunks in nonempty_documents(source.documents, stats):
-            prev = next(chunks)
-            split = split_of(prev, val_fraction)
-            counts.documents[split] += 1
-            for chunk in chunks:
-                counts.text_chars += len(prev)
-                yield split, prev, False
-                prev = chunk
-            counts.text_chars += len(prev)
-            yield split, prev, True
+        for _, doc_chunks in nonempty_documents(source.documents, stats):
+            run, run_split, run_chars = [], 0, 0
+            for big in doc_chunks:
+                for text in split_text(big, split_chars):
+                    split = dealer.next()
+                    counts.chunks[split] += 1
+                    counts.text_chars += len(text)
+                    if run and split != run_split:
+                        yield run_split, "".join(run), True
+                        run, run_chars = [], 0
+                    elif run_chars >= TASK_CHARS:  # a long run: hand it over in parts (the cuts are safe)
+                        yield run_split, "".join(run), False
+                        run, run_chars = [], 0
+                    run.append(text)
+                    run_split, run_chars = split, run_chars + len(text)
+            if run:
+                yield run_split, "".join(run), True
 
 
 def tasks(stream: Iterable[tuple[int, str, bool]], task_chars: int) -> Iterator[list[tuple[int, str, bool]]]:
@@ -151,13 +186,15 @@ def prefetched(items: Iterable) -> Iterator:
             yield item
 
 
-def tokenize(task_iter: Iterable[list], name: str, workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def tokenize(task_iter: Iterable[list], name: str, workers: int,
+             search: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if workers <= 1:
-        _init_worker(name)
+        _init_worker(name, search)
         yield from map(encode_task, prefetched(task_iter))
         return
     # spawn, not fork: prepare may run inside a threaded host (a Prefect task), where fork can deadlock.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(name,)) as ex:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(name, search)) as ex:
         pending = deque()
         for task in task_iter:
             pending.append(ex.submit(encode_task, task))
@@ -246,6 +283,7 @@ def input_key(cfg: PrepareConfig, inputs: list[dict]) -> str:
         "format": FORMAT,
         "tokenizer": cfg.tokenizer,
         "val_fraction": cfg.val_fraction,
+        "split_chars": cfg.split_chars,
         "shard_tokens": cfg.shard_tokens,
         "chunk_chars": cfg.chunk_chars,
         "text_field": cfg.text_field,
@@ -278,6 +316,9 @@ def _up_to_date(out: Path, key: str) -> dict | None:
         return None
     if manifest.get("input_key") != key:
         return None
+    if (name := manifest.get("tokenizer_file")) and (
+            not (out / name).is_file() or sha256_file(out / name) != manifest["tokenizer_sha256"]):
+        return None
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             path = out / shard["file"]
@@ -290,43 +331,66 @@ def check_config(cfg: PrepareConfig) -> None:
     if not cfg.sources:
         raise DataError("no sources given; name at least one, e.g. `gptmini prepare embedded:python-docs --out data/`")
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise DataError(f"--val-fraction {cfg.val_fraction} is outside [0, 1); e.g. 0.05 holds out 5% of documents")
+        raise DataError(f"--val-fraction {cfg.val_fraction} is outside [0, 1); e.g. 0.05 holds out 5% of the text")
+    if cfg.split_chars < 16:
+        raise DataError(f"--split-chars {cfg.split_chars} must be >= 16, e.g. {SPLIT_CHARS} (about 256 tokens)")
     if cfg.shard_tokens < 1:
         raise DataError(f"--shard-tokens {cfg.shard_tokens} must be >= 1, e.g. {SHARD_TOKENS}")
     if cfg.workers < 1:
         raise DataError(f"--workers {cfg.workers} must be >= 1")
 
 
+def open_sources(cfg: PrepareConfig, stats: Stats) -> list[Source]:
+    cache = Cache(Path(cfg.cache_dir))
+    return [
+        open_source(spec, cache=cache, http=cfg.http, refresh=cfg.refresh, text_field=cfg.text_field,
+                    chunk_chars=cfg.chunk_chars, stats=stats)
+        for spec in cfg.sources
+    ]
+
+
+def load_tokenizer(cfg: PrepareConfig) -> Tokenizer | None:
+    """The named tokenizer; None for `bpe:N`, which is trained on the train split first."""
+    try:
+        return None if bpe_size(cfg.tokenizer) else get_tokenizer(cfg.tokenizer)
+    except ValueError as exc:  # an unknown name, or an encoding that needs the network
+        raise DataError(f"--tokenizer: {exc}") from exc
+
+
+def train_tokenizer(cfg: PrepareConfig, out: Path) -> Tokenizer:
+    """`bpe:N`: a byte-level BPE of N ids trained on the train split's text (a second read of the sources;
+    downloads come from the cache), saved as out/tokenizer.tiktoken."""
+    stats = Stats()
+    texts = (text for split, text, _ in pieces(open_sources(cfg, stats), cfg.val_fraction, cfg.split_chars, stats,
+                                               Counts()) if split == 0)
+    try:
+        return train_bpe(texts, bpe_size(cfg.tokenizer), out)
+    except ValueError as exc:
+        raise DataError(f"--tokenizer {cfg.tokenizer}: {exc}") from exc
+
+
 def prepare(cfg: PrepareConfig) -> Result:
     check_config(cfg)
     t0 = time.perf_counter()
-    try:
-        tok = get_tokenizer(cfg.tokenizer)
-    except ValueError as exc:  # an unknown name, or an encoding that needs the network
-        raise DataError(f"--tokenizer: {exc}") from exc
+    tok = load_tokenizer(cfg)
     stats = Stats()
-    cache = Cache(Path(cfg.cache_dir))
-    sources = [
-        open_source(
-            spec, cache=cache, http=cfg.http, refresh=cfg.refresh, text_field=cfg.text_field,
-            chunk_chars=cfg.chunk_chars, stats=stats,
-        )
-        for spec in cfg.sources
-    ]
+    sources = open_sources(cfg, stats)
     out = Path(cfg.out)
     key = input_key(cfg, [{"spec": s.spec, "inputs": s.provenance} for s in sources])
     if not cfg.force and (manifest := _up_to_date(out, key)) is not None:
         return Result(manifest, True, time.perf_counter() - t0, 0, 0)
 
     out.mkdir(parents=True, exist_ok=True)
+    if tok is None:
+        tok = train_tokenizer(cfg, out)
     writers = [ShardWriter(out, split, cfg.shard_tokens) for split in SPLITS]
     counts, replaced_before = Counts(), replaced_bytes()
     input_bytes = sum(p.get("bytes", 0) for s in sources for p in s.provenance)
     workers = cfg.workers if input_bytes >= cfg.inline_bytes else 1
     try:
-        task_iter = tasks(pieces(sources, cfg.val_fraction, stats, counts), TASK_CHARS)
+        task_iter = tasks(pieces(sources, cfg.val_fraction, cfg.split_chars, stats, counts), TASK_CHARS)
         last_report = time.perf_counter()
-        for train, val in tokenize(task_iter, cfg.tokenizer, workers):
+        for train, val in tokenize(task_iter, tok.name, workers, str(out)):
             writers[0].write(train)
             writers[1].write(val)
             if time.perf_counter() - last_report > cfg.report_every_s:
@@ -354,19 +418,26 @@ def prepare(cfg: PrepareConfig) -> Result:
         "input_key": key,
         "created_at": utc_now(),
         "tokenizer": tok.name,
+        "tokenizer_file": tok.file.name if tok.file else None,
+        "tokenizer_sha256": tok.sha256,
         "n_vocab": tok.n_vocab,
         "vocab_size": tok.vocab_size,
         "eot_token": tok.eot_token,
         "dtype": "uint32",
         "column": "tokens",
         "val_fraction": cfg.val_fraction,
-        "split_rule": "val if the first 8 bytes of sha256(document's first chunk), big-endian, < val_fraction * 2**64",
+        "split_chars": cfg.split_chars,
+        "split_rule": "each document cut into chunks of at most split_chars characters at tokenizer-safe points; "
+                      "chunk k (0-based, over the corpus in order) is val when floor(k*f + 1 - f) > "
+                      "floor((k-1)*f + 1 - f), f = val_fraction; each run of one split's chunks within a document "
+                      "ends with end-of-text",
         "shard_tokens": cfg.shard_tokens,
         "chunk_chars": cfg.chunk_chars,
+        "documents": stats.documents,
         "splits": {
             split: {
                 "tokens": sum(s["tokens"] for s in shards[i]),
-                "documents": counts.documents[i],
+                "chunks": counts.chunks[i],
                 "shards": shards[i],
             }
             for i, split in enumerate(SPLITS)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gptmini.errors import UserError
+from gptmini.files import default_cache_dir
 from gptmini.files import commit, sha256_file, write_atomic
 from gptmini.redact import redact
 
@@ -90,10 +91,6 @@ def _count_and_replace(exc: UnicodeDecodeError) -> tuple[str, int]:
 codecs.register_error("gptmini-count-replace", _count_and_replace)
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPTMINI_CACHE_DIR") or Path.home() / ".cache" / "gptmini")
-
-
 def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -101,13 +98,13 @@ def utc_now() -> str:
 # Text: decoding, binary detection and chunking
 
 
-def _split_point(buf: str, limit: int) -> int:
-    """The last index <= limit holding a space between two non-space characters, or `limit` if none."""
-    pos = buf.rfind(" ", 1, limit + 1)
-    while pos > 0:
+def _split_point(buf: str, limit: int, start: int = 0) -> int:
+    """The last index in (start, limit] holding a space between two non-space characters, or `limit` if none."""
+    pos = buf.rfind(" ", start + 1, limit + 1)
+    while pos > start:
         if pos + 1 < len(buf) and not buf[pos - 1].isspace() and not buf[pos + 1].isspace():
             return pos
-        pos = buf.rfind(" ", 1, pos)
+        pos = buf.rfind(" ", start + 1, pos)
     return limit  # one run without such a space (e.g. a base64 blob): cut it anyway, decoding stays exact
 
 
@@ -122,6 +119,18 @@ def chunk_text(parts: Iterable[str], chunk_chars: int = CHUNK_CHARS) -> Iterator
             buf = buf[cut:]
     if buf:
         yield buf
+
+
+def split_text(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at most about `size` characters, cut at the same tokenizer-safe points as
+    `chunk_text`, without copying the rest of the text at each cut."""
+    start = 0
+    while len(text) - start > size:
+        cut = _split_point(text, start + size, start)
+        yield text[start:cut]
+        start = cut
+    if start < len(text):
+        yield text[start:]
 
 
 def decode_stream(f: BinaryIO, name: str, read_bytes: int = READ_BYTES) -> Iterator[str]:
