@@ -43,13 +43,14 @@ up: $(STAMP)
 down:
 	@infra/stack.sh down
 
-# From a fresh clone: install, start the stack, run train-gpt/demo and watch it, then show the result.
+# From a fresh clone: install, start the stack, run train-gpt/demo and follow its log (training's step lines
+# included: flows/follow.py), then show the result.
 # Flow parameter overrides: make demo DEMO_PARAMS='--param steps=100'
 DEMO_PARAMS ?=
 demo: $(STAMP)
 	@infra/stack.sh up
 	@eval "$$(infra/stack.sh env)" && \
-	  $(BIN)/prefect deployment run train-gpt/demo --watch $(DEMO_PARAMS) && \
+	  $(BIN)/python -m flows.follow train-gpt/demo $(DEMO_PARAMS) && \
 	  echo && echo "== the registry (gptmini promote --list) ==" && $(BIN)/gptmini promote --list && \
 	  echo && echo "== gptmini generate --model models:/gptmini@production --prompt 'The Python interpreter' ==" && \
 	  $(BIN)/gptmini generate --model models:/gptmini@production --prompt "The Python interpreter" \

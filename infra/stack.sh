@@ -166,7 +166,7 @@ MLflow UI:   $MLFLOW_URL   (experiment gptmini; Models > gptmini for versions an
 Model API:   $MODEL_URL/v1   (OpenAI-compatible; serves models:/gptmini@production; metrics at /metrics)
 In another shell:
   export PREFECT_API_URL=$PREFECT_URL/api MLFLOW_TRACKING_URI=$MLFLOW_URL
-  $BIN/prefect deployment run train-gpt/demo --watch
+  $BIN/python -m flows.follow train-gpt/demo   # run it, and print its log (training's steps) as it comes
 EOF
 }
 
