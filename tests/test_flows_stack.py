@@ -1,8 +1,9 @@
 """The real local stack (infra/stack.sh): a Prefect server, an MLflow server and the serving process, then
-`prefect deployment run train-gpt/demo --watch` from a plain shell, as a user runs it (with the credentials
+`python -m flows.follow train-gpt/demo` from a plain shell, as `make demo` runs it (with the credentials
 `stack.sh env` hands out: conftest's `service_stack` turns authentication on)."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,11 +43,13 @@ def test_up_is_idempotent_and_health_checked(stack):
 def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(stack):
     state, env = stack.state, {**stack.env, **stack.client_env}
     run = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "train-gpt/demo", "--param", "preset=tiny", "--param", "steps=2",
-         "--param", "max_new_tokens=4", "--param", 'prompts=["def"]', "--watch", "--watch-timeout", "400"],
+        [str(BIN / "python"), "-m", "flows.follow", "train-gpt/demo", "--param", "preset=tiny", "--param", "steps=2",
+         "--param", "max_new_tokens=4", "--params", '{"prompts": ["def"]}', "--timeout", "400"],
         env=env, capture_output=True, text=True, timeout=450, cwd=state)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Completed" in run.stdout
+    # The trainer's step lines reach the terminal, prefixed by the time and the task run's name.
+    assert re.search(r"^\d\d:\d\d:\d\d train-\S+ +step +2/2 \| loss", run.stdout, re.M), run.stdout[-3000:]
+    assert re.search(r"finished Completed", run.stdout), run.stdout[-3000:]
     listing = subprocess.run([str(BIN / "gptmini"), "promote", "--list"], env=env, capture_output=True, text=True)
     assert listing.returncode == 0, listing.stderr
     assert "production" in listing.stdout and listing.stdout.startswith("v1")
@@ -58,6 +61,14 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
     ask = stack.sh("ask", "def", timeout=180)
     assert ask.returncode == 0, ask.stdout + ask.stderr
     assert "[gptmini/1, finish_reason=" in ask.stdout and "\ndef" in ask.stdout
+
+
+@pytest.mark.slow
+def test_follow_names_an_unknown_deployment_and_exits_2(stack):
+    run = subprocess.run([str(BIN / "python"), "-m", "flows.follow", "train-gpt/no-such"],
+                         env={**stack.env, **stack.client_env}, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "no deployment 'train-gpt/no-such'" in run.stderr
 
 
 @pytest.mark.slow
