@@ -139,7 +139,10 @@ def one(args: argparse.Namespace) -> dict:
     if args.data and args.val_batches:
         from gptmini.evaluate import evaluate_split
 
-        val = evaluate_split(model, args.data, seq_len=256, batch_size=4, max_batches=args.val_batches)["val_loss"]
+        from gptmini.tokenizer import get_tokenizer
+
+        val = evaluate_split(model, get_tokenizer(model.config.tokenizer), args.data, seq_len=256, batch_size=4,
+                             max_batches=args.val_batches)["val_loss"]
     result = {"preset": preset, "dtype": dtype, "bytes_read_per_token": bytes_read_per_token(model),
               "val_loss": val}
     for b in map(int, args.batch.split(",")):

@@ -137,22 +137,28 @@ def test_iterating_the_loader_gives_the_rest_of_the_epoch(data_dir):
     assert len(list(train)) == len(train)
 
 
-def test_val_loader_is_ordered_and_a_full_pass_each_time(data_dir):
+def test_val_windows_cover_every_val_token_once_and_never_read_across_an_end_of_text(data_dir):
     _, val = build_loaders(data_dir, seq_len=64, batch_size=5, rank=0, world_size=1)
-    tokens = TokenShards.open(data_dir, "val")
-    passes = [torch.cat([x for x, _ in val]) for _ in range(2)]
-    assert torch.equal(passes[0], passes[1])
-    n = (len(tokens) - 65) // 64 + 1
-    assert passes[0].shape == (n, 64) and len(val) == -(-n // 5)
-    assert torch.equal(passes[0][3], torch.from_numpy(tokens[3 * 64 : 4 * 64].astype(np.int64)))
+    tokens = np.asarray(TokenShards.open(data_dir, "val")[:])
+    eot = TokenShards.open(data_dir, "val").manifest["eot_token"]
+    passes = [[(x, y) for x, y in val] for _ in range(2)]
+    xs, ys = (torch.cat([b[i] for b in passes[0]]) for i in (0, 1))
+    assert torch.equal(xs, torch.cat([x for x, _ in passes[1]]))  # ordered: the same full pass each time
+    # Every token but end-of-text is a target exactly once, in stream order.
+    assert torch.equal(ys[ys != -1], torch.from_numpy(tokens[tokens != eot].astype(np.int64)))
+    for x, y in zip(xs, ys):
+        n = int((y != -1).sum())
+        assert eot not in y[:n] and torch.equal(x[1:n], y[: n - 1])  # one piece, read left to right
+    starts = [i for i, x in enumerate(xs) if x[0] == eot]  # each piece starts after an end-of-text
+    assert len(starts) == len(np.flatnonzero(tokens == eot))
 
 
-def test_val_is_split_between_ranks_evenly(data_dir):
+def test_val_is_split_between_ranks_evenly_and_whole(data_dir):
     parts = [build_loaders(data_dir, seq_len=64, batch_size=4, rank=r, world_size=3)[1] for r in range(3)]
-    rows = [torch.cat([x for x, _ in v]) for v in parts]
+    rows = [torch.cat([y for _, y in v]) for v in parts]
     assert len({len(v) for v in parts}) == 1 and len({r.shape[0] for r in rows}) == 1
-    starts = {tuple(r[:, 0].tolist()) for r in rows}
-    assert len(starts) == 3
+    whole = torch.cat([torch.cat([y for _, y in build_loaders(data_dir, seq_len=64, batch_size=4)[1]])])
+    assert sum(int((r != -1).sum()) for r in rows) == int((whole != -1).sum())  # no window dropped
 
 
 def test_a_training_loop_consumes_the_batches(data_dir):
@@ -245,7 +251,7 @@ def test_a_corpus_shorter_than_one_window_says_the_minimum(tmp_path):
         build_loaders(tmp_path / "out", seq_len=64)
     with pytest.raises(DataError, match=r"fewer than batch_size=8; the minimum is 9 tokens for world_size=1"):
         build_loaders(tmp_path / "out", seq_len=1, stride=1, batch_size=8)
-    with pytest.warns(UserWarning, match=r"the val split of .* has 0 tokens, fewer than one window"):
+    with pytest.warns(UserWarning, match=r"the val split of .* is empty; raise --val-fraction"):
         _, val = build_loaders(tmp_path / "out", seq_len=2, stride=1, batch_size=2)
     assert val is None
 

@@ -10,6 +10,7 @@ from gptmini.config import model_preset
 from gptmini.data.loader import SlidingWindowDataset, TokenShards
 from gptmini.evaluate import evaluate_split
 from gptmini.model import GPTOSSMini
+from gptmini.tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,8 +56,9 @@ def test_int8_val_loss_of_a_trained_model_is_within_0_02_nats(prepared_shards):
         opt.step()
         opt.zero_grad()
     model.eval()
-    full = evaluate_split(model, prepared_shards, seq_len=32, batch_size=8)["val_loss"]
-    int8 = evaluate_split(quantize.apply(model, "int8"), prepared_shards, seq_len=32, batch_size=8)["val_loss"]
+    tok = get_tokenizer()
+    full = evaluate_split(model, tok, prepared_shards, seq_len=32, batch_size=8)["val_loss"]
+    int8 = evaluate_split(quantize.apply(model, "int8"), tok, prepared_shards, seq_len=32, batch_size=8)["val_loss"]
     assert full < 10.0  # trained: the random init sits at ln(100352) = 11.5
     assert abs(int8 - full) < 0.02
 

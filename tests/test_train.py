@@ -92,7 +92,7 @@ def test_loss_falls_on_the_embedded_corpus(baselines):
         assert losses[STEPS] < losses[1] - 0.1, losses
         summary = read_json(run_dir / "summary.json")
         assert summary["status"] == "completed" and summary["steps"] == STEPS
-        assert summary["final_val_loss"] < 12.0
+        assert summary["final"]["val_loss"] < 12.0 and 0 < summary["final"]["val_bpb"] < 12.0 / math.log(2)
         assert (run_dir / "plots" / "loss.png").stat().st_size > 0 and (run_dir / "plots" / "lr.png").is_file()
         assert (run_dir / "config.toml").is_file()
 
@@ -163,14 +163,18 @@ def test_best_and_final_load_with_load_pretrained(baselines):
         assert model.config.n_layers == 2 and tok.name == "cl100k_base"
 
 
-def test_gptmini_eval_reports_val_loss_of_a_run(baselines, tmp_path):
+def test_gptmini_eval_of_a_run_repeats_the_trainers_final_evaluation(baselines, tmp_path):
+    """One evaluation under one set of names: the 2-rank trainer's last one and `gptmini eval` agree."""
     from gptmini.cli.eval import main
 
     out = tmp_path / "eval.json"
-    assert main(["--checkpoint", str(baselines["ddp"]), "--max-batches", "2", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert 0 < result["val_loss"] < 12 and result["val_tokens"] == 2 * 8 * 16  # 2 batches of 8 windows of 16
+    assert main(["--checkpoint", str(baselines["ddp"]), "--json", str(out)]) == 0
+    result, final = json.loads(out.read_text()), read_json(baselines["ddp"] / "summary.json")["final"]
+    assert (result["val_tokens"], result["val_bytes"]) == (final["val_tokens"], final["val_bytes"])
+    for name in ("val_loss", "val_bpb", "val_perplexity"):
+        assert result[name] == pytest.approx(final[name], rel=1e-5)
     assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    assert result["val_bpb"] == pytest.approx(result["val_loss"] * result["val_tokens"] / result["val_bytes"] / math.log(2))
 
 
 @pytest.mark.parametrize("mode", ["1p", "ddp", "fsdp"])
