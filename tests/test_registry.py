@@ -5,10 +5,13 @@ few steps), so the gate's comparison is a real evaluation, not a number we made 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -105,7 +108,7 @@ def test_pyfunc_quantize_param_runs_the_int8_model_of_the_same_version(store, we
 
 def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prepared_shards):
     mc, _ = store
-    losses = {k: evaluate_weights(w, prepared_shards)["val_loss"] for k, w in weights.items()}
+    losses = {k: evaluate_weights(w, prepared_shards)["val_bpb"] for k, w in weights.items()}
     assert losses["better"] < losses["worse"]
 
     _, v1 = register(store, weights["worse"])
@@ -115,7 +118,7 @@ def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prep
     _, v2 = register(store, weights["better"])
     better = gate.champion_challenger(mc, v2.version, weights["better"], losses["better"], prepared_shards)
     assert better.promote and better.champion_version == str(v1.version)
-    assert better.champion_val_loss == pytest.approx(losses["worse"])
+    assert better.champion_val_bpb == pytest.approx(losses["worse"])
 
     _, v3 = register(store, weights["worse"])
     worse = gate.champion_challenger(mc, v3.version, weights["worse"], losses["worse"], prepared_shards)
@@ -133,10 +136,10 @@ def test_a_version_is_compared_with_the_champion_on_the_same_validation_tokens(s
     _, champion = register(store, weights["worse"])
     _, challenger = register(store, weights["better"])
     decision = gate.against_champion(mc, challenger.version, weights["better"], prepared_shards, champion)
-    losses = {k: evaluate_weights(w, prepared_shards)["val_loss"] for k, w in weights.items()}
+    losses = {k: evaluate_weights(w, prepared_shards)["val_bpb"] for k, w in weights.items()}
     assert decision.promote and decision.champion_version == str(champion.version)
-    assert decision.challenger_val_loss == pytest.approx(losses["better"])
-    assert decision.champion_val_loss == pytest.approx(losses["worse"])
+    assert decision.challenger_val_bpb == pytest.approx(losses["better"])
+    assert decision.champion_val_bpb == pytest.approx(losses["worse"])
 
 
 def test_registry_uri_resolves_the_alias_at_each_call(store, weights):
@@ -210,3 +213,69 @@ def test_registry_needs_a_tracking_uri(monkeypatch):
     with pytest.raises(registry.RegistryError, match="set MLFLOW_TRACKING_URI"):
         registry.client()
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+# Versions from the trainer's LoggedModels
+
+
+def logged_model(store, weights_dir, name="best", step=10):
+    mc, experiment_id = store
+    run = mc.create_run(experiment_id)
+    return registry.log_logged_model(mc, run.info.run_id, name, weights_dir, step, {"gptmini.step": str(step)})
+
+
+def test_a_version_registered_from_a_logged_model_links_it_and_resolves_to_its_weights(store, weights):
+    mc, _ = store
+    model_id = logged_model(store, weights["better"])
+    mv = registry.register_logged_model(mc, model_id, {"val_loss": "4.5"})
+    assert mv.source == f"models:/{model_id}" and registry.source_model_id(mv) == model_id
+    # Where MLflow's Models view finds the version (a SQL registry keeps no model_id on the version itself).
+    assert json.loads(mc.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [
+        {"name": "gptmini", "version": str(mv.version)}]
+    assert mv.run_id == mc.get_logged_model(model_id).source_run_id and mv.tags["val_loss"] == "4.5"
+    assert str(mc.get_model_version_by_alias("gptmini", "challenger").version) == str(mv.version)
+    folder = registry.resolve_model_uri(f"models:/gptmini/{mv.version}")
+    model, _ = load_model(folder)
+    assert (folder / "model.safetensors").read_bytes() == (weights["better"] / "model.safetensors").read_bytes()
+    assert model.num_params() > 0
+
+
+def test_registering_a_logged_model_through_a_client_on_another_store_than_the_environments(store, weights,
+                                                                                            monkeypatch):
+    """MLflow's SQL registry looks the model up through the process-wide URI; ours must not depend on it."""
+    mc, _ = store
+    model_id = logged_model(store, weights["worse"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    mv = registry.register_logged_model(mc, model_id, {})
+    assert registry.source_model_id(mv) == model_id
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_the_flow_finds_a_runs_logged_model_by_name(store, weights):
+    mc, _ = store
+    model_id = logged_model(store, weights["worse"], name="final")
+    run_id = mc.get_logged_model(model_id).source_run_id
+    assert registry.logged_model_id(mc, run_id, "final") == model_id
+    assert registry.logged_model_id(mc, run_id, "best") is None
+
+
+def test_typed_predict_takes_a_list_or_a_prompt_column_and_loads_without_warnings(store, weights):
+    mc, _ = store
+    mv = registry.register_logged_model(mc, logged_model(store, weights["better"]), {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = mlflow.pyfunc.load_model(f"models:/gptmini/{mv.version}")
+    assert [str(w.message) for w in caught] == []
+    assert model.metadata.signature.params.to_dict()[0]["name"] == "max_new_tokens"
+    greedy = {"max_new_tokens": 3, "temperature": 0.0, "quantize": "int8"}
+    from_list = model.predict(["def", "class"], params=greedy)
+    assert len(from_list) == 2 and all(isinstance(text, str) and text for text in from_list)
+    assert model.predict(pd.DataFrame({"prompt": ["def", "class"]}), params=greedy) == from_list
+
+
+def test_typed_predict_rejects_what_is_not_a_list_of_strings(store, weights):
+    mc, _ = store
+    mv = registry.register_logged_model(mc, logged_model(store, weights["worse"]), {})
+    model = mlflow.pyfunc.load_model(f"models:/gptmini/{mv.version}")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="schema"):
+        model.predict([1, 2])
