@@ -12,7 +12,13 @@ The trainer's tracker:
 
 Every call only enqueues; a background thread sends batches and keeps what failed to retry later, so a
 briefly unreachable server never stalls or kills training. Whatever is still unsent at close is written
-to RUN/mlflow_unsent.jsonl and counted in the log.
+to RUN/mlflow_unsent.jsonl and counted in the log. The one exception is `log_model`, at the end of training:
+it waits for the queue to drain, then makes an MLflow 3 LoggedModel of a checkpoint folder (its artifacts
+upload in the call) with the metrics that chose it, linked to the model and to the run's dataset.
+
+The dataset is the prepared shard folder (`log_dataset`): a run input whose digest is manifest.json's sha256
+(its first 36 characters, all MLflow keeps), so a retried flow or a resumed training logs the same input
+again, which MLflow keeps once.
 
 The flow's run (`open_flow_run`): created once per flow run, tagged with its id, reopened when the flow run
 is retried, and ended by the flow (FINISHED) or its state hooks (`end_flow_run`: FAILED or KILLED).
@@ -33,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from gptmini.config import TrackingConfig
-from gptmini.files import write_json
+from gptmini.files import sha256_file, write_json
 from gptmini.redact import redact
-from gptmini.registry import client
+from gptmini.registry import client, log_logged_model
 from gptmini.trainer import Tracker
 
 MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
@@ -47,6 +53,7 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 # MLflow 3 opens an experiment without this tag in its GenAI layout (traces, prompts), which hides the runs'
 # metrics and charts.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+DATASET_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
 
 
 def tracking_uri(configured: str) -> str:
@@ -79,6 +86,37 @@ def experiment_id(mlflow_client, name: str, artifact_location: str | None = None
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def shard_dataset(manifest_path: Path):
+    """The prepared shard folder of `manifest_path` as an MLflow dataset. Its digest is manifest.json's sha256
+    (the manifest names every shard by its own sha256), cut to the 36 characters MLflow stores; the whole one
+    is in the profile, next to each split's token count, to match the versions' `data_manifest_sha256`. The
+    name (sources and tokenizer) tells datasets apart for a reader."""
+    from mlflow.entities import Dataset
+    from mlflow.types import ColSpec, Schema
+
+    manifest = json.loads(manifest_path.read_text())
+    sha256 = sha256_file(manifest_path)
+    specs = [s["spec"] for s in manifest.get("sources", [])]
+    shown = " + ".join(specs[:2]) + (f" + {len(specs) - 2} more" if len(specs) > 2 else "")
+    schema = Schema([ColSpec("long", manifest.get("column", "tokens"))])  # uint32 token ids, one per row
+    return Dataset(
+        name=f"{shown or 'shards'} ({manifest['tokenizer']})"[:200],
+        digest=sha256[:DATASET_DIGEST_CHARS],
+        source_type="local",
+        source=json.dumps({"uri": str(manifest_path.parent.resolve())}),
+        schema=json.dumps({"mlflow_colspec": schema.to_dict()}),
+        profile=json.dumps({**{f"{split}_tokens": info["tokens"] for split, info in manifest["splits"].items()},
+                            "manifest_sha256": sha256}),
+    )
+
+
+def training_input(dataset):
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
 
 
 def open_tracker(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
@@ -119,7 +157,9 @@ class MlflowTracker(Tracker):
         self.run_id, self.owns_run = self._open_run(cfg)
         self._queue: queue.Queue = queue.Queue()
         self._pending_metrics: list[Any] = []
-        self._pending_other: list[tuple] = []  # ("params", list) / ("artifact", path, artifact_path)
+        # ("params", list) / ("artifact", path, artifact_path) / ("inputs", list)
+        self._pending_other: list[tuple] = []
+        self.dataset: Any = None  # the run's dataset (log_dataset), which the model metrics name
         self._errors = 0
         self._system_step = -1
         self._last_error = ""
@@ -162,6 +202,48 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", str(path), artifact_path))
 
+    def log_dataset(self, manifest_path: Path) -> None:
+        self.dataset = shard_dataset(Path(manifest_path))
+        self._queue.put(("inputs", [training_input(self.dataset)]))
+
+    def log_model(self, name: str, folder: Path, step: int, metrics: dict[str, float]) -> str | None:
+        """A LoggedModel `name` of checkpoint `folder` with `metrics` at `step`; its id, or None when MLflow
+        failed (said in one line: the checkpoint is on disk, and training must not fail for its model entry)."""
+        self._drain()
+        try:
+            model_id = log_logged_model(self.client, self.run_id, name, folder, step,
+                                        {"gptmini.folder": str(Path(folder).resolve()), "gptmini.step": str(step)})
+            self.client.log_batch(self.run_id, metrics=self._model_metrics(model_id, step, metrics),
+                                  synchronous=True)
+            return model_id
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]  # MLflow's messages run over several lines
+            print(f"gptmini: could not log the {name} model ({folder}) to MLflow at {self.shown_uri}: "
+                  f"{redact(f'{type(exc).__name__}: {detail}')}", file=sys.stderr)
+            return None
+
+    def _drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until what was queued so far was sent (or failed to be): log_model reads the run's metrics."""
+        if self._thread.is_alive():
+            done = threading.Event()
+            self._queue.put(("drain", done))
+            done.wait(timeout_s)
+
+    def _model_metrics(self, model_id: str, step: int, metrics: dict[str, float]) -> list[Any]:
+        """`metrics` at `step` for model `model_id`, on the run's dataset. A value the run already holds at that
+        step keeps its timestamp, so the run's history gains no second point (MLflow skips an identical one)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        ds = {"dataset_name": self.dataset.name, "dataset_digest": self.dataset.digest} if self.dataset else {}
+        out = []
+        for key, value in metrics.items():
+            same = [m.timestamp for m in self.client.get_metric_history(self.run_id, key)
+                    if m.step == step and m.value == float(value)]
+            out.append(Metric(key, float(value), same[0] if same else now, step, model_id=model_id,
+                              run_id=self.run_id, **ds))
+        return out
+
     def close(self, status: str, timeout_s: float = 120.0) -> None:
         self._queue.put(("close",))
         self._thread.join(timeout_s)
@@ -203,8 +285,11 @@ class MlflowTracker(Tracker):
     def _take(self, item: tuple) -> bool:
         if item[0] == "metrics":
             self._pending_metrics.extend(item[1])
-        elif item[0] in ("params", "artifact"):
+        elif item[0] in ("params", "artifact", "inputs"):
             self._pending_other.append(item)
+        elif item[0] == "drain":
+            self._flush(final=False)
+            item[1].set()
         return item[0] == "close"
 
     def _flush(self, final: bool) -> None:
@@ -227,6 +312,8 @@ class MlflowTracker(Tracker):
             item = self._pending_other[0]
             if item[0] == "params":
                 self._send_params(item[1])
+            elif item[0] == "inputs":
+                self.client.log_inputs(self.run_id, datasets=item[1])
             elif Path(item[1]).is_dir():  # a folder's files go under artifact_path, not artifact_path/NAME
                 self.client.log_artifacts(self.run_id, item[1], item[2])
             else:
@@ -314,6 +401,11 @@ class FlowRun:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, manifest_path: Path) -> None:
+        """The shard folder of `manifest_path` as the run's training input; again with the same manifest (a
+        retried flow run) it stays one input."""
+        self.client.log_inputs(self.run_id, datasets=[training_input(shard_dataset(Path(manifest_path)))])
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)

@@ -1,9 +1,11 @@
 """MLflow runs against a real SQLite store: the trainer's tracker, and the run a flow run owns."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -60,8 +62,17 @@ def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, p
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == {2, 3}
     assert any(k.startswith("system/") for k in run.data.metrics)
     files = artifact_paths(client, run.info.run_id)
-    assert {"plots/loss.png", "plots/lr.png", "config.toml", "summary.json", "final/model.safetensors",
-            "final/config.json", "checkpoints/best/model.safetensors"} <= files
+    assert {"plots/loss.png", "plots/lr.png", "config.toml", "summary.json"} <= files
+    # The shards are the run's input; the best and final weights are its models, with their val measures.
+    (given,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert json.loads(given.dataset.profile)["manifest_sha256"].startswith(given.dataset.digest)
+    models = json.loads((out / "summary.json").read_text())["mlflow_models"]
+    assert set(models) == {"best", "final"}
+    for model_id in set(models.values()):
+        model = client.get_logged_model(model_id)
+        assert model.source_run_id == run.info.run_id and str(model.status) == "READY"
+        assert {m.key for m in model.metrics} >= {"val_loss", "val_bpb"}
+        assert {m.dataset_digest for m in model.metrics} == {given.dataset.digest}
 
 
 @pytest.mark.slow
@@ -176,3 +187,85 @@ def test_end_flow_run_of_a_flow_run_without_an_mlflow_run_changes_nothing(store)
     tracking.end_flow_run(uri, "no-such-experiment", "never-started", "FAILED", "FAILED: parameters")
     assert client.search_runs([exp_id]) == []
     assert client.get_experiment_by_name("no-such-experiment") is None
+
+
+# The run's dataset and its models (MLflow 3 LoggedModels)
+
+
+def open_tracker(uri: str, tmp_path):
+    cfg = parse_args([*TINY, "--data-dir", "d", "--tracking-uri", uri, "--experiment", "gptmini-test",
+                      "--tracking.system_metrics", "false"])
+    return tracking.MlflowTracker(uri, cfg, tmp_path / "run", flush_every_s=0.1)
+
+
+def test_shard_folder_is_the_runs_training_input_with_the_manifests_sha256_and_logged_once(store, prepared_shards,
+                                                                                            tmp_path):
+    from gptmini.files import sha256_file
+
+    uri, client, _ = store
+    tracker = open_tracker(uri, tmp_path)
+    tracker.log_dataset(prepared_shards / "manifest.json")
+    tracker.log_dataset(prepared_shards / "manifest.json")  # a resumed training logs it again
+    tracker.close("FINISHED")
+    (given,) = client.get_run(tracker.run_id).inputs.dataset_inputs
+    manifest = json.loads((prepared_shards / "manifest.json").read_text())
+    sha256 = sha256_file(prepared_shards / "manifest.json")
+    assert given.dataset.digest == sha256[:36]  # as much as MLflow keeps of a digest
+    assert "embedded:python-docs" in given.dataset.name
+    assert json.loads(given.dataset.source)["uri"] == str(prepared_shards.resolve())
+    assert json.loads(given.dataset.profile) == {"train_tokens": manifest["splits"]["train"]["tokens"],
+                                                 "val_tokens": manifest["splits"]["val"]["tokens"],
+                                                 "manifest_sha256": sha256}
+    assert {t.key: t.value for t in given.tags} == {"mlflow.data.context": "training"}
+
+
+def test_the_flow_logs_the_shard_folder_as_its_runs_input_once_per_manifest(store, prepared_shards):
+    uri, client, _ = store
+    run = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {})
+    run.log_dataset(prepared_shards / "manifest.json")
+    run.log_dataset(prepared_shards / "manifest.json")  # a retried flow run
+    (given,) = client.get_run(run.run_id).inputs.dataset_inputs
+    assert json.loads(given.dataset.profile)["manifest_sha256"].startswith(given.dataset.digest)
+
+
+def test_log_model_makes_a_ready_logged_model_with_its_metrics_on_the_dataset_that_loads_and_generates(
+        store, prepared_shards, tiny_weights, tmp_path, monkeypatch):
+    from mlflow.entities import LoggedModelStatus
+
+    uri, client, exp_id = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.pyfunc.load_model's models:/ URI
+    tracker = open_tracker(uri, tmp_path)
+    tracker.log_dataset(prepared_shards / "manifest.json")
+    tracker.log_metrics({"val_loss": 4.5, "val_bpb": 1.5}, step=3)  # what the trainer's evaluation logged
+    model_id = tracker.log_model("best", tiny_weights, 3, {"val_loss": 4.5, "val_bpb": 1.5})
+    tracker.close("FINISHED")
+
+    model = client.get_logged_model(model_id)
+    assert model.status == LoggedModelStatus.READY
+    assert (model.name, model.source_run_id, model.experiment_id) == ("best", tracker.run_id, exp_id)
+    assert model.params["step"] == "3" and model.tags["gptmini.folder"] == str(tiny_weights.resolve())
+    digest = client.get_run(tracker.run_id).inputs.dataset_inputs[0].dataset.digest
+    assert {(m.key, m.value, m.step, m.model_id, m.dataset_digest) for m in model.metrics} == {
+        ("val_loss", 4.5, 3, model_id, digest), ("val_bpb", 1.5, 3, model_id, digest)}
+    assert len(client.get_metric_history(tracker.run_id, "val_loss")) == 1  # no second point at step 3
+    assert [o.model_id for o in client.get_run(tracker.run_id).outputs.model_outputs] == [model_id]
+
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{model_id}")
+    (text,) = pyfunc.predict(["def"], params={"max_new_tokens": 4, "temperature": 0.0})
+    assert text.startswith("def") and len(text) > 3
+
+
+def test_a_model_mlflow_cannot_take_is_one_line_and_none_and_training_goes_on(store, tmp_path, capsys):
+    from mlflow.entities import LoggedModelStatus
+
+    uri, client, exp_id = store
+    tracker = open_tracker(uri, tmp_path)
+    assert tracker.log_model("final", tmp_path / "no-such-folder", 3, {"val_loss": 4.5}) is None
+    tracker.close("FINISHED")
+    err = capsys.readouterr().err
+    assert "could not log the final model" in err and err.count("\n") == 1
+    assert [m.status for m in client.search_logged_models([exp_id])] == [LoggedModelStatus.FAILED]
+
+
+def test_the_no_op_tracker_keeps_no_models():
+    assert tracking.Tracker().log_model("best", Path("x"), 1, {"val_loss": 1.0}) is None
