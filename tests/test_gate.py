@@ -1,0 +1,121 @@
+"""The champion/challenger gate decides on bits per byte, paired piece by piece on the same val text, and
+promotes only beyond noise: real tiny models trained on the embedded corpus, no MLflow (tests/test_registry.py
+runs the gate through the registry)."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gptmini import gate
+from gptmini.checkpoint import load_model
+from gptmini.config import model_preset
+from gptmini.data.loader import SlidingWindowDataset, TokenShards
+from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.evaluate import piece_sums
+from gptmini.model import GPTOSSMini
+from gptmini.tokenizer import get_tokenizer, padded_vocab_size
+from gptmini.weights import save_pretrained
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def trained(data_dir, out, steps: int, seed: int, **overrides):
+    """The tiny preset after `steps` AdamW steps on the train split, init and batch order drawn from `seed`."""
+    torch.manual_seed(seed)
+    manifest_tok = TokenShards.open(data_dir, "train").manifest
+    vocab = {"vocab_size": manifest_tok["vocab_size"], "tokenizer": manifest_tok["tokenizer"]}
+    model = GPTOSSMini(model_preset("tiny", **vocab, **overrides))
+    windows = SlidingWindowDataset(TokenShards.open(data_dir, "train"), 32, 32)
+    order = np.random.default_rng(seed).permutation(len(windows))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        _, loss = model(*windows.batch(order[step * 8 : step * 8 + 8]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tok = get_tokenizer(vocab["tokenizer"], data_dir)
+    return save_pretrained(model, out, tokenizer_file=tok.file)
+
+
+@pytest.fixture(scope="module")
+def models(prepared_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gate")
+    out = {"barely": trained(prepared_shards, root / "barely", 3, 0),
+           "seed0": trained(prepared_shards, root / "seed0", 40, 0),
+           "seed1": trained(prepared_shards, root / "seed1", 40, 1)}
+    out["copy"] = shutil.copytree(out["seed0"], root / "copy")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sums(models, prepared_shards):
+    """Each model's (nats, bytes, tokens) per val piece, as gate.compare measures them, once."""
+    out = {}
+    for name, path in models.items():
+        model, tok = load_model(path)
+        out[name] = piece_sums(model, tok, prepared_shards)
+    return out
+
+
+def versus(sums, challenger: str, champion: str) -> gate.Comparison:
+    return gate.paired(sums[challenger][0], sums[champion][0], sums[challenger][1])
+
+
+def test_paired_standard_error_is_the_ratio_estimators():
+    rng = np.random.default_rng(0)
+    nbytes = np.full(50, 400.0)
+    champion = rng.normal(1000, 50, 50)
+    challenger = champion - rng.normal(10, 5, 50)
+    c = gate.paired(challenger, champion, nbytes)
+    per_piece = (champion - challenger) / math.log(2) / 400  # equal pieces: a plain mean and its standard error
+    assert c.difference == pytest.approx(per_piece.mean())
+    assert c.standard_error == pytest.approx(per_piece.std(ddof=1) / math.sqrt(50))
+    assert (c.pieces, c.val_bytes) == (50, 20_000)
+
+
+def test_a_clearly_better_model_is_promoted(models, sums, prepared_shards):
+    c = gate.compare(models["seed0"], models["barely"], prepared_shards)
+    assert c == versus(sums, "seed0", "barely")
+    decision = gate.decide("2", c.challenger_val_bpb, "1", c, 0.0)
+    assert c.difference > 5 * c.standard_error > 0 and decision.promote
+    assert "standard errors" in decision.reason and f"{c.pieces} val pieces" in decision.reason
+    assert decision.difference == c.difference and decision.standard_error == c.standard_error
+
+
+def test_the_same_model_trained_with_another_seed_is_not_promoted_either_way(sums):
+    for challenger, champion in (("seed1", "seed0"), ("seed0", "seed1")):
+        c = versus(sums, challenger, champion)
+        decision = gate.decide("2", c.challenger_val_bpb, "1", c, 0.0)
+        assert not decision.promote, decision.reason
+        assert "not better beyond noise" in decision.reason
+
+
+def test_a_copy_of_the_champion_is_not_promoted(sums):
+    c = versus(sums, "copy", "seed0")
+    assert c.difference == 0.0 and c.standard_error == 0.0
+    assert not gate.decide("2", c.challenger_val_bpb, "1", c, 0.0).promote
+
+
+def test_min_improvement_is_in_bits_per_byte(sums):
+    c = versus(sums, "seed0", "barely")
+    assert not gate.decide("2", c.challenger_val_bpb, "1", c, min_improvement=c.difference + 0.01).promote
+
+
+def test_models_with_different_tokenizers_compare_on_the_same_text(models, sums, prepared_shards, tmp_path, monkeypatch):
+    """A model on a 512-id BPE against a cl100k one: the same pieces and bytes from either data folder, so the
+    comparison does not depend on which tokenizer cut the val split."""
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    bpe_data = tmp_path / "bpe"
+    prepare(PrepareConfig(["embedded:python-docs"], bpe_data, tokenizer="bpe:512", workers=1,
+                          cache_dir=tmp_path / "cache"))
+    tok = get_tokenizer(TokenShards.open(bpe_data, "val").manifest["tokenizer"], bpe_data)
+    assert tok.n_vocab == 512 and padded_vocab_size(512) == 512
+    bpe_model = trained(bpe_data, tmp_path / "bpe-model", 40, 0)
+    here, there = gate.compare(bpe_model, models["seed0"], bpe_data), gate.compare(bpe_model, models["seed0"], prepared_shards)
+    assert here.val_bytes == there.val_bytes and here.pieces == there.pieces
+    assert here.difference == pytest.approx(there.difference, rel=1e-6)
+    assert here.champion_val_bpb == pytest.approx(versus(sums, "seed0", "copy").challenger_val_bpb, rel=1e-6)
