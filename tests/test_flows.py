@@ -92,21 +92,26 @@ def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, tw
     assert mv.run_id == run.info.run_id == result["mlflow_run_id"]
     assert mv.tags["data_manifest_sha256"] == run.data.tags["data_manifest_sha256"]
     assert float(mv.tags["val_loss"]) == pytest.approx(result["val_loss"], rel=1e-5)
-    assert mv.tags["git_commit"]
+    assert float(mv.tags["val_bpb"]) == pytest.approx(result["val_bpb"], rel=1e-5)
+    assert mv.tags["tokenizer"] == "cl100k_base" and mv.tags["git_commit"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "2"  # the trainer's params, logged into the flow's run
     assert run.data.params["flow.nproc"] == "1"
-    assert "val_loss" in run.data.metrics
-    # The registered weights on the whole val split, named apart from the trainer's final_val_* (the last
-    # step's weights), and perplexity spelled one way.
-    assert run.data.metrics["registered_val_loss"] == pytest.approx(result["val_loss"], rel=1e-5)
-    assert {"registered_val_perplexity", "registered_val_tokens", "final_val_loss", "final_val_perplexity"} <= set(
-        run.data.metrics)
-    assert not [k for k in run.data.metrics if "ppl" in k or k.startswith("final.")]
+    # One name per measure: the trainer's evaluations as val_loss / val_bpb / val_perplexity, nothing else.
+    assert {"val_loss", "val_bpb", "val_perplexity"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if "ppl" in k or k.startswith(("final", "registered"))]
+    # The last evaluation is the registered (best = last) checkpoint's, over every val window.
+    assert run.data.metrics["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-5)
     assert run.data.tags["registered_version"] == result["version"]
     assert run.data.tags["gate.decision"] == "promoted"
     artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
-    assert {"data", "model", "samples.json"} <= artifacts
+    assert {"data", "samples.json"} <= artifacts
+    # MLflow 3: the shards are the run's input, and the version is the trainer's LoggedModel of the best checkpoint.
+    [dataset] = [d.dataset for d in run.inputs.dataset_inputs]
+    assert mv.tags["data_manifest_sha256"].startswith(dataset.digest)
+    logged = mc.get_logged_model(mv.model_id)
+    assert logged.source_run_id == run.info.run_id and logged.name == "best"
+    assert {m.key for m in logged.metrics} >= {"val_loss", "val_bpb", "val_perplexity"}
 
 
 @pytest.mark.slow
@@ -117,11 +122,14 @@ def test_first_version_is_promoted_and_aliases_follow_the_gate(stack, two_runs):
     assert v2["version"] == "2"
     aliases = {k: str(v) for k, v in registry.client(stack).get_registered_model("gptmini").aliases.items()}
     assert aliases["challenger"] == "2"
-    # v2 is promoted exactly when it beat v1 on the same validation data.
-    assert v2["promoted"] == (v2["val_loss"] < v1["val_loss"])
+    # v2 is promoted exactly when it beat v1 by more than 2 standard errors of the paired difference.
+    tags = registry.client(stack).get_model_version("gptmini", "2").tags
+    gate = json.loads(tags["gate.json"])
+    assert v2["promoted"] == (gate["difference"] > 2 * gate["standard_error"]) == v2["decision"]["promote"]
+    assert float(tags["gate.difference_bpb"]) == pytest.approx(gate["difference"], abs=1e-6)
+    assert float(tags["gate.standard_error_bpb"]) == pytest.approx(gate["standard_error"], abs=1e-6)
     assert aliases["production"] == aliases["champion"] == ("2" if v2["promoted"] else "1")
-    decision = registry.client(stack).get_model_version("gptmini", "2").tags["gate.decision"]
-    assert decision == ("promoted" if v2["promoted"] else "rejected")
+    assert tags["gate.decision"] == ("promoted" if v2["promoted"] else "rejected")
 
 
 @pytest.mark.slow
@@ -175,7 +183,7 @@ def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     report = next(a for a in artifacts if a.key == "train-gpt-report")
-    assert "val_loss" in report.data and "gptmini v1" in report.data
+    assert "val_bpb" in report.data and "val_loss" in report.data and "gptmini v1" in report.data
     assert "greedy" in report.data and "top-k 40" in report.data
     assert "promoted to production" in report.data
 
@@ -281,7 +289,7 @@ def test_two_runs_finishing_together_gate_one_after_the_other(stack):
     assert all(state.is_completed() for state in states.values()), {k: s.message for k, s in states.items()}
 
     mc = registry.client(stack)
-    results = sorted((int(s.result()["version"]), s.result()["val_loss"]) for s in states.values())
+    results = sorted((int(s.result()["version"]), s.result()["val_bpb"]) for s in states.values())
     (first, first_loss), (second, second_loss) = results
     gates = {v: json.loads(mc.get_model_version(name, str(v)).tags["gate.json"]) for v in (first, second)}
     assert gates[first]["champion_version"] is None and gates[first]["promote"]
@@ -344,9 +352,12 @@ def test_deployments_are_registered_with_schedule_and_overridable_parameters(sta
 def test_report_keeps_sample_text_inside_its_table_cell():
     from flows.report import report
 
-    md = report({"val_loss": 1.5}, {"steps": 2}, [{"mode": "greedy", "prompt": "a|b", "text": "x\ny|z"}],
-                {"promote": False, "reason": "r"}, {"run": "r1", "version": "v1"}, "/runs/x", "ab", "3", "gptmini")
-    assert "| val_loss | 1.5000 |" in md and "not promoted" in md
+    md = report({"val_loss": 1.5, "val_bpb": 2.0}, {"steps": 2, "best_step": 2},
+                [{"mode": "greedy", "prompt": "a|b", "text": "x\ny|z"}],
+                {"promote": False, "reason": "r", "difference": 0.01, "standard_error": 0.02, "pieces": 25},
+                {"run": "r1", "version": "v1"}, "/runs/x", "ab", "3", "gptmini")
+    assert "| registered (best checkpoint) | 2 | 2.0000 | 1.5000 |" in md and "not promoted" in md
+    assert "+0.0100 bits/byte, standard error 0.0200, over 25 val pieces" in md
     row = next(line for line in md.splitlines() if line.startswith("| greedy"))
     assert row.count("|") - row.count("\\|") == 4  # three cells, whatever the text holds
 
