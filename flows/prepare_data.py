@@ -24,7 +24,7 @@ def prepare_data(sources: list[str] = DEFAULT_SOURCES, tokenizer: str = "cl100k_
     Args:
         sources: wikipedia:TITLE, http(s)://URL, embedded:python-docs, local files/folders/globs.
         tokenizer: cl100k_base, gpt2 or o200k_base.
-        val_fraction: the share of documents held out for validation, in (0, 1).
+        val_fraction: the share of the text held out for validation, in (0, 1), dealt in chunks of about 256 tokens.
     """
     check_data_parameters(tokenizer, val_fraction)
     sources = check_sources(sources)

@@ -53,6 +53,7 @@ def world(tmp_path_factory) -> World:
     (r / "binary.txt").write_bytes(b"text\0\x01\x02")
     (r / "bad.jsonl").write_text('{"text": "ok"}\n{not json\n')
     (r / "nofield.jsonl").write_text('{"body": "no text field"}\n')
+    (r / "blank.txt").write_text("  \n\n")
     (r / "empty-folder").mkdir()
     (r / "empty-folder" / "image.png").write_bytes(b"\x89PNG")
     (r / "hf-taken").mkdir()  # an export target someone already uses
@@ -156,6 +157,12 @@ def _cases() -> list[Case]:
              prep_gone),
         Case("prepare", "non-number flag", prep("{r}/corpus.txt", "--val-fraction", "half"), lambda w: "'half'",
              prep_gone, argparse=True),
+        Case("prepare", "BPE size below 256 bytes plus end-of-text", prep("{r}/corpus.txt", "--tokenizer", "bpe:100"),
+             lambda w: "bpe:100 needs N >= 257", prep_gone),
+        Case("prepare", "BPE on an empty corpus", prep("{r}/blank.txt", "--tokenizer", "bpe:300"),
+             lambda w: "empty", prep_gone),
+        Case("prepare", "split chunks too small", prep("{r}/corpus.txt", "--split-chars", "4"),
+             lambda w: "--split-chars 4", prep_gone),
         # train: flags
         Case("train", "unknown preset", train("--preset", "huge"), lambda w: "'huge'", out_gone),
         Case("train", "steps 0", train("--steps", "0"), lambda w: "train.steps = 0", out_gone),

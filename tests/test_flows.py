@@ -109,7 +109,7 @@ def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, tw
     # MLflow 3: the shards are the run's input, and the version is the trainer's LoggedModel of the best checkpoint.
     [dataset] = [d.dataset for d in run.inputs.dataset_inputs]
     assert mv.tags["data_manifest_sha256"].startswith(dataset.digest)
-    logged = mc.get_logged_model(mv.model_id)
+    logged = mc.get_logged_model(registry.source_model_id(mv))
     assert logged.source_run_id == run.info.run_id and logged.name == "best"
     assert {m.key for m in logged.metrics} >= {"val_loss", "val_bpb", "val_perplexity"}
 
