@@ -34,6 +34,7 @@ from gptmini.redact import redact_tree
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(UserError):
@@ -70,6 +71,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step and rank
     parallel: str = "none"  # none | ddp | fsdp
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     deterministic: bool = False  # bit-exact resume on CPU (torch.use_deterministic_algorithms)
     seed: int = 1337
@@ -258,6 +260,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.parallel = {t.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device = {t.device!r}; choose one of: {', '.join(DEVICES)}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision = {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for name, value in (("train.steps", t.steps), ("train.grad_accum", t.grad_accum),
                         ("data.batch_size", d.batch_size), ("train.log_every", t.log_every),
                         ("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches),

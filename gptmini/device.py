@@ -11,6 +11,7 @@ import torch
 from gptmini.errors import UserError
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity) for MFU; other devices get no MFU rather than a guess.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12,
               "4090": 165e12}
@@ -30,10 +31,12 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp32 master weights, bf16 matmuls); CPU runs fp32."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """What matmuls compute in; weights, optimizer state and the loss stay fp32 either way. `auto`: bf16
+    autocast on CUDA, fp32 on CPU, where bf16 pays only on CPUs with native bf16 dot products (AVX512-BF16,
+    AMX): BENCHMARKS.md, "Training". `bf16` or `fp32` force it on either device."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -286,7 +286,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     for i, (x, y) in enumerate(micro):
         # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
         weight = y.numel() / step_tokens
-        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device):
+        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.cfg.train.precision):
             _, loss = run.model(x, y)
             (loss * weight).backward()
         step_loss += loss.detach() * weight
@@ -376,7 +376,8 @@ def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None
     val loss exports checkpoints/best/."""
     if run.val_loader is None:
         return None
-    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches)
+    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches,
+                      run.cfg.train.precision)
     step = run.state.step
     if run.env.is_main:
         run.log.log({"kind": "val", "step": step, **result})

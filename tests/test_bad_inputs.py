@@ -169,6 +169,7 @@ def _cases() -> list[Case]:
         Case("train", "steps not a number", train("--steps", "many"), lambda w: "'many'", out_gone),
         Case("train", "unknown parallel mode", train("--parallel", "zero3"), lambda w: "'zero3'", out_gone),
         Case("train", "unknown device", train("--device", "tpu"), lambda w: "'tpu'", out_gone),
+        Case("train", "unknown precision", train("--train.precision", "fp8"), lambda w: "'fp8'", out_gone),
         Case("train", "min_lr above lr", train("--optim.min_lr", "1"), lambda w: "optim.min_lr = 1.0", out_gone),
         Case("train", "seq_len above max_seq_len", train("--seq-len", "100000"), lambda w: "100000", out_gone),
         Case("train", "heads not dividing d_model", train("--model.n_heads", "3"), lambda w: "n_heads=3", out_gone),
