@@ -5,7 +5,8 @@
 
 For each tokenizer: `gptmini prepare` the demo corpus with it, time a short calibration run of the demo preset
 (the model takes the data's vocabulary, so only the embedding and the output layer change), then train for as
-many steps as fit in --budget seconds, so every run's cosine schedule ends at the budget. Each run's only
+many steps as fit in --budget seconds, so every run's cosine schedule ends at the budget (a run whose
+summary.json is in --work already is reused). Each run's only
 evaluation is its final one, over every val window; the val split holds the same text for every tokenizer, so
 bits per byte compare. Reported: val bits per byte, tokens/s and bytes/s of training (bytes: the UTF-8 bytes
 of the text a token covers, on average over the val split), the steps and the training seconds they took, and
@@ -60,22 +61,25 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
     step_tokens = demo["data"]["seq_len"] * demo["data"]["batch_size"]
     quiet = ["--train.eval_every", "100000", "--train.ckpt_every", "100000"]
 
-    cal = work / f"calibrate-{label}"
-    gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(cal), "--steps", str(args.calibrate),
-            "--train.log_every", "10", *quiet, *extra)
-    _, rate = train_seconds(cal, 10, step_tokens)
-    steps = max(1, int(args.budget * rate / step_tokens))
-
     run = work / f"run-{label}"
-    t = time.perf_counter()
-    gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(run), "--steps", str(steps),
-            "--train.log_every", "10", *quiet, *extra)
-    wall_s = time.perf_counter() - t
+    if (run / "summary.json").exists():  # finished in an earlier invocation with the same --work
+        wall_s = None
+    else:
+        cal = work / f"calibrate-{label}"
+        gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(cal), "--steps",
+                str(args.calibrate), "--train.log_every", "10", *quiet, *extra)
+        _, rate = train_seconds(cal, 10, step_tokens)
+        steps = max(1, int(args.budget * rate / step_tokens))
+        t = time.perf_counter()
+        gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(run), "--steps", str(steps),
+                "--train.log_every", "10", *quiet, *extra)
+        wall_s = time.perf_counter() - t
     summary = json.loads((run / "summary.json").read_text())
+    steps = summary["steps"]
     final = summary["final"]
     seconds, steady = train_seconds(run, 10, step_tokens)
     bytes_per_token = final["val_bytes"] / final["val_tokens"]
-    sample = gptmini("generate", "--model", str(run / "final"), "--prompt", PROMPT, "--max-new-tokens",
+    sample = gptmini("generate", "--checkpoint", str(run / "final"), "--prompt", PROMPT, "--max-new-tokens",
                      str(args.sample_tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0").strip()
     return {"run": spec, "tokenizer": tokenizer, "train_args": extra, "name": manifest["tokenizer"], "vocab_size": manifest["vocab_size"],
             "prepare_s": prepare_s, "train_tokens": manifest["splits"]["train"]["tokens"],

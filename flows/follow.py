@@ -28,6 +28,9 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 from prefect.utilities.urls import url_for
 
+from gptmini import cli
+from gptmini.errors import Failure, UserError
+
 POLL_S = 1.5
 PAGE = 200  # the server's default (and largest) page of logs
 # Logs reach the server in batches, one every 2 s (PREFECT_LOGGING_TO_API_BATCH_INTERVAL), stamped when they
@@ -40,11 +43,11 @@ DRAIN_S = 5.0
 SOURCE_WIDTH = 16  # task run names: train-3e2, export_best-af1
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad arguments: exit 2."""
 
 
-class FollowError(Exception):
+class FollowError(Failure):
     """The run could not be started or followed: exit 1."""
 
 
@@ -236,6 +239,10 @@ def api_error(exc: httpx.HTTPError, url: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)  # argparse itself exits 2 on a malformed command line
+    return cli.run("follow", lambda: follow_deployment(args))
+
+
+def follow_deployment(args: argparse.Namespace) -> int:
     run, url = None, ""
     try:
         parameters = parse_params(args.param, args.params)
@@ -244,16 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             run = create_run(client, args.deployment, parameters)
             announce(run, args.deployment)
             state = follow(client, run, args.timeout)
-    except UsageError as exc:
-        print(f"follow: {exc}", file=sys.stderr)
-        return 2
-    except FollowError as exc:
-        print(f"follow: {exc}", file=sys.stderr)
-        return 1
     except httpx.HTTPError as exc:
         goes_on = f"; flow run {run.id} keeps running on the server (the Prefect UI shows it)" if run else ""
-        print(f"follow: {api_error(exc, url)}{goes_on}", file=sys.stderr)
-        return 1
+        raise FollowError(f"{api_error(exc, url)}{goes_on}") from None
     except KeyboardInterrupt:
         if run is None:
             print("\nfollow: interrupted; no flow run was created", file=sys.stderr)

@@ -33,11 +33,18 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """What matmuls compute in; weights, optimizer state and the loss stay fp32 either way. `auto`: bf16
-    autocast on CUDA, fp32 on CPU, where bf16 pays only on CPUs with native bf16 dot products (AVX512-BF16,
-    AMX): BENCHMARKS.md, "Training". `bf16` or `fp32` force it on either device."""
+    autocast on CUDA, fp32 on CPU. `bf16` or `fp32` force it on either device (the trainer asks `native_bf16`
+    first: on a CPU bf16 pays only with bf16 units; BENCHMARKS.md, "Training on CPU")."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device multiplies bf16 in hardware: CUDA, or an x86 CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -29,7 +29,7 @@ from gptmini.config import Config, ConfigError, to_json, to_toml
 from gptmini.data.loader import WindowLoader, build_loaders
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.data.sources import DataError
-from gptmini.device import autocast, peak_flops
+from gptmini.device import autocast, native_bf16, peak_flops
 from gptmini.errors import UserError
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_atomic, write_json
@@ -151,6 +151,7 @@ class Run:
     t_start: float
     nbytes: torch.Tensor  # UTF-8 bytes of each token id, for bits per byte
     tokenizer_file: Path | None  # a trained tokenizer's file, saved with every checkpoint and weights folder
+    precision: str  # what the training step's matmuls run in: train.precision resolved for this device
 
     def say(self, *parts: Any) -> None:
         if self.env.is_main:
@@ -162,6 +163,17 @@ class Run:
 
     def wall_time(self) -> float:
         return self.state.wall_time_s + time.time() - self.t_start
+
+
+def step_precision(precision: str, env: parallel.DistEnv) -> str:
+    """bf16 where it was asked for and the device multiplies bf16 in hardware; asked for on a CPU without,
+    it would only be slower (oneDNN emulates it), so the step runs fp32 and says so."""
+    if precision == "bf16" and not native_bf16(env.device):
+        if env.is_main:
+            print("note: train.precision = 'bf16' but this CPU has no bf16 units (AVX512-BF16 or AMX), where bf16 "
+                  "autocast is slower than fp32: training runs fp32", flush=True)
+        return "fp32"
+    return precision
 
 
 def seed_everything(seed: int) -> None:
@@ -239,7 +251,8 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         write_atomic(run_dir / "train_config.json", to_json(cfg))
     run = Run(cfg, env, run_dir, raw_model, model, optimizer, train_loader, val_loader,
               metrics.MetricsLog(run_dir / "metrics.jsonl"), TrainState(), t_start,
-              token_bytes(tokenizer, cfg.model.vocab_size, env.device), tokenizer.file)
+              token_bytes(tokenizer, cfg.model.vocab_size, env.device), tokenizer.file,
+              step_precision(cfg.train.precision, env))
     rng = resume(run, resume_from) if resume_from is not None else None
     if env.is_main:
         run.log.truncate_after(run.state.step)  # a fresh run starts an empty file; a resumed one drops lost steps
@@ -286,7 +299,7 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     for i, (x, y) in enumerate(micro):
         # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
         weight = y.numel() / step_tokens
-        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.cfg.train.precision):
+        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.precision):
             _, loss = run.model(x, y)
             (loss * weight).backward()
         step_loss += loss.detach() * weight
@@ -376,8 +389,7 @@ def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None
     val loss exports checkpoints/best/."""
     if run.val_loader is None:
         return None
-    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches,
-                      run.cfg.train.precision)
+    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches)
     step = run.state.step
     if run.env.is_main:
         run.log.log({"kind": "val", "step": step, **result})

@@ -6,10 +6,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from gptmini import config
+from gptmini import config, parallel, trainer
 from gptmini.cli.train import parse_args
 from gptmini.config import ConfigError
+from gptmini.device import autocast, native_bf16
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
 
@@ -114,3 +116,17 @@ def test_a_failed_run_says_how_it_ended_in_summary_json_and_its_exit_code(argv, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == status and summary["exit_code"] == 2 and words in summary["error"]
     assert words in capsys.readouterr().err
+
+
+def test_bf16_runs_the_step_under_autocast_where_the_cpu_has_bf16_units(capsys):
+    env = parallel.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    assert trainer.step_precision("fp32", env) == "fp32" and trainer.step_precision("auto", env) == "auto"
+    resolved = trainer.step_precision("bf16", env)
+    if native_bf16(env.device):
+        assert resolved == "bf16" and capsys.readouterr().out == ""
+    else:
+        assert resolved == "fp32" and "no bf16 units" in capsys.readouterr().out
+    for precision, on in (("bf16", True), ("fp32", False), ("auto", False)):
+        with autocast(env.device, precision):
+            assert torch.is_autocast_enabled("cpu") is on
+    assert config.PRESETS["demo"]["train"]["precision"] == "bf16"
