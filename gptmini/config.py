@@ -135,15 +135,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # The seed's demonstration model (256 dim, 4 layers) on cl100k_base (100277 padded to 100352), sized to
     # train for a few minutes on a laptop CPU. Small batches, many steps: on 2 CPU cores the 100k-row output
-    # layer costs most of each token, so the demo gets the most learning per token (about one pass over the
-    # embedded corpus, which leaves nothing for dropout to regularise). bf16 autocast: 1.2x the steps per
-    # second on a CPU with bf16 units at the same bits per byte (fp32 on one without).
+    # layer costs most of each token, so the demo gets the most learning per token (three quarters of a pass
+    # over the embedded corpus, which leaves nothing for dropout to regularise). 300 steps keep `make demo`
+    # within 10 minutes of a 2-core VM, install included. bf16 autocast: 1.25x the steps per second on a CPU
+    # with bf16 units at the same bits per byte (fp32 on one without).
     "demo": {
         "model": {"vocab_size": 100352, "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 2,
                   "d_ff": 1024, "num_experts": 4, "top_k": 2, "max_seq_len": 256, "dropout": 0.0},
         "data": {"seq_len": 64, "batch_size": 4},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 20},
-        "train": {"steps": 400, "log_every": 10, "eval_every": 50, "eval_batches": 4, "ckpt_every": 100,
+        "train": {"steps": 300, "log_every": 10, "eval_every": 50, "eval_batches": 4, "ckpt_every": 100,
                   "precision": "bf16"},
     },
     # For tests: every feature on (GQA, MoE), as small as the cl100k vocabulary allows.
