@@ -150,3 +150,24 @@ def test_nanogpt_baseline_counts_the_flops_behind_the_published_mfu():
     subject = bench.baseline_subject("gpt2", model_preset("seed"), block_size=1024, dropout=0.0)
     assert subject.matmul_params == 123_568_128
     assert subject.flops_per_token(1024) == 854_654_976
+
+
+def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
+    """bench_tokenizers (prepare with a trained BPE, calibrate, train to a budget, sample) and bench_cpu_train
+    (fp32 and bf16 timed in turn) as BENCHMARKS.md runs them, at a size that takes seconds."""
+    import bench_cpu_train
+    import bench_tokenizers
+
+    work, out = tmp_path / "work", tmp_path / "tokenizers.json"
+    assert bench_tokenizers.main(["--runs", "bpe:300", "--budget", "2", "--calibrate", "10", "--sample-tokens", "5",
+                                  "--work", str(work), "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["vocab_size"] == 300 and r["name"].startswith("bpe-300-") and r["steps"] >= 1
+    assert r["val_bytes"] > 0 and 0 < r["val_bpb"] < 10 and r["sample"].startswith("The Python interpreter")
+    timed = tmp_path / "cpu_train.json"
+    assert bench_cpu_train.main(["--data-dir", str(work / "data-bpe300"), "--variants", "fp32,bf16", "--steps", "2",
+                                 "--warmup", "1", "--eval-batches", "1", "--eval-repeats", "1",
+                                 "--out", str(timed)]) == 0
+    results = json.loads(timed.read_text())["results"]
+    assert [v["variant"] for v in results] == ["fp32", "bf16"] and all(v["step_s"] > 0 for v in results)
+    assert results[0]["losses"][0] == pytest.approx(results[1]["losses"][0], rel=1e-2)  # same init, same batch
