@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from gptmini.errors import Failure, UserError
+from gptmini.files import default_cache_dir
 
 MODEL_NAME = "gptmini"
 PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
@@ -317,7 +318,7 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("GPTMINI_CACHE_DIR") or Path.home() / ".cache" / "gptmini") / "registry"
+    return default_cache_dir() / "registry"
 
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> Path:

@@ -133,6 +133,29 @@ def test_first_version_is_promoted_and_aliases_follow_the_gate(stack, two_runs):
 
 
 @pytest.mark.slow
+def test_a_bpe_run_registers_a_version_that_carries_its_tokenizer(stack, tmp_path, monkeypatch, capsys):
+    """`--param tokenizer=bpe:N`: the version names the trained tokenizer and its sha256, and a machine that
+    never saw the data (a fresh cache) generates from the registry with it."""
+    from flows.train_gpt import train_gpt
+    from gptmini.cli import main as gptmini
+
+    state = train_gpt(**TINY, tokenizer="bpe:300", model_name="gptmini-bpe", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    manifest = json.loads((Path(result["data_dir"]) / "manifest.json").read_text())
+    assert manifest["tokenizer"].startswith("bpe-300-") and manifest["n_vocab"] == 300
+    mv = registry.client(stack).get_model_version("gptmini-bpe", result["version"])
+    assert mv.tags["tokenizer"] == manifest["tokenizer"]
+    assert mv.tags["tokenizer_sha256"] == manifest["tokenizer_sha256"]
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "fresh-cache"))
+    capsys.readouterr()
+    assert gptmini(["generate", "--model", f"models:/gptmini-bpe/{result['version']}", "--prompt", "def",
+                    "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    assert list((tmp_path / "fresh-cache").rglob("tokenizer.tiktoken"))  # it came with the version
+
+
+@pytest.mark.slow
 def test_rerun_hits_the_cached_data_tasks(two_runs):
     (first_id, _), (second_id, _) = two_runs
     first, second = task_states(first_id), task_states(second_id)
