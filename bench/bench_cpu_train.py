@@ -13,7 +13,6 @@ so a variant that trains differently shows.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import statistics
 import sys
@@ -25,6 +24,7 @@ import torch
 from gptmini.config import PRESETS, OptimConfig, model_preset
 from gptmini.data.loader import build_loaders
 from gptmini.data.prepare import read_manifest
+from gptmini.device import autocast, native_bf16
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
@@ -32,18 +32,17 @@ from gptmini.optim import build_optimizer
 from gptmini.parallel import compile_model
 from gptmini.tokenizer import get_tokenizer
 
-VARIANTS = {"fp32": (False, False), "bf16": (True, False), "fp32+compile": (False, True), "bf16+compile": (True, True)}
-
-
-def precision(bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+CPU = torch.device("cpu")
+# name: (train.precision, compiled)
+VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp32", True),
+            "bf16+compile": ("bf16", True)}
 
 
 class Variant:
     """One way to run the demo model: its own model, optimizer and loaders, all seeded alike."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
-        self.name, (self.bf16, compiled) = name, VARIANTS[name]
+        self.name, (self.precision, compiled) = name, VARIANTS[name]
         manifest = read_manifest(args.data_dir)
         preset = PRESETS["demo"]
         torch.manual_seed(0)
@@ -64,7 +63,7 @@ class Variant:
     def step(self, timed: bool = True) -> float:
         t = time.perf_counter()
         x, y = self.train.next_batch()
-        with precision(self.bf16):
+        with autocast(CPU, self.precision):
             _, loss = self.model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -78,7 +77,7 @@ class Variant:
 
     def evaluate(self, max_batches: int) -> None:
         t = time.perf_counter()
-        with precision(self.bf16):
+        with autocast(CPU, self.precision):
             self.result = evaluate(self.model, self.val, self.nbytes, max_batches=max_batches)
         self.eval_times.append(time.perf_counter() - t)
 
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+           "native_bf16": native_bf16(CPU)}
     print(f"# {env}", flush=True)
     variants, warmup_s = [], {}
     for name in names:  # the untimed steps, a compile among them, one variant at a time

@@ -43,7 +43,8 @@ def train_seconds(run_dir: Path, log_every: int, step_tokens: int) -> tuple[floa
     start-up are left out) and the steady tokens/s (the median interval after the first)."""
     rates = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
-    steady = sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2]
+    settled = sorted(rates[1:] or rates)
+    steady = settled[len(settled) // 2]
     return sum(log_every * step_tokens / r for r in rates), steady
 
 
@@ -52,10 +53,11 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
     tag = tokenizer.replace(":", "")
     label = "-".join([tag, *(a.lstrip("-").replace(".", "_") for a in extra)])
     data = work / f"data-{tag}"
-    t = time.perf_counter()
+    prepare_s = None  # None: the folder was prepared by an earlier invocation with the same --work
     if not (data / "manifest.json").exists():
+        t = time.perf_counter()
         gptmini("prepare", args.source, "--out", str(data), "--tokenizer", tokenizer)
-    prepare_s = time.perf_counter() - t
+        prepare_s = time.perf_counter() - t
     manifest = json.loads((data / "manifest.json").read_text())
     demo = PRESETS["demo"]
     step_tokens = demo["data"]["seq_len"] * demo["data"]["batch_size"]

@@ -27,14 +27,13 @@ else:  # pragma: no cover
 
 import tomli_w
 
+from gptmini.device import DEVICES, PRECISIONS
 from gptmini.errors import UserError
 from gptmini.model import ModelConfig
 from gptmini.tokenizer import check_tokenizer_name
 from gptmini.redact import redact_tree
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(UserError):

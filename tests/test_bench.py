@@ -162,7 +162,7 @@ def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
     assert bench_tokenizers.main(["--runs", "bpe:300", "--budget", "2", "--calibrate", "10", "--sample-tokens", "5",
                                   "--work", str(work), "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
-    assert r["vocab_size"] == 384 and r["name"].startswith("bpe-300-")  # 300 ids padded to 128s and r["steps"] >= 1
+    assert r["vocab_size"] == 384 and r["name"].startswith("bpe-300-") and r["steps"] >= 1  # 300 ids padded to 128s
     assert r["val_bytes"] > 0 and 0 < r["val_bpb"] < 10 and r["sample"].startswith("The Python interpreter")
     timed = tmp_path / "cpu_train.json"
     assert bench_cpu_train.main(["--data-dir", str(work / "data-bpe300"), "--variants", "fp32,bf16", "--steps", "2",
