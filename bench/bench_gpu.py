@@ -33,7 +33,7 @@ import torch.nn as nn
 from gptmini.config import OptimConfig, model_preset
 from gptmini.data.loader import build_loaders
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
-from gptmini.device import DEVICES, PEAK_FLOPS, autocast, peak_flops, pick_device
+from gptmini.device import DEVICES, PEAK_FLOPS, autocast, matmul_dtype, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
 from gptmini.generate import stream
@@ -42,6 +42,7 @@ from gptmini.optim import build_optimizer
 from gptmini.parallel import compile_model
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
+from moe_gemms import grouped_gemms
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
@@ -337,6 +338,8 @@ def make_train_step(model: nn.Module, args: argparse.Namespace, device: torch.de
     without reading it, so nothing waits on the device."""
     optim = OptimConfig()
     opt = build_optimizer(model, optim)
+    if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
+        model.set_expert_kernel(compute_dtype=matmul_dtype(device))
     forward = compile_model(model, args.compile, args.compile_mode)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -530,7 +533,7 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
 def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
     """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
     seed step's three GEMM shapes (attention-free), so a profile can say how far each is from its ceiling:
-    the experts as one dense GEMM and as `torch._grouped_mm` over equal groups, and the output head.
+    the experts as one dense GEMM and every grouped GEMM of their forward and backward, and the output head.
     n is the tokens of one training step (first --batch x first --seq). Random inputs, never zeros."""
     square = 8192 if device.type == "cuda" else 512
     d, f, E, k, V = cfg.d_model, cfg.d_ff, max(cfg.num_experts, 1), cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
@@ -546,14 +549,15 @@ def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) 
     gemm("matmul (square)", square, square, square)
     gemm("experts w1 as one dense GEMM", n * k, d, f)
     gemm("output head", n, d, V)
-    if hasattr(torch, "_grouped_mm") and E > 1:
-        xs = torch.randn(n * k, d, device=device, dtype=dtype)
-        w = torch.randn(E, d, f, device=device, dtype=dtype)
-        offs = torch.arange(1, E + 1, device=device, dtype=torch.int32) * (n * k // E)  # equal groups
-        run = CeilingRun(f"experts w1 via torch._grouped_mm ({E} equal groups)", f"{n * k}x{d} @ {E}x{d}x{f}", name_dtype)
+    # Every grouped GEMM of the MoE step (forward, input and weight gradients) with the operands' layouts as
+    # the model passes them: the layout selects the kernel (bench/moe_gemms.py).
+    for g in grouped_gemms(cfg, n) if hasattr(torch, "_grouped_mm") else []:
+        run = CeilingRun(f"experts {g.role} via torch._grouped_mm ({E} equal groups, x{g.count} per layer)", g.layout,
+                         name_dtype)
         try:
+            xs, w, offs = g.operands(device, dtype, E)
             t = median_seconds(lambda: torch._grouped_mm(xs, w, offs=offs), device, args.ceiling_repeats)
-            run.ms, run.tflops = t * 1e3, 2 * n * k * d * f / t / 1e12
+            run.ms, run.tflops = t * 1e3, g.flops / t / 1e12
         except RuntimeError as e:  # the op's dtype/device support differs across torch versions
             run.status = f"unsupported here: {str(e).splitlines()[0]}"
         runs.append(run)

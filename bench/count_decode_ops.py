@@ -7,7 +7,6 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import gptmini.model as gm
 from gptmini.config import model_preset
 from gptmini.generate import stream
 from gptmini.model import GPTOSSMini
@@ -33,10 +32,10 @@ class Count(TorchDispatchMode):
 
 
 def main() -> None:
-    gm.grouped_mm_supported = lambda x, dtype: True  # the H100 bf16 path (torch._grouped_mm runs on CPU too)
     cfg = model_preset("seed", d_model=96, n_heads=12, n_kv_heads=3, d_ff=64, vocab_size=512, dropout=0.0)
     torch.manual_seed(0)
     model = GPTOSSMini(cfg).eval()
+    model.set_expert_kernel("grouped")  # the H100 bf16 path (torch._grouped_mm runs on CPU too)
     prompt = torch.randint(0, 512, (1, 16))
     it = stream(model, prompt, max_new_tokens=4, temperature=0.0)
     with torch.inference_mode():

@@ -35,9 +35,16 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     """What matmuls compute in; weights, optimizer state and the loss stay fp32 either way. `auto`: bf16
     autocast on CUDA, fp32 on CPU. `bf16` or `fp32` force it on either device (the trainer asks `native_bf16`
     first: on a CPU bf16 pays only with bf16 units; BENCHMARKS.md, "Training on CPU")."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if matmul_dtype(device, precision) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def matmul_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype `autocast(device, precision)` runs matmuls in, for fp32 weights."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -351,15 +351,17 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def grouped_mm_supported(x: Tensor, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm has a fused, sync-free kernel for bf16 on sm90+ (H100). Elsewhere it falls back to
-    a host-synchronising loop, so the explicit loop below is just as good and runs in any dtype."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x.is_cuda
-        and dtype == torch.bfloat16
-        and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    )
+EXPERT_KERNELS = ("auto", "grouped", "looped")
+
+
+def expert_kernel(device: torch.device, dtype: torch.dtype) -> str:
+    """The MoE kernel for experts computing in `dtype` on `device`: `grouped` where torch._grouped_mm has its
+    fused, sync-free kernel (bf16 on CUDA sm90+: H100, H200); elsewhere `looped`, since _grouped_mm's fallback
+    is itself a host-synchronising loop and the explicit one runs in any dtype. Asked once, outside forward:
+    a torch.cuda call inside a compiled region is traced on every call."""
+    if device.type != "cuda" or dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return "looped"
+    return "grouped" if torch.cuda.get_device_capability(device) >= (9, 0) else "looped"
 
 
 class MoE(nn.Module):
@@ -368,7 +370,10 @@ class MoE(nn.Module):
 
     Expert weights are stacked, (E, d_ff, d_model) for w1/w3 and (E, d_model, d_ff) for w2 (each slice an
     nn.Linear weight), so all experts run as one grouped matmul over the tokens sorted by expert.
+    `kernel` ("grouped" or "looped") is set by GPTOSSMini.set_expert_kernel from the device and dtype.
     """
+
+    kernel = "looped"
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -388,9 +393,8 @@ class MoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
         load = F.one_hot(experts.flatten(), self.num_experts).sum(dim=0)  # (E,)
-        dtype = compute_dtype(x)
-        if grouped_mm_supported(x, dtype):
-            y = self.experts_grouped(x.to(dtype), weights, experts, load)
+        if self.kernel == "grouped":
+            y = self.experts_grouped(x.to(compute_dtype(x)), weights, experts, load)
         else:
             y = self.experts_looped(x, weights, experts, load)
         return y.view(B, T, D), self.balance_loss(probs, load), load
@@ -405,7 +409,9 @@ class MoE(nn.Module):
         N, D = x.shape
         order = experts.flatten().argsort(stable=True)  # (N*k,) routing slots sorted by expert
         xs = x[order // self.top_k]  # (N*k, D)
-        offs = load.cumsum(0).to(torch.int32)  # end row of each expert's group, stays on device
+        # End row of each expert's group, on the device. The last is N*k since routing is dropless: _grouped_mm
+        # leaves rows past the last offset unwritten, so a capacity limit would need those rows zeroed.
+        offs = load.cumsum(0).to(torch.int32)
         w1, w2, w3 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w2, self.w3))
         h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)  # (N*k, F)
         ys = torch._grouped_mm(h, w2, offs=offs)  # (N*k, D)
@@ -526,6 +532,7 @@ class GPTOSSMini(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config.head_dim, config.rope_theta), persistent=False)
         self.last_aux_loss: Tensor = torch.zeros(())
         self.last_expert_load: Tensor | None = None
+        self.expert_choice: tuple[str, torch.dtype | None] = ("auto", None)
         self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True):
@@ -533,7 +540,23 @@ class GPTOSSMini(nn.Module):
         # 0.9 rad more or less than training did; they are recomputed in fp32 on the new device instead.
         super()._apply(fn, recurse)
         self.inv_freq = rope_inv_freq(self.config.head_dim, self.config.rope_theta).to(self.inv_freq.device)
+        self.set_expert_kernel(*self.expert_choice)  # the device or dtype may have changed
         return self
+
+    def set_expert_kernel(self, kernel: str = "auto", compute_dtype: torch.dtype | None = None) -> str:
+        """Sets every MoE layer's `kernel` and returns it. `auto` asks `expert_kernel` for the weights' device
+        and `compute_dtype`: the dtype the matmuls run in, the weights' own unless autocast changes it (the
+        trainer passes bf16 for bf16 autocast). Kept across `.to()`, which re-chooses for the new device."""
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert kernel {kernel!r} is unknown; choose one of: {', '.join(EXPERT_KERNELS)}")
+        self.expert_choice = (kernel, compute_dtype)
+        if kernel == "auto":
+            w = self.tok_embeddings.weight
+            kernel = expert_kernel(w.device, compute_dtype or w.dtype)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.kernel = kernel
+        return kernel
 
     def reset_parameters(self) -> None:
         """N(0, 0.02) everywhere; the projections that write into the residual stream get 0.02/sqrt(2L) so the

@@ -29,7 +29,7 @@ from gptmini.config import Config, ConfigError, to_json, to_toml
 from gptmini.data.loader import WindowLoader, build_loaders
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.data.sources import DataError
-from gptmini.device import autocast, native_bf16, peak_flops
+from gptmini.device import autocast, matmul_dtype, native_bf16, peak_flops
 from gptmini.errors import UserError
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_atomic, write_json
@@ -237,7 +237,9 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
 
     # Same seed on every rank: FSDP2 shards each rank's own init, so the inits must agree.
     seed_everything(cfg.train.seed)
+    precision = step_precision(cfg.train.precision, env)
     raw_model = GPTOSSMini(cfg.model).to(env.device)
+    raw_model.set_expert_kernel(compute_dtype=matmul_dtype(env.device, precision))  # before compile traces it
     if cfg.train.compile:
         parallel.compile_model(raw_model, "blocks")
     model = parallel.wrap(raw_model, cfg.train.parallel, env)
@@ -251,8 +253,7 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         write_atomic(run_dir / "train_config.json", to_json(cfg))
     run = Run(cfg, env, run_dir, raw_model, model, optimizer, train_loader, val_loader,
               metrics.MetricsLog(run_dir / "metrics.jsonl"), TrainState(), t_start,
-              token_bytes(tokenizer, cfg.model.vocab_size, env.device), tokenizer.file,
-              step_precision(cfg.train.precision, env))
+              token_bytes(tokenizer, cfg.model.vocab_size, env.device), tokenizer.file, precision)
     rng = resume(run, resume_from) if resume_from is not None else None
     if env.is_main:
         run.log.truncate_after(run.state.step)  # a fresh run starts an empty file; a resumed one drops lost steps
