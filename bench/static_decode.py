@@ -39,7 +39,8 @@ class StaticKVCache:
 
 
 class StaticDecoder:
-    def __init__(self, model: GPTOSSMini, batch: int, max_len: int, compile_mode: str | None = None):
+    def __init__(self, model: GPTOSSMini, batch: int, max_len: int, compile_mode: str | None = None,
+                 backend: str = "inductor"):
         cfg = model.config
         if cfg.sliding_window is not None or cfg.rope_scaling is not None:
             raise ValueError(
@@ -51,7 +52,18 @@ class StaticDecoder:
         self.model, self.max_len = model.eval(), max_len
         self.cache = StaticKVCache(model, batch, max_len)
         self.slots = torch.arange(max_len, device=model.tok_embeddings.weight.device)  # (S,)
-        self.step = torch.compile(self._forward, mode=compile_mode) if compile_mode else self._forward
+        self.step = self._forward
+        if compile_mode and cfg.is_moe and model.tok_embeddings.weight.dtype != torch.bfloat16:
+            raise ValueError(
+                f"compiling static decoding of an MoE model needs bf16 weights, not "
+                f"{model.tok_embeddings.weight.dtype} (torch._grouped_mm compiles for bf16 only): "
+                f"model.to(torch.bfloat16) first"
+            )
+        if compile_mode:
+            # One graph needs the grouped expert kernel: the looped one's shapes follow the routing. fullgraph:
+            # a graph break would split the step, and the CUDA graph with it, without a word.
+            model.set_expert_kernel("grouped")
+            self.step = torch.compile(self._forward, mode=compile_mode, fullgraph=True, backend=backend)
 
     def _forward(self, idx: Tensor, positions: Tensor) -> Tensor:
         """Greedy next token (B,) for idx (B, T) at positions (T,); writes the cache at those positions."""
