@@ -551,7 +551,7 @@ class GPTOSSMini(nn.Module):
             raise ValueError(f"expert kernel {kernel!r} is unknown; choose one of: {', '.join(EXPERT_KERNELS)}")
         self.expert_choice = (kernel, compute_dtype)
         if kernel == "auto":
-            w = self.tok_embeddings.weight
+            w = self.norm.weight  # a full-precision parameter whatever quantization replaced
             kernel = expert_kernel(w.device, compute_dtype or w.dtype)
         for module in self.modules():
             if isinstance(module, MoE):
