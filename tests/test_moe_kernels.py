@@ -199,3 +199,11 @@ def test_grouped_and_looped_kernels_agree_through_the_whole_model():
         _, loss = model(x, x)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_an_int8_model_moves_and_keeps_its_kernel():
+    from gptmini import quantize
+
+    model = quantize.apply(GPTOSSMini(tiny()).eval(), "int8")  # its embedding table has no `weight`
+    assert model.to("cpu") is model
+    assert model.set_expert_kernel() == "looped"
