@@ -25,8 +25,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-import tomli_w
-
 from gptmini.device import DEVICES, PRECISIONS
 from gptmini.errors import UserError
 from gptmini.model import ModelConfig
@@ -303,6 +301,10 @@ def to_toml(cfg: Config) -> str:
     doc: dict[str, Any] = {"preset": cfg.preset}
     for section in SECTIONS:
         doc[section] = redact_tree(drop_none(dataclasses.asdict(getattr(cfg, section))))
+    # Imported here: only writing TOML needs it, and the GPU machines that run bench/ (through
+    # model_preset) do not install it.
+    import tomli_w
+
     return tomli_w.dumps(doc)
 
 
