@@ -7,7 +7,9 @@ RMSNorm, SwiGLU and routing already follow those models, which tests/test_hf.py 
 
 The tokenizer is transformers' own conversion of the tiktoken encoding (`TikTokenConverter`; a trained
 `bpe-*` tokenizer converts the same way, from the ranks of its tokenizer.tiktoken and cl100k's pattern), with
-three corrections so that it encodes and decodes exactly as `gptmini.tokenizer` does:
+four corrections so that it encodes and decodes exactly as `gptmini.tokenizer` does:
+- digit runs split every three digits: the pattern's possessive `\\p{N}{1,3}+` means something else to the
+  `tokenizers` regex engine (below);
 - special tokens keep their tiktoken ids: the converter appends them after the BPE ranks, which puts
   cl100k's end-of-text at 100256 (a gap in cl100k) instead of 100257;
 - a literal `<|endoftext|>` typed in the text is text (`split_special_tokens`), as `encode_ordinary` reads it;
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -119,7 +122,11 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
             vocab, merges = super().extract_vocab_merges_from_model(url)
             return vocab | enc._special_tokens, merges  # specials at their tiktoken ids, not appended
 
-    hf = Converter(pattern=enc._pat_str).converted()
+    # tiktoken's regex engine reads `{1,3}+` as a possessive interval; Oniguruma, which `tokenizers` runs, reads it
+    # as one or more repeats of the interval, which keeps "3333" one piece (two tokens, "33" "33", where tiktoken
+    # gives "333" "3"). The interval ends its alternative, so the plain greedy one matches the same text.
+    pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", enc._pat_str)
+    hf = Converter(pattern=pattern).converted()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in enc._special_tokens])
     eot = enc.decode_single_token_bytes(tok.eot_token).decode()
     hf.post_processor = processors.Sequence([

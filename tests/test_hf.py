@@ -42,11 +42,11 @@ def test_transformers_logits_equal_ours(name, tmp_path):
     assert (ours - theirs).abs().amax().item() < 1e-4
 
 
-# Code, accents, CJK, emoji (multi-token characters), runs of spaces, tabs and newlines, and end-of-text
-# typed as text, which our tokenizer reads as seven ordinary tokens.
+# Code, accents, CJK, emoji (multi-token characters), digit runs (split every three digits), runs of spaces,
+# tabs and newlines, and end-of-text typed as text, which our tokenizer reads as seven ordinary tokens.
 VARIED_TEXT = (
     "def f(x):\n\treturn x ** 2  # square\n\n\n    \u00e9t\u00e9 na\u00efve \u4f60\u597d\u4e16\u754c "
-    "\U0001f680\U0001f468\u200d\U0001f469\u200d\U0001f467 \u00a0x\r\n<|endoftext|> after<|fim_prefix|>   \t end"
+    "\U0001f680\U0001f468\u200d\U0001f469\u200d\U0001f467 3333 1234567 \u00a0x\r\n<|endoftext|> after<|fim_prefix|>   \t end"
 )
 
 
