@@ -493,10 +493,12 @@ def headline(name: str, data: dict | None) -> str:
     for lr in data.get("loader", []):
         parts.append(f"loader share {fmt(lr['share_end_to_end'], '.1%')} (host {fmt(lr['share_host'], '.2%')})"
                      if lr["status"] == "ok" else f"loader {lr['status']}")
-    checks = data.get("checks")
-    if isinstance(checks, list) and checks and all(isinstance(c, dict) for c in checks):
-        passed = sum(c.get("ok") is True or c.get("status") in ("ok", "pass", "passed") for c in checks)
-        parts.append(f"{passed}/{len(checks)} checks pass")
+    if isinstance(checks := data.get("checks"), dict):  # kernel_checks.py: {check: {"status": ...}}
+        by_status: dict[str, list[str]] = {}
+        for check, result in checks.items():
+            status = str(result.get("status")).split(":")[0] if isinstance(result, dict) else "?"
+            by_status.setdefault(status, []).append(check)
+        parts += [f"{status}: {', '.join(names)}" for status, names in by_status.items()]
     return "; ".join(parts)
 
 

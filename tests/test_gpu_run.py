@@ -147,6 +147,12 @@ def test_the_gpu_plan_fits_eight_minutes_and_its_bench_flags_parse(tmp_path):
     assert train.batch == "32,64" and train.profile and not train.profile_trace  # never a Chrome trace from the GPU
 
 
+def test_the_kernel_checks_headline_names_the_checks_by_status():
+    checks = {"grouped": {"status": "ok"}, "sdpa": {"status": "failed", "detail": "off fp32"},
+              "syncs": {"status": "skipped"}, "ceilings": {"status": "ok"}}
+    assert gpu_run.headline("kernels", {"checks": checks}) == "ok: grouped, ceilings; failed: sdpa; skipped: syncs"
+
+
 def test_a_folder_holding_other_files_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="notes.txt, which this run did not write"):
