@@ -34,6 +34,28 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile -m "not slow"
 
+# llama.cpp / GGUF (README): llama-cpp-python, built from its sdist (PyPI has no wheel: 6.5 min on two cores),
+# and llama.cpp's converter, which ships only inside that sdist, unpacked into $(VENV)/llama.cpp. Not part of
+# `make install`: tests/test_gguf.py skips without them. sentencepiece: the converter imports it for every Llama.
+LLAMA_CPP_PYTHON := 0.3.36
+GGUF_STAMP := $(VENV)/llama.cpp/.installed
+.PHONY: gguf test-gguf
+
+$(GGUF_STAMP): | $(STAMP)
+	rm -rf $(VENV)/llama.cpp $(VENV)/llama-sdist
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps -d $(VENV)/llama-sdist llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(BIN)/python -m pip install -q --find-links $(VENV)/llama-sdist llama-cpp-python==$(LLAMA_CPP_PYTHON) "sentencepiece>=0.1.98,<0.3"
+	mkdir -p $(VENV)/llama.cpp
+	tar -xzf $(VENV)/llama-sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/llama.cpp --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/{convert_hf_to_gguf.py,conversion,gguf-py,LICENSE}
+	rm -rf $(VENV)/llama-sdist
+	touch $@
+
+gguf: $(GGUF_STAMP)
+
+test-gguf: $(GGUF_STAMP)
+	$(BIN)/python -m pytest -q tests/test_gguf.py
+
 # The local stack (infra/stack.sh): Prefect server, MLflow server, the deployment-serving process and the
 # model server (gptmini serve on :8000), bound to 127.0.0.1, with their state and logs in ./state. `up` is
 # idempotent.

@@ -1,0 +1,104 @@
+"""llama.cpp against gptmini on the same model: GGUF conversion time and size, and batch-1 greedy decode.
+
+    make gguf   # llama-cpp-python and llama.cpp's converter (README, "llama.cpp / GGUF")
+    .venv/bin/python bench/bench_gguf.py [--preset demo] [--outtypes f32,f16,q8_0] [--new-tokens 64] [--threads 1]
+
+The model is the preset at its random init (seed 0), exported with `gptmini.hf.export_hf` and converted by
+llama.cpp's convert_hf_to_gguf.py exactly as tests/test_gguf.py does. Decode follows bench_quantize.py:
+a 16-token random prompt, then --new-tokens greedy tokens with a KV cache; tokens/s = new tokens / time of
+the whole call (prefill included), best of two after a warm-up. `agree` counts the leading new tokens on which
+llama.cpp's greedy choice equals gptmini's fp32 one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_gguf import to_gguf  # noqa: E402  (the conversion the tests check, not a second copy of it)
+
+from gptmini.config import model_preset  # noqa: E402
+from gptmini.generate import generate  # noqa: E402
+from gptmini.hf import export_hf  # noqa: E402
+from gptmini.model import GPTOSSMini  # noqa: E402
+from gptmini.tokenizer import get_tokenizer  # noqa: E402
+
+
+def best_time(fn, repeats: int = 2) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def llama_cpp_greedy(llm, prompt: list[int], new: int) -> list[int]:
+    out = []
+    for token in llm.generate(prompt, temp=0.0, reset=True):
+        out.append(token)
+        if len(out) == new:
+            return out
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--outtypes", default="f32,f16,q8_0")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json")
+    args = p.parse_args()
+    import llama_cpp
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPTOSSMini(model_preset(args.preset)).eval().requires_grad_(False)
+    root = Path(tempfile.mkdtemp())
+    export_hf(model, root / "hf", get_tokenizer(model.config.tokenizer))
+    prompt = torch.randint(0, 100_000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    new = args.new_tokens
+
+    def ours() -> list[int]:
+        return generate(model, [prompt], new, temperature=0.0)[0][len(prompt):]
+
+    ours()  # warm-up
+    reference = ours()
+    rows = [{"engine": "gptmini", "dtype": "fp32", "convert_s": None, "file_mib": None,
+             "decode_b1_tokens_per_s": round(new / best_time(ours), 1), "agree": new}]
+    for outtype in args.outtypes.split(","):
+        t0 = time.perf_counter()
+        gguf = to_gguf(root / "hf", root / f"model-{outtype}.gguf", outtype)
+        convert_s = time.perf_counter() - t0
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=model.config.max_seq_len, n_threads=args.threads,
+                              verbose=False)
+        llama_cpp_greedy(llm, prompt, 4)  # warm-up
+        theirs = llama_cpp_greedy(llm, prompt, new)
+        agree = next((i for i, (a, b) in enumerate(zip(reference, theirs)) if a != b), min(len(reference), len(theirs)))
+        rows.append({"engine": "llama.cpp", "dtype": outtype, "convert_s": round(convert_s, 1),
+                     "file_mib": round(gguf.stat().st_size / 2**20, 1),
+                     "decode_b1_tokens_per_s": round(new / best_time(lambda: llama_cpp_greedy(llm, prompt, new)), 1),
+                     "agree": agree})
+        del llm
+    print("| engine | dtype | convert s | GGUF MiB | decode b1 tok/s | greedy tokens equal |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['dtype']} | {r['convert_s'] or '-'} | {r['file_mib'] or '-'} | "
+              f"{r['decode_b1_tokens_per_s']} | {r['agree']}/{new} |")
+    meta = {"preset": args.preset, "threads": args.threads, "new_tokens": new, "torch": torch.__version__,
+            "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version()}
+    print(json.dumps(meta))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, **meta}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
