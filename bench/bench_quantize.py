@@ -39,7 +39,7 @@ from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer
 from gptmini.weights import save_pretrained
 
-DTYPES = ("fp32", "bf16", "int8")
+DTYPES = ("fp32", "bf16", "int8", "fp32-rowmajor")  # the last: fp32 without decode_layout, for comparison
 
 
 def rss_bytes() -> int:
@@ -132,9 +132,10 @@ def one(args: argparse.Namespace) -> dict:
     val = None
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    elif dtype == "int8":
-        model = quantize.apply(model, "int8")
     model = model.to(args.device)
+    # What `gptmini generate --quantize` runs: int8, or the full-precision weights laid out for decoding.
+    if dtype != "fp32-rowmajor":
+        model = quantize.apply(model, "int8" if dtype == "int8" else "none")
     loaded = rss_bytes() - base
     if args.data and args.val_batches:
         from gptmini.evaluate import evaluate_split
@@ -160,7 +161,7 @@ def one(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo", help="comma list of presets")
-    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--dtypes", default=",".join(DTYPES[:3]), help=f"comma list from {','.join(DTYPES)}")
     p.add_argument("--batch", default="1,16")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--train-steps", type=int, default=40)
@@ -195,7 +196,7 @@ def main() -> None:
                    "--val-batches", str(args.val_batches), "--device", args.device, "--threads", str(args.threads)]
             cmd += ["--data", str(args.data)] if args.data else []
             cmd += ["--weights", str(weights)] if weights else []
-            cmd += ["--profile"] if args.profile and preset == "demo" and dtype in ("fp32", "int8") else []
+            cmd += ["--profile"] if args.profile and preset == "demo" and dtype in ("fp32", "int8", "fp32-rowmajor") else []
             row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             row["bound_b1_tokens_per_s"] = round(bandwidth / row["bytes_read_per_token"], 1)
             row["b1_fraction_of_bound"] = round(row["decode_b1_tokens_per_s"] / row["bound_b1_tokens_per_s"], 2)

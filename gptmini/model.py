@@ -423,7 +423,9 @@ class MoE(nn.Module):
     def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         y = torch.zeros_like(x)
         for e in range(self.num_experts):
-            token, slot = torch.where(experts == e)  # (n_e,) each
+            token, slot = torch.where(experts == e)  # (n_e,) each: its shape already waits on the device
+            if token.numel() == 0:  # an idle expert (most of them while decoding one token)
+                continue
             h = F.silu(x[token] @ self.w1[e].T) * (x[token] @ self.w3[e].T)  # (n_e, F)
             y.index_add_(0, token, ((h @ self.w2[e].T) * weights[token, slot, None]).to(y.dtype))
         return y
@@ -623,6 +625,22 @@ class GPTOSSMini(nn.Module):
         if self.training and aux:
             loss = loss + cfg.aux_loss_coef * self.last_aux_loss
         return logits, loss
+
+    @torch.no_grad()
+    def decode_layout(self) -> GPTOSSMini:
+        """Stores every matmul weight transposed in memory, column-major (same shapes, same values), and returns
+        the model: for decoding on a CPU. At batch 1 each matmul is a matrix-vector product; with W (N, K)
+        row-major, x @ W.T runs as N short dot products, which on the 2-core dev VM read the demo's output head
+        at 7 GB/s, while with W column-major W.T is a row-major (K, N) that the product streams at 21 GB/s
+        (BENCHMARKS.md, "Deployment"). For inference only: training keeps the row-major layout, and safetensors
+        saves contiguous tensors only."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):  # a tied output head re-lays the embedding table with it
+                module.weight.data = module.weight.data.t().contiguous().t()
+            elif isinstance(module, MoE):
+                for w in (module.w1, module.w2, module.w3):  # each expert's (N, K) slice column-major
+                    w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied embedding counts once

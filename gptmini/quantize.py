@@ -33,7 +33,7 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     """(..., N, K) float -> (..., N, K) int8 and (..., N) fp32 scales with weight ~= int8 * scale[..., None]."""
     scale = (weight.detach().float().abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # an all-zero row stays zero
     q = (weight.detach().float() / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale  # row-major whatever the weight's layout: the int8 kernel reads it so
 
 
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor) -> Tensor:
@@ -89,6 +89,8 @@ class Int8MoE(MoE):
         y = torch.zeros_like(x)
         for e in range(self.num_experts):
             token, slot = torch.where(experts == e)  # (n_e,) each
+            if token.numel() == 0:  # an idle expert
+                continue
             xe = x[token]  # (n_e, D)
             gate = F.silu(int8_linear(xe, self.w1_int8[e], self.w1_scale[e]))  # (n_e, F)
             h = gate * int8_linear(xe, self.w3_int8[e], self.w3_scale[e])  # (n_e, F)
@@ -110,8 +112,11 @@ def check_mode(mode: str | None) -> str:
 
 @torch.no_grad()
 def apply(model: GPTOSSMini, mode: str | None) -> GPTOSSMini:
-    """Quantize `model` in place for inference and return it; "none" (or None) leaves it as it is."""
+    """Prepare `model` in place for inference and return it: "none" (or None) keeps its weights, laid out for
+    decoding on a CPU (`GPTOSSMini.decode_layout`); "int8" quantizes them."""
     if check_mode(mode) == "none":
+        if isinstance(model, GPTOSSMini) and model.norm.weight.device.type == "cpu" and not is_quantized(model):
+            model.decode_layout()
         return model
     if not isinstance(model, GPTOSSMini):
         raise QuantizeError(f"cannot quantize a {type(model).__name__}: pass the bare GPTOSSMini (before DDP, FSDP "

@@ -32,13 +32,14 @@ from gptmini.generate import generate_text
 
 class GPTMiniModel(PythonModel):
     def load_context(self, context) -> None:
-        model, self.tokenizer = load_model(context.artifacts["weights"])
-        self.models = {"none": model}
+        self.loaded, self.tokenizer = load_model(context.artifacts["weights"])
+        self.models: dict[str, torch.nn.Module] = {}
 
     def model(self, mode: str) -> torch.nn.Module:
         mode = quantize.check_mode(mode)
         if mode not in self.models:
-            self.models[mode] = quantize.apply(copy.deepcopy(self.models["none"]), mode)
+            # "none" prepares the loaded model itself; another mode works on a copy, so both can be served.
+            self.models[mode] = quantize.apply(self.loaded if mode == "none" else copy.deepcopy(self.loaded), mode)
         return self.models[mode]
 
     def predict(self, context, model_input: list[str], params: dict[str, Any] | None = None) -> list[str]:

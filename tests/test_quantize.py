@@ -9,6 +9,7 @@ from gptmini import quantize
 from gptmini.config import model_preset
 from gptmini.data.loader import SlidingWindowDataset, TokenShards
 from gptmini.evaluate import evaluate_split
+from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
 from gptmini.tokenizer import get_tokenizer
 
@@ -84,3 +85,22 @@ def test_generate_cli_runs_int8_and_refuses_an_unknown_mode(tiny_weights, capsys
     with pytest.raises(SystemExit) as exit_:
         generate_main([*argv, "--quantize", "int4"])
     assert exit_.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_experts=0, tie_embeddings=False)], ids=["moe-tied", "dense-untied"])
+def test_full_precision_inference_lays_the_weights_out_for_decoding_and_computes_the_same(overrides):
+    model = sharp_model(tiny(**overrides)).eval()
+    x = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)[0]
+    tokens = generate(model, x, 8, temperature=0.0)
+    assert quantize.apply(model, "none") is model
+    # Every matmul weight (an untied embedding is a lookup table and stays row-major), the router too.
+    matrices = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("tok_embeddings")]
+    matrices += [model.output.weight]
+    assert all(p.stride(-2) == 1 and p.stride(-1) == p.shape[-2] for p in matrices)  # column-major
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(generate(model, x, 8, temperature=0.0), tokens)
+    quantize.apply(model, "int8")  # a laid-out model still quantizes (the int8 kernel reads row-major int8)
+    assert generate(model, x, 8, temperature=0.0).shape == tokens.shape
