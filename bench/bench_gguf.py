@@ -63,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPTOSSMini(model_preset(args.preset)).eval().requires_grad_(False)
     root = Path(tempfile.mkdtemp())
-    export_hf(model, root / "hf", get_tokenizer(model.config.tokenizer))
+    export_hf(model, root / "hf", get_tokenizer(model.config.tokenizer), llama_cpp=True)
     prompt = torch.randint(0, 100_000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     new = args.new_tokens
 

@@ -18,6 +18,7 @@ four corrections so that it encodes and decodes exactly as `gptmini.tokenizer` d
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 from pathlib import Path
@@ -106,7 +107,10 @@ def hf_state_dict(model: GPTOSSMini) -> dict[str, torch.Tensor]:
 
 
 @functools.lru_cache(maxsize=4)  # ~1 s for cl100k; tests export many models with one tokenizer
-def hf_tokenizer_json(tok: Tokenizer) -> str:
+def hf_tokenizer_json(tok: Tokenizer, bos_template: bool = True) -> str:
+    """transformers' tokenizer.json for `tok`. `bos_template` puts end-of-text before every text, as training's
+    document boundaries and `gptmini generate` do. Without it (for llama.cpp) the ids are tiktoken's own: llama.cpp's
+    converter recognises cl100k by hashing them (as DBRX's), and adds the BOS itself from tokenizer_config."""
     try:  # transformers is optional (gptmini[hf]); its `tokenizers` dependency comes with it
         from tokenizers import AddedToken, processors
         from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -128,6 +132,10 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
     pattern = re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", enc._pat_str)
     hf = Converter(pattern=pattern).converted()
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in enc._special_tokens])
+    if not bos_template:  # and no post-processor at all: llama.cpp's converter then reads add_bos_token
+        doc = json.loads(hf.to_str())
+        doc["post_processor"] = None
+        return json.dumps(doc, ensure_ascii=False)
     eot = enc.decode_single_token_bytes(tok.eot_token).decode()
     hf.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -170,8 +178,9 @@ def check_export_target(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Tokenizer) -> Path:
-    """Write the folder whole or not at all; an existing non-empty `directory` is refused, never replaced."""
+def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: Tokenizer, llama_cpp: bool = False) -> Path:
+    """Write the folder whole or not at all; an existing non-empty `directory` is refused, never replaced.
+    `llama_cpp` writes the tokenizer for llama.cpp's convert_hf_to_gguf.py (`hf_tokenizer_json`'s bos_template off)."""
     directory = check_export_target(directory)
     model = unwrap(model)
     state = hf_state_dict(model)
@@ -181,7 +190,7 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: T
         {
             "model.safetensors": lambda p: save_file(state, p, metadata={"format": "pt"}),
             "config.json": lambda p: write_json(p, config),
-            "tokenizer.json": lambda p: write_atomic(p, hf_tokenizer_json(tokenizer)),
+            "tokenizer.json": lambda p: write_atomic(p, hf_tokenizer_json(tokenizer, bos_template=not llama_cpp)),
             "tokenizer_config.json": lambda p: write_json(p, hf_tokenizer_config(tokenizer, model.config.max_seq_len)),
             "generation_config.json": lambda p: write_json(p, hf_generation_config(model.config, tokenizer)),
         },

@@ -634,12 +634,20 @@ class GPTOSSMini(nn.Module):
         at 7 GB/s, while with W column-major W.T is a row-major (K, N) that the product streams at 21 GB/s
         (BENCHMARKS.md, "Deployment"). For inference only: training keeps the row-major layout, and safetensors
         saves contiguous tensors only."""
+        laid_out = set()
         for module in self.modules():
             if isinstance(module, nn.Linear):  # a tied output head re-lays the embedding table with it
                 module.weight.data = module.weight.data.t().contiguous().t()
+                laid_out.add(id(module.weight))
             elif isinstance(module, MoE):
                 for w in (module.w1, module.w2, module.w3):  # each expert's (N, K) slice column-major
                     w.data = w.data.transpose(1, 2).contiguous().transpose(1, 2)
+                    laid_out.add(id(w))
+        for p in self.parameters():
+            # Weights loaded from safetensors are views of one mapping of the file, which this has read whole:
+            # one norm left pointing into it would keep all of it resident beside the copies.
+            if id(p) not in laid_out:
+                p.data = p.data.clone()
         return self
 
     def num_params(self) -> int:

@@ -5,14 +5,12 @@ run by llama-cpp-python, against `gptmini generate`.
 that sdist (vendor/llama.cpp) and is unpacked into the venv's llama.cpp/ folder.
 
 The converter names the pre-tokenizer by hashing the tokenizer's ids for a fixed text. It knows plain cl100k
-ids (as `dbrx`, whose pre-tokenizer regex is cl100k's) but not ours, which start with end-of-text; so it
-converts a copy whose tokenizer.json has no post-processor, and tokenizer_config.json's add_bos_token puts
-end-of-text back in front of every prompt in the GGUF (README, "llama.cpp / GGUF").
+ids (as `dbrx`, whose pre-tokenizer regex is cl100k's) but not ours, which start with end-of-text; so `gptmini export-hf --llama-cpp`
+writes a tokenizer.json without that template, and tokenizer_config.json's add_bos_token puts end-of-text back
+in front of every prompt in the GGUF (README, "llama.cpp / GGUF").
 """
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -55,14 +53,8 @@ VARIED_TEXT = (
 )
 
 
-def to_gguf(hf: Path, outfile: Path, outtype: str) -> Path:
-    """The README's recipe: convert a copy of the export whose tokenizer.json has no post-processor."""
-    folder = outfile.parent / f"{outfile.stem}-hf"
-    shutil.copytree(hf, folder)
-    path = folder / "tokenizer.json"
-    tokenizer = json.loads(path.read_text(encoding="utf-8"))
-    tokenizer["post_processor"] = None
-    path.write_text(json.dumps(tokenizer), encoding="utf-8")
+def to_gguf(folder: Path, outfile: Path, outtype: str) -> Path:
+    """The README's recipe: convert an `export-hf --llama-cpp` folder."""
     run = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--outfile", str(outfile), "--outtype", outtype],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -88,7 +80,7 @@ def converted(tmp_path_factory: pytest.TempPathFactory):
             root = tmp_path_factory.mktemp(name)
             model = sharp_model(model_preset("tiny", **CASES[name]), std=0.1)
             save_pretrained(model, root / "final")
-            assert export_main(["--checkpoint", str(root / "final"), "--out", str(root / "hf")]) == 0
+            assert export_main(["--checkpoint", str(root / "final"), "--out", str(root / "hf"), "--llama-cpp"]) == 0
             exports[name] = model, root / "final", root / "hf"
         if (name, outtype) not in cache:
             model, weights, hf = exports[name]

@@ -113,6 +113,12 @@ def test_export_hf_cli_writes_safetensors_and_config(tmp_path, capsys):
     assert "MixtralForCausalLM" in capsys.readouterr().out
     assert export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    # For llama.cpp: tiktoken's own ids, with no end-of-text in front (llama.cpp adds it as the BOS).
+    assert export_main(["--checkpoint", str(tmp_path / "final"), "--out", str(tmp_path / "gg"), "--llama-cpp"]) == 0
+    assert "convert_hf_to_gguf.py" in capsys.readouterr().out
+    assert json.loads((tmp_path / "gg" / "tokenizer.json").read_text())["post_processor"] is None
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "gg")(VARIED_TEXT, add_special_tokens=False)[
+        "input_ids"] == get_tokenizer().encode(VARIED_TEXT)
 
 
 def test_export_hf_refuses_a_non_empty_folder_and_writes_nothing(tmp_path, capsys):
