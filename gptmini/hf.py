@@ -182,6 +182,11 @@ def export_hf(model: torch.nn.Module, directory: str | os.PathLike, tokenizer: T
     """Write the folder whole or not at all; an existing non-empty `directory` is refused, never replaced.
     `llama_cpp` writes the tokenizer for llama.cpp's convert_hf_to_gguf.py (`hf_tokenizer_json`'s bos_template off)."""
     directory = check_export_target(directory)
+    if llama_cpp and tokenizer.name != "cl100k_base":
+        raise UserError(
+            f"--llama-cpp: llama.cpp's converter recognises cl100k_base, not the model's {tokenizer.name} tokenizer "
+            f"(it refuses a BPE it has no hash for); export without --llama-cpp for transformers or vLLM"
+        )
     model = unwrap(model)
     state = hf_state_dict(model)
     config = hf_config(model.config, tokenizer.eot_token)

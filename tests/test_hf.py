@@ -5,6 +5,7 @@ import pytest
 import torch
 from model_helpers import sharp_model, tiny
 
+from gptmini.errors import UserError
 from gptmini.hf import export_hf
 from gptmini.cli.export_hf import main as export_main
 from gptmini.cli.generate import main as generate_main
@@ -68,6 +69,10 @@ def test_autotokenizer_ids_equal_ours_and_literal_specials_stay_text(kind, tmp_p
     assert hf_tok(VARIED_TEXT)["input_ids"] == [tok.eot_token] + ours  # a prompt starts after end-of-text
     assert hf_tok.decode(ours) == VARIED_TEXT
     assert hf_tok.eos_token_id == tok.eot_token == hf_tok.convert_tokens_to_ids("<|endoftext|>")
+    if kind == "trained":  # llama.cpp's converter knows no trained BPE: refused before anything is written
+        with pytest.raises(UserError, match=f"not the model's {tok.name} tokenizer"):
+            export_hf(sharp_model(tiny(vocab_size=384, tokenizer=tok.name)), tmp_path / "gg", tok, llama_cpp=True)
+        assert not (tmp_path / "gg").exists()
 
 
 GREEDY_CASES = {
