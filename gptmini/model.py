@@ -426,9 +426,12 @@ class MoE(nn.Module):
             token, slot = torch.where(experts == e)  # (n_e,) each: its shape already waits on the device
             if token.numel() == 0:  # an idle expert (most of them while decoding one token)
                 continue
-            h = F.silu(x[token] @ self.w1[e].T) * (x[token] @ self.w3[e].T)  # (n_e, F)
-            y.index_add_(0, token, ((h @ self.w2[e].T) * weights[token, slot, None]).to(y.dtype))
+            y.index_add_(0, token, (self.expert(e, x[token]) * weights[token, slot, None]).to(y.dtype))
         return y
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e's SwiGLU on its tokens x (n_e, D) -> (n_e, D)."""
+        return (F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)) @ self.w2[e].T
 
 
 class Block(nn.Module):

@@ -85,18 +85,11 @@ class Int8MoE(MoE):
     def experts_grouped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         return self.experts_looped(x, weights, experts, load)  # torch._grouped_mm has no int8-weight form
 
-    def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
-        y = torch.zeros_like(x)
-        for e in range(self.num_experts):
-            token, slot = torch.where(experts == e)  # (n_e,) each
-            if token.numel() == 0:  # an idle expert
-                continue
-            xe = x[token]  # (n_e, D)
-            gate = F.silu(int8_linear(xe, self.w1_int8[e], self.w1_scale[e]))  # (n_e, F)
-            h = gate * int8_linear(xe, self.w3_int8[e], self.w3_scale[e])  # (n_e, F)
-            out = int8_linear(h, self.w2_int8[e], self.w2_scale[e])  # (n_e, D)
-            y.index_add_(0, token, (out * weights[token, slot, None]).to(y.dtype))
-        return y
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert e's SwiGLU on its int8 weights, for MoE.experts_looped's loop."""
+        gate = F.silu(int8_linear(x, self.w1_int8[e], self.w1_scale[e]))  # (n_e, F)
+        h = gate * int8_linear(x, self.w3_int8[e], self.w3_scale[e])  # (n_e, F)
+        return int8_linear(h, self.w2_int8[e], self.w2_scale[e])  # (n_e, D)
 
 
 def is_quantized(model: nn.Module) -> bool:
