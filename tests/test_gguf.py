@@ -95,6 +95,22 @@ def load(gguf: Path, **kwargs) -> llama_cpp.Llama:
     return llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=1, type_k=0, type_v=0, verbose=False, **kwargs)
 
 
+def random_ids(n: int = 24) -> list[int]:
+    return torch.randint(0, 100_000, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def llama_cpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
+    """(T, vocab) logits of every position, as llama.cpp computes them."""
+    llm = load(gguf, logits_all=True)
+    llm.eval(ids)
+    return np.asarray(llm.scores[: len(ids)])
+
+
+@torch.no_grad()
+def our_logits(model: GPTOSSMini, ids: list[int]) -> np.ndarray:
+    return model(torch.tensor([ids]))[0][0].numpy()
+
+
 def llama_cpp_greedy(llm: llama_cpp.Llama, ids: list[int], new: int, allowed: np.ndarray, eos: int) -> list[int]:
     # llama.cpp does not read generation_config.json's suppress_tokens: mask what `sampling_mask` masks in ours.
     def mask(_ids, scores):
@@ -151,12 +167,8 @@ def test_llama_cpp_greedy_tokens_equal_gptmini_generate(name, outtype, converted
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_llama_cpp_logits_equal_ours_at_f32(name, converted):
     c = converted(name)
-    x = torch.randint(0, 100_000, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = load(c.gguf, logits_all=True)
-    llm.eval(x)
-    theirs = np.asarray(llm.scores[: len(x)])
-    with torch.no_grad():
-        ours = c.model(torch.tensor([x]))[0][0].numpy()
+    x = random_ids()
+    theirs, ours = llama_cpp_logits(c.gguf, x), our_logits(c.model, x)
     assert np.abs(ours).max() > 1.0  # logits that carry signal
     assert np.abs(ours - theirs).max() < 1e-3
 
@@ -165,13 +177,8 @@ def test_sliding_window_runs_with_full_attention_in_llama_cpp(converted):
     """llama.cpp reads Mistral and Mixtral as its `llama` architecture, which has no sliding window: the
     converter drops it, and past the window the GGUF attends to the whole context like the dense model."""
     window, dense = converted("sliding-window"), converted("dense")
-    x = torch.randint(0, 100_000, (24,), generator=torch.Generator().manual_seed(0)).tolist()
-    llm = load(window.gguf, logits_all=True)
-    llm.eval(x)
-    theirs = np.asarray(llm.scores[: len(x)])
-    with torch.no_grad():
-        windowed = window.model(torch.tensor([x]))[0][0].numpy()
-        full = dense.model(torch.tensor([x]))[0][0].numpy()
+    x = random_ids()
+    theirs, windowed, full = llama_cpp_logits(window.gguf, x), our_logits(window.model, x), our_logits(dense.model, x)
     assert np.abs(full - theirs).max() < 1e-3
     assert np.abs(windowed[:5] - theirs[:5]).max() < 1e-3  # within the window the two agree
     assert np.abs(windowed[5:] - theirs[5:]).max() > 0.1

@@ -17,6 +17,7 @@ from gptmini.model import GPTOSSMini, MoE, expert_kernel
 from gptmini.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # as `python bench/X.py` has it
+import kernel_checks
 import moe_gemms
 import static_decode
 
@@ -80,24 +81,13 @@ def test_the_forward_and_backward_call_no_torch_cuda_function(kernel):
     assert calls == []
 
 
-def routed_input(moe: MoE, tokens: int) -> torch.Tensor:
-    """(1, tokens, d) inputs that expert 3 never sees (its router row points away from a constant feature)."""
-    torch.manual_seed(1)
-    x = torch.randn(1, tokens, moe.gate.in_features)
-    x[..., 0] = 3.0
-    with torch.no_grad():
-        moe.gate.weight[3] = 0.0
-        moe.gate.weight[3, 0] = -5.0
-    return x
-
-
 def test_the_grouped_kernel_compiled_fullgraph_under_bf16_equals_eager_with_empty_and_uneven_groups():
     torch.manual_seed(0)
     moe = MoE(tiny(num_experts=4, top_k=2))
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     moe.kernel = "grouped"
-    x = routed_input(moe, tokens=29)
+    x = kernel_checks.starved_input(moe, tokens=29, device=torch.device("cpu"))  # expert 3 never chosen
     compiled = torch.compile(moe, fullgraph=True)  # Inductor: it chooses the backward's layouts
 
     def run(module):
