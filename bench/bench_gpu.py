@@ -42,7 +42,7 @@ from gptmini.optim import build_optimizer
 from gptmini.parallel import compile_model
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
-from moe_gemms import grouped_gemms
+from moe_gemms import GroupedGemm, grouped_gemms
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
@@ -536,6 +536,12 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int)
     return statistics.median(times)
 
 
+def time_grouped_gemm(g: GroupedGemm, device: torch.device, dtype: torch.dtype, groups: int, repeats: int) -> float:
+    """Median seconds of one `torch._grouped_mm` at g's shapes and layouts, over `groups` equal groups."""
+    a, b, offs = g.operands(device, dtype, groups)
+    return median_seconds(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
+
+
 def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
     """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
     seed step's three GEMM shapes (attention-free), so a profile can say how far each is from its ceiling:
@@ -561,8 +567,7 @@ def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) 
         run = CeilingRun(f"experts {g.role} via torch._grouped_mm ({E} equal groups, x{g.count} per layer)", g.layout,
                          name_dtype)
         try:
-            xs, w, offs = g.operands(device, dtype, E)
-            t = median_seconds(lambda: torch._grouped_mm(xs, w, offs=offs), device, args.ceiling_repeats)
+            t = time_grouped_gemm(g, device, dtype, E, args.ceiling_repeats)
             run.ms, run.tflops = t * 1e3, g.flops / t / 1e12
         except RuntimeError as e:  # the op's dtype/device support differs across torch versions
             run.status = f"unsupported here: {str(e).splitlines()[0]}"

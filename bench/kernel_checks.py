@@ -26,7 +26,6 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from gptmini.files import write_json
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 from gptmini.optim import build_optimizer
 
+from bench_gpu import median_seconds, time_grouped_gemm
 from moe_gemms import grouped_gemms
 
 PROG = "bench/kernel_checks.py"
@@ -68,18 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -148,8 +136,7 @@ def check_ceilings(cfg: ModelConfig, device: torch.device, tokens: int, repeats:
     for g in grouped_gemms(cfg, tokens):
         row = {"role": g.role, "layout": g.layout, "per_layer": g.count}
         try:
-            a, b, offs = g.operands(device, dtype, cfg.num_experts, torch.Generator(device=device).manual_seed(0))
-            ms = median_ms(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
+            ms = time_grouped_gemm(g, device, dtype, cfg.num_experts, repeats) * 1e3
             row.update(ms=round(ms, 4), tflops=round(g.flops / ms / 1e9, 2), status="ok")
             total_ms += ms * g.count
             total_flops += g.flops * g.count
@@ -188,7 +175,7 @@ def check_sdpa(cfg: ModelConfig, device: torch.device, seq: int, repeats: int) -
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not supported because ..." warnings precede the error
                 out = attend(backend, dtype)
-                ms = median_ms(lambda: attend(backend, dtype), device, repeats)
+                ms = median_seconds(lambda: attend(backend, dtype), device, repeats) * 1e3
             errors = [relative_error(o, r) for o, r in zip(out, reference)]
             backends[name] = {"status": "ok", "ms_fwd_bwd": round(ms, 3), "relative_error": round(max(errors), 5)}
             runs += name != "math"

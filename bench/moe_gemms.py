@@ -42,13 +42,12 @@ class GroupedGemm:
     def layout(self) -> str:
         return f"{describe(self.a_shape, self.a_stride)} @ {describe(self.b_shape, self.b_stride)}"
 
-    def operands(self, device: torch.device, dtype: torch.dtype, groups: int,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def operands(self, device: torch.device, dtype: torch.dtype, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(a, b, offs) with these strides, random values (never zeros) and `groups` equal groups."""
         a = torch.empty_strided(self.a_shape, self.a_stride, device=device, dtype=dtype)
         b = torch.empty_strided(self.b_shape, self.b_stride, device=device, dtype=dtype)
         for t in (a, b):
-            t.copy_(torch.randn(t.shape, device=device, generator=generator))
+            t.copy_(torch.randn(t.shape, device=device))
         jagged = self.a_shape[0] if len(self.b_shape) == 3 else self.a_shape[1]  # rows, or K of a weight gradient
         offs = torch.arange(1, groups + 1, device=device, dtype=torch.int32) * (jagged // groups)
         offs[-1] = jagged
