@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_gguf import to_gguf  # noqa: E402  (the conversion the tests check, not a second copy of it)
 
+from gptmini import quantize  # noqa: E402
 from gptmini.config import model_preset  # noqa: E402
+from gptmini.files import write_json  # noqa: E402
 from gptmini.generate import generate  # noqa: E402
 from gptmini.hf import export_hf  # noqa: E402
 from gptmini.model import GPTOSSMini  # noqa: E402
@@ -64,6 +66,7 @@ def main() -> None:
     model = GPTOSSMini(model_preset(args.preset)).eval().requires_grad_(False)
     root = Path(tempfile.mkdtemp())
     export_hf(model, root / "hf", get_tokenizer(model.config.tokenizer), llama_cpp=True)
+    quantize.apply(model, "none")  # what `gptmini generate` decodes with: the weights laid out for decoding
     prompt = torch.randint(0, 100_000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     new = args.new_tokens
 
@@ -97,7 +100,7 @@ def main() -> None:
             "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version()}
     print(json.dumps(meta))
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, **meta}, indent=1))
+        write_json(args.json, {"rows": rows, **meta})
 
 
 if __name__ == "__main__":
