@@ -214,6 +214,7 @@ def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                "GPTMINI_MODEL_POLL_INTERVAL": "2", "GPTMINI_CACHE_DIR": str(state / "cache"),
                "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}",
                "GPTMINI_API_KEY": MODEL_API_KEY,
+               "GPTMINI_START_TIMEOUT": "300",  # a fresh database's migrations on a busy 2-core machine
                "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
     script = str(ROOT / "infra" / "stack.sh")
     # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).

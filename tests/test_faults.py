@@ -33,7 +33,7 @@ SIGTERM = "SIGTERM to the trainer (preemption) at a random step"
 SIGINT = "SIGINT to the trainer (Ctrl-C) at a random step"
 FULL_DISK = "full disk (RLIMIT_FSIZE) while a checkpoint is written"
 RANK_KILL = "kill -9 of one torchrun rank under --max-restarts 3"
-TORCHRUN_SIGTERM = "SIGTERM to torchrun with 2 ranks (preemption)"
+TORCHRUN_SIGTERM = "SIGTERM to torchrun with 2 FSDP ranks (preemption)"
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +208,14 @@ def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(smal
         assert read_json(out / "summary.json")["status"] == "completed"
 
 
-def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(small_shards, reference_runs, ledger,
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_the_sharded_checkpoint_resumes(small_shards, reference_runs, ledger,
                                                                            tmp_path):
     """What a scheduler's preemption does under torchrun: torchrun forwards SIGTERM to its ranks, they agree on a
-    step, save one checkpoint there and exit 0; torchrun itself exits 1 (its SignalException); the next
-    `--resume auto` repeats the uninterrupted run's losses."""
+    step, save one checkpoint there and exit 0; torchrun itself exits 1 (its SignalException). Under FSDP, so
+    the checkpoint is sharded: the next `--resume auto` at the same world size (every rank's RNG carried over)
+    repeats the uninterrupted FSDP run's losses bit for bit."""
     out = tmp_path / "run"
-    cmd = resumed(small_shards, out, "--parallel", "ddp", nproc=2)
+    cmd = resumed(small_shards, out, "--parallel", "fsdp", nproc=2)
     with ledger.trial(TORCHRUN_SIGTERM):
         log = tmp_path / "torchrun.log"
         proc = start(cmd, log)
@@ -229,5 +230,5 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_with_a_checkpoint(smal
         assert [p.name for p in list_checkpoints(out)][-1] == f"step_{summary['steps']:08d}"
         assert read_json(latest_checkpoint(out) / "trainer_state.json")["world_size"] == 2
         check_after_fault(out, small_shards)
-        run_to_end(cmd)
-        assert losses(out) == losses(reference_runs["ddp"])
+        assert "RNG streams start anew" not in run_to_end(cmd).stdout
+        assert losses(out) == losses(reference_runs["fsdp"])
