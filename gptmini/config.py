@@ -38,6 +38,80 @@ class ConfigError(UserError):
     """A config value the user must fix; the message names the value and the fix."""
 
 
+@dataclass(frozen=True)
+class MeshDims:
+    """The degrees of the device mesh, outermost first: DDP replicas, FSDP shards, expert and tensor parallel.
+    Ranks that differ in dp_replicate, dp_shard or ep read different batches; tp ranks read the same one."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep * self.tp
+
+    @property
+    def data(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep
+
+    def describe(self) -> str:
+        parts = [f"{name} {n}" for name, n in (("ddp", self.dp_replicate), ("fsdp", self.dp_shard),
+                                               ("ep", self.ep), ("tp", self.tp)) if n > 1]
+        return " x ".join(parts) or "one process"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_dims(world: int, train: TrainConfig, model: ModelConfig) -> MeshDims:
+    """The mesh for `world` ranks, or one ConfigError that names the value and the degrees that would work.
+    A pure function: `gptmini train`, `gptmini launch slurm` and the flow check a layout before any rank starts."""
+    tp, ep, shard = train.tp, train.ep, train.dp_shard
+    for name, value, low in (("train.tp", tp, 1), ("train.ep", ep, 1), ("train.dp_shard", shard, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} = {value!r}; it must be an integer >= {low}")
+    if tp > 1:
+        if model.is_moe:
+            raise ConfigError(f"train.tp = {tp} with an MoE model (model.num_experts = {model.num_experts}): "
+                              f"tensor parallelism covers dense models; split the experts with --ep instead")
+        sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads, "model.d_ff": model.d_ff,
+                 "model.vocab_size": model.vocab_size}
+        bad = [f"{k} = {v}" for k, v in sizes.items() if v % tp]
+        if bad:
+            good = [d for d in _divisors(world) if all(v % d == 0 for v in sizes.values())]
+            raise ConfigError(f"train.tp = {tp} does not split {', '.join(bad)} evenly; tp must divide n_heads, "
+                              f"n_kv_heads, d_ff and vocab_size: use tp in {good} (or change the model)")
+    if ep > 1:
+        if not model.is_moe:
+            raise ConfigError(f"train.ep = {ep} needs an MoE model (model.num_experts = {model.num_experts}); "
+                              f"use ep 1, or --dp-shard/--tp for a dense model")
+        if model.num_experts % ep:
+            good = [d for d in _divisors(world) if model.num_experts % d == 0]
+            raise ConfigError(f"train.ep = {ep} does not divide model.num_experts = {model.num_experts}; "
+                              f"use ep in {good}")
+    if world % (tp * ep):
+        raise ConfigError(f"train.tp x train.ep = {tp} x {ep} = {tp * ep} does not divide the world size {world}; "
+                          f"pick degrees whose product divides {world} (divisors: {_divisors(world)})")
+    rest = world // (tp * ep)  # the data-parallel ranks besides ep
+    if shard == 0:
+        shard = rest if train.parallel == "fsdp" else 1
+    if rest % shard:
+        good = _divisors(rest)
+        raise ConfigError(f"train.dp_shard = {shard} does not divide the {rest} data-parallel rank(s) left by "
+                          f"{world} ranks / (tp {tp} x ep {ep}); use dp_shard in {good}")
+    replicate = rest // shard
+    if replicate > 1 and train.parallel == "none":
+        raise ConfigError(
+            f"--parallel none with {world} ranks: dp_shard x tp x ep = {shard} x {tp} x {ep} = {shard * tp * ep} "
+            f"leaves {replicate} copies that would each train alone; use --parallel ddp or fsdp, or degrees whose "
+            f"product is {world} (e.g. --dp-shard {rest})"
+        )
+    return MeshDims(dp_replicate=replicate, dp_shard=shard, ep=ep, tp=tp)
+
+
 @dataclass
 class DataConfig:
     data_dir: str = ""  # a `gptmini prepare` output folder (manifest.json + Arrow shards)
@@ -66,7 +140,11 @@ class TrainConfig:
     out_dir: str = "runs/gptmini"
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step and rank
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp: how the data-parallel ranks hold the weights
+    # The device mesh (docs/scaling.md): dp_shard x tp x ep (x the DDP replicas) = the world size.
+    dp_shard: int = 0  # ranks FSDP shards over; 0: every data rank under fsdp, none otherwise
+    tp: int = 1  # tensor + sequence parallel degree (within a node)
+    ep: int = 1  # expert parallel degree: the experts are split over this many ranks
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # the step's matmuls: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
