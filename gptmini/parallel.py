@@ -24,10 +24,84 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gptmini.config import Config, MeshDims, mesh_dims
 from gptmini.device import pick_device
 from gptmini.errors import UserError
-from gptmini.model import MoE
+from gptmini.model import ModelConfig, MoE
+
+
+@dataclass(frozen=True)
+class MeshDims:
+    """The degrees of the device mesh, outermost first: DDP replicas, FSDP shards, expert and tensor parallel.
+    Ranks that differ in dp_replicate, dp_shard or ep read different batches; tp ranks read the same one."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep * self.tp
+
+    @property
+    def data(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep
+
+    def describe(self) -> str:
+        parts = [f"{name} {n}" for name, n in (("ddp", self.dp_replicate), ("fsdp", self.dp_shard),
+                                               ("ep", self.ep), ("tp", self.tp)) if n > 1]
+        return " x ".join(parts) or "one process"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model: ModelConfig) -> MeshDims:
+    """The mesh for `world` ranks, or one UserError that names the value and the degrees that would work.
+    A pure function of the train.* degrees: `gptmini train`, `gptmini launch slurm` and the flow check a layout
+    before any rank starts."""
+    shard = dp_shard
+    for name, value, low in (("train.tp", tp, 1), ("train.ep", ep, 1), ("train.dp_shard", shard, 0)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"{name} = {value!r}; it must be an integer >= {low}")
+    if tp > 1:
+        if model.is_moe:
+            raise UserError(f"train.tp = {tp} with an MoE model (model.num_experts = {model.num_experts}): "
+                              f"tensor parallelism covers dense models; split the experts with --ep instead")
+        sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads, "model.d_ff": model.d_ff,
+                 "model.vocab_size": model.vocab_size}
+        bad = [f"{k} = {v}" for k, v in sizes.items() if v % tp]
+        if bad:
+            good = [d for d in _divisors(world) if all(v % d == 0 for v in sizes.values())]
+            raise UserError(f"train.tp = {tp} does not split {', '.join(bad)} evenly; tp must divide n_heads, "
+                              f"n_kv_heads, d_ff and vocab_size: use tp in {good} (or change the model)")
+    if ep > 1:
+        if not model.is_moe:
+            raise UserError(f"train.ep = {ep} needs an MoE model (model.num_experts = {model.num_experts}); "
+                              f"use ep 1, or --dp-shard/--tp for a dense model")
+        if model.num_experts % ep:
+            good = [d for d in _divisors(world) if model.num_experts % d == 0]
+            raise UserError(f"train.ep = {ep} does not divide model.num_experts = {model.num_experts}; "
+                              f"use ep in {good}")
+    if world % (tp * ep):
+        raise UserError(f"train.tp x train.ep = {tp} x {ep} = {tp * ep} does not divide the world size {world}; "
+                          f"pick degrees whose product divides {world} (divisors: {_divisors(world)})")
+    rest = world // (tp * ep)  # the data-parallel ranks besides ep
+    if shard == 0:
+        shard = rest if parallel == "fsdp" else 1
+    if rest % shard:
+        good = _divisors(rest)
+        raise UserError(f"train.dp_shard = {shard} does not divide the {rest} data-parallel rank(s) left by "
+                          f"{world} ranks / (tp {tp} x ep {ep}); use dp_shard in {good}")
+    replicate = rest // shard
+    if replicate > 1 and parallel == "none":
+        raise UserError(
+            f"--parallel none with {world} ranks: dp_shard x tp x ep = {shard} x {tp} x {ep} = {shard * tp * ep} "
+            f"leaves {replicate} copies that would each train alone; use --parallel ddp or fsdp, or degrees whose "
+            f"product is {world} (e.g. --dp-shard {rest})"
+        )
+    return MeshDims(dp_replicate=replicate, dp_shard=shard, ep=ep, tp=tp)
 
 
 @dataclass(frozen=True)
@@ -57,7 +131,7 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(cfg: Config) -> DistEnv:
+def init_distributed(cfg: Any) -> DistEnv:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) and build the mesh, or run as a single
     process. The mesh is checked first (`config.mesh_dims`), so a layout that cannot split fails at once.
 
@@ -67,7 +141,8 @@ def init_distributed(cfg: Config) -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    dims = mesh_dims(world, cfg.train, cfg.model)
+    t = cfg.train
+    dims = mesh_dims(world, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
     device = pick_device(cfg.train.device, local_rank)
     if under_torchrun or cfg.train.parallel != "none":
         backend = "nccl" if device.type == "cuda" else "gloo"

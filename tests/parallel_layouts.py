@@ -21,7 +21,8 @@ from types import SimpleNamespace
 import torch
 
 from gptmini import checkpoint, parallel
-from gptmini.config import MeshDims, OptimConfig
+from gptmini.config import OptimConfig
+from gptmini.parallel import MeshDims
 from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini.optim import build_optimizer
 from gptmini.trainer import TrainState, train_step
