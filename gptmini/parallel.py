@@ -104,6 +104,24 @@ def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model:
     return MeshDims(dp_replicate=replicate, dp_shard=shard, ep=ep, tp=tp)
 
 
+def mesh_args(spec: str) -> list[str]:
+    """The `gptmini train` flags of a layout written in one string (the flow's `parallel` parameter): `none`,
+    `ddp`, `fsdp`, or parts joined by `+`, e.g. `fsdp+tp:2` (FSDP over what tp leaves), `fsdp:2+ep:2`,
+    `ddp+tp:4`."""
+    mode, flags = "none", []
+    for part in spec.split("+"):
+        name, _, n = part.strip().partition(":")
+        if name in ("none", "ddp", "fsdp") and (not n or name == "fsdp") and (not n or n.isdigit()):
+            mode = name
+            flags += ["--dp-shard", n] if n else []
+        elif name in ("tp", "ep") and n.isdigit():
+            flags += [f"--{name}", n]
+        else:
+            raise UserError(f"parallel = {spec!r}: {part!r} is not a layout part; write none, ddp or fsdp, optionally "
+                            f"joined by '+' with fsdp:N, tp:N or ep:N (e.g. 'fsdp+tp:2', 'fsdp+ep:2')")
+    return ["--parallel", mode, *flags]
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int

@@ -376,6 +376,8 @@ FLOW_CASES = [
     ({"tokenizer": "gpt5"}, "'gpt5'"),
     ({"val_fraction": 1.5}, "val_fraction (1.5)"),
     ({"nnodes": 2}, "rdzv_endpoint"),
+    ({"parallel": "zero3"}, "'zero3'"),
+    ({"parallel": "fsdp+ep:2"}, "world size 1"),  # 2 expert shards on the flow's 1 process
 ]
 
 
@@ -391,7 +393,7 @@ def test_bad_train_gpt_parameters_fail_before_anything_is_created(params, names,
     assert not flows_state.exists()
 
 
-@pytest.mark.parametrize("params,names", [({"parallel": "zero3"}, "parallel"), ({"device": "tpu"}, "device"),
+@pytest.mark.parametrize("params,names", [({"device": "tpu"}, "device"),
                                           ({"launcher": "pbs"}, "launcher"),
                                           ({"promotion": "sometimes"}, "promotion"), ({"steps": "many"}, "steps")])
 def test_flow_parameters_of_the_wrong_type_are_refused_by_prefect(params, names, flows_state, record):
