@@ -53,6 +53,7 @@ def window_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nbytes: torc
     """(B, 3) float64 per window: nats over its targets, UTF-8 bytes of its targets, targets."""
     with autocast(x.device), parallel.loss_context(model):
         _, losses = model(x, y, reduction="none")  # (B, T), 0 where y == -1
+    losses = parallel.full(losses)  # a DTensor under tensor parallelism
     valid = y != -1
     return torch.stack([losses.double().sum(1), (nbytes[y.clamp(min=0)] * valid).sum(1).double(),
                         valid.sum(1).double()], dim=1)

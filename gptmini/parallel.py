@@ -315,6 +315,11 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole on every rank, a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def sharded(model: nn.Module) -> bool:
     """Whether any parameter is a DTensor (FSDP, TP or EP): its full weights need a collective gather."""
     return any(hasattr(p, "device_mesh") for p in model.parameters())
