@@ -17,8 +17,8 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,22 +68,22 @@ def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model:
     if tp > 1:
         if model.is_moe:
             raise UserError(f"train.tp = {tp} with an MoE model (model.num_experts = {model.num_experts}): "
-                              f"tensor parallelism covers dense models; split the experts with --ep instead")
+                        f"tensor parallelism covers dense models; split the experts with --ep instead")
         sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads, "model.d_ff": model.d_ff,
                  "model.vocab_size": model.vocab_size}
         bad = [f"{k} = {v}" for k, v in sizes.items() if v % tp]
         if bad:
             good = [d for d in _divisors(world) if all(v % d == 0 for v in sizes.values())]
             raise UserError(f"train.tp = {tp} does not split {', '.join(bad)} evenly; tp must divide n_heads, "
-                              f"n_kv_heads, d_ff and vocab_size: use tp in {good} (or change the model)")
+                        f"n_kv_heads, d_ff and vocab_size: use tp in {good} (or change the model)")
     if ep > 1:
         if not model.is_moe:
             raise UserError(f"train.ep = {ep} needs an MoE model (model.num_experts = {model.num_experts}); "
-                              f"use ep 1, or --dp-shard/--tp for a dense model")
+                        f"use ep 1, or --dp-shard/--tp for a dense model")
         if model.num_experts % ep:
             good = [d for d in _divisors(world) if model.num_experts % d == 0]
             raise UserError(f"train.ep = {ep} does not divide model.num_experts = {model.num_experts}; "
-                              f"use ep in {good}")
+                        f"use ep in {good}")
     if world % (tp * ep):
         raise UserError(f"train.tp x train.ep = {tp} x {ep} = {tp * ep} does not divide the world size {world}; "
                           f"pick degrees whose product divides {world} (divisors: {_divisors(world)})")
@@ -258,7 +258,7 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts or None)
-    elif dims.dp_replicate > 1:
+    elif dims.dp_replicate > 1 or (parallel == "ddp" and env.world_size == 1):  # one rank: the DDP code path
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -21,8 +21,9 @@ import torch
 
 import parallel_layouts as pl
 from gptmini import checkpoint, parallel
-
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+from gptmini.config import model_preset
+from gptmini.errors import UserError
+from gptmini.parallel import MeshDims, mesh_args, mesh_dims
 
 REL = 1e-6
 BIN = Path(sys.executable).parent
@@ -54,6 +55,8 @@ def close(a: list[float], b: list[float]) -> bool:
     return all(math.isclose(x, y, rel_tol=REL) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("world,name", LAYOUTS)
 def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, world, name):
     got, want = layouts[name], one_process[layouts[name]["model"]]
@@ -61,6 +64,8 @@ def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, wo
     assert close(got["grad_norm"], want["grad_norm"]), (got["grad_norm"], want["grad_norm"])
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2"])
 def test_norm_weights_stay_identical_across_tp_ranks(layouts, name):
     assert layouts[name]["norm_weights_agree"]
@@ -86,11 +91,15 @@ COLLECTIVES = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("world,name", LAYOUTS)
 def test_collectives_per_step_are_the_designs(layouts, world, name):
     assert layouts[name]["collectives"] == COLLECTIVES[name]
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("name", ["tp2", "ep2"])
 def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
     """The step-2 DCP checkpoint of a 2-rank tp or ep run, loaded into a plain model and optimizer (no process
@@ -105,3 +114,31 @@ def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
     loss, norm = pl.step(run)
     assert math.isclose(loss, got["loss"][pl.CKPT_STEP], rel_tol=REL), (loss, got["loss"])
     assert math.isclose(norm, got["grad_norm"][pl.CKPT_STEP], rel_tol=REL), (norm, got["grad_norm"])
+
+
+# The layout a set of degrees gives, without launching anything (mesh_dims is pure): the refusals are in
+# tests/test_bad_inputs.py.
+SEED = model_preset("seed")
+SEED_DENSE = model_preset("seed", num_experts=0, n_kv_heads=4)
+
+
+@pytest.mark.parametrize("world,flags,model,dims", [
+    (8, ("fsdp", 0, 1, 1), SEED, MeshDims(dp_shard=8)),
+    (8, ("ddp", 0, 1, 1), SEED, MeshDims(dp_replicate=8)),
+    (8, ("fsdp", 0, 1, 4), SEED, MeshDims(dp_shard=2, ep=4)),  # ep borrows data ranks; fsdp takes the rest
+    (16, ("ddp", 8, 1, 1), SEED, MeshDims(dp_replicate=2, dp_shard=8)),  # HSDP: shard in a node, replicate across
+    (8, ("fsdp", 0, 2, 1), SEED_DENSE, MeshDims(dp_shard=4, tp=2)),
+    (2, ("none", 0, 2, 1), SEED_DENSE, MeshDims(tp=2)),  # tp alone needs no data-parallel mode
+])
+def test_mesh_dims_give_the_layout(world, flags, model, dims):
+    parallel_mode, dp_shard, tp, ep = flags
+    assert mesh_dims(world, parallel_mode, dp_shard, tp, ep, model) == dims
+    assert dims.world == world
+
+
+def test_the_flows_layout_string_becomes_trainer_flags():
+    assert mesh_args("fsdp") == ["--parallel", "fsdp"]
+    assert mesh_args("fsdp+tp:2") == ["--parallel", "fsdp", "--tp", "2"]
+    assert mesh_args("fsdp:2+ep:4") == ["--parallel", "fsdp", "--dp-shard", "2", "--ep", "4"]
+    with pytest.raises(UserError, match="'tp'"):
+        mesh_args("fsdp+tp")
