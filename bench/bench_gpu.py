@@ -266,7 +266,7 @@ def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
         if layout == "tp1":
             parallel.apply_tp(model, mesh["tp"])
         else:
-            parallel.apply_ep(model, mesh)
+            parallel.apply_ep(model, mesh["ep"])
         return model
 
     return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)

@@ -129,7 +129,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     dims: MeshDims = MeshDims()
-    mesh: Any = None  # the DeviceMesh, None in a single process
+    mesh: dict[str, Any] | None = None  # build_mesh's named DeviceMeshes, None in a single process
 
     @property
     def data_rank(self) -> int:
@@ -182,18 +182,23 @@ def init_distributed(cfg: Any) -> DistEnv:
 MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
 
 
-def build_mesh(dims: MeshDims, device: torch.device) -> Any:
-    """The one place the mesh is made. Flattened views: `fsdp` (dp_shard x ep: what FSDP shards the dense
-    weights over; EP borrows its ranks for data, as in torchtitan), `data` (every rank with its own batch)
-    and `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)."""
+def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
+    """The one place the mesh is made: its four dimensions by name, and the flattened views `fsdp` (dp_shard x
+    ep: what FSDP shards the dense weights over; EP borrows its ranks for data, as in torchtitan), `data`
+    (every rank with its own batch), `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)
+    and, with replicas, `hsdp` (dp_replicate x fsdp). Kept here rather than sliced again from the root mesh,
+    which torch is deprecating for flattened dimensions."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.ep, dims.tp),
+    root = init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.ep, dims.tp),
                             mesh_dim_names=MESH_DIMS)
-    mesh["dp_shard", "ep"]._flatten("fsdp")
-    mesh["dp_replicate", "dp_shard", "ep"]._flatten("data")
-    mesh["dp_replicate", "dp_shard"]._flatten("expert_dp")
-    return mesh
+    meshes = {name: root[name] for name in MESH_DIMS}
+    meshes["fsdp"] = root["dp_shard", "ep"]._flatten("fsdp")
+    meshes["data"] = root["dp_replicate", "dp_shard", "ep"]._flatten("data")
+    meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
+    if dims.dp_replicate > 1:
+        meshes["hsdp"] = root["dp_replicate", "fsdp"]  # a 2-D mesh has to be sliced from the root
+    return meshes
 
 
 def cleanup() -> None:
@@ -244,7 +249,7 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, env.mesh["tp"])
     if dims.ep > 1:
-        apply_ep(model, env.mesh)
+        apply_ep(model, env.mesh["ep"])
     if dims.data > 1:
         set_data_mean(model, env.mesh["data"].get_group())
     # bf16 compute with fp32 gradient reduction on GPU; CPU/gloo keeps fp32 throughout.
@@ -253,7 +258,7 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if env.device.type == "cuda" else MixedPrecisionPolicy())
-        mesh = env.mesh["dp_replicate", "fsdp"] if dims.dp_replicate > 1 else env.mesh["fsdp"]
+        mesh = env.mesh["hsdp" if dims.dp_replicate > 1 else "fsdp"]
         experts = set(expert_params(model)) if dims.ep > 1 else set()
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
@@ -376,13 +381,12 @@ class ExpertParallel:
         return all_to_all_single_autograd(ys[back], send, recv, self.group)
 
 
-def apply_ep(model: nn.Module, mesh: Any) -> None:
+def apply_ep(model: nn.Module, ep_mesh: Any) -> None:
     """Shard each MoE's experts over the ep ranks (a DTensor Shard(0), so checkpoints hold the full expert
     set and reshard to any mesh) and route its tokens through ExpertParallel. FSDP leaves the experts alone
     (ignored_params): `sync_expert_grads` reduces their gradients over the copies of each shard."""
     from torch.distributed.tensor import DTensor, Shard
 
-    ep_mesh = mesh["ep"]
     ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
     dispatcher = ExpertParallel(ep_mesh.get_group(), ep)
     for m in model.modules():
