@@ -93,8 +93,6 @@ def comm_counts(mode) -> dict[str, int]:
     return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
 
 
-
-
 class _NoModules:
     """CommDebugMode's per-module tracker trips over the hooks FSDP and DDP add (an empty parent list in a
     forward hook); the counts per collective need none of it."""
@@ -109,8 +107,9 @@ class _NoModules:
         return None
 
 
-def Collectives():
-    """CommDebugMode, also summing the bytes of each collective's input tensors per kind (`payload`)."""
+def collectives():
+    """CommDebugMode, also summing per kind the bytes of each collective's first tensor argument (`payload`: a
+    c10d op's output buffer, a functional collective's input)."""
     from torch.distributed.tensor.debug import CommDebugMode
     from torch.distributed.tensor.debug._comm_mode import c10d_collective_ops
 
@@ -136,9 +135,9 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
     net = parallel.wrap(build(model), "ddp" if dims.dp_replicate > 1 else "fsdp", env)
     run = run_for(model, env, net)
-    losses, norms, comms = [], [], {}
-    for s in range(STEPS):
-        with Collectives() as mode:
+    losses, norms = [], []
+    for _ in range(STEPS):  # the collectives kept are the last step's
+        with collectives() as mode:
             loss, norm = step(run)
         losses.append(loss)
         norms.append(norm)
