@@ -39,6 +39,7 @@ from gptmini.files import write_json
 from gptmini.generate import stream
 from gptmini.model import GPTOSSMini, ModelConfig, training_flops
 from gptmini.optim import build_optimizer
+from gptmini import parallel
 from gptmini.parallel import compile_model
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
@@ -47,7 +48,7 @@ from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
 DECODE_PATHS = ("cache", "static", "static-graphs")
-SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader")
+SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader", "parallel")
 # What the results JSON says it counted: the bench's N_matmul (matmul_params_by_part) in training_flops.
 FORMULA = (
     "flops_per_token = 6 * N_matmul + 12 * L * T * d_attn (gptmini.model.training_flops); mfu_causal counts "
@@ -254,6 +255,23 @@ def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> 
     )
 
 
+def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
+    """`subject` through a parallel code path at degree 1, on a one-rank mesh: `ep1` sends the experts' tokens
+    through dispatch and combine (all-to-alls, DTensor expert weights), `tp1` runs the TP plan (DTensor
+    projections, sequence-parallel norms, loss_parallel). Beside the plain subject, their cost over it."""
+
+    def build() -> nn.Module:
+        model = subject.build()
+        mesh = parallel.build_mesh(parallel.MeshDims(), device)
+        if layout == "tp1":
+            parallel.apply_tp(model, mesh["tp"])
+        else:
+            parallel.apply_ep(model, mesh["ep"])
+        return model
+
+    return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)
+
+
 def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
     """Training FLOPs per token by part (full T x T attention, as in MFU): the first-principles account of
     where an ideal step's time goes."""
@@ -347,13 +365,13 @@ def make_train_step(model: nn.Module, args: argparse.Namespace, device: torch.de
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for _ in range(grad_accum):  # the same batch each time: what is timed is the work, not the data
-            with autocast(device):
+            with autocast(device), parallel.loss_context(model):
                 _, loss = forward(x, y, **forward_kwargs)
-            (loss / grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+                (loss / grad_accum).backward()
+        parallel.clip_grad_norm(model, optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return parallel.local(loss.detach())
 
     return step
 
@@ -802,6 +820,14 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.loader_seq or seqs[0]
         batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seq)
         results.loader.append(time_loader(moe, seq, batch, args, device))
+    if "parallel" in sections:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # a one-rank group: what the mesh's collectives run on
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
+        for subject in (moe, degree_one(moe, "ep1", device), dense, degree_one(dense, "tp1", device)):
+            bench_training(subject, seqs[:1], args, device, peak, results, save)
     save()
     print(table(results))
     print(f"\nfull results: {out}  (device {results.meta.get('gpu', device)}, torch {torch.__version__}, "

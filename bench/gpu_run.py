@@ -80,6 +80,7 @@ SLICES = (
     Slice("loader", "bench.json", 40),
     Slice("accum2", "bench.json", 40, optional=True),
     Slice("t2048", "bench.json", 90, optional=True),
+    Slice("parallel", "bench.json", 90, optional=True),  # the TP/EP code paths at degree 1 against plain
     Slice("int8", "extra.json", 60, optional=True),
     Slice("vllm", "extra.json", 30, optional=True),
 )
@@ -165,6 +166,7 @@ def slice_argv(name: str, args: argparse.Namespace, out: Path, profile_dir: Path
             "loader": ["--sections", "loader"],
             "accum2": ["--sections", "train", "--grad-accum", "2"],
             "t2048": ["--sections", "train", "--seq", "64", "--batch", "1"],
+            "parallel": ["--sections", "parallel", "--steps", "1", "--warmup", "0"],  # four models: the plumbing
         }
         kernels = ["--device", "cpu", "--preset", "tiny"]
         int8 = ["--device", "cpu", "--preset", "tiny", "--dtypes", "int8", "--batch", "1", "--new-tokens", "4"]
@@ -183,6 +185,7 @@ def slice_argv(name: str, args: argparse.Namespace, out: Path, profile_dir: Path
             "loader": ["--sections", "loader"],
             "accum2": ["--sections", "train", "--grad-accum", "2"],
             "t2048": ["--sections", "train", "--seq", "2048", "--batch", str(args.batch // 2)],
+            "parallel": ["--sections", "parallel", "--batch", str(args.batch // 2)],
         }
         kernels = ["--device", "cuda", "--preset", "seed"]
         # No training: its corpus needs cl100k_base, which the GPU machine cannot load; decode speed and memory

@@ -29,6 +29,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
 from gptmini import registry, tracking
+from gptmini.parallel import mesh_args
 from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
 from gptmini.data.sources import Cache, open_source
@@ -259,7 +260,7 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     # environment (MLFLOW_TRACKING_USERNAME/PASSWORD), which subprocesses and Slurm jobs inherit.
     plain_uri = tracking.credentials_to_env(mlflow_uri)
     with_credentials, mlflow_uri = plain_uri != mlflow_uri, plain_uri
-    trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, "--parallel", parallel,
+    trainer = ["--preset", preset, "--data-dir", data_dir, "--out", run_dir, *mesh_args(parallel),
                "--device", device, "--resume", "auto", "--tracking-uri", mlflow_uri, "--mlflow-run-id", mlflow_run_id,
                "--run-name", run_name]
     trainer += (["--steps", str(steps)] if steps is not None else []) + list(extra_args)

@@ -16,7 +16,8 @@ from prefect.runtime import flow_run as current_flow_run
 
 from flows import tasks
 from flows.report import mlflow_links, publish, report
-from gptmini import registry, tracking
+from gptmini import config, registry, tracking
+from gptmini import parallel as parallel_
 from gptmini.config import PRESETS
 from gptmini.launch import LAUNCHERS
 from gptmini.launch.k8s import K8sOptions
@@ -65,9 +66,19 @@ def check_data_parameters(tokenizer: str, val_fraction: float) -> None:
         raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
 
 
+def check_mesh(spec: str, world: int, preset: str) -> None:
+    """The layout must split the preset's model over the job's ranks (extra_args may still change the model;
+    the trainer checks again)."""
+    cfg = config.from_preset(preset)
+    for flag, value in zip(*[iter(parallel_.mesh_args(spec))] * 2):
+        setattr(cfg.train, flag[2:].replace("-", "_"), value if flag == "--parallel" else int(value))
+    t = cfg.train
+    parallel_.mesh_dims(world, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
+
+
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
                      val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str,
-                     launcher: str = "local", slurm: SlurmOptions | None = None) -> None:
+                     launcher: str = "local", slurm: SlurmOptions | None = None, parallel: str = "none") -> None:
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
     if nproc < 1 or (steps is not None and steps < 1) or train_retries < 0:
@@ -81,6 +92,7 @@ def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rd
                          f"got {rdzv_endpoint!r}, or use launcher='slurm', which finds it")
     if slurm is not None:
         slurm.check()
+    check_mesh(parallel, nproc * nnodes, preset)
     check_data_parameters(tokenizer, val_fraction)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
@@ -99,7 +111,7 @@ def train_gpt(
     launcher: Literal["local", "slurm", "k8s"] = "local",
     slurm: SlurmOptions = SlurmOptions(),
     k8s: K8sOptions = K8sOptions(),
-    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto",
+    parallel: str = "auto",
     device: Literal["auto", "cpu", "cuda"] = "auto",
     tokenizer: str = "cl100k_base",
     val_fraction: float = 0.05,
@@ -128,7 +140,9 @@ def train_gpt(
             cluster).
         slurm: the Slurm job's partition, account, time_limit, gpus_per_node, sbatch_lines and requeue.
         k8s: the TrainJob's image, namespace, gpus_per_node, state_claim (mounted at /state) and runtime.
-        parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp.
+        parallel: auto (none for 1 process, ddp for more), none, ddp or fsdp, or a device mesh: parts joined
+            by '+' from fsdp[:N], tp:N, ep:N (e.g. 'fsdp+tp:2': tensor parallel in pairs, FSDP across them;
+            'fsdp+ep:2': the experts split over pairs), checked against nproc x nnodes up front.
         tokenizer: cl100k_base (the demo's), gpt2, o200k_base, or bpe:N to train a byte-level BPE of N ids on
             the corpus's train split (e.g. bpe:8192).
         val_fraction: the share of the text held out for validation, dealt in chunks of about 256 tokens.
@@ -139,10 +153,10 @@ def train_gpt(
         train_retries: retries of a failed training (each resumes from the last checkpoint); a bad
             configuration or bad data is never retried.
     """
-    check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
-                     train_retries, model_name, launcher, slurm)
-    sources = check_sources(sources)
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
+    check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
+                     train_retries, model_name, launcher, slurm, parallel)
+    sources = check_sources(sources)
 
     state, uri = tasks.state_dir(), tasks.tracking_uri()
     flow_run_id, name = str(current_flow_run.id), str(current_flow_run.name)

@@ -68,7 +68,11 @@ class TrainConfig:
     out_dir: str = "runs/gptmini"
     steps: int = 1000  # optimizer steps
     grad_accum: int = 1  # micro-batches per optimizer step and rank
-    parallel: str = "none"  # none | ddp | fsdp
+    parallel: str = "none"  # none | ddp | fsdp: how the data-parallel ranks hold the weights
+    # The device mesh (docs/scaling.md): dp_shard x tp x ep (x the DDP replicas) = the world size.
+    dp_shard: int = 0  # ranks FSDP shards over; 0: every data rank under fsdp, none otherwise
+    tp: int = 1  # tensor + sequence parallel degree (within a node)
+    ep: int = 1  # expert parallel degree: the experts are split over this many ranks
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # the step's matmuls: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False

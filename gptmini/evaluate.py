@@ -51,8 +51,9 @@ def token_bytes(tokenizer: Tokenizer, size: int, device: str | torch.device = "c
 
 def window_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
     """(B, 3) float64 per window: nats over its targets, UTF-8 bytes of its targets, targets."""
-    with autocast(x.device):
+    with autocast(x.device), parallel.loss_context(model):
         _, losses = model(x, y, reduction="none")  # (B, T), 0 where y == -1
+    losses = parallel.full(losses)  # a DTensor under tensor parallelism
     valid = y != -1
     return torch.stack([losses.double().sum(1), (nbytes[y.clamp(min=0)] * valid).sum(1).double(),
                         valid.sum(1).double()], dim=1)
@@ -65,11 +66,11 @@ def measures(nats: float, nbytes: float, tokens: float) -> dict[str, float | int
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, nbytes: torch.Tensor,
-             max_batches: int | None = None) -> dict[str, float | int]:
+def evaluate(model: nn.Module, batches: Iterable, nbytes: torch.Tensor, max_batches: int | None = None,
+             env: parallel.DistEnv | None = None) -> dict[str, float | int]:
     """`val_loss` (nats/token), `val_bpb` (bits/byte), `val_perplexity`, `val_tokens` and `val_bytes` over at
     most `max_batches` batches per rank, summed over the ranks. `nbytes` is `token_bytes` of the model's
-    tokenizer. Every rank must run the same number of batches (FSDP gathers weights inside forward);
+    tokenizer; `env`, the training mesh, sums over its data ranks only. Every rank must run the same number of batches (FSDP gathers weights inside forward);
     `eval_loader` gives each rank the same count."""
     was_training = model.training
     model.eval()
@@ -79,7 +80,7 @@ def evaluate(model: nn.Module, batches: Iterable, nbytes: torch.Tensor,
         if max_batches is not None and i >= max_batches:
             break
         totals += window_sums(model, x, y, nbytes).sum(0)
-    parallel.all_reduce(totals)
+    parallel.all_reduce(totals, env=env)
     model.train(was_training)
     nats, total_bytes, tokens = totals.tolist()
     if tokens == 0:

@@ -306,15 +306,16 @@ class Attention(nn.Module):
         cache: KVCache | SlotCache | None = None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # -1, not n_heads: under tensor parallelism each rank holds n_heads/tp of the heads.
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # SDPA picks flash/cuDNN/memory-efficient kernels on GPU; mask=None keeps the flash path open.
         y = sdpa_gqa(q, k, v, mask, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.wo(y)
 
 
@@ -374,6 +375,12 @@ class MoE(nn.Module):
     """
 
     kernel = "looped"
+    # Set by gptmini.parallel, which owns the process groups (this module never imports torch.distributed):
+    # `expert_parallel` moves tokens to the ranks that hold their experts and back (dispatch/combine/local);
+    # `data_mean` averages a router statistic over the data-parallel ranks, so the balance loss is the one
+    # process's over the global batch.
+    expert_parallel = None
+    data_mean = None
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -393,7 +400,9 @@ class MoE(nn.Module):
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
         load = F.one_hot(experts.flatten(), self.num_experts).sum(dim=0)  # (E,)
-        if self.kernel == "grouped":
+        if self.expert_parallel is not None:
+            y = self.experts_dispatched(x.to(compute_dtype(x)), weights, experts, load)
+        elif self.kernel == "grouped":
             y = self.experts_grouped(x.to(compute_dtype(x)), weights, experts, load)
         else:
             y = self.experts_looped(x, weights, experts, load)
@@ -402,8 +411,10 @@ class MoE(nn.Module):
     def balance_loss(self, probs: Tensor, load: Tensor) -> Tensor:
         """Switch Transformer's aux loss E * sum_i f_i * P_i (Fedus et al., 2021) with f_i the fraction of the
         N*k routing slots sent to expert i and P_i its mean router probability: 1.0 when perfectly balanced."""
-        f = load.float() / load.sum()
-        return self.num_experts * (f * probs.mean(dim=0)).sum()
+        f, p = load.float() / load.sum(), probs.mean(dim=0)
+        if self.data_mean is not None:
+            f, p = self.data_mean(f), self.data_mean(p)
+        return self.num_experts * (f * p).sum()
 
     def experts_grouped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         N, D = x.shape
@@ -420,6 +431,20 @@ class MoE(nn.Module):
         ys = ys[inverse].view(N, self.top_k, D)  # back to (token, slot) order
         return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
 
+    def experts_dispatched(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
+        """Expert parallelism: the routing slots, sorted by expert, travel to the ranks holding their experts
+        (`expert_parallel.dispatch`), run there grouped by local expert, and come back in the same order."""
+        N, D = x.shape
+        ep = self.expert_parallel
+        order = experts.flatten().argsort(stable=True)  # (N*k,) routing slots sorted by expert
+        xs, counts, route = ep.dispatch(x[order // self.top_k], load)  # (M, D) by local expert, (E_local,)
+        ys = sorted_experts(xs, counts, *(ep.local(w).to(x.dtype) for w in (self.w1, self.w2, self.w3)),
+                            self.kernel)
+        ys = ep.combine(ys, route)  # (N*k, D) in `order`
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        ys = ys[inverse].view(N, self.top_k, D)  # back to (token, slot) order
+        return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
+
     def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         y = torch.zeros_like(x)
         for e in range(self.num_experts):
@@ -432,6 +457,18 @@ class MoE(nn.Module):
     def expert(self, e: int, x: Tensor) -> Tensor:
         """Expert e's SwiGLU on its tokens x (n_e, D) -> (n_e, D)."""
         return (F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)) @ self.w2[e].T
+
+
+def sorted_experts(xs: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, kernel: str) -> Tensor:
+    """SwiGLU experts on rows grouped by expert: xs (M, D), counts (E,) rows per expert, w1/w3 (E, F, D),
+    w2 (E, D, F) -> (M, D)."""
+    if kernel == "grouped":
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+        return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+    ys = [(F.silu(x @ w1[e].T) * (x @ w3[e].T)) @ w2[e].T
+          for e, x in enumerate(xs.split(counts.tolist())) if x.numel()]
+    return torch.cat(ys) if ys else xs * 0  # still in the graph: the combine's backward is collective
 
 
 class Block(nn.Module):
@@ -538,6 +575,9 @@ class GPTOSSMini(nn.Module):
         self.last_aux_loss: Tensor = torch.zeros(())
         self.last_expert_load: Tensor | None = None
         self.expert_choice: tuple[str, torch.dtype | None] = ("auto", None)
+        # Set by tensor parallelism, where the output layer gives vocab-sharded logits: losses then come from
+        # the logits (F.cross_entropy, under torch's loss_parallel), never from the chunked head.
+        self.vocab_parallel = False
         self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True):
@@ -615,9 +655,13 @@ class GPTOSSMini(nn.Module):
         self.last_expert_load = torch.stack(load).sum(0) if load else None
 
         x = self.norm(x)
+        if targets is not None and reduction == "none" and self.vocab_parallel:
+            logits = self.output(x).float()
+            return None, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                         reduction="none").view(B, T)
         if targets is not None and reduction == "none":
             return None, token_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1)).view(B, T)
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and not self.vocab_parallel:
             logits = None
             loss = chunked_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))
         else:

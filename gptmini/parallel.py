@@ -1,9 +1,15 @@
-"""Process groups and model wrapping: none, DDP, or FSDP2.
+"""Process groups, the device mesh and model wrapping: DDP, FSDP2, tensor + sequence parallelism (TP) and
+expert parallelism (EP), composed on one mesh (docs/scaling.md).
 
 The model never imports torch.distributed; this file wraps an already-built model (as gpt-fast and
 torchtitan do). torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides whether we are
 distributed, so `gptmini train` and `torchrun -m gptmini.train` run the same code; multi-node is
 torchrun's rendezvous and nothing of ours.
+
+The mesh is (dp_replicate, dp_shard, ep, tp), outermost first, so tp's ranks are neighbours (one node)
+and FSDP's reduce-scatters cross the nodes. `wrap` applies, in torchtitan's order: TP on each block's
+projections (then the root), EP on the experts, then `fully_shard` per block and on the root over the data
+ranks, or DDP when only replicas are asked for.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +26,100 @@ from torch import nn
 
 from gptmini.device import pick_device
 from gptmini.errors import UserError
+from gptmini.model import ModelConfig, MoE
+
+
+@dataclass(frozen=True)
+class MeshDims:
+    """The degrees of the device mesh, outermost first: DDP replicas, FSDP shards, expert and tensor parallel.
+    Ranks that differ in dp_replicate, dp_shard or ep read different batches; tp ranks read the same one."""
+
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    tp: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep * self.tp
+
+    @property
+    def data(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.ep
+
+    def describe(self) -> str:
+        parts = [f"{name} {n}" for name, n in (("ddp", self.dp_replicate), ("fsdp", self.dp_shard),
+                                               ("ep", self.ep), ("tp", self.tp)) if n > 1]
+        return " x ".join(parts) or "one process"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model: ModelConfig) -> MeshDims:
+    """The mesh for `world` ranks, or one UserError that names the value and the degrees that would work.
+    A pure function of the train.* degrees: `gptmini train`, `gptmini launch slurm` and the flow check a layout
+    before any rank starts."""
+    shard = dp_shard
+    for name, value, low in (("train.tp", tp, 1), ("train.ep", ep, 1), ("train.dp_shard", shard, 0)):
+        if not isinstance(value, int) or value < low:
+            raise UserError(f"{name} = {value!r}; it must be an integer >= {low}")
+    if tp > 1:
+        if model.is_moe:
+            raise UserError(f"train.tp = {tp} with an MoE model (model.num_experts = {model.num_experts}): "
+                        f"tensor parallelism covers dense models; split the experts with --ep instead")
+        sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads, "model.d_ff": model.d_ff,
+                 "model.vocab_size": model.vocab_size}
+        bad = [f"{k} = {v}" for k, v in sizes.items() if v % tp]
+        if bad:
+            good = [d for d in _divisors(world) if all(v % d == 0 for v in sizes.values())]
+            raise UserError(f"train.tp = {tp} does not split {', '.join(bad)} evenly; tp must divide n_heads, "
+                        f"n_kv_heads, d_ff and vocab_size: use tp in {good} (or change the model)")
+    if ep > 1:
+        if not model.is_moe:
+            raise UserError(f"train.ep = {ep} needs an MoE model (model.num_experts = {model.num_experts}); "
+                        f"use ep 1, or --dp-shard/--tp for a dense model")
+        if model.num_experts % ep:
+            good = [d for d in _divisors(world) if model.num_experts % d == 0]
+            raise UserError(f"train.ep = {ep} does not divide model.num_experts = {model.num_experts}; "
+                        f"use ep in {good}")
+    if world % (tp * ep):
+        raise UserError(f"train.tp x train.ep = {tp} x {ep} = {tp * ep} does not divide the world size {world}; "
+                          f"pick degrees whose product divides {world} (divisors: {_divisors(world)})")
+    rest = world // (tp * ep)  # the data-parallel ranks besides ep
+    if shard == 0:
+        shard = rest if parallel == "fsdp" else 1
+    if rest % shard:
+        good = _divisors(rest)
+        raise UserError(f"train.dp_shard = {shard} does not divide the {rest} data-parallel rank(s) left by "
+                          f"{world} ranks / (tp {tp} x ep {ep}); use dp_shard in {good}")
+    replicate = rest // shard
+    if replicate > 1 and parallel == "none":
+        raise UserError(
+            f"--parallel none with {world} ranks: dp_shard x tp x ep = {shard} x {tp} x {ep} = {shard * tp * ep} "
+            f"leaves {replicate} copies that would each train alone; use --parallel ddp or fsdp, or degrees whose "
+            f"product is {world} (e.g. --dp-shard {rest})"
+        )
+    return MeshDims(dp_replicate=replicate, dp_shard=shard, ep=ep, tp=tp)
+
+
+def mesh_args(spec: str) -> list[str]:
+    """The `gptmini train` flags of a layout written in one string (the flow's `parallel` parameter): `none`,
+    `ddp`, `fsdp`, or parts joined by `+`, e.g. `fsdp+tp:2` (FSDP over what tp leaves), `fsdp:2+ep:2`,
+    `ddp+tp:4`."""
+    mode, flags = "none", []
+    for part in spec.split("+"):
+        name, _, n = part.strip().partition(":")
+        if name in ("none", "ddp", "fsdp") and (not n or name == "fsdp") and (not n or n.isdigit()):
+            mode = name
+            flags += ["--dp-shard", n] if n else []
+        elif name in ("tp", "ep") and n.isdigit():
+            flags += [f"--{name}", n]
+        else:
+            raise UserError(f"parallel = {spec!r}: {part!r} is not a layout part; write none, ddp or fsdp, optionally "
+                            f"joined by '+' with fsdp:N, tp:N or ep:N (e.g. 'fsdp+tp:2', 'fsdp+ep:2')")
+    return ["--parallel", mode, *flags]
 
 
 @dataclass(frozen=True)
@@ -27,6 +128,17 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    dims: MeshDims = MeshDims()
+    mesh: dict[str, Any] | None = None  # build_mesh's named DeviceMeshes, None in a single process
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the ranks that read different batches (tp ranks share one)."""
+        return self.rank // self.dims.tp
+
+    @property
+    def data_world(self) -> int:
+        return self.dims.data
 
     @property
     def is_main(self) -> bool:
@@ -37,8 +149,9 @@ class DistEnv:
         return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(device_name: str, parallel: str) -> DistEnv:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU), or run as a single process.
+def init_distributed(cfg: Any) -> DistEnv:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) and build the mesh, or run as a single
+    process. The mesh is checked first (`config.mesh_dims`), so a layout that cannot split fails at once.
 
     `--parallel ddp|fsdp` without torchrun gets a one-rank group, so the wrapping code runs the same.
     """
@@ -46,12 +159,10 @@ def init_distributed(device_name: str, parallel: str) -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device_name, local_rank)
-    if world > 1 and parallel == "none":
-        raise UserError(
-            f"--parallel none with WORLD_SIZE={world}: each rank would train its own copy; use --parallel ddp or fsdp"
-        )
-    if under_torchrun or parallel != "none":
+    t = cfg.train
+    dims = mesh_dims(world, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
+    device = pick_device(cfg.train.device, local_rank)
+    if under_torchrun or cfg.train.parallel != "none":
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=30)  # generous: rank 0 writes plots/checkpoints alone
         if under_torchrun:
@@ -64,7 +175,30 @@ def init_distributed(device_name: str, parallel: str) -> DistEnv:
                                     device_id=device if device.type == "cuda" else None)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    return DistEnv(rank, local_rank, world, device)
+    mesh = build_mesh(dims, device) if dist.is_initialized() else None
+    return DistEnv(rank, local_rank, world, device, dims, mesh)
+
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "ep", "tp")
+
+
+def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
+    """The one place the mesh is made: its four dimensions by name, and the flattened views `fsdp` (dp_shard x
+    ep: what FSDP shards the dense weights over; EP borrows its ranks for data, as in torchtitan), `data`
+    (every rank with its own batch), `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)
+    and, with replicas, `hsdp` (dp_replicate x fsdp). Kept here rather than sliced again from the root mesh,
+    which torch is deprecating for flattened dimensions."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    root = init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.ep, dims.tp),
+                            mesh_dim_names=MESH_DIMS)
+    meshes = {name: root[name] for name in MESH_DIMS}
+    meshes["fsdp"] = root["dp_shard", "ep"]._flatten("fsdp")
+    meshes["data"] = root["dp_replicate", "dp_shard", "ep"]._flatten("data")
+    meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
+    if dims.dp_replicate > 1:
+        meshes["hsdp"] = root["dp_replicate", "fsdp"]  # a 2-D mesh has to be sliced from the root
+    return meshes
 
 
 def cleanup() -> None:
@@ -77,10 +211,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In place; a no-op in a single process."""
+def all_reduce(t: torch.Tensor, op: str = "sum", env: DistEnv | None = None) -> torch.Tensor:
+    """In place; a no-op in a single process. With `env`, over its data ranks only: tp ranks hold the same
+    batch, so a sum over every rank would count it tp times."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        group = env.mesh["data"].get_group() if env is not None and env.mesh is not None else None
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                        group=group)
     return t
 
 
@@ -106,21 +243,219 @@ def compile_model(model: nn.Module, how: str = "blocks", mode: str = "default", 
 
 
 def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
-    if parallel == "ddp":
+    """Apply the mesh's parallelisms to a built model (the same init on every rank), in place where FSDP
+    and DTensor allow; returns what runs forward and backward."""
+    dims = env.dims
+    if dims.tp > 1:
+        apply_tp(model, env.mesh["tp"])
+    if dims.ep > 1:
+        apply_ep(model, env.mesh["ep"])
+    if dims.data > 1:
+        set_data_mean(model, env.mesh["data"].get_group())
+    # bf16 compute with fp32 gradient reduction on GPU; CPU/gloo keeps fp32 throughout.
+    if dims.dp_shard * dims.ep > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if env.device.type == "cuda" else MixedPrecisionPolicy())
+        mesh = env.mesh["hsdp" if dims.dp_replicate > 1 else "fsdp"]
+        experts = set(expert_params(model)) if dims.ep > 1 else set()
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
+        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts or None)
+    elif dims.dp_replicate > 1 or (parallel == "ddp" and env.world_size == 1):  # one rank: the DDP code path
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         return DDP(model, device_ids=device_ids)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    elif parallel == "fsdp" and env.world_size == 1:
+        from torch.distributed.fsdp import fully_shard
 
-        # bf16 compute with fp32 gradient reduction on GPU; CPU/gloo keeps fp32 throughout.
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if env.device.type == "cuda" else MixedPrecisionPolicy())
-        for block in transformer_blocks(model):
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        for block in transformer_blocks(model):  # one rank: the FSDP code path, sharded over one
+            fully_shard(block)
+        fully_shard(model)
     return model
+
+
+def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
+    """Megatron-style tensor parallelism with sequence parallelism (Korthikanti et al., 2022), torchtitan's
+    plan: the residual stream is sharded over the sequence (Shard(1)) between the blocks and the norms run on
+    their shard; attention and feed-forward gather the sequence, split their heads / hidden units column-wise
+    and reduce-scatter back out of the row-wise wo / w2. The output layer leaves its logits sharded over the
+    vocabulary for loss_parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    seq_to_full = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                     desired_input_layouts=(Replicate(), None, None, None, None))
+    for block in transformer_blocks(model):
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": seq_to_full,
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            "feed_forward.w3": ColwiseParallel(),
+        })
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    if model.config.tie_embeddings:
+        # Both plans shard the table over the vocabulary (dim 0), so one DTensor serves both; parallelize_module
+        # made two, which would train apart.
+        model.output.weight = model.tok_embeddings.weight
+    model.vocab_parallel = True
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value on this rank (a replicated loss), a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole on every rank, a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether any parameter is a DTensor (FSDP, TP or EP): its full weights need a collective gather."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def loss_context(model: nn.Module) -> contextlib.AbstractContextManager:
+    """torch's loss_parallel around forward and backward when the logits are vocab-sharded: cross-entropy
+    then reduces the logsumexp over the tp ranks instead of gathering the logits."""
+    if getattr(model, "vocab_parallel", False):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    return [w for m in model.modules() if isinstance(m, MoE) for w in (m.w1, m.w2, m.w3)]
+
+
+class ExpertParallel:
+    """Dispatch and combine for MoE.experts_dispatched, as torchtitan's ExpertParallel: the expert weights are
+    sharded on dim 0 (rank r holds experts r*E/ep ... (r+1)*E/ep - 1); the routing slots, sorted by expert,
+    go to their experts' ranks by an all-to-all (uneven splits, with autograd), after the per-expert counts
+    are exchanged and read on the host; combine is the same exchange backwards."""
+
+    def __init__(self, group: Any, ep: int):
+        self.group, self.ep = group, ep
+
+    def local(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to_local() if hasattr(w, "to_local") else w
+
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        E = counts.numel()
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.group)  # [source rank][local expert]
+        received = received.view(self.ep, E // self.ep)  # (ep, E_local)
+        send = counts.view(self.ep, E // self.ep).sum(1).tolist()
+        recv = received.sum(1).tolist()
+        ys = all_to_all_single_autograd(xs, recv, send, self.group)  # (M, D) by source rank, then local expert
+        # Regroup by local expert (then source rank), the order the expert kernels take.
+        starts = torch.cat([received.new_zeros(1), received.flatten().cumsum(0)[:-1]]).view_as(received)
+        order = torch.cat([torch.arange(s, s + n) for s, n in zip(starts.T.flatten().tolist(),
+                                                                 received.T.flatten().tolist())]
+                          + [torch.zeros(0, dtype=torch.long)]).to(xs.device)
+        return ys[order], received.sum(0), (order, send, recv)
+
+    def combine(self, ys: torch.Tensor, route: tuple) -> torch.Tensor:
+        from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+        order, send, recv = route
+        back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return all_to_all_single_autograd(ys[back], send, recv, self.group)
+
+
+def apply_ep(model: nn.Module, ep_mesh: Any) -> None:
+    """Shard each MoE's experts over the ep ranks (a DTensor Shard(0), so checkpoints hold the full expert
+    set and reshard to any mesh) and route its tokens through ExpertParallel. FSDP leaves the experts alone
+    (ignored_params): `sync_expert_grads` reduces their gradients over the copies of each shard."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
+    dispatcher = ExpertParallel(ep_mesh.get_group(), ep)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            for name in ("w1", "w2", "w3"):
+                full = getattr(m, name)
+                local = full.detach().chunk(ep, dim=0)[rank].clone()  # every rank built the same init
+                setattr(m, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
+            m.expert_parallel = dispatcher
+
+
+def sync_expert_grads(model: nn.Module, env: DistEnv) -> None:
+    """Each rank's expert gradients sum what every rank's tokens sent them (the all-to-all's backward); the
+    loss is the mean over the data ranks, so divide by their number, and sum over the copies of each shard
+    (dp_replicate x dp_shard)."""
+    if env.dims.ep == 1:
+        return
+    group = env.mesh["expert_dp"].get_group() if env.dims.dp_replicate * env.dims.dp_shard > 1 else None
+    for w in expert_params(model):
+        if w.grad is None:  # no token reached this rank's experts
+            w.grad = torch.zeros_like(w)
+        g = w.grad.to_local()
+        if group is not None:
+            dist.all_reduce(g, group=group)
+        g.div_(env.dims.data)
+
+
+class _DataMean:
+    """MoE.data_mean: the mean over the data ranks of a router statistic (the load fractions, the mean
+    router probabilities), so every rank's balance loss is the global batch's. The gradient flows through
+    this rank's own share only, scaled so that the data-parallel average of the gradients is the one
+    process's (a straight-through estimate: value of the mean, gradient of the local term x ranks)."""
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        total = t.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return t + (total / dist.get_world_size(self.group) - t.detach())
+
+
+def set_data_mean(model: nn.Module, group: Any) -> None:
+    mean = _DataMean(group)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.data_mean = mean
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over parameters that live on different meshes (FSDP's, tp's, ep's, or plain tensors):
+    one norm per mesh made whole (`full_tensor`), summed, then one scale.
+    torch's own clip_grad_norm_ stacks the per-parameter norms and fails across meshes."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    total = None
+    for mesh, group in by_mesh.items():
+        norm = torch.nn.utils.get_total_norm(group, 2.0)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        total = norm**2 if total is None else total + norm**2
+    if total is None:
+        return torch.zeros(())
+    total = total.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
+    for g in grads:  # a DTensor's local shard is scaled in place: no collective, no mixing of meshes
+        (g.to_local() if hasattr(g, "to_local") else g).mul_(coef.to(g.device))
+    return total
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ class Run:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.cfg.data.batch_size * self.cfg.seq_len * self.cfg.train.grad_accum * self.env.world_size
+        return self.cfg.data.batch_size * self.cfg.seq_len * self.cfg.train.grad_accum * self.env.data_world
 
     def wall_time(self) -> float:
         return self.state.wall_time_s + time.time() - self.t_start
@@ -231,11 +231,11 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
     # Validation reads windows of the model's whole context, as `gptmini eval` and the gate do, so a
     # checkpoint's val_loss and val_bpb are the same numbers wherever they are measured.
     train_loader, val_loader = build_loaders(
-        cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.rank, env.world_size,
+        cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.data_rank, env.data_world,
         seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size, val_seq_len=cfg.model.max_seq_len,
     )
 
-    # Same seed on every rank: FSDP2 shards each rank's own init, so the inits must agree.
+    # Same seed on every rank: FSDP2, TP and EP shard each rank's own init, so the inits must agree.
     seed_everything(cfg.train.seed)
     precision = step_precision(cfg.train.precision, env)
     raw_model = GPTOSSMini(cfg.model).to(env.device)
@@ -300,15 +300,17 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     for i, (x, y) in enumerate(micro):
         # Token-weighted: the accumulated gradient is exactly the big batch's mean-loss gradient.
         weight = y.numel() / step_tokens
-        with parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.precision):
+        with (parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.precision),
+              parallel.loss_context(run.model)):
             _, loss = run.model(x, y)
             (loss * weight).backward()
-        step_loss += loss.detach() * weight
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip or math.inf)
+        step_loss += parallel.local(loss.detach()) * weight
+    parallel.sync_expert_grads(run.model, run.env)
+    grad_norm = parallel.clip_grad_norm(run.model, run.cfg.optim.grad_clip or math.inf)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
-    run.state.tokens_seen += step_tokens * run.env.world_size
+    run.state.tokens_seen += step_tokens * run.env.data_world
     return step_loss, grad_norm
 
 
@@ -332,10 +334,10 @@ class Meter:
     def record(self, lr: float, grad_norm: torch.Tensor) -> dict[str, Any]:
         """The train record: `loss` is the mean over the steps since the last record and over the ranks."""
         run, env = self.run, self.run.env
-        parallel.all_reduce(self.loss)
+        parallel.all_reduce(self.loss, env=env)
         now = time.time()
         rec: dict[str, Any] = {
-            "kind": "train", "step": run.state.step, "loss": self.loss.item() / (env.world_size * self.steps),
+            "kind": "train", "step": run.state.step, "loss": self.loss.item() / (env.data_world * self.steps),
             "lr": lr, "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
             "tokens": run.state.tokens_seen,
             "tokens_per_s": (run.state.tokens_seen - self.tokens) / max(now - self.t, 1e-9),
@@ -390,7 +392,7 @@ def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None
     val loss exports checkpoints/best/."""
     if run.val_loader is None:
         return None
-    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches)
+    result = evaluate(run.model, run.val_loader, run.nbytes, None if final else run.cfg.train.eval_batches, run.env)
     step = run.state.step
     if run.env.is_main:
         run.log.log({"kind": "val", "step": step, **result})
@@ -419,7 +421,7 @@ def save(run: Run) -> Path:
 
 def export_weights(run: Run, out: Path, extra: dict[str, Any]) -> None:
     """Collective: plain safetensors weights (best/, final/) that `checkpoint.load_model` reads."""
-    if run.cfg.train.parallel == "fsdp":
+    if parallel.sharded(run.model):
         full = checkpoint.full_state_dict(run.model)  # collective: every rank gathers
         if run.env.is_main:
             plain = GPTOSSMini(run.cfg.model)
@@ -451,7 +453,7 @@ def summary(run: Run, status: str, last_val: dict[str, float] | None, unigram: f
         "final": {"step": state.step, **last_val} if last_val else None,
         "best": state.best,
         "best_step": state.best_step, "unigram_entropy": unigram, "world_size": run.env.world_size,
-        "parallel": run.cfg.train.parallel, "n_params": run.raw_model.num_params(),
+        "parallel": run.cfg.train.parallel, "mesh": run.env.dims.describe(), "n_params": run.raw_model.num_params(),
         "n_active_params": run.raw_model.num_active_params(), "mlflow_run_id": tracker.run_id,
         "paths": {"run": str(d), "metrics": str(d / "metrics.jsonl"), "config": str(d / "config.toml"),
                   "plots": str(d / "plots"), "last_checkpoint": str(checkpoint.latest_checkpoint(d)),
@@ -522,7 +524,7 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption,
                                 "run.n_active_params": n_active, "run.tokens_per_step": run.tokens_per_step,
                                 "run.data_manifest_key": manifest.get("input_key", "")})
             tracker.log_dataset(Path(cfg.data.data_dir) / "manifest.json")
-            run.say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {cfg.train.parallel} on "
+            run.say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {env.dims.describe()} on "
                     f"{env.world_size} x {env.device.type} | {run.tokens_per_step:,} tokens/step | train split "
                     f"unigram entropy {unigram:.3f} nats | run {run.dir}")
         run.model.train()

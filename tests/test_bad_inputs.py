@@ -166,6 +166,12 @@ def _cases() -> list[Case]:
         Case("train", "steps 0", train("--steps", "0"), lambda w: "train.steps = 0", out_gone),
         Case("train", "steps not a number", train("--steps", "many"), lambda w: "'many'", out_gone),
         Case("train", "unknown parallel mode", train("--parallel", "zero3"), lambda w: "'zero3'", out_gone),
+        # train: the device mesh (the world is this one process; the launch rows below give it 2 ranks)
+        Case("train", "tp with an MoE model", train("--tp", "2"), lambda w: "train.tp = 2", out_gone),
+        Case("train", "ep on a dense model", train("--ep", "2", "--model.num_experts", "0"),
+             lambda w: "train.ep = 2", out_gone),
+        Case("train", "ep not dividing the experts", train("--ep", "3"), lambda w: "model.num_experts = 4", out_gone),
+        Case("train", "tp x ep not dividing the world size", train("--ep", "2"), lambda w: "world size 1", out_gone),
         Case("train", "unknown device", train("--device", "tpu"), lambda w: "'tpu'", out_gone),
         Case("train", "unknown precision", train("--train.precision", "fp8"), lambda w: "'fp8'", out_gone),
         Case("train", "min_lr above lr", train("--optim.min_lr", "1"), lambda w: "optim.min_lr = 1.0", out_gone),
@@ -243,6 +249,10 @@ def _cases() -> list[Case]:
              argparse=True),
         Case("launch", "2 nodes with --parallel none", launch("--nodes", "2", "--"), lambda w: "--parallel none",
              out_gone),
+        Case("launch", "tp not dividing the kv heads", launch("--nodes", "2", "--", "--tp", "2", "--model.num_experts",
+             "0", "--model.n_heads", "8", "--model.n_kv_heads", "1"), lambda w: "model.n_kv_heads = 1", out_gone),
+        Case("launch", "dp-shard not dividing the data ranks", launch("--nodes", "2", "--", "--dp-shard", "3"),
+             lambda w: "train.dp_shard = 3", out_gone),
         Case("launch", "an sbatch line that is not an option", launch("--sbatch", "qos=high", "--"),
              lambda w: "'qos=high'", out_gone),
         Case("launch", "no run folder", launch("--", out=False), lambda w: "--out DIR"),
@@ -365,6 +375,8 @@ FLOW_CASES = [
     ({"tokenizer": "gpt5"}, "'gpt5'"),
     ({"val_fraction": 1.5}, "val_fraction (1.5)"),
     ({"nnodes": 2}, "rdzv_endpoint"),
+    ({"parallel": "zero3"}, "'zero3'"),
+    ({"parallel": "fsdp+ep:2"}, "world size 1"),  # 2 expert shards on the flow's 1 process
 ]
 
 
@@ -380,7 +392,7 @@ def test_bad_train_gpt_parameters_fail_before_anything_is_created(params, names,
     assert not flows_state.exists()
 
 
-@pytest.mark.parametrize("params,names", [({"parallel": "zero3"}, "parallel"), ({"device": "tpu"}, "device"),
+@pytest.mark.parametrize("params,names", [({"device": "tpu"}, "device"),
                                           ({"launcher": "pbs"}, "launcher"),
                                           ({"promotion": "sometimes"}, "promotion"), ({"steps": "many"}, "steps")])
 def test_flow_parameters_of_the_wrong_type_are_refused_by_prefect(params, names, flows_state, record):

@@ -118,7 +118,8 @@ def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmClu
     assert proc.returncode == 0, text[-3000:]
     assert "restart 1" in text and "resumed from" in text, text[-3000:]
     summary = read_json(out / "summary.json")
-    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
+    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 4
+    assert summary["mesh"] == "fsdp 2 x ep 2"
     assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
 
 
@@ -144,7 +145,8 @@ def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, smal
 @pytest.mark.dist
 def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resumes(slurm_cluster, stack,
                                                                                     monkeypatch):
-    """train-gpt with launcher='slurm' over 2 nodes: the job is scancelled once it has checkpointed step 2;
+    """train-gpt with launcher='slurm' over 2 nodes of 2 ranks on a 2-D mesh (FSDP across the nodes, the
+    experts split over each node's pair by EP): the job is scancelled once it has checkpointed step 2;
     the train task fails as retryable, its retry submits a new job that resumes there, and the flow
     registers a version."""
     from flows.train_gpt import train_gpt
@@ -165,7 +167,8 @@ def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resu
     watcher = threading.Thread(target=scancel_once, daemon=True)
     watcher.start()
     try:
-        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, train_retries=1, model_name="slurm",
+        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, nproc=2, parallel="fsdp+ep:2",
+                          train_retries=1, model_name="slurm",
                           extra_args=["--train.ckpt_every", "2", "--train.log_every", "1"], return_state=True)
     finally:
         stop.set()
@@ -185,7 +188,8 @@ def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resu
     assert re.search(r"^0: ", text, re.M) and re.search(r"^1: ", text, re.M)  # srun --label: a task per node
     assert all(slurm_cluster.job(job)["NodeList"] == "n[1-2]" for job in jobs)
     summary = read_json(Path(result["run_dir"]) / "summary.json")
-    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
+    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 4
+    assert summary["mesh"] == "fsdp 2 x ep 2"
     assert registry.client(stack).get_model_version("slurm", result["version"]).run_id == result["mlflow_run_id"]
 
 

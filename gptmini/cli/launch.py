@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from gptmini.checkpoint import read_json
+from gptmini import parallel
 from gptmini.cli import run
 from gptmini.cli.train import out_dir_of, parse
 from gptmini.errors import Failure, UserError
@@ -33,9 +34,11 @@ def launch_slurm(args: argparse.Namespace) -> int:
     train_args = resume_auto(args.train_args)
     cfg, _ = parse(train_args)  # a ConfigError (exit 2) now, not after the job waited in the queue
     world = args.nodes * args.nproc_per_node
-    if world > 1 and cfg.train.parallel == "none":
-        raise UserError(f"--nodes {args.nodes} x --nproc-per-node {args.nproc_per_node} is {world} ranks, but the "
-                        "train arguments say --parallel none; add --parallel ddp or --parallel fsdp after `--`")
+    t = cfg.train
+    try:  # the mesh must split over the job's ranks: tp inside a node, fsdp/ddp (or ep) across them
+        parallel.mesh_dims(world, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
+    except UserError as exc:
+        raise UserError(f"--nodes {args.nodes} x --nproc-per-node {args.nproc_per_node} = {world} ranks: {exc}") from None
     out = out_dir_of(train_args)
     if not out:
         raise UserError("the train arguments need --out DIR: the run folder, on storage every node sees")

@@ -30,6 +30,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train.steps": ("--steps",),
     "train.grad_accum": ("--grad-accum",),
     "train.parallel": ("--parallel",),
+    "train.dp_shard": ("--dp-shard",),
+    "train.tp": ("--tp",),
+    "train.ep": ("--ep",),
     "train.device": ("--device",),
     "train.compile": ("--compile",),
     "train.deterministic": ("--deterministic",),
@@ -114,7 +117,7 @@ def train(argv: list[str]) -> int:
     if flags.get("print_config"):
         print(to_toml(cfg), end="")
         return 0
-    env = parallel.init_distributed(cfg.train.device, cfg.train.parallel)
+    env = parallel.init_distributed(cfg)
     preempt = trainer.Preemption()
     die_with_launcher()
     try:

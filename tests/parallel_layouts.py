@@ -1,0 +1,172 @@
+"""Every layout of the device mesh against one process, in one torchrun launch (tests/test_parallel.py).
+
+    torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2
+    torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 fsdp2xep2
+
+Each layout trains a tiny dense or MoE model in float64, from the same init, on the same global batches,
+with the trainer's own `train_step` (accumulation, expert-gradient sync, clipping, AdamW) and
+`parallel.wrap` on a mesh from `parallel.build_mesh`; rank 0 writes each layout's per-step losses and
+grad norms, its collectives per step (CommDebugMode) and its bytes moved per step to OUT_DIR/layouts-N.json.
+The tp2 and ep2 layouts also write a training checkpoint after step 2 (`checkpoint.save_checkpoint`),
+which the test resumes in one process. `one_process` is the reference, run by the test itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from gptmini import checkpoint, parallel
+from gptmini.config import OptimConfig
+from gptmini.parallel import MeshDims
+from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.optim import build_optimizer
+from gptmini.trainer import TrainState, train_step
+
+STEPS, ACCUM, ROWS, T = 3, 2, 8, 16  # optimizer steps, micro-batches per step, windows per micro-batch, tokens
+CKPT_STEP = 2
+MODELS = {
+    "dense": ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                         num_experts=0, max_seq_len=T, dropout=0.0),
+    # aux_loss_coef 0.1: the balance loss must weigh enough that a per-rank (not global) one would show.
+    "moe": ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,
+                       num_experts=4, top_k=2, max_seq_len=T, dropout=0.0, aux_loss_coef=0.1),
+}
+OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)  # a clip that bites: the norm is ~1
+LAYOUTS = {
+    2: {"ddp2": ("dense", MeshDims(dp_replicate=2)), "fsdp2": ("dense", MeshDims(dp_shard=2)),
+        "tp2": ("dense", MeshDims(tp=2)), "ddp2-moe": ("moe", MeshDims(dp_replicate=2)),
+        "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2))},
+    4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2))},
+}
+
+
+def batches(model: str) -> torch.Tensor:
+    """(STEPS, ACCUM, ROWS, T + 1) token windows: micro-batch m of a step is ROWS windows, of which data rank r
+    of R takes rows r*ROWS/R onwards, so every layout's micro-batch m is one process's micro-batch m."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, MODELS[model].vocab_size, (STEPS, ACCUM, ROWS, T + 1), generator=g)
+
+
+class Batches:
+    """The trainer's loader, for one data rank of `data`."""
+
+    def __init__(self, windows: torch.Tensor, rank: int, data: int):
+        rows = ROWS // data
+        self.micro = [w[rank * rows:(rank + 1) * rows] for step in windows for w in step]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.micro.pop(0)
+        return w[:, :-1], w[:, 1:]
+
+
+def build(model: str) -> GPTOSSMini:
+    torch.manual_seed(0)
+    return GPTOSSMini(MODELS[model]).double()
+
+
+def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module) -> SimpleNamespace:
+    cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=ACCUM), optim=OPTIM)
+    return SimpleNamespace(cfg=cfg, env=env, model=net, optimizer=build_optimizer(net, OPTIM),
+                           train_loader=Batches(batches(model), env.data_rank, env.data_world),
+                           state=TrainState(), precision="fp32")
+
+
+def step(run: SimpleNamespace) -> tuple[float, float]:
+    loss, norm = train_step(run, OPTIM.lr)
+    parallel.all_reduce(loss, env=run.env if run.env.mesh is not None else None)
+    return loss.item() / run.env.data_world, float(parallel.local(norm))
+
+
+def one_process(model: str) -> dict[str, list[float]]:
+    """The reference: the whole batch in this process, no process group."""
+    run = run_for(model, parallel.DistEnv(0, 0, 1, torch.device("cpu")), build(model))
+    losses, norms = zip(*(step(run) for _ in range(STEPS)))
+    return {"loss": list(losses), "grad_norm": list(norms)}
+
+
+def comm_counts(mode) -> dict[str, int]:
+    return {str(op).split(".")[-1]: n for op, n in mode.get_comm_counts().items() if n}
+
+
+class _NoModules:
+    """CommDebugMode's per-module tracker trips over the hooks FSDP and DDP add (an empty parent list in a
+    forward hook); the counts per collective need none of it."""
+
+    name, is_bw, activation_checkpointing = "Global", False, False
+    module_parents_dict = {"Global": []}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def collectives():
+    """CommDebugMode, also summing per kind the bytes of each collective's first tensor argument (`payload`: a
+    c10d op's output buffer, a functional collective's input)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.distributed.tensor.debug._comm_mode import c10d_collective_ops
+
+    class Mode(CommDebugMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            packet = getattr(func, "_overloadpacket", None)
+            if packet is not None and (packet in self.comm_registry or packet in c10d_collective_ops) \
+                    and not any(t.__name__ == "DTensor" for t in types):
+                tensors = [a for a in torch.utils._pytree.tree_leaves(args[:1]) if isinstance(a, torch.Tensor)]
+                key = str(packet).split(".")[-1]
+                self.payload[key] = self.payload.get(key, 0) + sum(t.numel() * t.element_size() for t in tensors)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    mode = Mode()
+    mode.advanced_module_tracker = _NoModules()
+    mode.payload = {}
+    return mode
+
+
+def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
+    rank = int(os.environ["RANK"])
+    device = torch.device("cpu")
+    env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
+    net = parallel.wrap(build(model), "ddp" if dims.dp_replicate > 1 else "fsdp", env)
+    run = run_for(model, env, net)
+    losses, norms = [], []
+    for _ in range(STEPS):  # the collectives kept are the last step's
+        with collectives() as mode:
+            loss, norm = step(run)
+        losses.append(loss)
+        norms.append(norm)
+        comms, payload = comm_counts(mode), mode.payload
+        if run.state.step == CKPT_STEP and name in ("tp2", "ep2"):
+            checkpoint.save_checkpoint(out / name, run.state.step, net, run.optimizer, trainer_state={},
+                                       rank_state={}, config_json="{}", config_toml="", env=env, keep_last=1)
+    result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms, "collectives": comms,
+              "payload_bytes": payload}
+    if dims.tp > 1 and model == "dense":
+        # Sequence parallelism leaves the norms' gradients partial on each rank; after the step their weights
+        # must still be the same on every tp rank.
+        w = parallel.local(run.model.layers[0].attention_norm.weight).detach().clone()
+        gathered = [torch.empty_like(w) for _ in range(dims.tp)]
+        torch.distributed.all_gather(gathered, w, group=env.mesh["tp"].get_group())
+        result["norm_weights_agree"] = all(torch.equal(gathered[0], g) for g in gathered)
+    return result
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.distributed.init_process_group("gloo")
+    world = torch.distributed.get_world_size()
+    results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()}
+    if torch.distributed.get_rank() == 0:
+        (out / f"layouts-{world}.json").write_text(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

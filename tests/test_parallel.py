@@ -1,0 +1,144 @@
+"""Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2, EP 2, FSDP 2 x TP 2 and
+FSDP 2 x EP 2, on CPU with gloo, in two torchrun launches (tests/parallel_layouts.py runs the layouts of a
+world size one after another in its process group and writes their losses, grad norms and collectives).
+
+Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router compute in float32 by design
+and the step's loss is summed in float32, so layouts that reduce in another order differ by float32 ulps
+(measured: at most 1.2e-7 relative); a rank that reads another rank's windows, a balance loss taken over
+one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by 1e-4 or more.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import parallel_layouts as pl
+from gptmini import checkpoint, parallel
+from gptmini.config import model_preset
+from gptmini.errors import UserError
+from gptmini.parallel import MeshDims, mesh_args, mesh_dims
+
+REL = 1e-6
+BIN = Path(sys.executable).parent
+LAYOUTS = [(world, name) for world, names in pl.LAYOUTS.items() for name in names]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("layouts")
+    results = {}
+    for world in pl.LAYOUTS:
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(world),
+               str(Path(__file__).with_name("parallel_layouts.py")), str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+                                   "PYTHONPATH": str(Path(__file__).parent)})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        results.update(json.loads((out / f"layouts-{world}.json").read_text()))
+    results["dir"] = out
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict[str, dict]:
+    return {model: pl.one_process(model) for model in pl.MODELS}
+
+
+def close(a: list[float], b: list[float]) -> bool:
+    return all(math.isclose(x, y, rel_tol=REL) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("world,name", LAYOUTS)
+def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, world, name):
+    got, want = layouts[name], one_process[layouts[name]["model"]]
+    assert close(got["loss"], want["loss"]), (got["loss"], want["loss"])
+    assert close(got["grad_norm"], want["grad_norm"]), (got["grad_norm"], want["grad_norm"])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2"])
+def test_norm_weights_stay_identical_across_tp_ranks(layouts, name):
+    assert layouts[name]["norm_weights_agree"]
+
+
+# The collectives of one training step (2 micro-batches, the loss reduced for the log), as CommDebugMode
+# counts them; docs/scaling.md explains each. A per-block FSDP unit gathers twice per micro-batch (forward
+# and backward, 2 blocks + the root's embedding/norm/output); TP's plan gathers and reduce-scatters the
+# sequence around attention and feed-forward (5 of each per block and micro-batch); EP adds 2 all-to-alls of
+# tokens and 1 of counts per MoE layer and micro-batch, forward, and 2 backward.
+COLLECTIVES = {
+    "ddp2": {"broadcast_": 1, "allreduce_": 2},
+    "fsdp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_reduce": 1, "allreduce_": 1},
+    "tp2": {"all_gather_into_tensor": 20, "reduce_scatter_tensor": 20, "all_reduce": 27, "allreduce_": 1},
+    "ddp2-moe": {"broadcast_": 1, "allreduce_": 10},
+    "fsdp2-moe": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_reduce": 1, "allreduce_": 9},
+    "ep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4, "all_to_all_single": 16,
+            "all_reduce": 2, "allreduce_": 9},
+    "fsdp2xtp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
+                  "reduce_scatter_tensor": 20, "all_reduce": 13, "allreduce_": 1},
+    "fsdp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
+                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 15},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("world,name", LAYOUTS)
+def test_collectives_per_step_are_the_designs(layouts, world, name):
+    assert layouts[name]["collectives"] == COLLECTIVES[name]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("name", ["tp2", "ep2"])
+def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
+    """The step-2 DCP checkpoint of a 2-rank tp or ep run, loaded into a plain model and optimizer (no process
+    group), trains step 3 to the loss and grad norm the 2-rank run logged."""
+    got = layouts[name]
+    env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))
+    model = pl.build(got["model"])
+    run = pl.run_for(got["model"], env, model)
+    path = checkpoint.step_dir(layouts["dir"] / name, pl.CKPT_STEP)
+    checkpoint.load_checkpoint(path, model, run.optimizer, env)
+    del run.train_loader.micro[: pl.CKPT_STEP * pl.ACCUM]
+    loss, norm = pl.step(run)
+    assert math.isclose(loss, got["loss"][pl.CKPT_STEP], rel_tol=REL), (loss, got["loss"])
+    assert math.isclose(norm, got["grad_norm"][pl.CKPT_STEP], rel_tol=REL), (norm, got["grad_norm"])
+
+
+# The layout a set of degrees gives, without launching anything (mesh_dims is pure): the refusals are in
+# tests/test_bad_inputs.py.
+SEED = model_preset("seed")
+SEED_DENSE = model_preset("seed", num_experts=0, n_kv_heads=4)
+
+
+@pytest.mark.parametrize("world,flags,model,dims", [
+    (8, ("fsdp", 0, 1, 1), SEED, MeshDims(dp_shard=8)),
+    (8, ("ddp", 0, 1, 1), SEED, MeshDims(dp_replicate=8)),
+    (8, ("fsdp", 0, 1, 4), SEED, MeshDims(dp_shard=2, ep=4)),  # ep borrows data ranks; fsdp takes the rest
+    (16, ("ddp", 8, 1, 1), SEED, MeshDims(dp_replicate=2, dp_shard=8)),  # HSDP: shard in a node, replicate across
+    (8, ("fsdp", 0, 2, 1), SEED_DENSE, MeshDims(dp_shard=4, tp=2)),
+    (2, ("none", 0, 2, 1), SEED_DENSE, MeshDims(tp=2)),  # tp alone needs no data-parallel mode
+])
+def test_mesh_dims_give_the_layout(world, flags, model, dims):
+    parallel_mode, dp_shard, tp, ep = flags
+    assert mesh_dims(world, parallel_mode, dp_shard, tp, ep, model) == dims
+    assert dims.world == world
+
+
+def test_the_flows_layout_string_becomes_trainer_flags():
+    assert mesh_args("fsdp") == ["--parallel", "fsdp"]
+    assert mesh_args("fsdp+tp:2") == ["--parallel", "fsdp", "--tp", "2"]
+    assert mesh_args("fsdp:2+ep:4") == ["--parallel", "fsdp", "--dp-shard", "2", "--ep", "4"]
+    with pytest.raises(UserError, match="'tp'"):
+        mesh_args("fsdp+tp")
