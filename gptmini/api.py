@@ -120,22 +120,24 @@ class GPTTrainer:
 
     def train(self, train_loader: Iterable | None = None, val_loader: Iterable | None = None, *,
               steps: int | None = None) -> dict[str, Any]:
-        """Train up to `steps` optimizer steps in all (default: the `steps` setting), on the loaders given,
-        else on `train_data`. A loader is a `gptmini.data.loader.WindowLoader` or any iterable of (x, y)
-        batches (a torch DataLoader over `SlidingWindowDataset`, say), run through again at its end.
-        Calling `train` again with more steps continues the same run. Interrupting the kernel once saves a
-        checkpoint at the next step and stops. Returns the run's summary (summary.json); the model is left
-        in eval mode."""
+        """Train on the loaders given, else on `train_data`, up to `steps` optimizer steps in all: by default
+        one more pass over `train_loader` when one is given, else the `steps` setting. A loader is a
+        `gptmini.data.loader.WindowLoader` or any iterable of (x, y) batches (a torch DataLoader over
+        `SlidingWindowDataset`, say), run through again at its end. Calling `train` again with more steps
+        continues the same run. Interrupting the kernel once saves a checkpoint at the next step and stops.
+        Returns the run's summary (summary.json); the model is left in eval mode."""
         cfg = self.config
-        if steps is not None:
-            if int(steps) < 1:
-                raise ConfigError(f"steps = {steps}; it must be a positive integer")
-            cfg.train.steps = int(steps)
+        if steps is not None and int(steps) < 1:
+            raise ConfigError(f"steps = {steps}; it must be a positive integer")
         if self.run is None:
             self.run = self._start(train_loader, val_loader)
         elif train_loader is not None:
-            self.run.train_loader, self.run.val_loader = self._loader(train_loader), val_loader
+            self.run.train_loader, self.run.val_loader = self._loader(train_loader), self._val(val_loader)
         run = self.run
+        if steps is not None:
+            cfg.train.steps = int(steps)
+        elif train_loader is not None and hasattr(train_loader, "__len__"):
+            cfg.train.steps = run.state.step + max(1, len(train_loader) // cfg.train.grad_accum)
         if run.state.step >= cfg.train.steps:
             raise ConfigError(f"the run is already at step {run.state.step}; ask for more: train(steps=N) with "
                               f"N > {run.state.step}")
@@ -152,13 +154,16 @@ class GPTTrainer:
     def _loader(self, loader: Iterable) -> WindowLoader | BatchStream:
         return loader if isinstance(loader, WindowLoader) else BatchStream(loader, self.env.device)
 
+    def _val(self, loader: Iterable | None) -> WindowLoader | BatchStream | None:
+        return None if loader is None else self._loader(loader)
+
     def _start(self, train_loader: Iterable | None, val_loader: Iterable | None) -> trainer.Run:
         cfg, t_start = self.config, time.time()
         self.env = DistEnv(0, 0, 1, pick_device(cfg.train.device))
         resume_from = trainer.resume_point(cfg)
         trainer.set_deterministic(cfg.train.deterministic)
         if train_loader is not None:
-            train, val = self._loader(train_loader), val_loader
+            train, val = self._loader(train_loader), self._val(val_loader)
         else:
             train, val = self._data_loaders()
         if isinstance(train, WindowLoader):

@@ -408,13 +408,19 @@ def window_loaders(
 
 
 class BatchStream:
-    """Any iterable of (x, y) batches (a torch DataLoader, a list) as a training loader: `next_batch` runs on
-    across epochs, as `WindowLoader.next_batch` does. Its position is a count of batches, not a sampler's:
-    a checkpoint records it, but only a `WindowLoader` resumes at the exact next batch."""
+    """Any iterable of (x, y) batches (a torch DataLoader, a list) as a loader on `device`: `next_batch` runs
+    on across epochs, as `WindowLoader.next_batch` does, and iterating is one pass. Its position is a count
+    of batches, not a sampler's: a checkpoint records it, but only a `WindowLoader` resumes at the exact
+    next batch."""
 
     def __init__(self, batches, device: str | torch.device = "cpu"):
         self.batches, self.device = batches, torch.device(device)
         self.epoch, self.taken, self._it = 0, 0, None
+
+    def __iter__(self):
+        """One pass, on the device: how a validation loader is read."""
+        for x, y in self.batches:
+            yield x.to(self.device), y.to(self.device)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
