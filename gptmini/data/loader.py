@@ -440,5 +440,9 @@ class BatchStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.taken}
 
+    def load_state_dict(self, state: dict) -> None:
+        """The counts only: the iterable starts again from its beginning."""
+        self.epoch, self.taken = state.get("epoch", 0), state.get("batches", 0)
+
 __all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "PieceWindows", "DistributedWindowSampler", "WindowLoader",
            "BatchStream", "build_loaders", "window_loaders", "eval_loader", "piece_bounds", "piece_loader"]
