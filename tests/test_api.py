@@ -19,8 +19,16 @@ from gptmini.metrics import read_metrics
 from gptmini.tokenizer import Tokenizer, get_tokenizer
 from model_helpers import sharp_model, tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def own_cache(tmp_path_factory):
+    """The trained tokenizers these tests load are copied into a cache of their own, not the developer's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 def test_the_package_root_imports_nothing_until_a_name_is_used():
@@ -116,13 +124,19 @@ def test_trainer_repeats_gptmini_train_loss_for_loss(small, tmp_path):
             "--model.vocab_size", str(tokenizer.vocab_size), "--seq-len", "16", "--batch-size", "2",
             "--grad-accum", "2", "--steps", "4", "--deterministic", "--train.log_every", "1",
             "--train.eval_every", "2", "--train.eval_batches", "1", "--train.ckpt_every", "2"]
-    assert train_main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    try:
+        assert train_main([*argv, "--out", str(tmp_path / "cli")]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)  # --deterministic set it for this whole process
 
     cfg = parse_args([*argv, "--out", str(tmp_path / "api")])
     torch.manual_seed(cfg.train.seed)  # what `gptmini train` seeds the model's init with
     model = GPTOSSMini(cfg.model)
     trainer = GPTTrainer(model, tokenizer, shards, config=cfg)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
     def records(history):
         return [{k: r[k] for k in ("kind", "step", "loss", "lr", "grad_norm", "val_loss") if k in r} for r in history]
