@@ -123,7 +123,7 @@ def test_trainer_repeats_gptmini_train_loss_for_loss(small, tmp_path):
     argv = ["--preset", "tiny", "--data-dir", str(shards), "--model.tokenizer", tokenizer.name,
             "--model.vocab_size", str(tokenizer.vocab_size), "--seq-len", "16", "--batch-size", "2",
             "--grad-accum", "2", "--steps", "4", "--deterministic", "--train.log_every", "1",
-            "--train.eval_every", "2", "--train.eval_batches", "1", "--train.ckpt_every", "2"]
+            "--train.eval_every", "3", "--train.eval_batches", "1", "--train.ckpt_every", "4"]
     try:
         assert train_main([*argv, "--out", str(tmp_path / "cli")]) == 0
     finally:
@@ -143,7 +143,7 @@ def test_trainer_repeats_gptmini_train_loss_for_loss(small, tmp_path):
 
     assert records(trainer.history) == records(read_metrics(tmp_path / "cli" / "metrics.jsonl"))
     assert [r["step"] for r in trainer.history if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert summary["status"] == "completed" and summary["best_step"] >= 2
+    assert summary["status"] == "completed" and summary["best_step"] >= 3
     assert (tmp_path / "api" / "checkpoints" / "best" / "model.safetensors").is_file()
     assert (tmp_path / "api" / "final" / "model.safetensors").is_file()
 
