@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gptmini import checkpoint, generate, model, registry, trainer
+from gptmini import checkpoint, generate, registry, trainer
 from gptmini.config import Config, ConfigError, apply_overrides, from_preset, section_types, validate
 from gptmini.data.loader import BatchStream, TokenShards, WindowLoader, window_loaders
 from gptmini.data.prepare import read_manifest
@@ -33,19 +33,21 @@ from gptmini.data.sources import DataError
 from gptmini.device import pick_device
 from gptmini.errors import UserError
 from gptmini.metrics import curves_png
+from gptmini.model import GPTOSSMini as Model
 from gptmini.parallel import DistEnv
 from gptmini.tokenizer import Tokenizer, check_vocab
 
 
-class GPTOSSMini(model.GPTOSSMini):
+class GPTOSSMini(Model):
     """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig(...))`, with `generate` and `from_pretrained`."""
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 50, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """(B, T) prompt ids → (B, T + new) ids, as in nanoGPT and Hugging Face. Temperature 0 is greedy;
-        rows that emitted `eos_token_id` are padded with it. `gptmini.generate.generate`, with its KV cache."""
+        """(B, T) prompt ids → (B, T + new) ids on the model's device, as in nanoGPT and Hugging Face.
+        Temperature 0 is greedy; rows that emitted `eos_token_id` are padded with it. This is
+        `gptmini.generate.generate`, with its KV cache."""
         return generate.generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=eos_token_id, generator=generator)
 
@@ -78,7 +80,7 @@ class GPTTrainer:
     `config`, else the demo preset. The model keeps its own config and weights.
     """
 
-    def __init__(self, model: model.GPTOSSMini, tokenizer: Tokenizer, train_data: str | Path | TokenIds | None = None,
+    def __init__(self, model: Model, tokenizer: Tokenizer, train_data: str | Path | TokenIds | None = None,
                  val_data: str | TokenIds | None = None, *, config: Config | None = None, val_fraction: float = 0.1,
                  live: bool | None = None, **settings: Any):
         cfg = copy.deepcopy(config) if config is not None else from_preset("demo")

@@ -86,7 +86,7 @@ def test_seed_basic_usage_runs_as_written(small, tmp_path, monkeypatch):
     # Generate text
     generated = model.generate(input_ids, max_new_tokens=50)
 
-    assert generated.shape == (1, 5 + 50) and torch.equal(generated[:, :5], input_ids)
+    assert generated.shape == (1, 5 + 50) and torch.equal(generated[:, :5].cpu(), input_ids)
     steps = [r["step"] for r in trainer.history if r["kind"] == "train"]
     assert steps[-1] == len(train_loader) == 5  # one pass over the loader: 18 windows in batches of 4
     assert any(r["kind"] == "val" for r in trainer.history)
@@ -163,3 +163,19 @@ def test_trainer_on_token_ids_continues_when_asked_for_more_steps(small, tmp_pat
     assert train[-1]["lr"] < train[-2]["lr"] < train[0]["lr"] <= PRESETS["demo"]["optim"]["lr"]
     with pytest.raises(api.ConfigError, match="already at step 4"):
         trainer.train(steps=4)
+
+
+def test_trainer_refuses_bad_settings_and_data_with_one_clear_error(small, tmp_path):
+    _, tokenizer = small
+    model = GPTOSSMini(**tiny_config(tokenizer))
+    with pytest.raises(api.ConfigError, match=r"unknown setting\(s\) learning_rate; valid settings: .*\blr\b"):
+        GPTTrainer(model, tokenizer, [1, 2, 3], learning_rate=1e-3)
+    with pytest.raises(api.ConfigError, match=r"data.seq_len = 512 must be in 1..model.max_seq_len \(128\)"):
+        GPTTrainer(model, tokenizer, [1, 2, 3], seq_len=512)
+    bad_data = {"no training data: pass train_data": None,
+                r"token ids must lie in \[0, vocab_size=512\), got 0..600; encode with the model's tokenizer": [0, 600],
+                r"one flat sequence of integers, got int64 of shape \(2, 2\)": np.zeros((2, 2), dtype=np.int64)}
+    for message, data in bad_data.items():
+        with pytest.raises(api.UserError, match=message):
+            GPTTrainer(model, tokenizer, data, out_dir=tmp_path / "run").train()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
