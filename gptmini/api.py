@@ -105,6 +105,13 @@ class GPTTrainer:
             check_vocab(model.config.vocab_size, tokenizer)
         except UserError as exc:
             raise ConfigError(f"model.vocab_size: {exc}") from None
+        if model.config.tokenizer != tokenizer.name:
+            # The weights will be trained on this tokenizer's ids: the config saved with every checkpoint must
+            # name it, or loading them back would pair them with another tokenizer. As `gptmini train` takes
+            # the data's tokenizer.
+            print(f"note: the model's config names tokenizer {model.config.tokenizer!r}; it is trained with "
+                  f"{tokenizer.name!r}, which its checkpoints will name", flush=True)
+            model.config.tokenizer = cfg.model.tokenizer = tokenizer.name
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         self.train_data, self.val_data, self.val_fraction = train_data, val_data, val_fraction
         self.live = in_notebook() if live is None else live

@@ -93,6 +93,13 @@ def test_seed_basic_usage_runs_as_written(small, tmp_path, monkeypatch):
     assert (trainer.out_dir / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
+def test_trainer_records_the_tokenizer_it_trains_with(small, tmp_path):
+    _, tokenizer = small
+    model = GPTOSSMini(**{**tiny_config(tokenizer), "tokenizer": "cl100k_base"})  # the dict's default
+    GPTTrainer(model, tokenizer, [1, 2, 3], out_dir=tmp_path / "run")
+    assert model.config.tokenizer == tokenizer.name  # what its checkpoints' config.json will say
+
+
 def test_generate_greedy_equals_a_full_recompute_argmax_loop():
     model = GPTOSSMini(tiny())
     model.load_state_dict(sharp_model(tiny()).state_dict())
