@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from gptmini import GPTOSSMini, GPTTrainer, SlidingWindowDataset, api
-from gptmini.cli.train import main as train_main
 from gptmini.cli.train import parse_args
 from gptmini.config import PRESETS
-from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.data.prepare import read_manifest
 from gptmini.metrics import read_metrics
 from gptmini.tokenizer import Tokenizer, get_tokenizer
 from model_helpers import sharp_model, tiny
+from train_helpers import COMMON, STEPS
 
 pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +48,10 @@ def test_the_package_root_exports_the_public_names():
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[Path, Tokenizer]:
-    """A prepared folder of ~10k tokens and its 512-id BPE: the models stay a fraction of a cl100k model, so
-    steps, checkpoints and the final evaluation over the whole val split take milliseconds."""
-    root = tmp_path_factory.mktemp("small")
-    (root / "text.txt").write_text((ROOT / "README.md").read_text()[:40000])
-    manifest = prepare(PrepareConfig(sources=[str(root / "text.txt")], out=root / "shards", tokenizer="bpe:512",
-                                     workers=1, cache_dir=root / "cache")).manifest
-    return root / "shards", get_tokenizer(manifest["tokenizer"], root / "shards")
+def small(small_shards) -> tuple[Path, Tokenizer]:
+    """The session's 300-id BPE shards and their tokenizer: the models stay a fraction of a cl100k model, so
+    steps, checkpoints and evaluations take milliseconds."""
+    return small_shards, get_tokenizer(read_manifest(small_shards)["tokenizer"], small_shards)
 
 
 def tiny_config(tokenizer: Tokenizer) -> dict:
@@ -123,34 +119,27 @@ def test_from_pretrained_loads_a_weights_folder_as_the_api_model(tiny_weights):
         assert torch.equal(a, b), name
 
 
-def test_trainer_repeats_gptmini_train_loss_for_loss(small, tmp_path):
-    """Same config, data and seed: the in-process trainer logs the very losses and val losses the command
-    does, with accumulation, warmup + cosine, clipping, evaluation, the best checkpoint and the final one."""
+def test_trainer_repeats_gptmini_train_loss_for_loss(small, reference_runs, tmp_path):
+    """The session's reference run of `gptmini train` (one process, 2x accumulation, 8 steps, deterministic)
+    and GPTTrainer on the same config, data and seed log the very same losses, learning rates, gradient norms
+    and val losses, and both keep the best checkpoint and the final weights."""
     shards, tokenizer = small
-    argv = ["--preset", "tiny", "--data-dir", str(shards), "--model.tokenizer", tokenizer.name,
-            "--model.vocab_size", str(tokenizer.vocab_size), "--seq-len", "16", "--batch-size", "2",
-            "--grad-accum", "2", "--steps", "4", "--deterministic", "--train.log_every", "1",
-            "--train.eval_every", "3", "--train.eval_batches", "1", "--train.ckpt_every", "4"]
-    try:
-        assert train_main([*argv, "--out", str(tmp_path / "cli")]) == 0
-    finally:
-        torch.use_deterministic_algorithms(False)  # --deterministic set it for this whole process
-
-    cfg = parse_args([*argv, "--out", str(tmp_path / "api")])
+    cfg = parse_args(["--grad-accum", "2", *COMMON, "--data-dir", str(shards), "--out", str(tmp_path / "api")])
+    cfg.model.tokenizer, cfg.model.vocab_size = tokenizer.name, tokenizer.vocab_size  # as `gptmini train` takes the data's
     torch.manual_seed(cfg.train.seed)  # what `gptmini train` seeds the model's init with
     model = GPTOSSMini(cfg.model)
     trainer = GPTTrainer(model, tokenizer, shards, config=cfg)
     try:
         summary = trainer.train()
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(False)  # --deterministic set it for this whole process
 
     def records(history):
         return [{k: r[k] for k in ("kind", "step", "loss", "lr", "grad_norm", "val_loss") if k in r} for r in history]
 
-    assert records(trainer.history) == records(read_metrics(tmp_path / "cli" / "metrics.jsonl"))
-    assert [r["step"] for r in trainer.history if r["kind"] == "train"] == [1, 2, 3, 4]
-    assert summary["status"] == "completed" and summary["best_step"] >= 3
+    assert records(trainer.history) == records(read_metrics(reference_runs["1p"] / "metrics.jsonl"))
+    assert [r["step"] for r in trainer.history if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    assert summary["status"] == "completed" and summary["best_step"] in (4, 8)
     assert (tmp_path / "api" / "checkpoints" / "best" / "model.safetensors").is_file()
     assert (tmp_path / "api" / "final" / "model.safetensors").is_file()
 
@@ -180,7 +169,8 @@ def test_trainer_refuses_bad_settings_and_data_with_one_clear_error(small, tmp_p
     with pytest.raises(api.ConfigError, match=r"data.seq_len = 512 must be in 1..model.max_seq_len \(128\)"):
         GPTTrainer(model, tokenizer, [1, 2, 3], seq_len=512)
     bad_data = {"no training data: pass train_data": None,
-                r"token ids must lie in \[0, vocab_size=512\), got 0..600; encode with the model's tokenizer": [0, 600],
+                rf"token ids must lie in \[0, vocab_size={tokenizer.vocab_size}\), got 0..600; encode with the model's "
+                r"tokenizer": [0, 600],
                 r"one flat sequence of integers, got int64 of shape \(2, 2\)": np.zeros((2, 2), dtype=np.int64)}
     for message, data in bad_data.items():
         with pytest.raises(api.UserError, match=message):
