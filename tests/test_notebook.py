@@ -24,7 +24,8 @@ def test_the_tutorial_is_kept_without_outputs():
 @pytest.mark.slow
 def test_the_tutorial_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTMINI_TUTORIAL_FAST", "1")
-    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    for name, folder in (("GPTMINI_CACHE_DIR", "cache"), ("JUPYTER_RUNTIME_DIR", "jupyter"), ("IPYTHONDIR", "ipython")):
+        monkeypatch.setenv(name, str(tmp_path / folder))  # nothing written to the developer's home
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: one thread beats two on a shared 2-core machine
     for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
         monkeypatch.delenv(name)  # no stack: the registry cell must skip itself cleanly
