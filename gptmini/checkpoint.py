@@ -292,9 +292,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # Loading a model for evaluation, generation and export
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               model_class: type[GPTOSSMini] = GPTOSSMini) -> tuple[GPTOSSMini, Tokenizer]:
     """(model in eval mode, tokenizer) from a run folder, a weights folder (final/, checkpoints/best/, a
     downloaded registry version) or a training checkpoint folder: the one loader every caller uses.
+    `model_class` is what is built (`gptmini.GPTOSSMini`, the public API's, for `from_pretrained`).
 
     A run folder resolves to final/, else checkpoints/best/, else its latest complete checkpoint.
     """
@@ -304,19 +306,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     if (path / "checkpoints").is_dir() or (path / "final").is_dir():
         for candidate in (path / "final", path / "checkpoints" / "best"):
             if (candidate / weights.WEIGHTS_NAME).is_file():
-                return weights.load_pretrained(candidate, device=device)
+                return weights.load_pretrained(candidate, device, model_class)
         latest = latest_checkpoint(path)
         if latest is None:
             raise MissingPathError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
         path = latest
     if (path / weights.WEIGHTS_NAME).is_file():
-        return weights.load_pretrained(path, device=device)
+        return weights.load_pretrained(path, device, model_class)
     if not is_complete(path):
         raise CheckpointError(
             f"{str(path)!r} is neither a weights folder (model.safetensors + config.json) nor a complete "
             f"training checkpoint ({MARKER} marker); pass a run folder, final/, best/ or checkpoints/{STEP_PREFIX}*"
         )
     model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
-    model = GPTOSSMini(model_config)
+    model = model_class(model_config)
     load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
     return model.to(device).eval(), get_tokenizer(model_config.tokenizer, search=path)

@@ -215,7 +215,7 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{where} = {value!r} is not a valid {name}; give a {name} value")
 
 
-def _apply(cfg: Config, overrides: dict[str, Any], origin: str) -> None:
+def apply_overrides(cfg: Config, overrides: dict[str, Any], origin: str) -> None:
     """Set `{section: {field: value}}` onto cfg, rejecting unknown keys by name."""
     for section, values in overrides.items():
         if section == "preset":
@@ -238,7 +238,7 @@ def from_preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     cfg = Config(preset=name)
-    _apply(cfg, PRESETS[name], f"preset {name!r}")
+    apply_overrides(cfg, PRESETS[name], f"preset {name!r}")
     return cfg
 
 
@@ -257,13 +257,15 @@ def load(toml_path: str | Path | None = None, cli: dict[str, dict[str, Any]] | N
     """Resolve a Config: defaults < preset < TOML < CLI (see the module docstring)."""
     data = read_toml(toml_path) if toml_path else {}
     cfg = from_preset(preset or data.get("preset") or Config.preset)
-    _apply(cfg, data, str(toml_path))
-    _apply(cfg, cli or {}, "command line")
+    apply_overrides(cfg, data, str(toml_path))
+    apply_overrides(cfg, cli or {}, "command line")
     validate(cfg)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, need_data: bool = True) -> None:
+    """Every value, checked together; `need_data=False` for a caller that hands the data in itself
+    (`gptmini.api.GPTTrainer`)."""
     t, d, o = cfg.train, cfg.data, cfg.optim
     if t.parallel not in PARALLEL_MODES:
         raise ConfigError(f"train.parallel = {t.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
@@ -290,7 +292,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.min_lr = {o.min_lr} must be between 0 and optim.lr ({o.lr})")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
-    if not d.data_dir and not d.sources:
+    if need_data and not d.data_dir and not d.sources:
         raise ConfigError("no training data: pass --data-dir DIR (a `gptmini prepare` output) or --sources SRC...")
     try:  # ModelConfig checks itself on construction; the overrides above were set field by field
         ModelConfig(**dataclasses.asdict(cfg.model))
@@ -322,7 +324,7 @@ def to_toml(cfg: Config) -> str:
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved as JSON (checkpoints keep it that way: JSON has null, TOML does not)."""
     cfg = from_preset(data.get("preset", Config.preset))
-    _apply(cfg, data, "saved config")
+    apply_overrides(cfg, data, "saved config")
     return cfg
 
 

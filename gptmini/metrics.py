@@ -5,6 +5,7 @@ its checkpoint's step, so the file always reads as one uninterrupted run.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -48,20 +49,9 @@ def train_losses(records: list[dict[str, Any]]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
-def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Write plots/loss.png (train + val) and plots/lr.png; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def draw_loss(ax: Any, records: list[dict[str, Any]]) -> None:
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train", lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val", lw=1.5)
@@ -70,23 +60,46 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     ax.set_title("gptmini loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(_save(fig, out_dir / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+
+def draw_lr(ax: Any, records: list[dict[str, Any]]) -> None:
+    train = [r for r in records if r.get("kind") == "train"]
     ax.plot([r["step"] for r in train], [r["lr"] for r in train], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.set_title("warmup + cosine schedule")
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, out_dir / "lr.png"))
-    return paths
 
 
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Write plots/loss.png (train + val) and plots/lr.png; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [_save(draw, records, size, out_dir / name)
+            for draw, size, name in ((draw_loss, (7, 4), "loss.png"), (draw_lr, (7, 3), "lr.png"))]
 
+
+def curves_png(records: list[dict[str, Any]]) -> bytes:
+    """The loss and LR curves side by side as one PNG: what `GPTTrainer` shows live in a notebook."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 3.5))
+    draw_loss(fig.add_subplot(1, 2, 1), records)
+    draw_lr(fig.add_subplot(1, 2, 2), records)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=80, format="png")
+    return buf.getvalue()
+
+
+def _save(draw: Any, records: list[dict[str, Any]], size: tuple[int, int], path: Path) -> Path:
+    # A bare Figure, not pyplot: the trainer draws without switching the process's backend, which in a
+    # notebook would stop the user's own plots from showing inline.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    draw(fig.add_subplot(), records)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return path

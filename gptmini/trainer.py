@@ -216,11 +216,7 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
     """Build the run, resumed from its last checkpoint when asked. Returns it with the RNG state to restore
     just before the first step (None for a fresh run, or one resumed at another world size)."""
     t_start = time.time()
-    run_dir = Path(cfg.train.out_dir)
-    # Resolve what we resume from before touching the run folder: a fresh run must not clobber one.
-    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
-    if cfg.train.resume == "none" and checkpoint.latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or another --out")
+    resume_from = resume_point(cfg)
     prepare_data(cfg, env)
     set_deterministic(cfg.train.deterministic)
     tokenizer = data_tokenizer(cfg, env)
@@ -228,17 +224,40 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
         raise ConfigError(f"model.vocab_size: {exc}") from None
+    train_loader, val_loader = folder_loaders(cfg, env)
+    # Same seed on every rank: FSDP2, TP and EP shard each rank's own init, so the inits must agree.
+    seed_everything(cfg.train.seed)
+    raw_model = GPTOSSMini(cfg.model)
+    return start_run(cfg, env, raw_model, train_loader, val_loader, tokenizer, resume_from, t_start)
+
+
+def folder_loaders(cfg: Config, env: parallel.DistEnv) -> tuple[WindowLoader, WindowLoader | None]:
     # Validation reads windows of the model's whole context, as `gptmini eval` and the gate do, so a
     # checkpoint's val_loss and val_bpb are the same numbers wherever they are measured.
-    train_loader, val_loader = build_loaders(
+    return build_loaders(
         cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.data_rank, env.data_world,
         seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size, val_seq_len=cfg.model.max_seq_len,
     )
 
-    # Same seed on every rank: FSDP2, TP and EP shard each rank's own init, so the inits must agree.
-    seed_everything(cfg.train.seed)
+
+def resume_point(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, resolved before the run folder is touched: a fresh run must not
+    clobber one."""
+    run_dir = Path(cfg.train.out_dir)
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, run_dir)
+    if cfg.train.resume == "none" and checkpoint.latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume auto to continue it, or another --out")
+    return resume_from
+
+
+def start_run(cfg: Config, env: parallel.DistEnv, raw_model: GPTOSSMini, train_loader: WindowLoader,
+              val_loader: WindowLoader | None, tokenizer: Tokenizer, resume_from: Path | None,
+              t_start: float) -> tuple[Run, dict[str, Any] | None]:
+    """The run around a built model and its data: the model on the device (compiled and wrapped as asked),
+    the optimizer, the run folder's config files, the checkpoint resumed from. `setup` builds the model
+    from the config; `gptmini.api.GPTTrainer` hands in the user's own."""
     precision = step_precision(cfg.train.precision, env)
-    raw_model = GPTOSSMini(cfg.model).to(env.device)
+    raw_model = raw_model.to(env.device)
     raw_model.set_expert_kernel(compute_dtype=matmul_dtype(env.device, precision))  # before compile traces it
     if cfg.train.compile:
         parallel.compile_model(raw_model, "blocks", backend=cfg.train.compile_backend)
@@ -246,6 +265,7 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
     optimizer = build_optimizer(model, cfg.optim)
     seed_everything(cfg.train.seed + env.rank)  # dropout masks differ per rank
 
+    run_dir = Path(cfg.train.out_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").unlink(missing_ok=True)  # a previous attempt's ending is not this one's
@@ -498,7 +518,8 @@ def finish(run: Run, tracker: Tracker, status: str, last_val: dict[str, float] |
     tracker.log_artifact(run.dir / "summary.json")
     val = (f"val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte" if last_val else "no val split")
     run.say(f"done: {status} at step {run.state.step}, {run.state.tokens_seen:,} tokens, {duration(result['wall_time_s'])}; "
-            f"{val} (unigram baseline {unigram:.3f} nats); summary {run.dir / 'summary.json'}")
+            f"{val}{f' (unigram baseline {unigram:.3f} nats)' if unigram is not None else ''}; "
+            f"summary {run.dir / 'summary.json'}")
     return result
 
 
@@ -527,26 +548,33 @@ def train(cfg: Config, env: parallel.DistEnv, preempt: Preemption,
             run.say(f"gptmini: {n_params / 1e6:.2f}M params ({n_active / 1e6:.2f}M active) | {env.dims.describe()} on "
                     f"{env.world_size} x {env.device.type} | {run.tokens_per_step:,} tokens/step | train split "
                     f"unigram entropy {unigram:.3f} nats | run {run.dir}")
-        run.model.train()
         if rng is not None:
             checkpoint.set_rng_state(rng)  # last, so nothing between here and the loop draws from it
-        meter, last_val, status = Meter(run), None, COMPLETED
-        while run.state.step < cfg.train.steps:
-            lr = get_lr(run.state.step, cfg.optim, cfg.train.steps)
-            loss, grad_norm = train_step(run, lr)
-            meter.add(loss)
-            step, done = run.state.step, run.state.step == cfg.train.steps
-            if step % cfg.train.log_every == 0 or done:
-                log_train(run, tracker, meter.record(lr, grad_norm))
-            if step % cfg.train.eval_every == 0 or done:
-                last_val = validate(run, tracker, final=done)
-            stop = should_stop(run, preempt)
-            if step % cfg.train.ckpt_every == 0 or done or stop:
-                save(run)
-            if stop and not done:
-                status = PREEMPTED
-                run.say(f"{preempt.signal_name}: saved checkpoint at step {step}; exiting (resume with --resume auto)")
-                break
-        if status == PREEMPTED:
-            tracker.status = "KILLED"
+        status, last_val = loop(run, tracker, preempt)
         return finish(run, tracker, status, last_val, unigram)
+
+
+def loop(run: Run, tracker: Tracker, preempt: Preemption) -> tuple[str, dict[str, float] | None]:
+    """Steps up to cfg.train.steps: log, evaluate (keeping the best), checkpoint, stop at a preemption.
+    Returns how the stretch ended and its last evaluation."""
+    cfg = run.cfg
+    run.model.train()
+    meter, last_val, status = Meter(run), None, COMPLETED
+    while run.state.step < cfg.train.steps:
+        lr = get_lr(run.state.step, cfg.optim, cfg.train.steps)
+        loss, grad_norm = train_step(run, lr)
+        meter.add(loss)
+        step, done = run.state.step, run.state.step == cfg.train.steps
+        if step % cfg.train.log_every == 0 or done:
+            log_train(run, tracker, meter.record(lr, grad_norm))
+        if step % cfg.train.eval_every == 0 or done:
+            last_val = validate(run, tracker, final=done)
+        stop = should_stop(run, preempt)
+        if step % cfg.train.ckpt_every == 0 or done or stop:
+            save(run)
+        if stop and not done:
+            status = PREEMPTED
+            run.say(f"{preempt.signal_name}: saved checkpoint at step {step}; exiting (resume with --resume auto)")
+            tracker.status = "KILLED"
+            break
+    return status, last_val

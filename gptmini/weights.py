@@ -75,14 +75,14 @@ def load_config(directory: str | os.PathLike) -> ModelConfig:
 
 
 def load_pretrained(
-    directory: str | os.PathLike, device: str | torch.device = "cpu"
+    directory: str | os.PathLike, device: str | torch.device = "cpu", model_class: type[GPTOSSMini] = GPTOSSMini
 ) -> tuple[GPTOSSMini, Tokenizer]:
-    """The model (in eval mode) and its tokenizer, checked against each other."""
+    """The model (in eval mode, a `model_class`) and its tokenizer, checked against each other."""
     config = load_config(directory)
     tokenizer = get_tokenizer(config.tokenizer, search=directory)
     check_vocab(config.vocab_size, tokenizer)
     with torch.device("meta"):
-        model = GPTOSSMini(config)
+        model = model_class(config)
     path = Path(directory) / WEIGHTS_NAME
     try:
         state = load_file(path, device=str(device))

@@ -279,3 +279,16 @@ def test_typed_predict_rejects_what_is_not_a_list_of_strings(store, weights):
     model = mlflow.pyfunc.load_model(f"models:/gptmini/{mv.version}")
     with pytest.raises(mlflow.exceptions.MlflowException, match="schema"):
         model.predict([1, 2])
+
+
+def test_from_pretrained_loads_the_production_model_from_the_registry(store, tiny_weights):
+    from gptmini import GPTOSSMini
+
+    mc, _ = store
+    _, mv = register(store, tiny_weights)
+    registry.promote(mc, mv.version)
+    model, tokenizer = GPTOSSMini.from_pretrained("models:/gptmini@production")
+    assert type(model) is GPTOSSMini and tokenizer.name == "cl100k_base"
+    reference, _ = load_model(tiny_weights)
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name

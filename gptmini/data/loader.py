@@ -368,23 +368,81 @@ def build_loaders(
             f"model vocab_size={vocab_size} is below the shards' n_vocab={manifest['n_vocab']} "
             f"({manifest['tokenizer']}); set vocab_size={manifest['vocab_size']}"
         )
+    val_tokens = TokenShards.open(data_dir, "val", verify)
+    if not len(val_tokens):
+        warnings.warn(_empty(data_dir, "val") + ": no validation loader", stacklevel=2)
+    return window_loaders(train_tokens, val_tokens, manifest["eot_token"], seq_len, stride, batch_size, rank,
+                          world_size, seed, device, val_seq_len, where=f"the train split of {data_dir}")
+
+
+def window_loaders(
+    train_tokens: TokenShards | np.ndarray,
+    val_tokens: TokenShards | np.ndarray | None,
+    eot: int,
+    seq_len: int,
+    stride: int | None = None,
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    val_seq_len: int | None = None,
+    where: str = "the training tokens",
+) -> tuple[WindowLoader, WindowLoader | None]:
+    """(train, val) loaders over two token streams, a prepared folder's splits or arrays in memory: shuffled
+    sliding windows to train on, `PieceWindows` to validate on (None for an empty or missing val stream)."""
+    stride = seq_len if stride is None else stride
     train_ds = SlidingWindowDataset(train_tokens, seq_len, stride)
     per_rank = len(train_ds) // world_size
     if per_rank < batch_size:
         need = seq_len + 1 + stride * (world_size * batch_size - 1)
         raise DataError(
-            f"the train split of {data_dir} has {len(train_tokens)} tokens: {len(train_ds)} windows of seq_len={seq_len} "
+            f"{where} has {len(train_tokens)} tokens: {len(train_ds)} windows of seq_len={seq_len} "
             f"at stride={stride}, {per_rank} per rank, fewer than batch_size={batch_size}; the minimum is {need} tokens "
             f"for world_size={world_size}: add text, or lower batch_size, seq_len or stride"
         )
     train = WindowLoader(train_ds, DistributedWindowSampler(len(train_ds), rank, world_size, seed), batch_size, device)
-    val_tokens = TokenShards.open(data_dir, "val", verify)
-    if not len(val_tokens):
-        warnings.warn(_empty(data_dir, "val") + ": no validation loader", stacklevel=2)
+    if val_tokens is None or not len(val_tokens):
         return train, None
-    return train, piece_loader(val_tokens, manifest["eot_token"], val_seq_len or seq_len, batch_size, rank, world_size,
-                               device)
+    return train, piece_loader(val_tokens, eot, val_seq_len or seq_len, batch_size, rank, world_size, device)
 
+
+class BatchStream:
+    """Any iterable of (x, y) batches (a torch DataLoader, a list) as a loader on `device`: `next_batch` runs
+    on across epochs, as `WindowLoader.next_batch` does, and iterating is one pass. Its position is a count
+    of batches, not a sampler's: a checkpoint records it, but only a `WindowLoader` resumes at the exact
+    next batch."""
+
+    def __init__(self, batches, device: str | torch.device = "cpu"):
+        self.batches, self.device = batches, torch.device(device)
+        self.epoch, self.taken, self._it = 0, 0, None
+
+    def __iter__(self):
+        """One pass, on the device: how a validation loader is read."""
+        for x, y in self.batches:
+            yield x.to(self.device), y.to(self.device)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._it = iter(self.batches)
+        try:
+            x, y = next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            self._it = iter(self.batches)
+            try:
+                x, y = next(self._it)
+            except StopIteration:
+                raise DataError("the training loader yields no batches; give it at least one (x, y) batch") from None
+        self.taken += 1
+        return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The counts only: the iterable starts again from its beginning."""
+        self.epoch, self.taken = state.get("epoch", 0), state.get("batches", 0)
 
 __all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "PieceWindows", "DistributedWindowSampler", "WindowLoader",
-           "build_loaders", "eval_loader", "piece_bounds", "piece_loader"]
+           "BatchStream", "build_loaders", "window_loaders", "eval_loader", "piece_bounds", "piece_loader"]
