@@ -46,7 +46,8 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
     state, env = stack.state, {**stack.env, **stack.client_env}
     run = subprocess.run(
         [str(BIN / "python"), "-m", "flows.follow", "train-gpt/demo", "--param", "preset=tiny", "--param", "steps=2",
-         "--param", "max_new_tokens=4", "--params", '{"prompts": ["def"]}', "--timeout", "400"],
+         "--param", "max_new_tokens=4", "--param", "tokenizer=bpe:300",  # a 3 MB checkpoint, not cl100k's 80 MB
+         "--params", '{"prompts": ["def"]}', "--timeout", "400"],
         env=env, capture_output=True, text=True, timeout=450, cwd=state)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     # The trainer's step lines reach the terminal, prefixed by the time and the task run's name.
