@@ -26,7 +26,7 @@ from torch import nn
 
 from gptmini import checkpoint, metrics, parallel
 from gptmini.config import Config, ConfigError, to_json, to_toml
-from gptmini.data.loader import WindowLoader, build_loaders
+from gptmini.data.loader import ReplayLoader, WindowLoader, build_loaders, replay_loader
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import autocast, matmul_dtype, native_bf16, peak_flops
@@ -35,6 +35,7 @@ from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_atomic, write_json
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
+from gptmini.retrain import check_parent, model_dict
 from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
 from gptmini.weights import save_pretrained
 
@@ -144,7 +145,7 @@ class Run:
     raw_model: GPTOSSMini  # the module itself: its config, counters and FLOP count
     model: nn.Module  # what runs forward and backward: raw_model compiled and wrapped (DDP, FSDP)
     optimizer: torch.optim.Optimizer
-    train_loader: WindowLoader
+    train_loader: WindowLoader | ReplayLoader
     val_loader: WindowLoader | None
     log: metrics.MetricsLog
     state: TrainState
@@ -234,11 +235,16 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.rank, env.world_size,
         seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size, val_seq_len=cfg.model.max_seq_len,
     )
+    if cfg.data.replay is not None:
+        train_loader = replay_loader(train_loader, cfg.data.replay, cfg.seq_len, cfg.stride, cfg.data.batch_size,
+                                     env.rank, env.world_size, cfg.train.seed, cfg.data.data_dir)
 
     # Same seed on every rank: FSDP2 shards each rank's own init, so the inits must agree.
     seed_everything(cfg.train.seed)
     precision = step_precision(cfg.train.precision, env)
     raw_model = GPTOSSMini(cfg.model).to(env.device)
+    if cfg.train.init_from:
+        init_from(raw_model, cfg, env)
     raw_model.set_expert_kernel(compute_dtype=matmul_dtype(env.device, precision))  # before compile traces it
     if cfg.train.compile:
         parallel.compile_model(raw_model, "blocks")
@@ -272,6 +278,17 @@ def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
                   flush=True)
         cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
     return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
+
+
+def init_from(model: GPTOSSMini, cfg: Config, env: parallel.DistEnv) -> None:
+    """Load the parent's weights (`train.init_from`, a local folder) into the fresh model, after checking that it
+    is the same model reading the same tokens. The optimizer starts afresh, and the schedule warms up and decays
+    again over this run (Ibrahim et al. 2024: re-warming and re-decaying the learning rate)."""
+    parent, _ = checkpoint.load_model(cfg.train.init_from)
+    check_parent(model_dict(cfg.model), model_dict(parent.config), cfg.model.tokenizer, cfg.train.init_from)
+    model.load_state_dict(parent.state_dict())
+    if env.is_main:
+        print(f"init from {cfg.train.init_from}: {parent.num_params() / 1e6:.2f}M parameters", flush=True)
 
 
 def resume(run: Run, path: Path) -> dict[str, Any] | None:
