@@ -99,9 +99,13 @@ def main() -> None:
     for i, (name, (args, parent)) in enumerate(runs.items()):
         run = a.out / f"run{i}"
         extra = ["--init-from", str(a.out / "run0")] if parent else []
-        wall = train([*common, *args, *extra, "--out", str(run)], a.out / f"run{i}.log")
+        done = run / "summary.json"
+        if done.is_file() and json.loads(done.read_text()).get("status") == "completed":  # measured again only
+            wall = json.loads(done.read_text())["wall_time_s"]
+        else:
+            wall = train([*common, *args, *extra, "--out", str(run)], a.out / f"run{i}.log")
         m, sums[name] = measure(run, data, mask)
-        summary = json.loads((run / "summary.json").read_text())
+        summary = json.loads(done.read_text())
         results[name] = {"wall_s": wall, "train_wall_s": summary["wall_time_s"], "steps": summary["steps"],
                          "tokens": summary["tokens"], **m}
         print(name, json.dumps(results[name]), flush=True)
