@@ -229,6 +229,7 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
         raise ConfigError(f"model.vocab_size: {exc}") from None
+    parent = load_parent(cfg, env) if cfg.train.init_from else None
     # Validation reads windows of the model's whole context, as `gptmini eval` and the gate do, so a
     # checkpoint's val_loss and val_bpb are the same numbers wherever they are measured.
     train_loader, val_loader = build_loaders(
@@ -243,8 +244,9 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
     seed_everything(cfg.train.seed)
     precision = step_precision(cfg.train.precision, env)
     raw_model = GPTOSSMini(cfg.model).to(env.device)
-    if cfg.train.init_from:
-        init_from(raw_model, cfg, env)
+    if parent is not None:
+        raw_model.load_state_dict(parent.state_dict())
+        del parent
     raw_model.set_expert_kernel(compute_dtype=matmul_dtype(env.device, precision))  # before compile traces it
     if cfg.train.compile:
         parallel.compile_model(raw_model, "blocks")
@@ -280,15 +282,15 @@ def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
     return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
 
 
-def init_from(model: GPTOSSMini, cfg: Config, env: parallel.DistEnv) -> None:
-    """Load the parent's weights (`train.init_from`, a local folder) into the fresh model, after checking that it
-    is the same model reading the same tokens. The optimizer starts afresh, and the schedule warms up and decays
-    again over this run (Ibrahim et al. 2024: re-warming and re-decaying the learning rate)."""
+def load_parent(cfg: Config, env: parallel.DistEnv) -> GPTOSSMini:
+    """The weights to start from (`train.init_from`, a local folder), checked to be this run's model reading the
+    data's tokens, before anything else is built. The optimizer starts afresh, and the schedule warms up and
+    decays again over this run (Ibrahim et al. 2024: re-warming and re-decaying the learning rate)."""
     parent, _ = checkpoint.load_model(cfg.train.init_from)
     check_parent(model_dict(cfg.model), model_dict(parent.config), cfg.model.tokenizer, cfg.train.init_from)
-    model.load_state_dict(parent.state_dict())
     if env.is_main:
         print(f"init from {cfg.train.init_from}: {parent.num_params() / 1e6:.2f}M parameters", flush=True)
+    return parent
 
 
 def resume(run: Run, path: Path) -> dict[str, Any] | None:
