@@ -157,7 +157,7 @@ def train_gpt(
             while there is none) on the documents new since its dataset, with `replay`; or a run, weights or
             checkpoint folder, or a models:/ URI, to start from.
         replay: when continuing from production, the share of each batch replayed from the earlier documents.
-        force: train even when the inputs are those of production's dataset (and nothing else changed).
+        force: with init_from="production", train even when the inputs are those of production's dataset.
     """
     check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
                      train_retries, model_name, launcher, slurm)
@@ -168,18 +168,18 @@ def train_gpt(
 
     state, uri = tasks.state_dir(), tasks.tracking_uri()
     inputs = tasks.fetch(sources, str(state / "data" / "cache"))
-    production = registry.version_by_alias(registry.client(uri), registry.PRODUCTION, model_name)
-    parent = production if init_from == "production" else None
+    parent = (registry.version_by_alias(registry.client(uri), registry.PRODUCTION, model_name)
+              if init_from == "production" else None)
     settings = retrain.settings_key(preset=preset, steps=steps, tokenizer=tokenizer, val_fraction=val_fraction,
                                     extra_args=extra_args, init_from=init_from, replay=replay, nproc=nproc * nnodes)
     inputs_key = tasks.shards_key(inputs, tokenizer, val_fraction)
-    reason = production and retrain.skip_reason(production.tags, production.version, inputs_key, settings,
-                                                parent is not None)
+    # Only a run that carries production on skips: one from scratch is an explicit request to train.
+    reason = parent and retrain.skip_reason(parent.tags, parent.version, inputs_key, settings, continuing=True)
     if reason and not force:
         get_run_logger().info("nothing to train: %s; force=True trains anyway", reason)
-        publish_skip(reason, production.version, model_name, sources)
+        publish_skip(reason, parent.version, model_name, sources)
         return Completed(message=reason, data={"skipped": True, "reason": reason, "version": None,
-                                                              "production": str(production.version)})
+                                               "production": str(parent.version)})
 
     flow_run_id, name = str(current_flow_run.id), str(current_flow_run.name)
     run_dir = state / "runs" / flow_run_id
