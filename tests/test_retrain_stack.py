@@ -40,8 +40,10 @@ def new_text(topic: str) -> str:
 
 
 @pytest.mark.slow
-def test_retrain_learns_the_incoming_text_from_production_then_skips_when_nothing_is_new(stack):
+def test_retrain_learns_the_incoming_text_from_production_then_skips_when_nothing_is_new(stack, monkeypatch):
     env = {**stack.env, **stack.client_env}
+    for key, value in stack.client_env.items():  # the MLflow server's credentials, for this process's client
+        monkeypatch.setenv(key, value)
     mc = MlflowClient(env["MLFLOW_TRACKING_URI"])
     # Day one: whatever ran before in this session, a production version of the tiny preset on the demo corpus.
     follow(stack, "train-gpt/demo", steps=4, promotion="always")
