@@ -60,7 +60,7 @@ from gptmini.data.sources import (
     split_text,
     utc_now,
 )
-from gptmini.files import commit, read_json, sha256_file, write_atomic, write_json
+from gptmini.files import commit, read_json, sha256_file, write_atomic
 from gptmini.redact import redact_tree
 from gptmini.tokenizer import DEFAULT_TOKENIZER, Tokenizer, bpe_size, get_tokenizer, train_bpe
 
@@ -299,7 +299,9 @@ class CacheEntry:
     def commit(self, info: dict) -> None:
         for f in self.files:
             f.close()
-        write_json(self.tmp / "info.json", {**info, "tokens": self.tokens})
+        # No fsync: a cache entry is made again when it reads back short or garbled (`TokenCache.info`), and
+        # syncing one entry per input cost 0.1-1 s each on a shared disk.
+        (self.tmp / "info.json").write_text(json.dumps({**info, "tokens": self.tokens}))
         try:
             os.rename(self.tmp, self.root / self.key)
         except OSError:  # the same entry, written meanwhile by another prepare
