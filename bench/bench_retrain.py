@@ -49,13 +49,23 @@ def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
     return old, new
 
 
-def train(args: list[str], log: Path) -> float:
+def train(jobs: list[tuple[list[str], Path]]) -> list[float]:
+    """Run `gptmini train` for each (args, log) at the same time; the wall seconds each took."""
     t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise SystemExit(f"training failed ({code}); see {log}")
-    return time.perf_counter() - t0
+    procs = []
+    for args, log in jobs:
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f,
+                                          stderr=subprocess.STDOUT))
+    walls = [0.0] * len(procs)
+    while any(w == 0.0 for w in walls):
+        for i, p in enumerate(procs):
+            if walls[i] == 0.0 and p.poll() is not None:
+                walls[i] = time.perf_counter() - t0
+                if p.returncode != 0:
+                    raise SystemExit(f"training failed ({p.returncode}); see {jobs[i][1]}")
+        time.sleep(1)
+    return walls
 
 
 def measure(run: Path, data: Path, new: torch.Tensor) -> tuple[dict, tuple]:
@@ -71,22 +81,27 @@ def main() -> None:
     ap.add_argument("--replay", type=float, default=0.25)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--steps", type=int, default=None, help="from-scratch steps (default: the preset's)")
+    ap.add_argument("--continue-steps", type=int, default=None,
+                    help="steps of the continued runs (default: a third of the from-scratch steps, the goal's budget)")
+    ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--json", type=Path, default=Path("bench/results/retrain.json"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     old, new = write_corpus(a.out, a.held_out)
     cache = a.out / "cache"
-    d1 = prepare(PrepareConfig([str(old)], a.out / "data-v1", workers=1, cache_dir=cache)).manifest
+    d1 = prepare(PrepareConfig([str(old)], a.out / "data-v1", workers=1, cache_dir=cache,
+                               val_fraction=a.val_fraction)).manifest
     t0 = time.perf_counter()
     d2 = prepare(PrepareConfig([str(old), str(new)], a.out / "data-v2", workers=1, cache_dir=cache,
-                               since=a.out / "data-v1"))
+                               val_fraction=a.val_fraction, since=a.out / "data-v1"))
     prepare_s = time.perf_counter() - t0
     data = a.out / "data-v2"
     preset = PRESETS[a.preset]
     scratch_steps = a.steps or preset["train"]["steps"]
     tokens_per_step = preset["data"]["batch_size"] * preset["data"]["seq_len"]
     new_train = d2.manifest["since"]["new_tokens"]["train"]
-    steps = continue_steps(new_train, tokens_per_step, a.replay, scratch_steps)
+    rule_steps = continue_steps(new_train, tokens_per_step, a.replay, scratch_steps)
+    steps = a.continue_steps or scratch_steps // 3
     common = ["--preset", a.preset, "--train.eval_every", "1000000", "--train.ckpt_every", "1000000"]
     runs = {
         "v1 (scratch on old)": (["--data-dir", str(a.out / "data-v1"), "--steps", str(scratch_steps)], None),
@@ -95,19 +110,28 @@ def main() -> None:
         "continue, no replay": (["--data-dir", str(data), "--steps", str(steps), "--replay", "0"], "v1"),
     }
     mask = new_pieces(data)
-    results, sums = {}, {}
-    for i, (name, (args, parent)) in enumerate(runs.items()):
+    results, sums, walls = {}, {}, {}
+    names = list(runs)
+    # Two at a time (the scratch pair, then the continued pair): each pair shares the machine alike.
+    for pair in (names[:2], names[2:]):
+        jobs = []
+        for name in pair:
+            i = names.index(name)
+            args, parent = runs[name]
+            extra = ["--init-from", str(a.out / "run0")] if parent else []
+            done = a.out / f"run{i}" / "summary.json"
+            if done.is_file() and json.loads(done.read_text()).get("status") == "completed":  # measured again only
+                walls[name] = None
+            else:
+                jobs.append((name, [*common, *args, *extra, "--out", str(a.out / f"run{i}")], a.out / f"run{i}.log"))
+        for (name, _, _), wall in zip(jobs, train([(args, log) for _, args, log in jobs])):
+            walls[name] = wall
+    for i, name in enumerate(names):
         run = a.out / f"run{i}"
-        extra = ["--init-from", str(a.out / "run0")] if parent else []
-        done = run / "summary.json"
-        if done.is_file() and json.loads(done.read_text()).get("status") == "completed":  # measured again only
-            wall = json.loads(done.read_text())["wall_time_s"]
-        else:
-            wall = train([*common, *args, *extra, "--out", str(run)], a.out / f"run{i}.log")
         m, sums[name] = measure(run, data, mask)
-        summary = json.loads(done.read_text())
-        results[name] = {"wall_s": wall, "train_wall_s": summary["wall_time_s"], "steps": summary["steps"],
-                         "tokens": summary["tokens"], **m}
+        summary = json.loads((run / "summary.json").read_text())
+        results[name] = {"wall_s": walls[name] or summary["wall_time_s"], "train_wall_s": summary["wall_time_s"],
+                         "steps": summary["steps"], "tokens": summary["tokens"], **m}
         print(name, json.dumps(results[name]), flush=True)
     base = results["v1 (scratch on old)"]
     ref = "scratch on all"
@@ -118,6 +142,7 @@ def main() -> None:
             r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
     out = {"machine": f"{platform.node()} shared 2-core VM, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
            "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
+           "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
            "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,
            "results": results}
