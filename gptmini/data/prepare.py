@@ -275,7 +275,8 @@ class TokenCache:
         return info if sizes == [4 * n for n in info["tokens"]] else None  # a damaged entry is made again
 
     def read(self, key: str) -> list[np.ndarray]:
-        return [np.fromfile(self.root / key / f, dtype=np.uint32) if n else np.empty(0, np.uint32)
+        """Each split's tokens, memory-mapped: one input of many GB is copied into the shards page by page."""
+        return [np.memmap(self.root / key / f, dtype=np.uint32, mode="r") if n else np.empty(0, np.uint32)
                 for f, n in zip(self.FILES, self.info(key)["tokens"])]
 
     def writer(self, key: str) -> CacheEntry:
