@@ -89,3 +89,16 @@ def test_train_with_a_parent_of_another_config_exits_2(tmp_path, prepared_shards
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"gptmini train: error: --init-from {tiny_weights}: its model config differs: d_ff=128 (this run: 1024)")
+
+
+def test_the_incoming_folder_is_a_source_only_when_it_holds_text(tmp_path):
+    from flows.tasks import incoming_sources
+
+    folder = tmp_path / "incoming"
+    assert incoming_sources(str(folder)) == [] and incoming_sources("") == []  # missing: no error, nothing
+    folder.mkdir()
+    (folder / ".partial.txt").write_text("being copied")
+    (folder / "notes.pdf").write_bytes(b"%PDF")
+    assert incoming_sources(str(folder)) == []  # nothing prepare reads
+    (folder / "new.txt").write_text("new text")
+    assert incoming_sources(str(folder)) == [str(folder.resolve())]
