@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--continue-steps", type=int, default=None,
                     help="steps of the continued runs (default: a third of the from-scratch steps, the goal's budget)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--allow-no-new-val", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("bench/results/retrain.json"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,10 @@ def main() -> None:
         "continue, no replay": (["--data-dir", str(data), "--steps", str(steps), "--replay", "0"], "v1"),
     }
     mask = new_pieces(data)
+    if not mask.any() and not a.allow_no_new_val:
+        raise SystemExit(f"the {d2.manifest['since']['new_documents']} held-out documents got no val chunk at "
+                         f"--val-fraction {a.val_fraction}: raise --held-out or --val-fraction (or pass "
+                         f"--allow-no-new-val to measure the old text only)")
     results, sums, walls = {}, {}, {}
     names = list(runs)
     # Two at a time (the scratch pair, then the continued pair): each pair shares the machine alike.
@@ -151,7 +156,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         vs = r.get("vs_scratch")
-        print(f"| {name} | {r['steps']} | {r['wall_s']:.0f} | {r['val_bpb']:.4f} | {r['val_bpb_new']:.4f} | "
+        new = "-" if r["val_bpb_new"] is None else f"{r['val_bpb_new']:.4f}"
+        print(f"| {name} | {r['steps']} | {r['wall_s']:.0f} | {r['val_bpb']:.4f} | {new} | "
               f"{r['val_bpb_old']:.4f} | {r['forgetting_bpb']:+.4f} | "
               + (f"{vs['difference']:+.4f} ({vs['standard_error']:.4f})" if vs else "-") + " |")
 
