@@ -72,8 +72,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # the step's matmuls: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
-    # torch.compile's backend: inductor generates kernels; aot_eager traces forward and backward as inductor
-    # does but runs them eagerly (seconds instead of minutes on CPU: a check that a compiled run works).
+    # torch.compile's backend: inductor generates kernels; aot_eager and eager trace the graphs (dynamo, and
+    # AOTAutograd for aot_eager) but run them as they are: seconds instead of minutes on CPU, to check a run.
     compile_backend: str = "inductor"
     deterministic: bool = False  # bit-exact resume on CPU (torch.use_deterministic_algorithms)
     seed: int = 1337
