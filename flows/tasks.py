@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
-from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, slurm, torchrun_args
+from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, node_command, slurm, torchrun_args
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
@@ -297,8 +296,8 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
         return train_on_k8s(trainer, Path(run_dir), nnodes, nproc, k8s_options or K8sOptions())
     launch = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
     if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
-        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  torchrun %s -m gptmini.train %s%s",
-                              nnodes - 1, shlex.join(launch), shlex.join(trainer),
+        get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  %s%s",
+                              nnodes - 1, node_command(launch, trainer),
                               "\n  (with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD set in its environment)"
                               if with_credentials else "")
     code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptmini.train", *trainer],

@@ -26,6 +26,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from gptmini.device import DEVICES, PRECISIONS
+
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 from gptmini.errors import UserError
 from gptmini.model import ModelConfig
 from gptmini.tokenizer import check_tokenizer_name
@@ -74,6 +76,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # the step's matmuls: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool = False
+    # torch.compile's backend: inductor generates kernels; aot_eager and eager trace the graphs (dynamo, and
+    # AOTAutograd for aot_eager) but run them as they are: seconds instead of minutes on CPU, to check a run.
+    compile_backend: str = "inductor"
     deterministic: bool = False  # bit-exact resume on CPU (torch.use_deterministic_algorithms)
     seed: int = 1337
     log_every: int = 10  # the only steps that sync the host with the GPU
@@ -268,6 +273,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.parallel = {t.parallel!r}; choose one of: {', '.join(PARALLEL_MODES)}")
     if t.device not in DEVICES:
         raise ConfigError(f"train.device = {t.device!r}; choose one of: {', '.join(DEVICES)}")
+    if t.compile_backend not in COMPILE_BACKENDS:
+        raise ConfigError(f"train.compile_backend = {t.compile_backend!r}; choose one of: {', '.join(COMPILE_BACKENDS)}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision = {t.precision!r}; choose one of: {', '.join(PRECISIONS)}")
     for name, value in (("train.steps", t.steps), ("train.grad_accum", t.grad_accum),

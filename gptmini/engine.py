@@ -119,6 +119,8 @@ class Engine:
         self.eot = tokenizer.eot_token
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # running[i] lives in cache row i
+        # Batched decode steps so far, and the most sequences one of them advanced: what batching shares.
+        self.decode_steps = self.peak_occupancy = 0
         self.closing = self.closed = False
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"engine[{name}]", daemon=True)
@@ -203,6 +205,8 @@ class Engine:
         if not self.running:
             return
         n = len(self.running)
+        self.decode_steps += 1
+        self.peak_occupancy = max(self.peak_occupancy, n)
         self.cache.step(n)
         idx = torch.tensor([seq.tokens[-1:] for seq in self.running], device=self.device)  # (n, 1)
         logits, _ = self.model(idx, cache=self.cache, last_only=True)

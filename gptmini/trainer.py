@@ -249,7 +249,7 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         del parent
     raw_model.set_expert_kernel(compute_dtype=matmul_dtype(env.device, precision))  # before compile traces it
     if cfg.train.compile:
-        parallel.compile_model(raw_model, "blocks")
+        parallel.compile_model(raw_model, "blocks", backend=cfg.train.compile_backend)
     model = parallel.wrap(raw_model, cfg.train.parallel, env)
     optimizer = build_optimizer(model, cfg.optim)
     seed_everything(cfg.train.seed + env.rank)  # dropout masks differ per rank

@@ -20,6 +20,7 @@
 #                                        the serving process and `env` get MLFLOW_TRACKING_USERNAME/PASSWORD
 #   GPTMINI_API_KEY=KEY                  the model server demands `Authorization: Bearer KEY` on /v1
 # Health checks (/api/health, /health) stay open; everything else answers 401 without the credentials.
+# GPTMINI_START_TIMEOUT=SECONDS (90) is how long `up` waits for each service to become healthy.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -177,7 +178,7 @@ case "${1:-}" in
     shift
     for name in "${@:-${SERVICES[@]}}"; do
       [[ " ${SERVICES[*]} " == *" $name "* ]] || { echo "infra: unknown service $name; choose from: ${SERVICES[*]}" >&2; exit 2; }
-      start "$name" 90
+      start "$name" "${GPTMINI_START_TIMEOUT:-90}"
     done
     urls ;;
   down)

@@ -1,22 +1,29 @@
-"""Fixtures shared across the suite: prepared shards, the tiny model, and the real service stack.
+"""Fixtures shared across the suite: prepared shards, the reference training runs, the tiny model, and the
+real service stack.
 
 Markers: `slow` (end-to-end: real torchrun, servers, flow runs), `dist` (several processes through
 torchrun), `gpu` (needs CUDA; skipped here). `make test` runs them all; `make test-fast` leaves out `slow`.
+
+What is expensive is built once per session, whichever pytest-xdist worker asks first: the shards and the
+reference runs behind a file lock in the folder the workers share, and the service stack on the one worker
+that runs every module needing it (the `stack` group below).
 """
 from __future__ import annotations
 
 import os
 import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from gptmini.config import model_preset
 from gptmini.data.prepare import PrepareConfig, prepare
@@ -27,9 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-# The modules that take minutes (trained baselines, flow runs, the service stack), longest first.
-SLOWEST_FIRST = ("test_train", "test_faults_services", "test_flows", "test_slurm", "test_flows_stack", "test_multinode",
-                 "test_workers", "test_faults")
+# The modules that take minutes (reference runs, flow runs, the service stack), longest first.
+SLOWEST_FIRST = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
+                 "test_workers", "test_multinode", "test_faults", "test_train", "test_gpu_run")
+# The modules that drive the session's service stack (Prefect and MLflow servers, the serving process, the model
+# server). pytest-xdist hands them to one worker as one unit: the stack starts once, and a test that stops a
+# server (the fault tests, `stack.sh down`) never pulls it from under another worker's flow run.
+STACK_GROUP = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
+               "test_workers")
+# Skips that are expected on this kind of machine; any other skip fails the session (a broken install must not
+# pass as skipped tests).
+ALLOWED_SKIPS = ("no CUDA device here", "llama-cpp-python is not installed", "llama.cpp's converter is not at")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -44,13 +59,95 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
-@pytest.fixture(scope="session")
-def prepared_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The embedded corpus (CPython's docs) as token shards, prepared once for the whole run."""
-    out = tmp_path_factory.mktemp("data") / "python-docs"
-    prepare(PrepareConfig(sources=["embedded:python-docs"], out=out, workers=1,
-                          cache_dir=tmp_path_factory.mktemp("cache")))
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile`, with the modules of STACK_GROUP as one unit of work."""
+    from xdist.scheduler import LoadFileScheduling
+
+    class StackGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "stack-group" if Path(module).stem in STACK_GROUP else module
+
+    return StackGroupScheduling(config, log)
+
+
+_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collects every skip, in the controller too (pytest-xdist replays the workers' reports there)."""
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(allowed in reason for allowed in ALLOWED_SKIPS):
+            _skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    pytest_runtest_logreport(report)  # a module skipped whole at import
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skips and not hasattr(session.config, "workerinput"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _skips:
+        terminalreporter.section("skips outside the allowlist (conftest.ALLOWED_SKIPS): the session fails")
+        for line in _skips:
+            terminalreporter.line(line)
+
+
+def build_once(shared: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """`shared/name`, built by `build(path)` by whichever worker gets here first; the others wait and reuse it."""
+    out = shared / name
+    with FileLock(str(out) + ".lock"):
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+            (shared / f"{name}.done").touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A folder every pytest-xdist worker of this session sees (the parent of their own base temp folders)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
+@pytest.fixture(scope="session")
+def prepared_shards(shared_dir: Path) -> Path:
+    """The embedded corpus (CPython's docs) as cl100k_base token shards, prepared once for the whole run."""
+    return build_once(shared_dir, "python-docs", lambda out: prepare(PrepareConfig(
+        sources=["embedded:python-docs"], out=out, workers=1, cache_dir=shared_dir / "cache")))
+
+
+@pytest.fixture(scope="session")
+def small_shards(shared_dir: Path) -> Path:
+    """The embedded corpus under a 300-id BPE trained on its train split: the shards of every end-to-end
+    training where the tokenizer is not what is tested. The tiny preset's checkpoint is then 3 MB with its
+    optimizer state, where cl100k's 100,352-row embedding makes it 80 MB."""
+    return build_once(shared_dir, "python-docs-bpe300", lambda out: prepare(PrepareConfig(
+        sources=["embedded:python-docs"], out=out, tokenizer="bpe:300", workers=1, cache_dir=shared_dir / "cache")))
+
+
+@pytest.fixture(scope="session")
+def reference_runs(small_shards: Path, shared_dir: Path) -> dict[str, Path]:
+    """The uninterrupted runs of train_helpers' recipe that the training, fault and two-node tests compare
+    against: '1p' (one process, 2x accumulation), 'ddp' and 'fsdp' (2 ranks). All three see the same 4 windows
+    per step (the sampler deals rank r every world_size-th window), so their weights agree."""
+    from train_helpers import run_to_end, train_cmd
+
+    def build(root: Path) -> None:
+        for name, (nproc, extra) in REFERENCE.items():
+            run_to_end(train_cmd(small_shards, root / name, *extra, nproc=nproc))
+
+    root = build_once(shared_dir, "reference-runs", build)
+    return {name: root / name for name in REFERENCE}
+
+
+REFERENCE = {"1p": (None, ()), "ddp": (2, ("--parallel", "ddp")), "fsdp": (2, ("--parallel", "fsdp"))}
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +178,7 @@ def free_port() -> int:
 
 
 PREFECT_AUTH = f"gptmini:{secrets.token_hex(8)}"
+MODEL_API_KEY = secrets.token_hex(12)
 MLFLOW_USER, MLFLOW_PASSWORD = "admin", secrets.token_hex(10)
 
 
@@ -92,6 +190,10 @@ class Stack:
     prefect_api: str
     mlflow_url: str
 
+    @property
+    def model_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['GPTMINI_MODEL_PORT']}"
+
     def sh(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run([str(ROOT / "infra" / "stack.sh"), *args], env=self.env, capture_output=True,
                               text=True, timeout=timeout)
@@ -102,8 +204,9 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The real services as `make up` starts them (infra/stack.sh), with authentication on: a Prefect server
-    and an MLflow server on 127.0.0.1 in a temporary state folder, started once for the session."""
+    """The real services as `make up` starts them (infra/stack.sh), with authentication on (Prefect, MLflow, and
+    the model server's API key): a Prefect server and an MLflow server on 127.0.0.1 in a temporary state
+    folder, started once for the session; test_flows_stack starts the serving process and the model server."""
     state = tmp_path_factory.mktemp("state")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
@@ -111,6 +214,8 @@ def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                "GPTMINI_RUNNER_PORT": str(free_port()), "GPTMINI_MODEL_PORT": str(free_port()),
                "GPTMINI_MODEL_POLL_INTERVAL": "2", "GPTMINI_CACHE_DIR": str(state / "cache"),
                "GPTMINI_PREFECT_AUTH": PREFECT_AUTH, "GPTMINI_MLFLOW_AUTH": f"{MLFLOW_USER}:{MLFLOW_PASSWORD}",
+               "GPTMINI_API_KEY": MODEL_API_KEY,
+               "GPTMINI_START_TIMEOUT": "300",  # a fresh database's migrations on a busy 2-core machine
                "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
     script = str(ROOT / "infra" / "stack.sh")
     # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).
@@ -125,3 +230,29 @@ def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(state, run_env, client_env, client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"])
     finally:
         subprocess.run([script, "down"], env=run_env, capture_output=True, timeout=120)
+
+
+@dataclass
+class Pipeline:
+    """In-process flow runs against the session's servers."""
+
+    stack: Stack
+    state: Path  # this module's GPTMINI_STATE: its shards, runs and cached task results
+    tracking_uri: str
+
+
+@pytest.fixture(scope="module")
+def pipeline(service_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    """Flows run in this process as from a user's shell after `eval "$(infra/stack.sh env)"`: the Prefect
+    server's URL and auth string, the MLflow server's URL and credentials; a state folder of the module's own.
+    Each module registers under model names of its own, so the stack's model server (following
+    `models:/gptmini@production`) and the other modules never see its versions."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    root = tmp_path_factory.mktemp("pipeline")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**service_stack.client_env, "GPTMINI_STATE": str(root / "state"),
+                           "GPTMINI_CACHE_DIR": str(root / "cache")}.items():
+            mp.setenv(key, value)
+        with temporary_settings({PREFECT_API_URL: service_stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
+            yield Pipeline(service_stack, root / "state", service_stack.mlflow_url)

@@ -63,6 +63,24 @@ def test_greedy_requests_batched_at_different_times_match_generate(tok, override
         assert count <= n and (reason == "length") == (count == n)
 
 
+def test_concurrent_requests_share_decode_steps(tok):
+    """Six requests of 20 tokens at once: one batched step advances all six, so about 20 decode steps serve
+    120 tokens. An engine that served them one at a time would take about 120."""
+    engine = Engine(model_of(), tok, max_batch=8)
+    finished = threading.Semaphore(0)
+    seqs = [Sequence([tok.eot_token] + tok.encode(p), Sampling(max_tokens=20, temperature=0, ignore_eos=True),
+                     lambda d, r: r and finished.release()) for p in PROMPTS[:6]]
+    try:
+        engine.submit(seqs)
+        for _ in seqs:
+            assert finished.acquire(timeout=60)
+    finally:
+        engine.close(wait=True)
+    assert sum(len(s.tokens) for s in seqs) == 120
+    assert engine.peak_occupancy == 6
+    assert engine.decode_steps <= 20  # each prefill samples the first token; decode steps the other 19
+
+
 def test_a_seeded_request_gives_the_same_text_alone_or_in_a_full_batch(tok):
     model = model_of()
     engine = Engine(model, tok, max_batch=6)

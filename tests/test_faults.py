@@ -1,9 +1,10 @@
-"""Fault injection into the trainer: kill -9 at random steps and mid-checkpoint, SIGTERM as a
-preemption, a full disk while a checkpoint is written, and one torchrun rank killed under --max-restarts.
+"""Fault injection into the trainer: kill -9 at random steps and mid-checkpoint, SIGTERM as a preemption and
+SIGINT as Ctrl-C, a full disk while a checkpoint is written, one torchrun rank killed under --max-restarts, and
+SIGTERM to torchrun itself with two ranks.
 
 After each fault: the latest complete checkpoint loads, nothing half-written is taken for complete, the
-shards still verify, and the run resumes to the very losses of an uninterrupted run (bit for bit on CPU in
-deterministic mode). Every trial is counted in BASETEMP/faults.json (trials run / survived), and the
+shards still verify, and the run resumes to the very losses of the uninterrupted reference run (bit for bit
+on CPU in deterministic mode). Every trial is counted in BASETEMP/faults.json (trials run / survived), and the
 summary is printed at the end of the module.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fault_helpers import STEPS, env, ledger_fixture, train_cmd, wait_for
+from fault_helpers import ledger_fixture
+from train_helpers import STEPS, env, run_to_end, train_cmd, wait_for
 from gptmini.checkpoint import MARKER, is_complete, latest_checkpoint, list_checkpoints, load_model, read_json
 from gptmini.metrics import read_metrics, train_losses
 
@@ -28,8 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 KILL = "kill -9 of the trainer at a random step"
 KILL_MID_WRITE = "kill -9 of the trainer while a checkpoint is written"
 SIGTERM = "SIGTERM to the trainer (preemption) at a random step"
+SIGINT = "SIGINT to the trainer (Ctrl-C) at a random step"
 FULL_DISK = "full disk (RLIMIT_FSIZE) while a checkpoint is written"
 RANK_KILL = "kill -9 of one torchrun rank under --max-restarts 3"
+TORCHRUN_SIGTERM = "SIGTERM to torchrun with 2 FSDP ranks (preemption)"
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +41,13 @@ def ledger(request, tmp_path_factory):
     yield from ledger_fixture(request, tmp_path_factory)
 
 
-def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
 @pytest.fixture(scope="module")
-def baseline(prepared_shards, tmp_path_factory) -> dict[int, float]:
-    out = tmp_path_factory.mktemp("baseline") / "run"
-    run_to_end(train_cmd(prepared_shards, out))
-    return train_losses(read_metrics(out / "metrics.jsonl"))
+def baseline(reference_runs) -> dict[int, float]:
+    return losses(reference_runs["1p"])
+
+
+def resumed(data_dir: Path, out: Path, *extra: str, **kw) -> list[str]:
+    return train_cmd(data_dir, out, "--resume", "auto", *extra, **kw)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -75,7 +75,7 @@ def latest_step(out: Path) -> int:
     return int(latest.name.split("_")[1]) if latest else 0
 
 
-def check_after_fault(out: Path, prepared_shards: Path) -> None:
+def check_after_fault(out: Path, small_shards: Path) -> None:
     """The invariants every fault must leave: complete checkpoints load, half-written ones are not taken."""
     from gptmini.data.loader import TokenShards
     from gptmini.weights import load_pretrained
@@ -91,110 +91,111 @@ def check_after_fault(out: Path, prepared_shards: Path) -> None:
         assert read_json(latest / "trainer_state.json")["step"] == int(latest.name.split("_")[1])
     if (root / "best" / "model.safetensors").exists():
         load_pretrained(root / "best")
-    TokenShards.open(prepared_shards, "train", verify=True)
-    TokenShards.open(prepared_shards, "val", verify=True)
+    TokenShards.open(small_shards, "train", verify=True)
+    TokenShards.open(small_shards, "val", verify=True)
 
 
-def inject_kill(prepared_shards: Path, out: Path, rng: random.Random) -> None:
+def inject_kill(small_shards: Path, out: Path, rng: random.Random) -> None:
     first = latest_step(out) + 1
     step = rng.randint(first, min(first + 2, STEPS - 1))
     log = out.parent / f"segment-{rng.random():.6f}.log"
-    proc = start(train_cmd(prepared_shards, out), log)
+    proc = start(resumed(small_shards, out), log)
     wait_for(lambda: logged(log, step), f"step {step}", proc=proc)
     kill_tree(proc)
 
 
-def inject_kill_mid_write(prepared_shards: Path, out: Path) -> None:
-    """SIGKILL as soon as a new checkpoint's temporary folder appears (DCP writes ~100 MB into it)."""
+def inject_kill_mid_write(small_shards: Path, out: Path) -> None:
+    """SIGKILL as soon as a new checkpoint's temporary folder appears (DCP writes 3 MB into it and fsyncs:
+    tens of milliseconds, so the folder is looked for every millisecond)."""
     done = latest_step(out)
     root = out / "checkpoints"
 
     def writing() -> bool:
         return any(int(p.name.rsplit("_", 1)[1]) > done for p in root.glob(".tmp_step_*"))
 
-    proc = start(train_cmd(prepared_shards, out), out.parent / "mid-write.log")
-    wait_for(writing, "a checkpoint write", proc=proc)
+    proc = start(resumed(small_shards, out), out.parent / "mid-write.log")
+    wait_for(writing, "a checkpoint write", proc=proc, poll=0.001)
     kill_tree(proc)
 
 
-def inject_sigterm(prepared_shards: Path, out: Path, rng: random.Random) -> None:
+def inject_signal(small_shards: Path, out: Path, rng: random.Random, sig: signal.Signals) -> None:
+    """SIGTERM (a scheduler preempting the trainer) or SIGINT (Ctrl-C): the step finishes, a checkpoint is
+    written where it stopped, exit 0."""
     first = latest_step(out) + 1
-    step = rng.randint(first, min(first + 2, STEPS - 1))
+    step = min(rng.randint(first, first + 2), STEPS - 2)  # it stops after this step or the next: before the end
+    assert step >= first, f"no step left to interrupt after the checkpoint of step {first - 1}"
     log = out.parent / f"segment-{rng.random():.6f}.log"
-    proc = start(train_cmd(prepared_shards, out), log)
+    proc = start(resumed(small_shards, out), log)
     wait_for(lambda: logged(log, step), f"step {step}", proc=proc)
-    proc.send_signal(signal.SIGTERM)  # the trainer itself, as a scheduler preempting it would
-    assert proc.wait(timeout=300) == 0
+    proc.send_signal(sig)  # the trainer itself
+    assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
     summary = read_json(out / "summary.json")
-    assert summary["status"] == "preempted"
+    assert summary["status"] == "preempted" and sig.name in log.read_text()
     assert latest_step(out) == summary["steps"] >= step, "the preempted run did not checkpoint where it stopped"
 
 
-def inject_full_disk(prepared_shards: Path, out: Path) -> None:
-    """A 1 MB file-size limit: metrics and config files fit, the ~100 MB checkpoint (or best/) does not."""
+def inject_full_disk(small_shards: Path, out: Path) -> None:
+    """A 256 KB file-size limit: metrics and config files fit, the 3 MB checkpoint (or best/'s 1 MB) does not."""
     before = [p.name for p in list_checkpoints(out)]
-    limit = 1 << 20
+    limit = 1 << 18
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     log = out.parent / "full-disk.log"
-    proc = start(train_cmd(prepared_shards, out), log, preexec_fn=cap)
+    proc = start(resumed(small_shards, out), log, preexec_fn=cap)
     # The write fails (EFBIG, or torch's zip writer finding a short file) and the trainer exits non-zero.
     assert proc.wait(timeout=600) != 0, log.read_text()[-2000:]
     assert [p.name for p in list_checkpoints(out)] == before
     assert not [p for p in (out / "checkpoints").glob(".tmp_step_*") if (p / MARKER).exists()]
 
 
-def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(prepared_shards, baseline, ledger, tmp_path):
+def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(small_shards, baseline, ledger, tmp_path):
     out = tmp_path / "run"
     rng = random.Random()
-    faults = [KILL, KILL_MID_WRITE, SIGTERM, KILL, FULL_DISK, KILL]
+    faults = [KILL, KILL_MID_WRITE, SIGTERM, FULL_DISK, SIGINT]  # each leaves the next a step to interrupt
     survived = []
     for fault in faults:
         ledger.run(fault)
         if fault == KILL:
-            inject_kill(prepared_shards, out, rng)
+            inject_kill(small_shards, out, rng)
         elif fault == KILL_MID_WRITE:
-            inject_kill_mid_write(prepared_shards, out)
-        elif fault == SIGTERM:
-            inject_sigterm(prepared_shards, out, rng)
+            inject_kill_mid_write(small_shards, out)
+        elif fault in (SIGTERM, SIGINT):
+            inject_signal(small_shards, out, rng, signal.SIGTERM if fault == SIGTERM else signal.SIGINT)
         else:
-            inject_full_disk(prepared_shards, out)
-        check_after_fault(out, prepared_shards)
+            inject_full_disk(small_shards, out)
+        check_after_fault(out, small_shards)
         survived.append(fault)
-    run_to_end(train_cmd(prepared_shards, out))
-    check_after_fault(out, prepared_shards)
+    run_to_end(resumed(small_shards, out))
+    check_after_fault(out, small_shards)
     assert losses(out) == baseline, "a resumed run's losses differ from the uninterrupted run's"
     assert read_json(out / "summary.json")["status"] == "completed"
     for fault in survived:
         ledger.survived(fault)
 
 
-def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(prepared_shards, ledger, tmp_path):
-    steps = ("--steps", "8")
-    ddp = ("--parallel", "ddp")
-    run_to_end(train_cmd(prepared_shards, tmp_path / "base", *ddp, *steps, nproc=2))
-    expected = losses(tmp_path / "base")
+def rank_workers(torchrun: subprocess.Popen, rank: str | None = None) -> list[psutil.Process]:
+    """The `gptmini.train` workers under a torchrun process (those of one rank, if given)."""
+    found = []
+    for child in psutil.Process(torchrun.pid).children(recursive=True):
+        try:
+            if "gptmini.train" in " ".join(child.cmdline()) and rank in (None, child.environ().get("RANK")):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
+
+def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(small_shards, reference_runs, ledger,
+                                                                           tmp_path):
     out = tmp_path / "run"
     with ledger.trial(RANK_KILL):
-        proc = start(train_cmd(prepared_shards, out, *ddp, *steps, nproc=2, torchrun_args=("--max-restarts", "3")),
+        proc = start(resumed(small_shards, out, "--parallel", "ddp", nproc=2, torchrun_args=("--max-restarts", "3")),
                      tmp_path / "torchrun.log")
         step = random.Random().randint(3, 6)
         wait_for(lambda: step in losses(out), f"step {step}", proc=proc)
-
-        def rank_1() -> list[psutil.Process]:
-            found = []
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                try:
-                    if child.environ().get("RANK") == "1" and "gptmini.train" in " ".join(child.cmdline()):
-                        found.append(child)
-                except psutil.NoSuchProcess:
-                    pass
-            return found
-
-        victims = rank_1()
+        victims = rank_workers(proc, rank="1")
         assert victims, "no rank-1 worker found under torchrun"
         for victim in victims:
             victim.kill()
@@ -202,6 +203,32 @@ def test_a_rank_killed_under_max_restarts_recovers_from_the_last_checkpoint(prep
         assert proc.wait(timeout=600) == 0, (tmp_path / "torchrun.log").read_text()[-3000:]
         log = (tmp_path / "torchrun.log").read_text()
         assert "resumed from" in log, "the restarted workers did not resume from a checkpoint"
-        check_after_fault(out, prepared_shards)
-        assert losses(out) == expected
+        check_after_fault(out, small_shards)
+        assert losses(out) == losses(reference_runs["ddp"])
         assert read_json(out / "summary.json")["status"] == "completed"
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_the_sharded_checkpoint_resumes(small_shards, reference_runs, ledger,
+                                                                           tmp_path):
+    """What a scheduler's preemption does under torchrun: torchrun forwards SIGTERM to its ranks, they agree on a
+    step, save one checkpoint there and exit 0; torchrun itself exits 1 (its SignalException). Under FSDP, so
+    the checkpoint is sharded: the next `--resume auto` at the same world size (every rank's RNG carried over)
+    repeats the uninterrupted FSDP run's losses bit for bit."""
+    out = tmp_path / "run"
+    cmd = resumed(small_shards, out, "--parallel", "fsdp", nproc=2)
+    with ledger.trial(TORCHRUN_SIGTERM):
+        log = tmp_path / "torchrun.log"
+        proc = start(cmd, log)
+        wait_for(lambda: 3 in losses(out), "step 3", proc=proc)
+        workers = rank_workers(proc)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGTERM)  # torchrun alone, not its process group
+        assert proc.wait(timeout=300) == 1, log.read_text()[-3000:]
+        assert all(not w.is_running() or w.status() == psutil.STATUS_ZOMBIE for w in workers)
+        summary = read_json(out / "summary.json")
+        assert summary["status"] == "preempted" and 3 <= summary["steps"] < STEPS
+        assert [p.name for p in list_checkpoints(out)][-1] == f"step_{summary['steps']:08d}"
+        assert read_json(latest_checkpoint(out) / "trainer_state.json")["world_size"] == 2
+        check_after_fault(out, small_shards)
+        assert "RNG streams start anew" not in run_to_end(cmd).stdout
+        assert losses(out) == losses(reference_runs["fsdp"])

@@ -13,11 +13,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-pytest.importorskip("prefect")
-pytest.importorskip("mlflow")
+import prefect  # noqa: F401
+import mlflow  # noqa: F401
 
 from conftest import MLFLOW_PASSWORD, MLFLOW_USER, PREFECT_AUTH, Stack  # noqa: E402
-from fault_helpers import COMMON, env, ledger_fixture, train_cmd, wait_for  # noqa: E402
+from fault_helpers import ledger_fixture  # noqa: E402
+from train_helpers import COMMON, env, train_cmd, wait_for  # noqa: E402
 from gptmini.checkpoint import list_checkpoints  # noqa: E402
 from gptmini.files import read_json  # noqa: E402
 from gptmini.metrics import read_metrics, train_losses  # noqa: E402
@@ -28,6 +29,8 @@ BIN = Path(sys.executable).parent
 MLFLOW_STOPPED = "MLflow server stopped in the middle of training, then restarted"
 MLFLOW_DOWN = "MLflow server stopped in the middle of training, back only after it ended"
 SERVE_KILLED = "kill -9 of the deployment-serving process mid flow run, then a retry"
+# Training goes on for seconds after the server is killed at step 2, so the trainer meets the dead server.
+LONGER = ("--steps", "40")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +99,7 @@ def _mlflow_client(stack: Stack, monkeypatch):
     return mlflow.MlflowClient(stack.mlflow_url)
 
 
-def test_mlflow_stopped_mid_training_loses_no_metric(stack, prepared_shards, ledger, tmp_path, monkeypatch):
+def test_mlflow_stopped_mid_training_loses_no_metric(stack, small_shards, ledger, tmp_path, monkeypatch):
     """Training logs to MLflow through a URI with the password in it; the server is killed at step 2 and
     started again later: training goes on, every metric reaches MLflow, the run ends FINISHED, and the
     password shows up in no param and no output."""
@@ -105,7 +108,7 @@ def test_mlflow_stopped_mid_training_loses_no_metric(stack, prepared_shards, led
     log = tmp_path / "train.log"
     with ledger.trial(MLFLOW_STOPPED):
         with open(log, "wb") as f:
-            cmd = train_cmd(prepared_shards, out, "--tracking-uri", uri_with_password, "--experiment", "faults")
+            cmd = train_cmd(small_shards, out, *LONGER, "--tracking-uri", uri_with_password, "--experiment", "faults")
             proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_for(lambda: 2 in train_losses(read_metrics(out / "metrics.jsonl")), "step 2", proc=proc)
@@ -136,7 +139,7 @@ def test_mlflow_stopped_mid_training_loses_no_metric(stack, prepared_shards, led
         assert MLFLOW_PASSWORD not in (out / "config.toml").read_text()
 
 
-def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, prepared_shards, ledger, tmp_path, monkeypatch):
+def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, small_shards, ledger, tmp_path, monkeypatch):
     """The server dies at step 2 and is back only after training ended: what MLflow never got is in
     RUN/mlflow_unsent.jsonl and counted on stderr; MLflow's part plus that file hold every step's loss."""
     import json
@@ -145,7 +148,7 @@ def test_mlflow_down_until_training_ends_leaves_a_clear_account(stack, prepared_
     log = tmp_path / "train.log"
     with ledger.trial(MLFLOW_DOWN):
         with open(log, "wb") as f:
-            cmd = train_cmd(prepared_shards, out, "--tracking-uri", stack.mlflow_url, "--experiment", "faults")
+            cmd = train_cmd(small_shards, out, *LONGER, "--tracking-uri", stack.mlflow_url, "--experiment", "faults")
             credentials = env(MLFLOW_TRACKING_USERNAME=MLFLOW_USER, MLFLOW_TRACKING_PASSWORD=MLFLOW_PASSWORD)
             proc = subprocess.Popen(cmd, env=credentials, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -194,12 +197,13 @@ def _demo_run_at_first_checkpoint(stack: Stack, params: dict) -> tuple[str, Path
 
     up = stack.sh("up", "serve")
     assert up.returncode == 0, up.stdout + up.stderr
-    extra = [a for a in COMMON if a not in ("--preset", "tiny", "--resume", "auto", "--steps", "12")]
+    # The reference recipe but its preset and steps, which are the flow's parameters.
+    extra = [a for i, a in enumerate(COMMON) if not {a, COMMON[i - 1]} & {"--preset", "--steps"}]
     with temporary_settings({PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
         with get_client(sync_client=True) as client:
             deployment = client.read_deployment_by_name("train-gpt/demo")
             flow_run = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"preset": "tiny", "extra_args": extra, **params})
+                deployment.id, parameters={"preset": "tiny", "tokenizer": "bpe:300", "extra_args": extra, **params})
     run_id = str(flow_run.id)
     run_dir = stack.state / "runs" / run_id
     wait_for(lambda: len(list_checkpoints(run_dir)) >= 1, "the flow run's first checkpoint", timeout=400)

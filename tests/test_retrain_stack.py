@@ -41,7 +41,7 @@ def new_text(topic: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # three flow runs; on a loaded 2-core machine a tiny one took over 5 minutes
-def test_retrain_learns_the_incoming_text_from_production_then_skips_when_nothing_is_new(stack, monkeypatch):
+def test_retrain_learns_the_incoming_text_from_production_then_skips_when_nothing_is_new(stack, monkeypatch, request):
     env = {**stack.env, **stack.client_env}
     for key, value in stack.client_env.items():  # the MLflow server's credentials, for this process's client
         monkeypatch.setenv(key, value)
@@ -53,6 +53,7 @@ def test_retrain_learns_the_incoming_text_from_production_then_skips_when_nothin
     incoming = stack.state / "incoming"  # the retrain deployment's folder, made by the serving process
     for topic in ("zorbat", "quillon"):
         (incoming / f"{topic}.txt").write_text(new_text(topic))
+    request.addfinalizer(lambda: [p.unlink() for p in incoming.glob("*.txt")])  # the stack is the session's
     out = follow(stack, "train-gpt/retrain", extra_args=["--train.steps", "10"])
     assert "tokenized 2 of 3 input(s)" in out, out[-3000:]  # the demo corpus came from the token cache
     assert re.search(rf"continuing from gptmini v{base.version} on 2 new document\(s\)", out), out[-3000:]

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow
 
 from conftest import free_port  # noqa: E402
 from gptmini import registry  # noqa: E402

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from slurm_cluster import NODES, SlurmCluster, slurm_cluster_fixture  # noqa: F401  (the fixture)
-from test_flows import TINY, stack  # noqa: F401  (the Prefect test server + SQLite MLflow fixture)
+from test_flows import TINY, stack  # noqa: F401  (the session's Prefect and MLflow servers, for in-process flows)
 
 from gptmini import registry
 from gptmini.checkpoint import list_checkpoints, read_json
@@ -70,7 +70,7 @@ def test_stop_leaves_no_daemon_or_job_process_and_spares_another_cluster(
 
 
 BIN = Path(sys.executable).parent
-# The tiny preset as tests/test_train.py runs it: a checkpoint every 2 steps to resume from.
+# The tiny preset as the reference runs train it (tests/train_helpers.py): a checkpoint every 2 steps to resume from.
 TRAIN = ["--preset", "tiny", "--parallel", "ddp", "--seq-len", "16", "--batch-size", "2", "--train.log_every", "1",
          "--train.ckpt_every", "2", "--train.eval_every", "4", "--train.eval_batches", "1"]
 
@@ -98,11 +98,11 @@ def checkpointed(run_dir: Path, step: int) -> bool:
     return any(p.name == f"step_{step:08d}" for p in list_checkpoints(run_dir)) if run_dir.is_dir() else False
 
 
-def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
+def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmCluster, small_shards, tmp_path):
     """`--requeue`: Slurm requeues the job mid-training (as after a node failure); the same script runs again,
     resumes from the last checkpoint, and the command exits 0 once the job completes."""
     out = tmp_path / "run"
-    proc = launch(slurm_cluster, prepared_shards, out, 8, "--requeue")
+    proc = launch(slurm_cluster, small_shards, out, 8, "--requeue")
     try:
         job = running_job(slurm_cluster)
         slurm_cluster.wait_for(lambda: checkpointed(out, 2) or proc.poll() is not None, "the checkpoint at step 2",
@@ -122,8 +122,8 @@ def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmClu
     assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
 
 
-def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
-    proc = launch(slurm_cluster, prepared_shards, tmp_path / "run", 10_000)
+def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, small_shards, tmp_path):
+    proc = launch(slurm_cluster, small_shards, tmp_path / "run", 10_000)
     try:
         job = running_job(slurm_cluster)
         proc.send_signal(signal.SIGTERM)
@@ -134,8 +134,8 @@ def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, prep
     assert slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)["JobState"] == "CANCELLED"
 
 
-def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, prepared_shards, tmp_path):
-    proc = launch(slurm_cluster, prepared_shards, tmp_path / "run", 2, "--partition", "nope")
+def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, small_shards, tmp_path):
+    proc = launch(slurm_cluster, small_shards, tmp_path / "run", 2, "--partition", "nope")
     text, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, text
     assert "sbatch refused" in text and "nope" in text and "Traceback" not in text
@@ -165,7 +165,7 @@ def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resu
     watcher = threading.Thread(target=scancel_once, daemon=True)
     watcher.start()
     try:
-        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, train_retries=1,
+        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, train_retries=1, model_name="slurm",
                           extra_args=["--train.ckpt_every", "2", "--train.log_every", "1"], return_state=True)
     finally:
         stop.set()
@@ -186,7 +186,7 @@ def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resu
     assert all(slurm_cluster.job(job)["NodeList"] == "n[1-2]" for job in jobs)
     summary = read_json(Path(result["run_dir"]) / "summary.json")
     assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
-    assert registry.client(stack).get_model_version("gptmini", result["version"]).run_id == result["mlflow_run_id"]
+    assert registry.client(stack).get_model_version("slurm", result["version"]).run_id == result["mlflow_run_id"]
 
 
 def test_cancelling_the_flow_run_scancels_its_job(slurm_cluster: SlurmCluster, stack):  # noqa: F811

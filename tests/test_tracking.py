@@ -12,7 +12,7 @@ import pytest
 from gptmini import tracking
 from gptmini.cli.train import parse_args
 
-mlflow = pytest.importorskip("mlflow")
+import mlflow
 
 TINY = ["--preset", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "3",
         "--train.eval_every", "2", "--train.eval_batches", "1", "--train.ckpt_every", "10"]

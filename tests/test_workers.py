@@ -1,6 +1,6 @@
 """Two Prefect process workers, as on two machines: each with its own PREFECT_HOME, both with the same
-$GPTMINI_STATE (the shared storage folder), polling one work pool of a real Prefect server (`prefect server
-start`, started here: one server for the module, where conftest's `service_stack` starts MLflow too).
+$GPTMINI_STATE (the shared storage folder), polling one work pool of the session's Prefect server (conftest's
+`service_stack`, with authentication on).
 
 The `prepare-data` deployment runs on worker A, then with the same parameters on worker B, which must find
 the data tasks cached: their results live in the shared folder. In a worker's own PREFECT_HOME (Prefect's
@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import httpx
 import pytest
 
-pytest.importorskip("prefect")
+import prefect  # noqa: F401
 
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.actions import WorkPoolCreate  # noqa: E402
@@ -29,9 +28,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.client.schemas.objects import FlowRun, TaskRun  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.deployments.runner import EntrypointType  # noqa: E402
-from prefect.settings import PREFECT_API_URL, temporary_settings  # noqa: E402
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings  # noqa: E402
 
-from conftest import free_port  # noqa: E402
+from conftest import PREFECT_AUTH  # noqa: E402
 from flows.prepare_data import prepare_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -68,26 +67,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_server(home: Path) -> tuple[subprocess.Popen, str]:
-    port, log = free_port(), home.with_suffix(".log")
-    server = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                    "--analytics-off", "--no-ui"], clean_env(PREFECT_HOME=str(home)), log)
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 300  # a fresh database's migrations took 40-75 s on the busy 2-core machine
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return server, api
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop(server)
-    raise RuntimeError(f"the Prefect server did not come up; its log ends:\n{log.read_text()[-3000:]}")
-
-
 def start_worker(queue: str, api: str, prefect_home: Path, shared_state: Path, log: Path) -> subprocess.Popen:
-    env = clean_env(PREFECT_API_URL=api, PREFECT_HOME=str(prefect_home), GPTMINI_STATE=str(shared_state),
-                    PREFECT_WORKER_QUERY_SECONDS="1")  # polls every second, not every 10
+    env = clean_env(PREFECT_API_URL=api, PREFECT_API_AUTH_STRING=PREFECT_AUTH, PREFECT_HOME=str(prefect_home),
+                    GPTMINI_STATE=str(shared_state), PREFECT_WORKER_QUERY_SECONDS="1")  # polls every second, not every 10
     return spawn([str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process", "--work-queue",
                   queue, "--name", f"worker-{queue}"], env, log)
 
@@ -108,13 +90,13 @@ def recorded(flow_run: FlowRun) -> Run:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Run, Run]:
+def runs(service_stack, tmp_path_factory) -> tuple[Path, Run, Run]:
     """(the test's folder, the run on worker A, the same parameters' run on worker B)."""
     root = tmp_path_factory.mktemp("workers")
-    server, api = start_server(root / "server")
+    api = service_stack.prefect_api
     workers = []
     try:
-        with temporary_settings({PREFECT_API_URL: api}):
+        with temporary_settings({PREFECT_API_URL: api, PREFECT_API_AUTH_STRING: PREFECT_AUTH}):
             with get_client(sync_client=True) as client:
                 client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
             workers = [start_worker(q, api, root / f"home-{q}", root / "shared", root / f"worker-{q}.log")
@@ -130,7 +112,7 @@ def runs(tmp_path_factory) -> tuple[Path, Run, Run]:
                 done.append(recorded(flow_run))
             yield root, *done
     finally:
-        for proc in [*workers, server]:
+        for proc in workers:
             stop(proc)
 
 
@@ -146,6 +128,9 @@ def test_second_worker_finds_the_data_tasks_cached(runs):
 def test_second_worker_does_not_run_prepare_again(runs):
     _, a, b = runs
     assert any(PREPARE in line for line in a.log)
+    # B's log is there, down to the flow's last line, and its tokenize task says it used the cached result.
+    assert any(line.startswith("Finished in state Completed") for line in b.log), b.log
+    assert any(line.startswith("Finished in state Cached") for line in b.log), b.log
     assert not any(PREPARE in line for line in b.log)
 
 

@@ -11,6 +11,8 @@ configuration or its data: that is read from its summary.json, not from the job 
 """
 from __future__ import annotations
 
+import shlex
+
 COMPLETED = "COMPLETED"
 LAUNCHERS = ("local", "slurm", "k8s")
 
@@ -21,3 +23,8 @@ def torchrun_args(nproc: int, nnodes: int, rdzv_endpoint: str, rdzv_id: str) -> 
         return ["--standalone", f"--nproc-per-node={nproc}"]
     return [f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+
+
+def node_command(launch: list[str], trainer: list[str]) -> str:
+    """The command a user pastes on each further node of a `--nnodes N` run: the same on every node."""
+    return f"torchrun {shlex.join(launch)} -m gptmini.train {shlex.join(trainer)}"
