@@ -7,7 +7,11 @@
    against nanoGPT's `get_batch` (np.memmap re-opened per batch, random offsets, torch.stack): tokens/s of
    B x T batches on CPU. Target: >= 1x.
 
+3. Incremental tokenizing: a corpus of at least 200 MB prepared, 1% new documents added, prepared again
+   `--since` the first dataset: the share of characters tokenized the second time, and the time.
+
     python bench/bench_data.py --mb 32 --workers 1 2
+    python bench/bench_data.py --incremental-mb 200 --new-share 0.01 --workers 2 --only-incremental
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> l
 
         def run_prepare(w: int) -> None:
             shutil.rmtree(root / "out", ignore_errors=True)
+            shutil.rmtree(root / "cache", ignore_errors=True)  # tokenize everything: no tokens kept from the last round
             res = prepare(PrepareConfig([str(root / "corpus")], root / "out", workers=w, cache_dir=root / "cache",
                                       inline_bytes=0))  # the workers asked for, whatever the size
             m = res.manifest["splits"]
@@ -104,6 +109,37 @@ def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> l
         r["cpu vs raw"] = base[r["workers"]]["cpu_seconds"] / r["cpu_seconds"]
         r["scaling vs prepare 1 process"] = one / r["seconds"] if one and not r["raw"] else None
     return rows
+
+
+def bench_incremental(mb: float, doc_kb: int, new_share: float, workers: int) -> dict:
+    """A corpus of `mb` MB prepared once, then again after `new_share` of new text was added (prepare --since the
+    first dataset): the characters tokenized, the CPU and wall time of each run, and their ratios. The second
+    run still reads and hashes every input and writes every shard; only tokenizing is skipped for what the
+    token cache holds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "corpus").mkdir()
+        docs = make_corpus(root / "corpus", mb, doc_kb)
+        total = sum(len(d) for d in docs)
+
+        def run(out: str, since: Path | None = None):
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            res = prepare(PrepareConfig([str(root / "corpus")], root / out, workers=workers, cache_dir=root / "cache",
+                                        since=since))
+            return res, time.perf_counter() - t0, cpu_seconds() - c0
+
+        first, wall1, cpu1 = run("v1")
+        n_new = max(1, round(len(docs) * new_share))
+        for j in range(n_new):  # new documents: other cuts of the same text, new names
+            (root / "corpus" / f"new-{j:06d}.txt").write_text(f"[new {j}] " + docs[(j * 37) % len(docs)][::-1])
+        second, wall2, cpu2 = run("v2", root / "v1")
+    return {"MB": mb, "documents": len(docs), "new_documents": n_new, "workers": workers,
+            "first": {"seconds": wall1, "cpu_seconds": cpu1, "tokenized_chars": first.text_chars,
+                      "tokenized_inputs": first.tokenized_inputs},
+            "second": {"seconds": wall2, "cpu_seconds": cpu2, "tokenized_chars": second.text_chars,
+                       "tokenized_inputs": second.tokenized_inputs, "new_inputs": second.manifest["since"]["new_inputs"]},
+            "tokenized_share": second.text_chars / (total + second.text_chars),
+            "wall_ratio": wall2 / wall1, "cpu_ratio": cpu2 / cpu1}
 
 
 def nanogpt_get_batch(path: str, n: int, batch_size: int, block_size: int):
@@ -163,6 +199,10 @@ def main() -> None:
     p.add_argument("--shapes", default="8x1024,32x256,64x2048", help="BxT batch shapes for the loader benchmark")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--skip-prepare", action="store_true")
+    p.add_argument("--incremental-mb", type=float, default=0.0,
+                   help="also: a corpus of this many MB prepared, grown by --new-share, prepared again (e.g. 200)")
+    p.add_argument("--new-share", type=float, default=0.01)
+    p.add_argument("--only-incremental", action="store_true", help="run only the incremental benchmark")
     a = p.parse_args()
     import torch
 
@@ -172,6 +212,22 @@ def main() -> None:
            "pyarrow": __import__("pyarrow").__version__}
     print(json.dumps(env))
     out = {"env": env}
+    if a.incremental_mb:
+        inc = out["incremental"] = bench_incremental(a.incremental_mb, a.doc_kb, a.new_share, max(a.workers))
+        print(f"\nincremental prepare: {a.incremental_mb:g} MB ({inc['documents']} documents), then "
+              f"{inc['new_documents']} new documents ({a.new_share:.0%}) prepared --since the first, "
+              f"{inc['workers']} workers")
+        print(f"{'':8} {'inputs tokenized':>17} {'M chars tokenized':>18} {'wall s':>7} {'cpu s':>7}")
+        for name in ("first", "second"):
+            r = inc[name]
+            print(f"{name:8} {r['tokenized_inputs']:17} {r['tokenized_chars'] / 1e6:18.2f} {r['seconds']:7.1f} "
+                  f"{r['cpu_seconds']:7.1f}")
+        print(f"second/first: tokenized characters {inc['second']['tokenized_chars'] / inc['first']['tokenized_chars']:.4f}, "
+              f"wall {inc['wall_ratio']:.3f}, cpu {inc['cpu_ratio']:.3f}")
+        if a.only_incremental:
+            if a.json:
+                write_json(a.json, out)
+            return
     if not a.skip_prepare:
         out["prepare"] = bench_prepare(a.mb, a.doc_kb, a.workers, a.repeats)
         print(f"\nprepare: {a.mb:g} MB of text in {a.doc_kb} KB documents (best of {a.repeats})")

@@ -29,7 +29,7 @@ def _row(key: str, value) -> str:
 
 
 def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links: dict, run_dir: str,
-           manifest_sha: str, version: str, model_name: str) -> str:
+           manifest_sha: str, version: str, model_name: str, lineage: dict | None = None) -> str:
     """`metrics`: the registered weights over every val window (evaluate's names); then the trainer's
     summary (its last and best evaluations under the same names) and the gate's paired comparison."""
     training = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -41,6 +41,7 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
              *(f"| {label} | " + " | ".join(_value(m.get(k)) for k in names) + " |"
                for label, m in evaluations.items() if m),
              "", "val_bpb: bits per byte of val text (tokenizer-independent); val_loss: nats per token.", "",
+             *_new_and_old(metrics, decision),
              "| training | value |", "|---|---|", *(_row(k, v) for k, v in training.items()),
              "", "## Registry", "",
              f"- version **{version}** of `{model_name}`: {_link(links['version'])}",
@@ -48,6 +49,11 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
     if decision.get("difference") is not None:
         lines.append(f"- paired difference (production - this version): {decision['difference']:+.4f} bits/byte, "
                      f"standard error {decision['standard_error']:.4f}, over {decision['pieces']} val pieces")
+    lineage = lineage or {}
+    if lineage.get("parent_version"):
+        lines.append(f"- continued from **v{lineage['parent_version']}** on {lineage.get('new_documents') or 0} new "
+                     f"document(s): {lineage.get('run_steps')} steps, {int(lineage.get('run_tokens') or 0):,} tokens "
+                     f"this run, {int(lineage.get('total_tokens') or 0):,} since scratch")
     lines += [f"- MLflow run: {_link(links['run'])}",
               f"- data manifest sha256: `{manifest_sha}`", f"- run folder: `{run_dir}`", "",
               "## Samples", "", "| mode | prompt | continuation |", "|---|---|---|",
@@ -55,6 +61,18 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
     if "loss_png" in links:
         lines += ["", "## Loss", "", f"![loss curve]({links['loss_png']})"]
     return "\n".join(lines)
+
+
+def _new_and_old(metrics: dict, decision: dict) -> list[str]:
+    """Bits per byte on the new documents' val text (did it learn them?) and on the old (did it forget?)."""
+    if metrics.get("val_bpb_new") is None:
+        return []
+    champion = decision.get("parts") or {}
+    lines = ["| val text | this version (bits/byte) | production (bits/byte) |", "|---|---|---|"]
+    for part in ("new", "old"):
+        theirs = champion.get(f"champion_{part}")
+        lines.append(f"| {part} documents | {_value(metrics.get(f'val_bpb_{part}'))} | {_value(theirs)} |")
+    return [*lines, ""]
 
 
 def _value(v) -> str:

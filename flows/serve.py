@@ -2,8 +2,9 @@
 
 - `train-gpt/demo`: the demo preset on the embedded corpus, a few minutes on 2 CPU cores;
 - `train-gpt/retrain`: scheduled retraining (cron $GPTMINI_RETRAIN_CRON, default 03:00 UTC daily, `off` to
-  pause it; timezone $GPTMINI_RETRAIN_TZ), which
-  promotes the new version only when it beats production on the same validation data;
+  pause it; timezone $GPTMINI_RETRAIN_TZ) on the demo corpus plus the text files dropped into
+  $GPTMINI_STATE/incoming/: it continues from production on what is new (nothing new: it ends at once,
+  training nothing), and promotes the new version only when it beats production on the same validation data;
 - `promote-model/promote`: move an alias (production by default) to a version;
 - `prepare-data/prepare`: download and tokenize a corpus into the state folder, so train-gpt on every worker
   that shares it finds the shards cached.
@@ -23,11 +24,19 @@ from prefect.client.schemas.schedules import CronSchedule
 
 from flows.prepare_data import prepare_data
 from flows.promote import promote_model
+from flows.tasks import state_dir
 from flows.train_gpt import end_mlflow_run, train_gpt
 from gptmini.redact import redact
 
 RETRAIN_CRON = "0 3 * * *"
 MODULE = EntrypointType.MODULE_PATH  # `flows` is an installed package: runs import it by name
+
+
+def incoming_dir() -> Path:
+    """Where users drop new text files for the retrain deployment (created here, so it is there to find)."""
+    folder = state_dir() / "incoming"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def deployments() -> list:
@@ -42,11 +51,13 @@ def deployments() -> list:
         ),
         train_gpt.to_deployment(
             "retrain", schedule=CronSchedule(cron=cron, timezone=timezone), paused=paused,
-            parameters={"preset": "demo", "sources": ["embedded:python-docs"], "promotion": "if-better"},
+            parameters={"preset": "demo", "sources": ["embedded:python-docs"], "promotion": "if-better",
+                        "incoming": str(incoming_dir()), "init_from": "production"},
             tags=["gptmini", "scheduled"], entrypoint_type=MODULE,
             concurrency_limit=1,  # a run that comes due while the last one trains waits for it
-            description=f"Scheduled retraining ({cron} {timezone}); promotes only a version that beats "
-                        "production on the same validation data.",
+            description=f"Scheduled retraining ({cron} {timezone}) on the demo corpus plus {incoming_dir()}: "
+                        "continues from production on the new text (skips when nothing is new); promotes only a "
+                        "version that beats production on the same validation data.",
         ),
         promote_model.to_deployment(
             "promote", tags=["gptmini"], entrypoint_type=MODULE, description="Point an alias (default production) at a registry version.",

@@ -32,8 +32,8 @@ from gptmini import registry, tracking
 from gptmini.parallel import mesh_args
 from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
-from gptmini.data.sources import Cache, open_source
-from gptmini.evaluate import evaluate_weights
+from gptmini.data.sources import SUFFIXES, Cache, open_source
+from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
@@ -158,12 +158,13 @@ def fetch(sources: list[str], cache_dir: str) -> list[dict]:
     return download.with_options(refresh_cache=local, result_storage=result_storage())(sources, cache_dir)
 
 
-def shards_key(inputs: list[dict], tokenizer: str, val_fraction: float) -> str:
+def shards_key(inputs: list[dict], tokenizer: str, val_fraction: float, since: str = "") -> str:
     """prepare's `input_key` for `inputs` (download's result) with the settings the `tokenize` task passes
-    and prepare's defaults for the rest: the shards' cache key and folder name. input_key ignores `out`."""
+    and prepare's defaults for the rest: the shards' cache key and folder name. input_key ignores `out`.
+    `since`: the earlier dataset's manifest.json, against which the new inputs are marked."""
     cfg = PrepareConfig(sources=[s["spec"] for s in inputs], out=Path("."), tokenizer=tokenizer,
                         val_fraction=val_fraction)
-    return input_key(cfg, inputs)
+    return input_key(cfg, inputs, json.loads(Path(since).read_text())["input_key"] if since else None)
 
 
 def shards_dir(data_root: str, key: str) -> Path:
@@ -171,16 +172,18 @@ def shards_dir(data_root: str, key: str) -> Path:
 
 
 def _tokenize_cache_key(context, parameters: dict) -> str:
-    return shards_key(parameters["inputs"], parameters["tokenizer"], parameters["val_fraction"])
+    return shards_key(parameters["inputs"], parameters["tokenizer"], parameters["val_fraction"],
+                      parameters.get("since", ""))
 
 
 @task(retries=1, cache_key_fn=_tokenize_cache_key, persist_result=True)
-def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str) -> dict:
-    """`gptmini prepare` into the folder named by the inputs' key; returns it with its manifest's sha256."""
-    key = shards_key(inputs, tokenizer, val_fraction)
+def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str, since: str = "") -> dict:
+    """`gptmini prepare` into the folder named by the inputs' key; returns it with its manifest's sha256. Inputs
+    tokenized before (by any earlier run sharing the cache) are copied from the token cache, not tokenized."""
+    key = shards_key(inputs, tokenizer, val_fraction, since)
     out = shards_dir(data_root, key)
     cmd = [sys.executable, "-m", "gptmini.cli", "prepare", *(s["spec"] for s in inputs), "--out", str(out),
-           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction)]
+           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction)] + (["--since", since] if since else [])
     code, tail = run_streaming(cmd, subprocess_env(GPTMINI_CACHE_DIR=str(Path(data_root) / "cache")))
     if code != 0:
         raise RuntimeError(f"gptmini prepare failed (exit code {code}): {tail[-1] if tail else 'no output'}")
@@ -189,12 +192,33 @@ def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root:
     return {"data_dir": str(out), "manifest_sha256": sha256_file(out / "manifest.json")}
 
 
-def prepare_shards(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str) -> dict:
+def prepare_shards(inputs: list[dict], tokenizer: str, val_fraction: float, data_root: str, since: str = "") -> dict:
     """`tokenize`, whose cached result counts only while its shards are on disk: deleted, they are made again
     and cached anew."""
-    present = (shards_dir(data_root, shards_key(inputs, tokenizer, val_fraction)) / "manifest.json").exists()
+    present = (shards_dir(data_root, shards_key(inputs, tokenizer, val_fraction, since)) / "manifest.json").exists()
     return tokenize.with_options(refresh_cache=not present, result_storage=result_storage())(
-        inputs, tokenizer, val_fraction, data_root)
+        inputs, tokenizer, val_fraction, data_root, since)
+
+
+def incoming_sources(folder: str) -> list[str]:
+    """The incoming folder as a source when it holds files to read; a missing or empty one adds nothing (a
+    night with no new text is no error)."""
+    path = Path(folder).expanduser() if folder else None
+    if path is None or not path.is_dir():
+        return []
+    found = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in SUFFIXES]
+    return [str(path.resolve())] if found else []
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
+def parent_manifest(version: str, model_name: str, data_root: str) -> str:
+    """The data manifest a registered version was trained on (its run's `data/manifest.json` artifact), as a
+    local file: what the new dataset marks its new documents against."""
+    mc = registry.client(tracking_uri())
+    mv = registry.get_version(mc, version, model_name)
+    dest = Path(data_root) / "parents" / f"{model_name}-v{version}"
+    dest.mkdir(parents=True, exist_ok=True)
+    return str(Path(mc.download_artifacts(mv.run_id, "data/manifest.json", str(dest))))
 
 
 # Training
@@ -344,10 +368,15 @@ def export_best(run_dir: str) -> str:
 @task
 def evaluate(weights_dir: str, data_dir: str) -> dict:
     """val_loss, val_bpb, val_perplexity, val_tokens and val_bytes of a model folder over every window of the
-    held-out split of `data_dir`."""
-    result = evaluate_weights(weights_dir, data_dir)
-    get_run_logger().info("%s: val loss %.4f nats/token, %.4f bits/byte over %s tokens (%s bytes)", weights_dir,
-                          result["val_loss"], result["val_bpb"], f"{result['val_tokens']:,}", f"{result['val_bytes']:,}")
+    held-out split of `data_dir`; with a dataset that marks new documents, also val_bpb_new and val_bpb_old."""
+    model, tokenizer = load_model(weights_dir)
+    nats, nbytes, tokens = piece_sums(model, tokenizer, data_dir)
+    result = measures(nats.sum(), nbytes.sum(), tokens.sum())
+    if (new := new_pieces(data_dir)) is not None:
+        result |= bpb_new_and_old(nats, nbytes, new)
+    get_run_logger().info("%s: val loss %.4f nats/token, %.4f bits/byte over %s tokens (%s bytes)%s", weights_dir,
+                          result["val_loss"], result["val_bpb"], f"{result['val_tokens']:,}", f"{result['val_bytes']:,}",
+                          "".join(f"; {k} {v:.4f}" for k, v in result.items() if k.startswith("val_bpb_") and v is not None))
     return result
 
 

@@ -1,6 +1,13 @@
 """The `train-gpt` flow: raw text -> token shards -> torchrun training -> evaluation -> samples -> registry.
 
-    download -> tokenize -> train (torchrun) -> evaluate -> samples -> register -> gate (champion/challenger)
+    download -> [nothing new? stop] -> tokenize -> train (torchrun) -> evaluate -> samples -> register -> gate
+
+Day two (`init_from="production"`, the `retrain` deployment): the sources plus an incoming folder are
+tokenized against production's dataset (only new inputs are tokenized; the manifest marks them), training
+continues from production's weights on the new documents with a share of replayed old ones, for a number of
+steps set by the new text (`gptmini.retrain.continue_steps`), and the gate reports bits per byte on the new
+and the old val text. When nothing is new since production's dataset, the run ends Completed at once,
+training and registering nothing (`force=True` runs anyway).
 
 The flow owns the MLflow run: it creates it, the trainer logs into it (and never ends it), and the flow
 ends it FINISHED, or FAILED / KILLED from its state hooks. The tasks are in flows/tasks.py.
@@ -11,13 +18,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Completed
 
 from flows import tasks
 from flows.report import mlflow_links, publish, report
-from gptmini import config, registry, tracking
+from gptmini import config, registry, retrain, tracking
 from gptmini import parallel as parallel_
+from gptmini.cli.train import parse_args as parse_train_args
 from gptmini.config import PRESETS
 from gptmini.launch import LAUNCHERS
 from gptmini.launch.k8s import K8sOptions
@@ -123,6 +132,10 @@ def train_gpt(
     train_retries: int = 1,
     experiment: str = tracking.EXPERIMENT_NAME,
     model_name: str = registry.MODEL_NAME,
+    incoming: str = "",
+    init_from: str = "",
+    replay: float = 0.25,
+    force: bool = False,
 ) -> dict:
     """Train gptmini from raw text and register the best checkpoint.
 
@@ -152,13 +165,36 @@ def train_gpt(
         min_improvement: with if-better, the least improvement in bits per byte that promotes.
         train_retries: retries of a failed training (each resumes from the last checkpoint); a bad
             configuration or bad data is never retried.
+        incoming: a folder of new text files read with the sources when it holds any (the retrain deployment's
+            is $GPTMINI_STATE/incoming); missing or empty, it adds nothing.
+        init_from: "" trains from scratch; "production" continues from the production version (from scratch
+            while there is none) on the documents new since its dataset, with `replay`; or a run, weights or
+            checkpoint folder, or a models:/ URI, to start from.
+        replay: when continuing from production, the share of each batch replayed from the earlier documents.
+        force: with init_from="production", train even when the inputs are those of production's dataset.
     """
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
     check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
                      train_retries, model_name, launcher, slurm, parallel)
-    sources = check_sources(sources)
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"replay ({replay}) must be in [0, 1), e.g. 0.25: a quarter of each batch from earlier text")
+    sources = check_sources(sources) + tasks.incoming_sources(incoming)
 
     state, uri = tasks.state_dir(), tasks.tracking_uri()
+    inputs = tasks.fetch(sources, str(state / "data" / "cache"))
+    parent = (registry.version_by_alias(registry.client(uri), registry.PRODUCTION, model_name)
+              if init_from == "production" else None)
+    settings = retrain.settings_key(preset=preset, steps=steps, tokenizer=tokenizer, val_fraction=val_fraction,
+                                    extra_args=extra_args, init_from=init_from, replay=replay, nproc=nproc * nnodes)
+    inputs_key = tasks.shards_key(inputs, tokenizer, val_fraction)
+    # Only a run that carries production on skips: one from scratch is an explicit request to train.
+    reason = parent and retrain.skip_reason(parent.tags, parent.version, inputs_key, settings, continuing=True)
+    if reason and not force:
+        get_run_logger().info("nothing to train: %s; force=True trains anyway", reason)
+        publish_skip(reason, parent.version, model_name, sources)
+        return Completed(message=reason, data={"skipped": True, "reason": reason, "version": None,
+                                               "production": str(parent.version)})
+
     flow_run_id, name = str(current_flow_run.id), str(current_flow_run.name)
     run_dir = state / "runs" / flow_run_id
     commit = tasks.git_commit()
@@ -166,12 +202,29 @@ def train_gpt(
         "prefect.flow_run_name": name, "mlflow.runName": name, "git_commit": commit, "preset": preset,
         "prefect.flow_run_url": str(current_flow_run.ui_url or ""),
     }, artifact_root=state / "mlflow" / "artifacts")
-    run.log_params({"flow.sources": json.dumps(sources), "flow.nproc": nproc, "flow.promotion": promotion})
+    run.log_params({"flow.sources": json.dumps(sources), "flow.nproc": nproc, "flow.promotion": promotion,
+                    "flow.init_from": init_from, "flow.parent_version": parent.version if parent else ""})
 
-    inputs = tasks.fetch(sources, str(state / "data" / "cache"))
-    data = tasks.prepare_shards(inputs, tokenizer, val_fraction, str(state / "data"))
+    since = tasks.parent_manifest(str(parent.version), model_name, str(state / "data")) if parent else ""
+    data = tasks.prepare_shards(inputs, tokenizer, val_fraction, str(state / "data"), since)
     run.set_tags({"data_manifest_sha256": data["manifest_sha256"]})
     run.log_artifact(Path(data["data_dir"]) / "manifest.json", "data")
+    manifest = json.loads((Path(data["data_dir"]) / "manifest.json").read_text())
+    new = manifest.get("since", {})
+    if parent is not None:
+        run.log_dataset(Path(since))  # the data the parent learned, which this run carries on from
+        init_args = ["--init-from", f"models:/{model_name}/{parent.version}"]
+        if new.get("new_tokens", {}).get("train", 0) > 0:
+            init_args += ["--replay", str(replay)]
+            if steps is None:
+                steps = continue_steps(preset, extra_args, data["data_dir"], nproc * nnodes, new["new_tokens"]["train"],
+                                       replay)
+        get_run_logger().info("continuing from %s v%s on %d new document(s) (%s new train tokens), replay %s, "
+                              "%s steps", model_name, parent.version, new.get("new_documents", 0),
+                              f"{new.get('new_tokens', {}).get('train', 0):,}", replay, steps or "the preset's")
+        extra_args = [*extra_args, *init_args]
+    elif init_from and init_from != "production":
+        extra_args = [*extra_args, "--init-from", init_from]
 
     summary = tasks.train.with_options(retries=train_retries)(
         preset, data["data_dir"], str(run_dir), steps, nproc, parallel, device, extra_args, run.run_id, uri, name,
@@ -182,13 +235,19 @@ def train_gpt(
     rows = tasks.samples(weights, prompts, max_new_tokens)
     run.log_text(json.dumps(rows, indent=1), "samples.json")
 
-    manifest = json.loads((Path(data["data_dir"]) / "manifest.json").read_text())
+    run_tokens = summary.get("tokens", 0)
+    parent_total = int(parent.tags.get("total_tokens", 0) or 0) if parent else 0
+    lineage = {"parent_version": str(parent.version) if parent else "", "data_inputs_key": inputs_key,
+               "train_settings": settings, "new_documents": str(new.get("new_documents", "")),
+               "new_inputs": str(new.get("new_inputs", "")), "run_steps": str(summary.get("steps", "")),
+               "run_tokens": str(run_tokens), "total_tokens": str(parent_total + run_tokens)}
+    measured = {k: f"{metrics[k]:.6f}" for k in ("val_bpb_new", "val_bpb_old") if metrics.get(k) is not None}
     with tasks.registry_lock():  # the gate decides against the production version no other run is moving
         version = tasks.register(run.run_id, weights, {
             "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{metrics['val_loss']:.6f}",
             "val_bpb": f"{metrics['val_bpb']:.6f}", "tokenizer": manifest["tokenizer"],
             "tokenizer_sha256": manifest.get("tokenizer_sha256") or "",
-            "git_commit": commit, "preset": preset, "prefect.flow_run_id": flow_run_id,
+            "git_commit": commit, "preset": preset, "prefect.flow_run_id": flow_run_id, **lineage, **measured,
         }, model_name, summary.get("mlflow_models", {}).get("best"))
         decision = tasks.gate(version, weights, metrics["val_bpb"], data["data_dir"], promotion, min_improvement,
                               model_name)
@@ -196,11 +255,30 @@ def train_gpt(
 
     links = mlflow_links(uri, run.experiment_id, run.run_id, model_name, version)
     publish(report(metrics, summary, rows, decision, links, str(run_dir), data["manifest_sha256"], version,
-                   model_name), links, version, model_name)
+                   model_name, lineage), links, version, model_name)
     run.end("FINISHED")
     return {"version": version, "promoted": decision["promote"], "val_loss": metrics["val_loss"],
             "val_bpb": metrics["val_bpb"], "decision": decision, "mlflow_run_id": run.run_id,
             "run_dir": str(run_dir), "data_dir": data["data_dir"], "samples": rows}
+
+
+def continue_steps(preset: str, extra_args: list[str], data_dir: str, world: int, new_train_tokens: int,
+                   replay: float) -> int:
+    """`gptmini.retrain.continue_steps` under the run's own config (the preset with extra_args): its tokens per
+    step, and its steps as the cap."""
+    cfg = parse_train_args(["--preset", preset, "--data-dir", data_dir, *extra_args])
+    per_step = cfg.data.batch_size * cfg.seq_len * cfg.train.grad_accum * world
+    return retrain.continue_steps(new_train_tokens, per_step, replay, cap=cfg.train.steps)
+
+
+def publish_skip(reason: str, production: str, model_name: str, sources: list[str]) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact("\n".join([
+        f"# train-gpt: nothing to train", "", f"- **skipped**: {reason}", f"- production: {model_name} v{production}",
+        f"- sources: {', '.join(f'`{s}`' for s in sources)}", "",
+        "Drop new text files into the incoming folder, or run with `force=True` to train anyway."]),
+        key="train-gpt-report", description=f"nothing to train: {reason}")
 
 
 if __name__ == "__main__":

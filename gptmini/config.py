@@ -49,6 +49,10 @@ class DataConfig:
     stride: int = 0  # 0: seq_len, i.e. non-overlapping windows
     batch_size: int = 8  # windows per micro-batch per rank
     shuffle: bool = True
+    # None: batches from the whole train split. A fraction r in [0, 1): batches from the documents that are new
+    # since the dataset named by `gptmini prepare --since`, with a share r of their windows replayed from the
+    # earlier documents (continual pre-training's replay, against forgetting).
+    replay: float | None = None
 
 
 @dataclass
@@ -87,6 +91,10 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3
     resume: str = "none"  # none | auto | PATH to a checkpoint folder
+    # Start from these weights instead of a random init: a run folder, a weights folder, a checkpoint folder or
+    # models:/NAME@ALIAS. The model config and the data's tokenizer must be the parent's; the learning rate
+    # warms up and decays again over this run (optimizer state starts afresh).
+    init_from: str = ""
 
 
 @dataclass
@@ -290,6 +298,9 @@ def validate(cfg: Config, need_data: bool = True) -> None:
         raise ConfigError(f"data.stride = {d.stride}; it must be positive (0 means seq_len)")
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"optim.min_lr = {o.min_lr} must be between 0 and optim.lr ({o.lr})")
+    if d.replay is not None and not 0.0 <= d.replay < 1.0:
+        raise ConfigError(f"data.replay = {d.replay} must be in [0, 1) (e.g. 0.25: a quarter of each batch from "
+                          f"the earlier documents), or none to train on the whole train split")
     if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
         raise ConfigError("optim.warmup_steps, optim.grad_clip and optim.weight_decay must be >= 0")
     if need_data and not d.data_dir and not d.sources:

@@ -25,7 +25,7 @@ from torch import nn
 from gptmini import parallel
 from gptmini.checkpoint import load_model
 from gptmini.data.loader import PieceWindows, TokenShards, piece_bounds
-from gptmini.data.prepare import read_manifest
+from gptmini.data.prepare import new_ranges, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import autocast
 from gptmini.tokenizer import Tokenizer, get_tokenizer
@@ -125,6 +125,28 @@ def piece_sums(model: nn.Module, tokenizer: Tokenizer, data_dir: str | Path, seq
         x, y = windows.batch(idx)
         np.add.at(sums, windows.piece[idx], window_sums(model, x.to(device), y.to(device), nbytes).cpu().numpy())
     return sums[:, 0], sums[:, 1], sums[:, 2]
+
+
+def new_pieces(data_dir: str | Path) -> np.ndarray | None:
+    """True for each val piece (in `piece_sums`' order) of a document new since the manifest's `since` dataset;
+    None when the manifest names no earlier dataset."""
+    manifest = read_manifest(data_dir)
+    if "since" not in manifest:
+        return None
+    begins, _ = piece_bounds(TokenShards.open(data_dir, "val", verify=False), manifest["eot_token"])
+    mask = np.zeros(len(begins), dtype=bool)
+    for a, b in new_ranges(manifest, "val"):
+        mask |= (begins >= a) & (begins < b)
+    return mask
+
+
+def bpb_new_and_old(nats: np.ndarray, nbytes: np.ndarray, new: np.ndarray) -> dict[str, float | None]:
+    """Bits per byte over the new documents' val pieces ("did it learn the new text") and over the others ("did
+    it forget")."""
+    def bpb(m: np.ndarray) -> float | None:
+        return float(nats[m].sum() / LN2 / nbytes[m].sum()) if m.any() else None
+
+    return {"val_bpb_new": bpb(new), "val_bpb_old": bpb(~new)}
 
 
 def evaluate_split(model: nn.Module, tokenizer: Tokenizer, data_dir: str | Path, seq_len: int | None = None,

@@ -11,7 +11,7 @@ import numpy as np
 
 from gptmini.checkpoint import load_model
 from gptmini.errors import UserError
-from gptmini.evaluate import LN2, piece_sums
+from gptmini.evaluate import LN2, new_pieces, piece_sums
 from gptmini.registry import MODEL_NAME, PRODUCTION, promote, resolve_model_uri, version_by_alias
 
 POLICIES = ("if-better", "always", "never")
@@ -30,6 +30,9 @@ class Comparison:
     standard_error: float  # of `difference`, from the spread of the per-piece differences
     pieces: int
     val_bytes: int
+    # With a dataset that marks new documents: each model's bits per byte on the new and the old val pieces,
+    # and the paired difference (champion - challenger) on each part with its standard error.
+    parts: dict | None = None
 
 
 def paired(challenger_nats: np.ndarray, champion_nats: np.ndarray, nbytes: np.ndarray) -> Comparison:
@@ -56,6 +59,7 @@ class Decision:
     difference: float | None = None
     standard_error: float | None = None
     pieces: int | None = None
+    parts: dict | None = None  # Comparison.parts: new and old val text apart
 
     def __post_init__(self) -> None:  # MLflow hands versions out as int or str depending on the call
         self.challenger_version = str(self.challenger_version)
@@ -75,11 +79,36 @@ def decide(challenger_version: str, challenger_val_bpb: float, champion_version:
     verdict = (f"better by more than {NOISE_SE:g} standard errors" if better else
                f"not better beyond noise (needs more than {need:.4f}: {NOISE_SE:g} standard errors"
                + (f" or min_improvement {min_improvement}" if min_improvement else "") + ")")
+    if better and forgot(c.parts):
+        # Better overall on the strength of the new text, while worse beyond noise on the text production
+        # knew: it learned the new documents by forgetting the old ones.
+        better = False
+        verdict = (f"better overall, but it forgot the old text: {c.parts['old_difference']:+.4f} ± "
+                   f"{c.parts['old_standard_error']:.4f} bits/byte on the old val pieces, worse by more than "
+                   f"{NOISE_SE:g} standard errors")
     reason = (f"v{challenger_version} {c.challenger_val_bpb:.4f} vs production v{champion_version} "
               f"{c.champion_val_bpb:.4f} bits/byte on the same {c.pieces} val pieces ({c.val_bytes:,} bytes): "
               f"difference {c.difference:+.4f} ± {c.standard_error:.4f} (1 s.e.), {verdict}")
     return Decision(better, reason, challenger_version, c.challenger_val_bpb, champion_version, c.champion_val_bpb,
-                    c.difference, c.standard_error, c.pieces)
+                    c.difference, c.standard_error, c.pieces, c.parts)
+
+
+def forgot(parts: dict | None) -> bool:
+    """Worse than the champion on the old val pieces by more than NOISE_SE standard errors."""
+    return bool(parts) and parts["old_difference"] < -NOISE_SE * parts["old_standard_error"]
+
+
+def split_parts(challenger_nats: np.ndarray, champion_nats: np.ndarray, nbytes: np.ndarray,
+                new: np.ndarray) -> dict | None:
+    """`Comparison.parts`: both models on the new and on the old val pieces, each part paired."""
+    if new is None or not new.any() or new.all():
+        return None
+    out = {}
+    for part, mask in (("new", new), ("old", ~new)):
+        c = paired(challenger_nats[mask], champion_nats[mask], nbytes[mask])
+        out |= {f"challenger_{part}": c.challenger_val_bpb, f"champion_{part}": c.champion_val_bpb,
+                f"{part}_difference": c.difference, f"{part}_standard_error": c.standard_error, f"{part}_pieces": c.pieces}
+    return out
 
 
 def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -> None:
@@ -90,6 +119,8 @@ def record_decision(mlflow_client, decision: Decision, name: str = MODEL_NAME) -
     if decision.difference is not None:
         tags |= {"gate.difference_bpb": f"{decision.difference:.6f}",
                  "gate.standard_error_bpb": f"{decision.standard_error:.6f}"}
+    for part in ("new", "old") if decision.parts else ():
+        tags[f"gate.{part}_difference_bpb"] = f"{decision.parts[f'{part}_difference']:.6f}"
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, decision.challenger_version, key, value)
 
@@ -104,7 +135,9 @@ def compare(challenger_dir: str | Path, champion_dir: str | Path, data_dir: str 
     if not np.array_equal(bytes_a, bytes_b):  # the same text must spell the same bytes in any tokenizer
         raise UserError(f"the two models read different val text from {data_dir} ({int(bytes_a.sum())} vs "
                         f"{int(bytes_b.sum())} bytes); re-run `gptmini prepare ... --force`")
-    return paired(nats_a, nats_b, bytes_a)
+    whole = paired(nats_a, nats_b, bytes_a)
+    whole.parts = split_parts(nats_a, nats_b, bytes_a, new_pieces(data_dir))
+    return whole
 
 
 def against_champion(mlflow_client, version: str, weights_dir: str | Path, data_dir: str | Path, champion,

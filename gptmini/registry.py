@@ -382,7 +382,8 @@ def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
         by_version.setdefault(str(version), []).append(alias)
     for mv in sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
         aliases = ",".join(sorted(by_version.get(str(mv.version), []))) or "-"
+        parent = f"v{mv.tags['parent_version']}" if mv.tags.get("parent_version") else "-"
         lines.append(f"v{mv.version:<4} aliases={aliases:<32} val_bpb={mv.tags.get('val_bpb', '?'):<10} "
                      f"val_loss={mv.tags.get('val_loss', '?'):<10} gate={mv.tags.get('gate.decision', '-'):<9} "
-                     f"run={mv.run_id}")
+                     f"parent={parent:<5} run={mv.run_id}")
     return lines

@@ -26,7 +26,7 @@ from torch import nn
 
 from gptmini import checkpoint, metrics, parallel
 from gptmini.config import Config, ConfigError, to_json, to_toml
-from gptmini.data.loader import WindowLoader, build_loaders
+from gptmini.data.loader import ReplayLoader, WindowLoader, build_loaders, replay_loader
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import autocast, matmul_dtype, native_bf16, peak_flops
@@ -35,6 +35,7 @@ from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_atomic, write_json
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
+from gptmini.retrain import check_parent, model_dict
 from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
 from gptmini.weights import save_pretrained
 
@@ -144,7 +145,7 @@ class Run:
     raw_model: GPTOSSMini  # the module itself: its config, counters and FLOP count
     model: nn.Module  # what runs forward and backward: raw_model compiled and wrapped (DDP, FSDP)
     optimizer: torch.optim.Optimizer
-    train_loader: WindowLoader
+    train_loader: WindowLoader | ReplayLoader
     val_loader: WindowLoader | None
     log: metrics.MetricsLog
     state: TrainState
@@ -224,20 +225,28 @@ def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | Non
         check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
         raise ConfigError(f"model.vocab_size: {exc}") from None
+    parent = load_parent(cfg, env) if cfg.train.init_from else None
     train_loader, val_loader = folder_loaders(cfg, env)
     # Same seed on every rank: FSDP2, TP and EP shard each rank's own init, so the inits must agree.
     seed_everything(cfg.train.seed)
     raw_model = GPTOSSMini(cfg.model)
+    if parent is not None:
+        raw_model.load_state_dict(parent.state_dict())
+        del parent
     return start_run(cfg, env, raw_model, train_loader, val_loader, tokenizer, resume_from, t_start)
 
 
 def folder_loaders(cfg: Config, env: parallel.DistEnv) -> tuple[WindowLoader, WindowLoader | None]:
     # Validation reads windows of the model's whole context, as `gptmini eval` and the gate do, so a
     # checkpoint's val_loss and val_bpb are the same numbers wherever they are measured.
-    return build_loaders(
+    train_loader, val_loader = build_loaders(
         cfg.data.data_dir, cfg.seq_len, cfg.stride, cfg.data.batch_size, env.data_rank, env.data_world,
         seed=cfg.train.seed, device=env.device, vocab_size=cfg.model.vocab_size, val_seq_len=cfg.model.max_seq_len,
     )
+    if cfg.data.replay is not None:
+        train_loader = replay_loader(train_loader, cfg.data.replay, cfg.seq_len, cfg.stride, cfg.data.batch_size,
+                                     env.data_rank, env.data_world, cfg.train.seed, cfg.data.data_dir)
+    return train_loader, val_loader
 
 
 def resume_point(cfg: Config) -> Path | None:
@@ -292,6 +301,17 @@ def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
                   flush=True)
         cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
     return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
+
+
+def load_parent(cfg: Config, env: parallel.DistEnv) -> GPTOSSMini:
+    """The weights to start from (`train.init_from`, a local folder), checked to be this run's model reading the
+    data's tokens, before anything else is built. The optimizer starts afresh, and the schedule warms up and
+    decays again over this run (Ibrahim et al. 2024: re-warming and re-decaying the learning rate)."""
+    parent, _ = checkpoint.load_model(cfg.train.init_from)
+    check_parent(model_dict(cfg.model), model_dict(parent.config), cfg.model.tokenizer, cfg.train.init_from)
+    if env.is_main:
+        print(f"init from {cfg.train.init_from}: {parent.num_params() / 1e6:.2f}M parameters", flush=True)
+    return parent
 
 
 def resume(run: Run, path: Path) -> dict[str, Any] | None:

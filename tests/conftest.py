@@ -35,12 +35,13 @@ BIN = Path(sys.executable).parent
 
 
 # The modules that take minutes (reference runs, flow runs, the service stack), longest first.
-SLOWEST_FIRST = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_workers",
-                 "test_multinode", "test_faults", "test_train", "test_gpu_run")
+SLOWEST_FIRST = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
+                 "test_workers", "test_multinode", "test_faults", "test_train", "test_gpu_run")
 # The modules that drive the session's service stack (Prefect and MLflow servers, the serving process, the model
 # server). pytest-xdist hands them to one worker as one unit: the stack starts once, and a test that stops a
 # server (the fault tests, `stack.sh down`) never pulls it from under another worker's flow run.
-STACK_GROUP = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_workers")
+STACK_GROUP = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
+               "test_workers")
 # Skips that are expected on this kind of machine; any other skip fails the session (a broken install must not
 # pass as skipped tests).
 ALLOWED_SKIPS = ("no CUDA device here", "llama-cpp-python is not installed", "llama.cpp's converter is not at")

@@ -17,7 +17,7 @@ from gptmini.data.loader import (
     WindowLoader,
     build_loaders,
 )
-from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.data.prepare import FORMAT, PrepareConfig, prepare
 from gptmini.data.sources import DataError, sha256_file
 
 
@@ -231,7 +231,7 @@ def test_a_token_id_at_or_above_the_vocabulary_is_caught(tmp_path):
         w.write_batch(batch)
     shard = {"file": "train-00000.arrow", "tokens": 4, "bytes": (d / "train-00000.arrow").stat().st_size,
              "sha256": sha256_file(d / "train-00000.arrow")}
-    manifest = {"format": "gptmini-tokens/1", "tokenizer": "cl100k_base", "n_vocab": 100277, "vocab_size": 100352,
+    manifest = {"format": FORMAT, "tokenizer": "cl100k_base", "n_vocab": 100277, "vocab_size": 100352,
                 "splits": {"train": {"tokens": 4, "shards": [shard]}, "val": {"tokens": 0, "shards": []}}}
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train-00000\.arrow holds token id 100277 \(first bad id at position 2\), at or above the tokenizer's n_vocab=100277"):

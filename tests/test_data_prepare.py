@@ -13,7 +13,7 @@ from pydoc_data import topics
 
 from gptmini.cli.prepare import main as prepare_main
 from gptmini.data.loader import TokenShards
-from gptmini.data.prepare import SPLIT_CHARS, Dealer, PrepareConfig, prepare
+from gptmini.data.prepare import SPLIT_CHARS, PrepareConfig, SplitRule, prepare
 from gptmini.data.sources import DataError, split_text
 from gptmini.tokenizer import get_tokenizer
 
@@ -45,13 +45,14 @@ def embedded(tmp_path_factory) -> Path:
     return tmp / "out"
 
 
-def dealt(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train pieces, val pieces): each text cut into chunks and dealt in order, a split's adjacent chunks joined."""
-    dealer, pieces = Dealer(val_fraction), ([], [])
-    for text in texts:
-        last = None
-        for chunk in split_text(text, SPLIT_CHARS):
-            split = dealer.next()
+def dealt(docs: dict[str, str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train pieces, val pieces): each named text cut into chunks and dealt by its name and chunk index, a
+    split's adjacent chunks joined."""
+    rule, pieces = SplitRule(val_fraction), ([], [])
+    for name, text in docs.items():
+        split_of, last = rule.document(name), None
+        for i, chunk in enumerate(split_text(text, SPLIT_CHARS)):
+            split = split_of(i)
             if split == last:
                 pieces[split][-1] += chunk
             else:
@@ -62,7 +63,7 @@ def dealt(texts: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
 
 def test_embedded_corpus_shards_decode_back_to_the_source_text(embedded):
     texts = [topics.topics[k] for k in sorted(topics.topics)]
-    train, val = dealt(texts, 0.1)
+    train, val = dealt({f"embedded:python-docs/{k}": topics.topics[k] for k in sorted(topics.topics)}, 0.1)
     assert documents(stream(embedded, "train")) == train
     assert documents(stream(embedded, "val")) == val
     assert sum(map(len, train + val)) == sum(map(len, texts))  # every character in exactly one split
@@ -90,11 +91,10 @@ def test_embedded_corpus_val_holds_five_percent_of_the_tokens(tmp_path):
 
 
 def test_a_one_file_corpus_gets_both_splits(tmp_path):
-    # 7 KB of CRLF text in one file: by whole documents it was all val and no train.
-    (tmp_path / "notes.txt").write_bytes(b"".join(b"line %d of a small notes file\r\n" % i for i in range(250)))
+    # 22 KB of CRLF text in one file (21 chunks): by whole documents it was all val and no train.
+    (tmp_path / "notes.txt").write_bytes(b"".join(b"line %d of a small notes file\r\n" % i for i in range(700)))
     manifest = prepare(config(tmp_path, str(tmp_path / "notes.txt"))).manifest
     assert manifest["splits"]["train"]["tokens"] > 0 and manifest["splits"]["val"]["tokens"] > 0
-    assert documents(stream(tmp_path / "out", "train"))[0].startswith("line 0 of")  # chunk 0 always trains
 
 
 def test_shards_open_with_plain_pyarrow_polars_and_duckdb(embedded):

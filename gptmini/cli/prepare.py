@@ -38,12 +38,15 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--backoff", type=float, default=0.5, help="HTTP backoff factor (seconds)")
     p.add_argument("--refresh", action="store_true", help="re-download URLs even if cached")
     p.add_argument("--force", action="store_true", help="rewrite the shards even if they are up to date")
+    p.add_argument("--since", type=Path, default=None, metavar="DATASET",
+                   help="an earlier prepared folder (or its manifest.json): the manifest marks the inputs that are "
+                        "new since it, for training on new text with replay and for the gate's new/old measures")
     a = p.parse_args(argv)
     http = HttpOptions(timeout=a.timeout, retries=a.retries, backoff=a.backoff, wikipedia_api=a.wikipedia_api)
     return PrepareConfig(
         sources=a.sources, out=a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction,
         split_chars=a.split_chars, shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
-        http=http, refresh=a.refresh, force=a.force,
+        http=http, refresh=a.refresh, force=a.force, since=a.since,
     )
 
 
@@ -58,7 +61,10 @@ def summary(res: Result, out: Path) -> str:
         f"({tr['chunks']} chunks, {len(tr['shards'])} shards), val {va['tokens']:,} tokens ({va['chunks']} chunks, "
         f"{len(va['shards'])} shards); "
         f"skipped {s['empty_documents']} empty document(s), replaced {s['replaced_bytes']} non-UTF-8 byte(s); "
-        f"{mchars:.1f}M characters in {res.seconds:.1f}s with {res.workers} tokenizer process(es)"
+        f"tokenized {res.tokenized_inputs} of {len(m['inputs'])} input(s) ({mchars:.1f}M characters) in "
+        f"{res.seconds:.1f}s with {res.workers} tokenizer process(es), the rest from the token cache"
+        + (f"; new since {m['since']['input_key'][:12]}: {m['since']['new_inputs']} input(s), "
+           f"{m['since']['new_documents']} document(s)" if "since" in m else "")
     )
 
 

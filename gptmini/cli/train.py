@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from gptmini import parallel, tracking, trainer
+from gptmini import parallel, registry, tracking, trainer
 from gptmini.cli import run
 from gptmini.config import PRESETS, SECTIONS, Config, ConfigError, load, section_types, to_toml
 from gptmini.errors import Failure, UserError
@@ -38,6 +38,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train.deterministic": ("--deterministic",),
     "train.seed": ("--seed",),
     "train.resume": ("--resume",),
+    "train.init_from": ("--init-from",),
+    "data.replay": ("--replay",),
     "tracking.tracking_uri": ("--tracking-uri",),
     "tracking.experiment": ("--experiment",),
     "tracking.run_id": ("--mlflow-run-id",),
@@ -117,6 +119,10 @@ def train(argv: list[str]) -> int:
     if flags.get("print_config"):
         print(to_toml(cfg), end="")
         return 0
+    if cfg.train.init_from.startswith("models:/"):  # the registry's weights, downloaded once per version
+        uri = cfg.train.init_from
+        cfg.train.init_from = str(registry.resolve_model_uri(uri, tracking.tracking_uri(cfg.tracking.tracking_uri) or None))
+        print(f"--init-from {uri}: {cfg.train.init_from}", flush=True)
     env = parallel.init_distributed(cfg)
     preempt = trainer.Preemption()
     die_with_launcher()

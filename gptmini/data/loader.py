@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptmini.data.prepare import SPLITS, read_manifest
+from gptmini.data.prepare import SPLITS, new_ranges, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.files import sha256_file
 
@@ -258,6 +258,93 @@ class WindowLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+def token_ranges(tokens: TokenShards, ranges: list[tuple[int, int]]) -> TokenShards:
+    """The stream of `tokens[a:b]` for each range, end to end (views where a range lies in one shard)."""
+    return TokenShards([tokens[a:b] for a, b in ranges if b > a], tokens.manifest, tokens.split)
+
+
+def complement(ranges: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    out, pos = [], 0
+    for a, b in sorted(ranges):
+        if a > pos:
+            out.append((pos, a))
+        pos = max(pos, b)
+    return out + ([(pos, n)] if pos < n else [])
+
+
+class ReplayLoader:
+    """Training batches of the new documents' windows, with a share `replay` of each batch's rows replayed from
+    the earlier documents' windows (Ibrahim et al. 2024: replay keeps a continued model from forgetting).
+
+    Row k of the stream of rows is a replayed one when floor((k+1)*r) > floor(k*r): exactly r of the rows over
+    any stretch of batches, in the same places on every rank and after a resume. Each part has its own
+    (seed, epoch) sampler, so a resumed run takes the very next rows of both."""
+
+    def __init__(self, new: WindowLoader, old: WindowLoader | None, replay: float, batch_size: int):
+        self.new, self.old, self.replay, self.batch_size = new, old, replay, batch_size
+        self.dataset, self.device = new.dataset, new.device
+        self.rows = 0  # rows drawn so far on each rank
+
+    def _old_rows(self) -> int:
+        k, b, r = self.rows, self.batch_size, self.replay
+        return int(np.floor((k + b) * r + 1e-9) - np.floor(k * r + 1e-9))
+
+    @staticmethod
+    def _take(loader: WindowLoader, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(loader.sampler.remaining()) < n:
+            loader.sampler.set_epoch(loader.sampler.epoch + 1)
+        idx = loader.sampler.remaining()[:n]
+        loader.sampler.advance(n)
+        return loader.dataset.batch(idx)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_old = self._old_rows() if self.old is not None else 0
+        parts = [self._take(self.new, self.batch_size - n_old)] + ([self._take(self.old, n_old)] if n_old else [])
+        self.rows += self.batch_size
+        x, y = (torch.cat([p[i] for p in parts]) for i in (0, 1))
+        return self.new._to_device(x, y)
+
+    @property
+    def epoch(self) -> int:
+        return self.new.epoch
+
+    def state_dict(self) -> dict:
+        return {"replay": self.replay, "rows": self.rows, "new": self.new.state_dict(),
+                "old": self.old.state_dict() if self.old is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "new" not in state or state.get("replay") != self.replay:
+            raise DataError(f"the checkpoint's data position is for replay={state.get('replay')}, this run has "
+                            f"replay={self.replay}: resume with the same data and --replay")
+        self.rows = state["rows"]
+        self.new.load_state_dict(state["new"])
+        if self.old is not None:
+            self.old.load_state_dict(state["old"])
+
+
+def replay_loader(train: WindowLoader, replay: float, seq_len: int, stride: int, batch_size: int, rank: int,
+                  world_size: int, seed: int, data_dir: str | Path) -> ReplayLoader:
+    """`train`'s split cut into the documents new since the manifest's `since` dataset and the rest."""
+    tokens = train.dataset.tokens
+    ranges = new_ranges(tokens.manifest, "train")
+    if not ranges:
+        raise DataError(f"data.replay={replay} trains on the documents new since an earlier dataset, but "
+                        f"{data_dir}/manifest.json marks none: prepare with `gptmini prepare ... --since EARLIER_DIR` "
+                        f"(and new documents), or leave data.replay unset to train on the whole split")
+
+    def loader(part: TokenShards, what: str, part_seed: int) -> WindowLoader:
+        ds = SlidingWindowDataset(part, seq_len, stride)
+        if len(ds) // world_size < batch_size:
+            raise DataError(f"the {what} documents of {data_dir} hold {len(part)} train tokens, {len(ds)} windows of "
+                            f"seq_len={seq_len}: fewer than batch_size={batch_size} per rank; add text or lower "
+                            f"batch_size or seq_len")
+        return WindowLoader(ds, DistributedWindowSampler(len(ds), rank, world_size, part_seed), batch_size, train.device)
+
+    new = loader(token_ranges(tokens, ranges), "new", seed)
+    old = loader(token_ranges(tokens, complement(ranges, len(tokens))), "earlier", seed + 1) if replay > 0 else None
+    return ReplayLoader(new, old, replay, batch_size)
 
 
 class PieceWindows:

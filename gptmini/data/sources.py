@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -77,6 +77,15 @@ class Source:
     spec: str
     provenance: list[dict]  # one record per input read (file, download, embedded module)
     documents: Iterator[Document]
+    # reads[i]() reads the documents of input provenance[i] alone, so prepare can skip an input whose tokens
+    # it already holds; None: the source is read only as a whole (`documents`).
+    reads: list[Callable[[], Iterator[Document]]] | None = None
+
+    def inputs(self) -> list[tuple[list[dict], Callable[[], Iterator[Document]]]]:
+        """(provenance records, read) of each part read on its own: one per input where reads are given."""
+        if self.reads is not None:
+            return [([p], read) for p, read in zip(self.provenance, self.reads)]
+        return [(self.provenance, lambda: self.documents)]
 
 
 # Undecodable bytes are replaced and counted, not just replaced: the manifest reports how many (stats.replaced_bytes).
@@ -408,22 +417,26 @@ def _expand_local(spec: str, stats: Stats) -> list[Path]:
 
 
 def local_source(spec: str, text_field: str, chunk_chars: int, stats: Stats) -> Source:
-    files = _expand_local(spec, stats)
+    # Absolute paths name the documents: a document's name is its identity, which decides its chunks' split.
+    files = [Path(os.path.abspath(p)) for p in _expand_local(spec, stats)]
     prov = [
         {"source": spec, "path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files
     ]
 
+    def file_documents(p: Path) -> Iterator[Document]:
+        suffix = p.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _jsonl_documents(p, text_field, chunk_chars)
+        elif suffix == ".parquet":
+            yield from _parquet_documents(p, text_field, chunk_chars)
+        else:
+            yield Document(str(p), _file_text(p, str(p), chunk_chars))
+
     def documents() -> Iterator[Document]:
         for p in files:
-            suffix = p.suffix.lower()
-            if suffix == ".jsonl":
-                yield from _jsonl_documents(p, text_field, chunk_chars)
-            elif suffix == ".parquet":
-                yield from _parquet_documents(p, text_field, chunk_chars)
-            else:
-                yield Document(str(p), _file_text(p, str(p), chunk_chars))
+            yield from file_documents(p)
 
-    return Source(spec, prov, documents())
+    return Source(spec, prov, documents(), [lambda p=p: file_documents(p) for p in files])
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")

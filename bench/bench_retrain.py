@@ -1,0 +1,166 @@
+"""Day two on the demo: continue from production on new text, against training anew on everything.
+
+The embedded corpus (CPython's docs) is written out one topic per file; a held-out share of the topics plays
+the new text. v1 trains from scratch on the rest (the demo preset). Then, on everything (old + new, prepared
+`--since` v1's data, so the manifest marks the new documents):
+
+- scratch: the demo preset from a random init, its full steps;
+- continue+replay: from v1, `--replay R`, for `gptmini.retrain.continue_steps` steps;
+- continue: from v1, no replay (`--replay 0`), the same steps.
+
+Each model is measured on the whole val split, on the new documents' val pieces and on the old ones;
+forgetting is the rise of the old pieces' bits per byte over v1's. Standard errors are those of the paired
+per-piece difference against scratch (gptmini.gate.paired). Training runs one at a time, as `gptmini train`
+subprocesses, so wall times compare.
+
+    python bench/bench_retrain.py --out /tmp/retrain --held-out 0.05 --replay 0.25
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pydoc_data import topics
+
+from gptmini.checkpoint import load_model
+from gptmini.config import PRESETS
+from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
+from gptmini.files import write_json
+from gptmini.gate import paired
+from gptmini.retrain import continue_steps
+
+
+def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
+    """old/ and new/: one .txt file per topic; a topic is new when its name's hash falls in the held-out share."""
+    old, new = root / "corpus" / "old", root / "corpus" / "new"
+    for folder in (old, new):
+        folder.mkdir(parents=True, exist_ok=True)
+    for key, text in topics.topics.items():
+        h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+        (new if h < held_out else old).joinpath(f"{key}.txt").write_text(text)
+    return old, new
+
+
+def train(jobs: list[tuple[list[str], Path]]) -> list[float]:
+    """Run `gptmini train` for each (args, log) at the same time; the wall seconds each took."""
+    t0 = time.perf_counter()
+    procs = []
+    for args, log in jobs:
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f,
+                                          stderr=subprocess.STDOUT))
+    walls = [0.0] * len(procs)
+    while any(w == 0.0 for w in walls):
+        for i, p in enumerate(procs):
+            if walls[i] == 0.0 and p.poll() is not None:
+                walls[i] = time.perf_counter() - t0
+                if p.returncode != 0:
+                    raise SystemExit(f"training failed ({p.returncode}); see {jobs[i][1]}")
+        time.sleep(1)
+    return walls
+
+
+def measure(run: Path, data: Path, new: torch.Tensor) -> tuple[dict, tuple]:
+    model, tokenizer = load_model(run / "checkpoints" / "best" if (run / "checkpoints" / "best").exists() else run)
+    nats, nbytes, tokens = piece_sums(model, tokenizer, data)
+    return {**measures(nats.sum(), nbytes.sum(), tokens.sum()), **bpb_new_and_old(nats, nbytes, new)}, (nats, nbytes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench-retrain"))
+    ap.add_argument("--held-out", type=float, default=0.05, help="share of the topics that plays the new text")
+    ap.add_argument("--replay", type=float, default=0.25)
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--steps", type=int, default=None, help="from-scratch steps (default: the preset's)")
+    ap.add_argument("--continue-steps", type=int, default=None,
+                    help="steps of the continued runs (default: a third of the from-scratch steps, the goal's budget)")
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--allow-no-new-val", action="store_true")
+    ap.add_argument("--json", type=Path, default=Path("bench/results/retrain.json"))
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    old, new = write_corpus(a.out, a.held_out)
+    cache = a.out / "cache"
+    d1 = prepare(PrepareConfig([str(old)], a.out / "data-v1", workers=1, cache_dir=cache,
+                               val_fraction=a.val_fraction)).manifest
+    t0 = time.perf_counter()
+    d2 = prepare(PrepareConfig([str(old), str(new)], a.out / "data-v2", workers=1, cache_dir=cache,
+                               val_fraction=a.val_fraction, since=a.out / "data-v1"))
+    prepare_s = time.perf_counter() - t0
+    data = a.out / "data-v2"
+    preset = PRESETS[a.preset]
+    scratch_steps = a.steps or preset["train"]["steps"]
+    tokens_per_step = preset["data"]["batch_size"] * preset["data"]["seq_len"]
+    new_train = d2.manifest["since"]["new_tokens"]["train"]
+    rule_steps = continue_steps(new_train, tokens_per_step, a.replay, scratch_steps)
+    steps = a.continue_steps or scratch_steps // 3
+    common = ["--preset", a.preset, "--train.eval_every", "1000000", "--train.ckpt_every", "1000000"]
+    runs = {
+        "v1 (scratch on old)": (["--data-dir", str(a.out / "data-v1"), "--steps", str(scratch_steps)], None),
+        "scratch on all": (["--data-dir", str(data), "--steps", str(scratch_steps)], None),
+        f"continue + replay {a.replay}": (["--data-dir", str(data), "--steps", str(steps), "--replay", str(a.replay)], "v1"),
+        "continue, no replay": (["--data-dir", str(data), "--steps", str(steps), "--replay", "0"], "v1"),
+    }
+    mask = new_pieces(data)
+    if not mask.any() and not a.allow_no_new_val:
+        raise SystemExit(f"the {d2.manifest['since']['new_documents']} held-out documents got no val chunk at "
+                         f"--val-fraction {a.val_fraction}: raise --held-out or --val-fraction (or pass "
+                         f"--allow-no-new-val to measure the old text only)")
+    results, sums, walls = {}, {}, {}
+    names = list(runs)
+    # Two at a time (the scratch pair, then the continued pair): each pair shares the machine alike.
+    for pair in (names[:2], names[2:]):
+        jobs = []
+        for name in pair:
+            i = names.index(name)
+            args, parent = runs[name]
+            extra = ["--init-from", str(a.out / "run0")] if parent else []
+            done = a.out / f"run{i}" / "summary.json"
+            if done.is_file() and json.loads(done.read_text()).get("status") == "completed":  # measured again only
+                walls[name] = None
+            else:
+                jobs.append((name, [*common, *args, *extra, "--out", str(a.out / f"run{i}")], a.out / f"run{i}.log"))
+        for (name, _, _), wall in zip(jobs, train([(args, log) for _, args, log in jobs])):
+            walls[name] = wall
+    for i, name in enumerate(names):
+        run = a.out / f"run{i}"
+        m, sums[name] = measure(run, data, mask)
+        summary = json.loads((run / "summary.json").read_text())
+        results[name] = {"wall_s": walls[name] or summary["wall_time_s"], "train_wall_s": summary["wall_time_s"],
+                         "steps": summary["steps"], "tokens": summary["tokens"], **m}
+        print(name, json.dumps(results[name]), flush=True)
+    base = results["v1 (scratch on old)"]
+    ref = "scratch on all"
+    for name, r in results.items():
+        r["forgetting_bpb"] = r["val_bpb_old"] - base["val_bpb_old"]
+        if name != ref:
+            c = paired(sums[name][0], sums[ref][0], sums[ref][1])  # difference: scratch - this
+            r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
+    out = {"machine": f"{platform.node()} shared 2-core VM, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
+           "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
+           "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
+           "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
+           "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,
+           "results": results}
+    write_json(a.json, out)
+    print(f"\n| run | steps | wall s | val bpb (all) | new | old | forgetting | vs scratch (s.e.) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        vs = r.get("vs_scratch")
+        new = "-" if r["val_bpb_new"] is None else f"{r['val_bpb_new']:.4f}"
+        print(f"| {name} | {r['steps']} | {r['wall_s']:.0f} | {r['val_bpb']:.4f} | {new} | "
+              f"{r['val_bpb_old']:.4f} | {r['forgetting_bpb']:+.4f} | "
+              + (f"{vs['difference']:+.4f} ({vs['standard_error']:.4f})" if vs else "-") + " |")
+
+
+if __name__ == "__main__":
+    main()
