@@ -60,6 +60,13 @@ def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(sta
                              "def", "--max-new-tokens", "4", "--temperature", "0"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert sample.returncode == 0 and sample.stdout.startswith("def"), sample.stderr
+    # The Python API picks the production model up as a notebook would, with its tokenizer.
+    load = ("import torch\nfrom gptmini import GPTOSSMini\n"
+            "model, tok = GPTOSSMini.from_pretrained('models:/gptmini@production')\n"
+            "print(type(model).__name__, tok.name, model.generate(torch.tensor([[0]]), 3).shape)")
+    loaded = subprocess.run([str(BIN / "python"), "-c", load], env=env, capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert re.fullmatch(r"GPTOSSMini bpe-300-\w+ torch\.Size\(\[1, 4\]\)\n", loaded.stdout), loaded.stdout
     # The model server follows the alias: `stack.sh ask` waits for it to serve v1, then asks it (as `make demo`).
     ask = stack.sh("ask", "def", timeout=180)
     assert ask.returncode == 0, ask.stdout + ask.stderr
