@@ -109,4 +109,3 @@ def test_full_precision_inference_lays_the_weights_out_for_decoding_and_computes
     with torch.no_grad():
         int8, expected = model(x)[0], row_major(x)[0]
     torch.testing.assert_close(int8, expected, rtol=1e-5, atol=1e-5)
-    assert (int8 - before).abs().mean() < 0.05 * before.abs().mean()  # and within int8's error of fp32

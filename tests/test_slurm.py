@@ -118,8 +118,7 @@ def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmClu
     assert proc.returncode == 0, text[-3000:]
     assert "restart 1" in text and "resumed from" in text, text[-3000:]
     summary = read_json(out / "summary.json")
-    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 4
-    assert summary["mesh"] == "fsdp 2 x ep 2"
+    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
     assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
 
 
