@@ -152,6 +152,8 @@ def test_nanogpt_baseline_counts_the_flops_behind_the_published_mfu():
     assert subject.flops_per_token(1024) == 854_654_976
 
 
+# Over 60 s: each CPU bench runs as the user runs it, in its own process (torch and the model imported,
+# a BPE prepared, a few steps timed); fewer benches would leave a documented command unchecked.
 def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
     """bench_tokenizers (prepare with a trained BPE, calibrate, train to a budget, sample) and bench_cpu_train
     (fp32 and bf16 timed in turn) as BENCHMARKS.md runs them, at a size that takes seconds."""

@@ -150,6 +150,8 @@ def inject_full_disk(small_shards: Path, out: Path) -> None:
     assert not [p for p in (out / "checkpoints").glob(".tmp_step_*") if (p / MARKER).exists()]
 
 
+# About 60 s: five faults, each a trainer process started and resumed (the start, torch's import, is most of
+# it); one chain in one run folder, so every fault also resumes from what the previous one left.
 def test_trainer_faults_cost_only_the_steps_since_the_last_checkpoint(small_shards, baseline, ledger, tmp_path):
     out = tmp_path / "run"
     rng = random.Random()

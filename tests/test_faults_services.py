@@ -210,6 +210,8 @@ def _demo_run_at_first_checkpoint(stack: Stack, params: dict) -> tuple[str, Path
     return run_id, run_dir
 
 
+# Over 60 s: a whole deployment flow run, killed with its serving process, the serving process restarted and
+# the run retried to its end; no cheaper level shows Prefect's and MLflow's states across a real crash.
 def test_serving_process_killed_mid_flow_run_then_retried_resumes(stack, ledger, monkeypatch):
     with ledger.trial(SERVE_KILLED):
         run_id, run_dir = _demo_run_at_first_checkpoint(stack, {
@@ -261,6 +263,7 @@ def _flow_run_logs(stack: Stack, flow_run_id: str) -> list[str]:
             return messages
 
 
+# About 60 s: a deployment flow run started through the serving process and cancelled mid-training.
 def test_cancelled_flow_run_ends_its_mlflow_run_killed_and_leaves_no_trainer(stack, monkeypatch):
     """`prefect flow-run cancel` while training: the flow run ends Cancelled, its MLflow run KILLED (the
     flow's on_cancellation hook), and no torchrun or rank is left training."""

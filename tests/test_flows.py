@@ -84,6 +84,8 @@ def ours_done_sampling(model_name: str) -> set[str]:
     return done
 
 
+# Over 60 s: two flow runs end to end (BPE, training, export, evaluation, samples, registration); one pair
+# proves the run's lineage, the race for the registry lock and the gate's refusal of a copy at once.
 @pytest.fixture(scope="module")
 def two_runs(stack):
     """[(flow run id, state)] of the identical pair, in the order they registered (v1, v2)."""

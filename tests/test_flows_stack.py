@@ -41,6 +41,7 @@ def test_up_is_idempotent_and_health_checked(stack):
     assert {"prefect.log", "mlflow.log", "serve.log", "model.log"} <= {p.name for p in (stack.state / "logs").iterdir()}
 
 
+# Over 60 s: `make demo`'s path, once: a deployment run from a shell, the model server loading the version.
 @pytest.mark.slow
 def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(stack):
     state, env = stack.state, {**stack.env, **stack.client_env}

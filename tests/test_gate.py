@@ -41,6 +41,7 @@ def trained(data_dir, out, steps: int, seed: int, **overrides):
     return save_pretrained(model, out, tokenizer_file=tok.file)
 
 
+# Over 60 s: the gate decides on real trained models, trained here in process once for the module.
 @pytest.fixture(scope="module")
 def models(prepared_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")

@@ -50,6 +50,7 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
     return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(folder))
 
 
+# Over 60 s: every slice of the GPU run in its own process, the kernel checks included, once for the module.
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory, blocked_env, prepared_shards) -> DryRun:
     out = tmp_path_factory.mktemp("gpu_run") / "out"

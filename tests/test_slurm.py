@@ -98,6 +98,7 @@ def checkpointed(run_dir: Path, step: int) -> bool:
     return any(p.name == f"step_{step:08d}" for p in list_checkpoints(run_dir)) if run_dir.is_dir() else False
 
 
+# Over 60 s: slurmctld holds a requeued job before it starts again, and the job runs twice across two nodes.
 def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmCluster, small_shards, tmp_path):
     """`--requeue`: Slurm requeues the job mid-training (as after a node failure); the same script runs again,
     resumes from the last checkpoint, and the command exits 0 once the job completes."""
@@ -141,6 +142,7 @@ def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, smal
     assert "sbatch refused" in text and "nope" in text and "Traceback" not in text
 
 
+# Over 60 s: the one two-node flow run of the suite (4 ranks on a 2-D mesh), scancelled, retried and resumed.
 @pytest.mark.dist
 def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resumes(slurm_cluster, stack,
                                                                                     monkeypatch):
