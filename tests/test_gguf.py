@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import transformers  # noqa: F401  (export-hf needs it; .[test] has it)
 import torch
 from model_helpers import sharp_model
 
@@ -33,7 +35,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONVERTER = Path(sys.prefix) / "llama.cpp" / "convert_hf_to_gguf.py"
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; `make gguf` installs it")
-pytest.importorskip("transformers", reason="export-hf needs transformers: pip install 'gptmini[hf]'")
 if not CONVERTER.is_file():
     pytest.skip(f"llama.cpp's converter is not at {CONVERTER}; `make gguf` unpacks it", allow_module_level=True)
 
