@@ -35,7 +35,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 -m "not slow"
 
-# llama.cpp / GGUF (README): llama-cpp-python, built from its sdist (PyPI has no wheel: 6.5 min on two cores),
+# llama.cpp / GGUF (docs/formats.md): llama-cpp-python, built from its sdist (PyPI has no wheel: 6.5 min on two cores),
 # and llama.cpp's converter, which ships only inside that sdist, unpacked into $(VENV)/llama.cpp. Not part of
 # `make install`: tests/test_gguf.py skips without them. sentencepiece: the converter imports it for every Llama.
 LLAMA_CPP_PYTHON := 0.3.36

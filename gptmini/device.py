@@ -34,7 +34,7 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """What matmuls compute in; weights, optimizer state and the loss stay fp32 either way. `auto`: bf16
     autocast on CUDA, fp32 on CPU. `bf16` or `fp32` force it on either device (the trainer asks `native_bf16`
-    first: on a CPU bf16 pays only with bf16 units; BENCHMARKS.md, "Training on CPU")."""
+    first: on a CPU bf16 pays only with bf16 units; BENCHMARKS.md, "Training throughput")."""
     if matmul_dtype(device, precision) == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

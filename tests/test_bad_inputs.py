@@ -4,7 +4,7 @@ line naming it, exit code 2, no traceback, and nothing half-written.
 
 The commands run in-process through `gptmini.cli.main(argv)`, the console script's own entry. argparse's
 own errors (a flag's type) print its usage summary above the one error line; ours print the line alone.
-Each case's message is appended to BASETEMP/bad_inputs.jsonl (docs/RELIABILITY.md lists them).
+Each case's message is appended to BASETEMP/bad_inputs.jsonl (docs/reliability.md lists them).
 """
 from __future__ import annotations
 

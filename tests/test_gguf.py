@@ -7,7 +7,7 @@ that sdist (vendor/llama.cpp) and is unpacked into the venv's llama.cpp/ folder.
 The converter names the pre-tokenizer by hashing the tokenizer's ids for a fixed text. It knows plain cl100k
 ids (as `dbrx`, whose pre-tokenizer regex is cl100k's) but not ours, which start with end-of-text; so `gptmini export-hf --llama-cpp`
 writes a tokenizer.json without that template, and tokenizer_config.json's add_bos_token puts end-of-text back
-in front of every prompt in the GGUF (README, "llama.cpp / GGUF").
+in front of every prompt in the GGUF (docs/formats.md, "llama.cpp / GGUF").
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ VARIED_TEXT = (
 
 
 def to_gguf(folder: Path, outfile: Path, outtype: str) -> Path:
-    """The README's recipe: convert an `export-hf --llama-cpp` folder."""
+    """docs/formats.md's recipe: convert an `export-hf --llama-cpp` folder."""
     run = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--outfile", str(outfile), "--outtype", outtype],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
