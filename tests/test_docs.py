@@ -58,3 +58,15 @@ def test_documents_describe_the_project_not_its_making(document):
     text = document.read_text()
     found = re.findall(r"\bissue \d+|\(issue|this session|until today|the lead\b", text, flags=re.I)
     assert not found, f"{document.relative_to(ROOT)} mentions {sorted(set(found))}"
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "eval", "generate", "export-hf", "promote", "launch slurm",
+                                     "serve"])
+def test_every_command_shows_its_options(command, capsys):
+    """The README's promise: `gptmini <command> --help` lists every option, and exits 0."""
+    from gptmini.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command.split(), "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: gptmini {command}" in capsys.readouterr().out

@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--job-name", default="gptmini", help="the Slurm job name (default gptmini)")
     s.add_argument("--no-follow", dest="follow", action="store_false",
                    help="submit and exit, instead of streaming the output until the job ends")
-    if "--" not in argv:
+    if "--" not in argv and not {"-h", "--help"} & set(argv):
         p.error("put the train arguments after `--`, e.g. gptmini launch slurm --nodes 2 -- --preset tiny --out runs/x")
-    split = argv.index("--")
+    split = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:split])
     args.train_args = argv[split + 1:]
     return run("gptmini launch", lambda: launch_slurm(args))
