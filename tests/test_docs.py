@@ -2,6 +2,7 @@
 that exists and, where it names a heading (`page.md#heading`), to a heading that exists (GitHub's anchors)."""
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
+def anchors(path: Path) -> Iterator[str]:
     seen: dict[str, int] = {}
     for heading in re.findall(r"^#{1,6} +(.+?) *$", prose(path.read_text()), flags=re.M):
         slug = anchor(heading)
@@ -56,7 +57,7 @@ def test_every_relative_link_resolves(document):
 def test_documents_describe_the_project_not_its_making(document):
     """Users read these: no tracker numbers or working diary (history lives in git and docs/benchmarks-log.md)."""
     text = document.read_text()
-    found = re.findall(r"\bissue \d+|\(issue|this session|until today|the lead\b", text, flags=re.I)
+    found = re.findall(r"\bissue \d+|\(issue|this session|until today", text, flags=re.I)
     assert not found, f"{document.relative_to(ROOT)} mentions {sorted(set(found))}"
 
 
