@@ -1,6 +1,6 @@
 """llama.cpp against gptmini on the same model: GGUF conversion time and size, and batch-1 greedy decode.
 
-    make gguf   # llama-cpp-python and llama.cpp's converter (README, "llama.cpp / GGUF")
+    make gguf   # llama-cpp-python and llama.cpp's converter (docs/formats.md, "llama.cpp / GGUF")
     .venv/bin/python bench/bench_gguf.py [--preset demo] [--outtypes f32,f16,q8_0] [--new-tokens 64] [--threads 1]
 
 The model is the preset at its random init (seed 0), exported with `gptmini.hf.export_hf` and converted by

@@ -679,7 +679,7 @@ class GPTOSSMini(nn.Module):
         the model: for decoding on a CPU. At batch 1 each matmul is a matrix-vector product; with W (N, K)
         row-major, x @ W.T runs as N short dot products, which on the 2-core dev VM read the demo's output head
         at 7 GB/s, while with W column-major W.T is a row-major (K, N) that the product streams at 21 GB/s
-        (BENCHMARKS.md, "Deployment"). For inference only: training keeps the row-major layout, and safetensors
+        (BENCHMARKS.md, "Decode"). For inference only: training keeps the row-major layout, and safetensors
         saves contiguous tensors only."""
         laid_out = set()
         for module in self.modules():
