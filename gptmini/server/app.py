@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from gptmini.errors import Failure
 from gptmini.server.bridge import Generation
@@ -18,7 +19,8 @@ from gptmini.server.config import ServeConfig
 from gptmini.server.host import ModelHost
 from gptmini.server.limits import BodyLimit
 from gptmini.server.responses import chat_body, chat_chunk, completion_body, completion_chunk, respond
-from gptmini.server.schema import CHAT_STOP, ApiError, ChatRequest, CompletionRequest, chat_prompt, validation_error
+from gptmini.server.schema import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, chat_prompt, parse_error,
+                                   validation_error)
 
 log = logging.getLogger("gptmini.serve")
 
@@ -50,9 +52,8 @@ def create_app(host: ModelHost) -> FastAPI:
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
         served = host.require(None)
-        ids = [served.label] + sorted(a for a in served.aliases - {served.label} if not a.startswith("models:/"))
         return {"object": "list", "data": [{"id": i, "object": "model", "created": served.created,
-                                            "owned_by": "gptmini", "root": served.label} for i in ids]}
+                                            "owned_by": "gptmini", "root": served.label} for i in served.listed()]}
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -84,7 +85,11 @@ def add_error_handlers(app: FastAPI, host: ModelHost) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return await api_error(request, validation_error(exc))
+        return await api_error(request, validation_error(exc, request.headers.get("content-type", "")))
+
+    @app.exception_handler(HTTPException)
+    async def unreadable(request: Request, exc: HTTPException) -> JSONResponse:
+        return await api_error(request, parse_error(exc, request.method, request.url.path))
 
 
 def bearer_token(api_key: str | None) -> Callable[[Request], None]:

@@ -28,14 +28,20 @@ class Generation:
                  extra_stop: tuple[str, ...] = ()):
         self.host, self.endpoint, self.started = host, endpoint, time.perf_counter()
         self.served = host.require(body.model)
+        cap, limit = host.config.max_tokens, host.config.max_queue
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > cap:
+            name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise ApiError(400, f"{name}={asked} is above this server's cap of {cap} (--max-tokens)", param=name,
+                           code="invalid_value")
+        if len(prompts) * body.n > limit:  # more than the queue holds: it could never be admitted
+            raise ApiError(400, f"{len(prompts)} prompt(s) x n={body.n} is {len(prompts) * body.n} sequences; this "
+                                f"server takes at most {limit} per request (--max-queue): send at most "
+                                f"{max(limit // body.n, 1)} prompts per request, or a lower n",
+                           param="prompt" if len(prompts) > 1 else "n", code="invalid_value")
         tok = self.served.engine.tokenizer
         context = self.served.engine.max_seq_len
         ids = [[tok.eot_token] + tok.encode(p) for p in prompts]
-        cap = self.host.config.max_tokens
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        if asked is not None and asked > cap:
-            raise ApiError(400, f"max_tokens={asked} is above this server's cap of {cap} (--max-tokens)",
-                           param="max_tokens", code="invalid_value")
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.choices: list[Choice] = []
         self.prompt_tokens = 0

@@ -29,8 +29,15 @@ class Served:
     engine: Engine
     label: str  # what responses name as `model`: NAME/VERSION for a registry version
     version: str | None
+    stable: str  # the id that outlives promotions: the registered name (or --served-name)
     aliases: set[str] = field(default_factory=set)  # the other ids a request may name it by
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def listed(self) -> list[str]:
+        """GET /v1/models' ids: the stable one first, since clients and chat UIs commonly take the first and
+        keep it, then the version that answers now."""
+        rest = sorted(a for a in self.aliases - {self.stable, self.label} if not a.startswith("models:/"))
+        return list(dict.fromkeys([self.stable, self.label])) + rest
 
 
 class ModelHost:
@@ -84,9 +91,10 @@ class ModelHost:
         except BaseException:
             engine.close()
             raise
-        aliases = {label, self.config.served_name} if version is None else {
-            label, self.name, f"{self.name}@{self.alias}" if self.alias else label, self.config.model_uri}
-        return Served(engine, label, version, aliases)
+        if version is None:
+            return Served(engine, label, None, self.config.served_name, {label, self.config.served_name})
+        aliases = {label, self.name, f"{self.name}@{self.alias}" if self.alias else label, self.config.model_uri}
+        return Served(engine, label, version, self.name, aliases)
 
     def _swap(self, new: Served) -> None:
         with self.lock:
@@ -149,7 +157,10 @@ class ModelHost:
         if served is None:
             raise ApiError(503, f"no model is loaded: {self.unready}", "service_unavailable", code="model_not_ready")
         if model and model not in served.aliases:
-            raise ApiError(404, f"the model {model!r} is not served here; this server serves {served.label!r} "
-                                "(see GET /v1/models)", param="model", code="model_not_found")
+            # A version pinned by a client is not kept once the alias moves on: one clear 404 that names the id
+            # to use instead, rather than an answer from a model the client did not ask for.
+            follows = f", which follows {self.config.model_uri} (now {served.label!r})" if served.version else ""
+            raise ApiError(404, f"the model {model!r} is not served here; name {served.stable!r}{follows} (see GET "
+                                "/v1/models)", param="model", code="model_not_found")
         return served
 

@@ -24,20 +24,22 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(self.limit)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await self._refuse(scope, receive, send)
+        except BodyTooLarge:  # FastAPI answers it as a parse error (schema.parse_error); a route that reads
+            await self._refuse(scope, receive, send)  # the body itself lets it reach here
 
     async def _refuse(self, scope, receive, send) -> None:
-        error = ApiError(413, f"the request body is over this server's limit of {self.limit} bytes; send a "
-                              "shorter prompt", code="request_too_large")
-        await error.response()(scope, receive, send)
+        await BodyTooLarge(self.limit).response()(scope, receive, send)
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(ApiError):
+    """A body over the limit, found while it streams in (no Content-Length, or a false one)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over this server's limit of {limit} bytes; send a shorter "
+                              "prompt", code="request_too_large")
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI documents; choice i samples with seed + i
 CHAT_STOP = "\nUser:"
 CHAT_TEMPLATE = """A system (or developer) message opens the text; each turn is one line; the model continues
 after the final "Assistant:", and stops where it would start the user's next turn ("\\nUser:"):
@@ -70,6 +72,15 @@ class GenerationRequest(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False
 
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        low, high = SEED_RANGE
+        if v is not None and not low <= v <= high:
+            raise param_error("seed", f"seed={v} is out of range: a seed is a signed 64-bit integer, from {low} to "
+                                      f"{high}")
+        return v
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, v: Any) -> list[str]:
@@ -86,9 +97,9 @@ class GenerationRequest(BaseModel):
             if key in IGNORED:
                 continue
             if key not in NEUTRAL:
-                raise param_error(key, f"unrecognized request argument {key!r}")
+                raise param_error(key[:60], f"unrecognized request argument {_short(key)}")
             if value not in NEUTRAL[key]:
-                raise param_error(key, f"{key}={value!r} is not supported by gptmini serve; leave it out")
+                raise param_error(key, f"{key}={_short(value)} is not supported by gptmini serve; leave it out")
         return self
 
 
@@ -102,6 +113,8 @@ class CompletionRequest(GenerationRequest):
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise param_error("prompt", "prompt must be a string or a non-empty list of strings "
                                         f"(token-id prompts are not supported); got {_short(v)}")
+        for i, p in enumerate(prompts):
+            _check_text(p, "prompt" if isinstance(v, str) else f"prompt[{i}]")
         return prompts
 
 
@@ -129,8 +142,18 @@ class ChatRequest(GenerationRequest):
                 content = "".join(p["text"] for p in content)
             if not isinstance(content, str):
                 raise param_error(f"messages[{i}].content", f"messages[{i}].content must be a string; got {_short(content)}")
+            _check_text(content, f"messages[{i}].content")
             out.append((role, content))
         return out
+
+
+def _check_text(text: str, param: str) -> None:
+    """JSON's \\uD800-style escapes can carry a lone surrogate, which is no character and has no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise param_error(param, f"{param} holds {text[exc.start]!r} at character {exc.start}, a lone UTF-16 "
+                                 "surrogate that is not a character; send valid Unicode text") from None
 
 
 def _short(v: Any) -> str:
@@ -149,7 +172,7 @@ def chat_prompt(messages: list[tuple[str, str]]) -> str:
     return "".join(parts) + "Assistant:"
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
+def validation_error(exc: RequestValidationError, content_type: str) -> ApiError:
     """The first problem, as one message that names the field (FastAPI's default is a 422 list)."""
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
@@ -157,14 +180,40 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         detail = (err.get("ctx") or {}).get("error", "")
         return ApiError(400, f"the request body is not valid JSON ({detail}); send a JSON object", code="invalid_json")
     ctx = err.get("ctx") or {}
-    param = ctx.get("param") or (loc[0] if loc else None)
+    if not loc and "param" not in ctx and "json" not in content_type:  # FastAPI reads a body as JSON only when the header says so
+        return ApiError(415, f"the request body must be JSON, sent with `Content-Type: application/json` (got "
+                             f"{content_type or 'no Content-Type'!r})", code="unsupported_media_type")
+    if not loc and "param" not in ctx:  # null, a list, a number or no body at all
+        got = "null or nothing" if err.get("input") is None else _short(err.get("input"))
+        return ApiError(400, f"the request body must be a JSON object; got {got}",
+                        code="invalid_type")
+    param = ctx.get("param") or loc[0]
     if err.get("type") == "missing":
         return ApiError(400, f"missing required field {param!r}", param=param, code="missing_field")
-    if err.get("type") in ("model_type", "model_attributes_type") and not loc:
-        return ApiError(400, "the request body must be a JSON object", code="invalid_type")
     message = ctx.get("message") or err.get("msg", "invalid value")
     if "message" not in ctx:
         message = f"{'.'.join(loc)}: {message} (got {_short(err.get('input'))})"
     return ApiError(400, message, param=param, code="invalid_value")
 
 
+def parse_error(exc: HTTPException, method: str, path: str) -> ApiError:
+    """Starlette's own errors (no such route, wrong method) and a body FastAPI could not decode, in OpenAI's
+    shape. FastAPI raises the body's decoding error as the cause of a plain 400."""
+    cause = exc.__cause__
+    if isinstance(cause, ApiError):  # the body limit, met while FastAPI read the body
+        return cause
+    if isinstance(cause, UnicodeDecodeError):
+        return ApiError(400, f"the request body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at offset "
+                             f"{cause.start}); send JSON encoded as UTF-8", code="invalid_json")
+    if isinstance(cause, RecursionError):
+        return ApiError(400, "the request body's JSON is nested too deeply to parse; no request field nests more "
+                             "than a few levels", code="invalid_json")
+    where = f"{method} {path[:100]}"
+    if exc.status_code == 404:
+        return ApiError(404, f"no such endpoint: {where}; this server answers POST /v1/completions, POST "
+                             "/v1/chat/completions and GET /v1/models", code="unknown_url")
+    if exc.status_code == 405:
+        allow = (exc.headers or {}).get("Allow", "")
+        return ApiError(405, f"{where} is not allowed; this path takes {allow}", code="method_not_allowed",
+                        headers=exc.headers)
+    return ApiError(exc.status_code, f"{where}: {exc.detail}", headers=exc.headers)
