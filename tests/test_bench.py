@@ -173,3 +173,18 @@ def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
     results = json.loads(timed.read_text())["results"]
     assert [v["variant"] for v in results] == ["fp32", "bf16"] and all(v["step_s"] > 0 for v in results)
     assert results[0]["losses"][0] == pytest.approx(results[1]["losses"][0], rel=1e-2)  # same init, same batch
+
+
+def test_suite_durations_sums_each_modules_phases(tmp_path, capsys):
+    import suite_durations
+
+    log = tmp_path / "suite.log"
+    log.write_text("=== slowest durations ===\n12.50s setup    tests/test_a.py::test_x\n"
+                   "2.00s call     tests/test_a.py::test_x\n30.00s call     tests/test_b.py::test_y[1-2]\n"
+                   "0.50s teardown tests/test_a.py::test_z\n")
+    assert suite_durations.main([str(log)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].startswith("| tests/test_b.py | 30 | 67% | 1 | 30 s call test_y[1-2]")
+    assert rows[3].startswith("| tests/test_a.py | 15 | 33% | 2 | 12 s setup test_x")
+    log.write_text("no durations here\n")
+    assert suite_durations.main([str(log)]) == 2
