@@ -32,7 +32,7 @@ import torch
 
 from gptmini import quantize
 from gptmini.config import OptimConfig, model_preset
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.files import write_json
 from gptmini.generate import generate
 from gptmini.model import GPTOSSMini

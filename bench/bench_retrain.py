@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from pydoc_data import topics
 
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.config import PRESETS
 from gptmini.data.prepare import PrepareConfig, prepare
 from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums

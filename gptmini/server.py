@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from gptmini import quantize, registry
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.engine import Engine, EngineClosed, QueueFull, Sampling, Sequence, generate_one
 from gptmini.errors import Failure, UserError
 

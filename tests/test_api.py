@@ -114,7 +114,7 @@ def test_generate_greedy_equals_a_full_recompute_argmax_loop():
 def test_from_pretrained_loads_a_weights_folder_as_the_api_model(tiny_weights):
     model, tokenizer = GPTOSSMini.from_pretrained(tiny_weights)
     assert type(model) is GPTOSSMini and not model.training and tokenizer.name == "cl100k_base"
-    reference, _ = api.checkpoint.load_model(tiny_weights)
+    reference, _ = api.weights.load_model(tiny_weights)
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
 
