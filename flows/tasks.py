@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from gptmini.parallel import mesh_args
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
 from gptmini.data.sources import SUFFIXES, Cache, open_source
 from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
+from gptmini import files
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
@@ -70,14 +70,8 @@ def retry_io(task, task_run, state) -> bool:
 
 
 def git_commit() -> str:
-    """HEAD, with `-dirty` when tracked files differ from it: what the registered version was trained by."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+    """HEAD (`-dirty` when tracked files differ): what the registered version was trained by."""
+    return files.git_commit(ROOT) or "unknown"
 
 
 # Streaming subprocesses into the Prefect log
