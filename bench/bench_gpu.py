@@ -562,20 +562,20 @@ def table(results: Results) -> str:
     if results.ceilings:
         tables.append(md_table(["ceiling", "shape", "dtype", "ms", "TFLOP/s", "GB/s", "status"], [
             [c.name, c.shape, c.dtype, fmt(c.ms, ".3f"), fmt(c.tflops, ".1f"), fmt(c.gb_per_s, ",.0f"), c.status]
-            for c in results.ceilings], right=3))
+            for c in results.ceilings], "lllrrrl"))
     if results.train:
         tables.append(md_table(
             ["model", "seq", "batch", "accum", "tok/s", "ms/step", "TFLOP/s", "MFU", "MFU causal", "peak GiB", "loss",
              "status"],
             [[r.name, r.seq_len, r.batch_size, r.grad_accum, fmt(r.tokens_per_s, ",.0f"), fmt(r.ms_per_step, ".1f"),
               fmt(r.tflops, ".1f"), fmt(r.mfu, ".1%"), fmt(r.mfu_causal, ".1%"), fmt(r.peak_mem_gib, ".1f"),
-              fmt(r.final_loss, ".3f"), r.status] for r in results.train]))
+              fmt(r.final_loss, ".3f"), r.status] for r in results.train], "l" + "r" * 10 + "l"))
     if results.decode:
         tables.append(md_table(
             ["decode", "path", "batch", "prompt", "new", "tok/s", "ms/token", "prefill ms", "peak GiB", "status"],
             [[d.name, d.path, d.batch_size, d.prompt_len, d.new_tokens, fmt(d.tokens_per_s, ",.1f"),
               fmt(d.ms_per_token, ".2f"), fmt(d.prefill_ms, ".1f"), fmt(d.peak_mem_gib, ".2f"), d.status]
-             for d in results.decode], right=2))
+             for d in results.decode], "ll" + "r" * 7 + "l"))
     if results.loader:
         tables.append(md_table(
             ["loader", "seq", "batch", "ms/step fixed", "ms/step loader", "loader host ms", "share (end-to-end)",
@@ -583,7 +583,7 @@ def table(results: Results) -> str:
             [[lr.name, lr.seq_len, lr.batch_size, fmt(lr.ms_per_step_fixed_batch, ".1f"),
               fmt(lr.ms_per_step_with_loader, ".1f"), fmt(lr.loader_host_ms_per_step, ".2f"),
               fmt(lr.share_end_to_end, ".1%"), fmt(lr.share_host, ".1%"), lr.source, lr.status]
-             for lr in results.loader]))
+             for lr in results.loader], "l" + "r" * 7 + "ll"))
     return "\n\n".join(tables)
 
 

@@ -45,9 +45,10 @@ def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
     return "n/a" if value is None else format(value * scale, spec)
 
 
-def md_table(header: list[str], rows: list[list[Any]], right: int = 1) -> str:
-    """A markdown table; the columns from `right` on are right-aligned (the figures)."""
-    rule = ["---" if i < right else "---:" for i in range(len(header))]
+def md_table(header: list[str], rows: list[list[Any]], align: str = "") -> str:
+    """A markdown table; `align` has an l or r per column (default: the first left, the figures right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
     return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, rule, *rows])
 
 
