@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from gptmini.config import model_preset
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.weights import save_pretrained
+
+from common import environment
 
 MODES = {"continuous": 16, "one-at-a-time": 1}  # mode -> --max-batch
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
@@ -171,15 +172,6 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo", help="random-init model to serve (ignored with --checkpoint)")
@@ -216,8 +208,7 @@ def main() -> None:
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "machine": machine()}
+            **environment()}
     print(json.dumps(meta))
     write_json(args.out, {"rows": rows, "ratios": result_ratios, **meta})
     print(f"wrote {args.out}")

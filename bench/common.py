@@ -2,6 +2,7 @@
 training step, and the markdown table each one prints. bench/ is on sys.path when a bench runs as a script."""
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import statistics
@@ -102,11 +103,12 @@ class FixedBatch:
 
 
 def train_step(model: nn.Module, device: torch.device, compile: str = "off", compile_mode: str = "default",
-               grad_accum: int = 1, precision: str = "auto") -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+               grad_accum: int = 1, precision: str = "auto", cfg: Config | None = None
+               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`step(x, y)`: `gptmini.trainer.train_step` itself (grad_accum micro-batches under the trainer's
-    autocast, clipping, the AdamW of `OptimConfig`'s defaults) on `model`, compiled as `compile` says. It
-    returns the loss tensor unread, so nothing waits on the device."""
-    cfg = Config()
+    autocast, clipping, the AdamW of `cfg.optim`, default `OptimConfig`'s) on `model`, compiled as `compile`
+    says. It returns the loss tensor unread, so nothing waits on the device."""
+    cfg = copy.deepcopy(cfg) if cfg is not None else Config()
     cfg.train.grad_accum, cfg.train.precision = grad_accum, precision
     if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
         model.set_expert_kernel(compute_dtype=matmul_dtype(device, precision))
