@@ -114,7 +114,9 @@ def test_the_output_fits_what_a_lent_gpu_returns(dry_run):
         assert len(rel.parts) - 1 <= 2 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts)
         assert p.stat().st_size < 16 << 20
     assert gpu_run.check_out_dir(dry_run.out, 8, 16 << 20) == []
-    assert gpu_run.check_out_dir(dry_run.out, 7, 1024)[0] == f"{len(files)} files, more than 7"
+    fewer = len(files) - 1  # what a machine returning fewer files or smaller ones would refuse
+    assert gpu_run.check_out_dir(dry_run.out, fewer) == [f"{len(files)} files, more than {fewer}"]
+    assert any(p.endswith("bytes, over 1024") for p in gpu_run.check_out_dir(dry_run.out, 0, 1024))
 
 
 def test_the_train_profile_comes_back_as_a_text_table_without_a_trace(dry_run):
