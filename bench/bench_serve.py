@@ -34,7 +34,7 @@ from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.weights import save_pretrained
 
-from common import environment
+from common import environment, md_table
 
 MODES = {"continuous": 16, "one-at-a-time": 1}  # mode -> --max-batch
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
@@ -150,12 +150,10 @@ def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) ->
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | clients | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
-                     f"{r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['per_token_p50_ms']} | {r['per_token_p99_ms']} |")
-    return "\n".join(lines)
+    keys = ["mode", "clients", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "per_token_p50_ms",
+            "per_token_p99_ms"]
+    return md_table(["mode", "clients", "tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "per-token p50 ms",
+                     "per-token p99 ms"], [[r[k] for k in keys] for r in rows])
 
 
 def ratios(rows: list[dict]) -> dict:
