@@ -234,7 +234,6 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:200]}" for w in caught
              if "synchroniz" in str(w.message)]
-    del model, trainer_step
     result = {"syncs": len(syncs), "where": syncs[:10]}
     return {**result, "status": "failed", "detail": f"{len(syncs)} host syncs in one step"} if syncs else {**result, "status": "ok"}
 
