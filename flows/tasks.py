@@ -35,10 +35,11 @@ from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
 from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, local, slurm
+from gptmini.tokenizer import get_tokenizer
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
-from gptmini.weights import load_model, save_pretrained
+from gptmini.weights import load_config, load_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source specs that name no local path; anything else is a file, folder or glob.
@@ -188,6 +189,16 @@ def parent_manifest(version: str, model_name: str, data_root: str) -> str:
     dest = Path(data_root) / "parents" / f"{model_name}-v{version}"
     dest.mkdir(parents=True, exist_ok=True)
     return str(Path(mc.download_artifacts(mv.run_id, "data/manifest.json", str(dest))))
+
+
+@task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
+def parent_tokenizer(version: str, model_name: str) -> str:
+    """The tokenizer a registered version reads, made available on this machine: a trained BPE's file comes
+    with the version's weights and is copied into the tokenizer cache, where preparing data finds it."""
+    folder = registry.resolve_model_uri(f"models:/{model_name}/{version}", tracking_uri())
+    name = load_config(folder).tokenizer
+    get_tokenizer(name, search=folder)
+    return name
 
 
 # Training

@@ -144,7 +144,8 @@ def train_gpt(
             by '+' from fsdp[:N], tp:N, ep:N (e.g. 'fsdp+tp:2': tensor parallel in pairs, FSDP across them;
             'fsdp+ep:2': the experts split over pairs), checked against nproc x nnodes up front.
         tokenizer: cl100k_base (the demo's), gpt2, o200k_base, or bpe:N to train a byte-level BPE of N ids on
-            the corpus's train split (e.g. bpe:8192).
+            the corpus's train split (e.g. bpe:8192); a run continuing from production reads its data with
+            production's trained BPE.
         val_fraction: the share of the text held out for validation, dealt in chunks of about 256 tokens.
         extra_args: more `gptmini train` flags, e.g. ["--optim.lr", "1e-3"].
         promotion: if-better (promote only when bits per byte, paired with production's on the same val text,
@@ -193,7 +194,11 @@ def train_gpt(
                     "flow.init_from": init_from, "flow.parent_version": parent.version if parent else ""})
 
     since = tasks.parent_manifest(str(parent.version), model_name, str(state / "data")) if parent else ""
-    data = tasks.prepare_shards(inputs, tokenizer, val_fraction, str(state / "data"), since)
+    data_tokenizer = tokenizer
+    if parent is not None and bpe_size(tokenizer):
+        # "Train a BPE" was done on day one: a continued model reads the new text with the ids it knows.
+        data_tokenizer = tasks.parent_tokenizer(str(parent.version), model_name)
+    data = tasks.prepare_shards(inputs, data_tokenizer, val_fraction, str(state / "data"), since)
     run.set_tags({"data_manifest_sha256": data["manifest_sha256"]})
     run.log_artifact(Path(data["data_dir"]) / "manifest.json", "data")
     manifest = read_manifest(data["data_dir"])

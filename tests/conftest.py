@@ -4,12 +4,16 @@ real service stack.
 Markers: `slow` (end-to-end: real torchrun, servers, flow runs), `dist` (several processes through
 torchrun), `gpu` (needs CUDA; skipped here). `make test` runs them all; `make test-fast` leaves out `slow`.
 
-What is expensive is built once per session, whichever pytest-xdist worker asks first: the shards and the
-reference runs behind a file lock in the folder the workers share, and the service stack on the one worker
-that runs every module needing it (the `stack` group below).
+What is expensive is built once per session, by whichever pytest-xdist worker asks first, behind a file lock in
+the folder the workers share: the shards, the reference runs and the service stack (Prefect and MLflow
+servers; `stack.sh up` adds the serving process and the model server). The controller stops the stack when
+the session ends, with `stack.sh down`, and fails the session if a service outlives it.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import secrets
 import shlex
@@ -27,6 +31,7 @@ from filelock import FileLock
 
 from gptmini.config import model_preset
 from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.weights import save_pretrained
 
@@ -34,14 +39,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-# The modules that take minutes (reference runs, flow runs, the service stack), longest first.
-SLOWEST_FIRST = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
-                 "test_workers", "test_multinode", "test_faults", "test_train", "test_gpu_run")
-# The modules that drive the session's service stack (Prefect and MLflow servers, the serving process, the model
-# server). pytest-xdist hands them to one worker as one unit: the stack starts once, and a test that stops a
-# server (the fault tests, `stack.sh down`) never pulls it from under another worker's flow run.
-STACK_GROUP = ("test_flows", "test_faults_services", "test_slurm", "test_flows_stack", "test_retrain_stack",
-               "test_workers")
+# The order in which pytest-xdist hands out modules: the ones that take minutes first, so the short ones fill in
+# around them rather than one long module running alone at the end. Each worker is sent two modules ahead (the
+# third is queued behind the stack group): a short one goes third. test_multinode builds the reference runs
+# while the stack group's worker starts the stack.
+SLOWEST_FIRST = ("test_flows_stack", "test_retrain_stack", "test_faults_services", "test_multinode",
+                 "test_architecture", "test_flows", "test_slurm", "test_faults_mlflow", "test_faults", "test_train",
+                 "test_gpu_run", "test_parallel", "test_bench", "test_workers", "test_notebook", "test_api")
+# The modules that drive the stack's serving process and model server (deployment runs, the serving process
+# killed, `stack.sh up`): pytest-xdist hands them to one worker as one unit, so a kill never pulls the serving
+# process from under another module's deployment run. Modules that only use the two servers run anywhere.
+STACK_GROUP = ("test_faults_services", "test_flows_stack", "test_retrain_stack")
 # Skips that are expected on this kind of machine; any other skip fails the session (a broken install must not
 # pass as skipped tests).
 ALLOWED_SKIPS = ("no CUDA device here", "llama-cpp-python is not installed", "llama.cpp's converter is not at")
@@ -49,8 +57,7 @@ ALLOWED_SKIPS = ("no CUDA device here", "llama-cpp-python is not installed", "ll
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`make test` spreads whole modules over pytest-xdist workers (`--dist loadfile`: a module's fixtures
-    are built once), handing them out in this order, so the long modules start first and the short ones fill
-    in around them instead of one long module running alone at the end."""
+    are built once), in SLOWEST_FIRST's order."""
     no_cuda = pytest.mark.skip(reason="no CUDA device here; the CUDA path runs on the GPU machine")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
@@ -60,8 +67,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`--dist loadfile`, with the modules of STACK_GROUP as one unit of work."""
+    """`--dist loadfile`, with the modules of STACK_GROUP as one unit of work, handed out in collection order
+    (SLOWEST_FIRST) rather than by number of tests."""
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False
 
     class StackGroupScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -86,8 +96,17 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
     pytest_runtest_logreport(report)  # a module skipped whole at import
 
 
+_outlived: list[str] = []
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _skips and not hasattr(session.config, "workerinput"):
+    if hasattr(session.config, "workerinput"):
+        return
+    # The controller, after every worker is done: the session's stack goes down as a user's does.
+    record = session.config._tmp_path_factory.getbasetemp() / STACK_RECORD
+    if record.exists():
+        _outlived.extend(stop_stack(Stack(**json.loads(record.read_text()))))
+    if _skips or _outlived:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -95,6 +114,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if _skips:
         terminalreporter.section("skips outside the allowlist (conftest.ALLOWED_SKIPS): the session fails")
         for line in _skips:
+            terminalreporter.line(line)
+    if _outlived:
+        terminalreporter.section("`infra/stack.sh down` left services running: the session fails")
+        for line in _outlived:
             terminalreporter.line(line)
 
 
@@ -177,9 +200,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-PREFECT_AUTH = f"gptmini:{secrets.token_hex(8)}"
-MODEL_API_KEY = secrets.token_hex(12)
-MLFLOW_USER, MLFLOW_PASSWORD = "admin", secrets.token_hex(10)
+# One secret per session: the controller draws it, and the workers it starts inherit it with its environment.
+SECRET = os.environ.setdefault("GPTMINI_TEST_SECRET", secrets.token_hex(16))
+
+
+def _derived(purpose: str, n: int) -> str:
+    return hashlib.sha256(f"{SECRET}:{purpose}".encode()).hexdigest()[:n]
+
+
+PREFECT_AUTH = f"gptmini:{_derived('prefect', 16)}"
+MODEL_API_KEY = _derived("model", 24)
+MLFLOW_USER, MLFLOW_PASSWORD = "admin", _derived("mlflow", 20)
+STACK_RECORD = "service-stack.json"  # in the folder the workers share
 
 
 @dataclass
@@ -189,6 +221,9 @@ class Stack:
     client_env: dict[str, str]  # what `stack.sh env` tells a client: URLs and credentials
     prefect_api: str
     mlflow_url: str
+
+    def __post_init__(self) -> None:
+        self.state = Path(self.state)
 
     @property
     def model_url(self) -> str:
@@ -202,12 +237,9 @@ class Stack:
         return int((self.state / "pids" / f"{service}.pid").read_text())
 
 
-@pytest.fixture(scope="session")
-def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The real services as `make up` starts them (infra/stack.sh), with authentication on (Prefect, MLflow, and
-    the model server's API key): a Prefect server and an MLflow server on 127.0.0.1 in a temporary state
-    folder, started once for the session; test_flows_stack starts the serving process and the model server."""
-    state = tmp_path_factory.mktemp("state")
+def start_stack(state: Path, services: tuple[str, ...] = ("prefect", "mlflow")) -> Stack:
+    """`infra/stack.sh up` of `services`, side by side, in `state`, with authentication on (Prefect, MLflow,
+    and the model server's API key) and free ports on 127.0.0.1."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_"))}
     run_env = {**base, "GPTMINI_STATE": str(state), "GPTMINI_BIN": str(BIN),
                "GPTMINI_PREFECT_PORT": str(free_port()), "GPTMINI_MLFLOW_PORT": str(free_port()),
@@ -218,18 +250,42 @@ def service_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                "GPTMINI_START_TIMEOUT": "300",  # a fresh database's migrations on a busy 2-core machine
                "PREFECT_RUNNER_POLL_FREQUENCY": "2"}  # the serving process picks a (retried) run up sooner
     script = str(ROOT / "infra" / "stack.sh")
-    # The two servers start side by side (each takes ~10-20 s of migrations on a fresh state folder).
     ups = [subprocess.Popen([script, "up", name], env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for name in ("prefect", "mlflow")]
-    try:
-        for up in ups:
-            out, _ = up.communicate(timeout=300)
-            assert up.returncode == 0, out
-        exports = subprocess.run([script, "env"], env=run_env, capture_output=True, text=True).stdout
-        client_env = dict(kv.split("=", 1) for kv in shlex.split(exports)[1:])
-        yield Stack(state, run_env, client_env, client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"])
-    finally:
-        subprocess.run([script, "down"], env=run_env, capture_output=True, timeout=120)
+                            text=True) for name in services]
+    for up in ups:
+        out, _ = up.communicate(timeout=300)
+        assert up.returncode == 0, out
+    exports = subprocess.run([script, "env"], env=run_env, capture_output=True, text=True).stdout
+    client_env = dict(kv.split("=", 1) for kv in shlex.split(exports)[1:])
+    return Stack(str(state), run_env, client_env, client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"])
+
+
+def stop_stack(stack: Stack) -> list[str]:
+    """`infra/stack.sh down`; what it left: a line per service whose process still runs (or the failure)."""
+    pids = {p.stem: int(p.read_text()) for p in (stack.state / "pids").glob("*.pid")}
+    down = subprocess.run([str(ROOT / "infra" / "stack.sh"), "down"], env=stack.env, capture_output=True,
+                          text=True, timeout=120)
+    left = [f"stack.sh down exited {down.returncode}: {down.stderr.strip()}"] if down.returncode else []
+    left += [f"pid file {p} still there" for p in (stack.state / "pids").glob("*.pid")]
+    for name, pid in pids.items():
+        status = Path(f"/proc/{pid}/status")
+        if status.exists() and "zombie" not in status.read_text():
+            left.append(f"{name}: pid {pid} still running")
+    return left
+
+
+@pytest.fixture(scope="session")
+def service_stack(shared_dir: Path) -> Stack:
+    """The real services as `make up` starts them (infra/stack.sh), with authentication on: a Prefect server
+    and an MLflow server on 127.0.0.1, in a state folder every worker shares, started once for the session by
+    the first worker that asks (the others reuse them); test_flows_stack adds the serving process and the
+    model server. The controller stops them all when the session ends (pytest_sessionfinish)."""
+    record = shared_dir / STACK_RECORD
+    with FileLock(str(record) + ".lock"):
+        if not record.exists():
+            stack = start_stack(shared_dir / "stack-state")
+            write_json(record, {**dataclasses.asdict(stack), "state": str(stack.state)})
+    return Stack(**json.loads(record.read_text()))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The real local stack (infra/stack.sh): a Prefect server, an MLflow server and the serving process, then
 `python -m flows.follow train-gpt/demo` from a plain shell, as `make demo` runs it (with the credentials
-`stack.sh env` hands out: conftest's `service_stack` turns authentication on)."""
+`stack.sh env` hands out: conftest's `service_stack` turns authentication on). `stack.sh down` runs when the
+session ends, and the session fails if a service outlives it (conftest's pytest_sessionfinish)."""
 from __future__ import annotations
 
 import re
@@ -102,16 +103,3 @@ def test_follow_names_an_unknown_deployment_and_exits_2(stack):
                          env={**stack.env, **stack.client_env}, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
     assert "no deployment 'train-gpt/no-such'" in run.stderr
-
-
-@pytest.mark.slow
-def test_down_stops_every_service(stack):
-    started = pids(stack.state).values()
-    try:
-        assert stack.sh("down").returncode == 0
-        assert not pids(stack.state)
-        for pid in started:
-            assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
-    finally:  # the servers again, for the rest of the session
-        up = stack.sh("up", "prefect", "mlflow")
-        assert up.returncode == 0, up.stdout + up.stderr

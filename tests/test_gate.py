@@ -41,24 +41,23 @@ def trained(data_dir, out, steps: int, seed: int, **overrides):
     return save_pretrained(model, out, tokenizer_file=tok.file)
 
 
-# Over 60 s: the gate decides on real trained models, trained here in process once for the module.
 @pytest.fixture(scope="module")
-def models(prepared_shards, tmp_path_factory):
+def models(small_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("gate")
-    out = {"barely": trained(prepared_shards, root / "barely", 3, 0),
-           "seed0": trained(prepared_shards, root / "seed0", 40, 0),
-           "seed1": trained(prepared_shards, root / "seed1", 40, 1)}
+    out = {"barely": trained(small_shards, root / "barely", 3, 0),
+           "seed0": trained(small_shards, root / "seed0", 40, 0),
+           "seed1": trained(small_shards, root / "seed1", 40, 1)}
     out["copy"] = shutil.copytree(out["seed0"], root / "copy")
     return out
 
 
 @pytest.fixture(scope="module")
-def sums(models, prepared_shards):
+def sums(models, small_shards):
     """Each model's (nats, bytes, tokens) per val piece, as gate.compare measures them, once."""
     out = {}
     for name, path in models.items():
         model, tok = load_model(path)
-        out[name] = piece_sums(model, tok, prepared_shards)
+        out[name] = piece_sums(model, tok, small_shards)
     return out
 
 
@@ -78,8 +77,8 @@ def test_paired_standard_error_is_the_ratio_estimators():
     assert (c.pieces, c.val_bytes) == (50, 20_000)
 
 
-def test_a_clearly_better_model_is_promoted(models, sums, prepared_shards):
-    c = gate.compare(models["seed0"], models["barely"], prepared_shards)
+def test_a_clearly_better_model_is_promoted(models, sums, small_shards):
+    c = gate.compare(models["seed0"], models["barely"], small_shards)
     assert c == versus(sums, "seed0", "barely")
     decision = gate.decide("2", c.challenger_val_bpb, "1", c, 0.0)
     assert c.difference > 5 * c.standard_error > 0 and decision.promote
@@ -106,8 +105,8 @@ def test_min_improvement_is_in_bits_per_byte(sums):
     assert not gate.decide("2", c.challenger_val_bpb, "1", c, min_improvement=c.difference + 0.01).promote
 
 
-def test_models_with_different_tokenizers_compare_on_the_same_text(models, sums, prepared_shards, tmp_path, monkeypatch):
-    """A model on a 512-id BPE against a cl100k one: the same pieces and bytes from either data folder, so the
+def test_models_with_different_tokenizers_compare_on_the_same_text(models, sums, small_shards, tmp_path, monkeypatch):
+    """A model on a 512-id BPE against one on a 300-id BPE: the same pieces and bytes from either data folder, so the
     comparison does not depend on which tokenizer cut the val split."""
     monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
     bpe_data = tmp_path / "bpe"
@@ -116,7 +115,7 @@ def test_models_with_different_tokenizers_compare_on_the_same_text(models, sums,
     tok = get_tokenizer(TokenShards.open(bpe_data, "val").manifest["tokenizer"], bpe_data)
     assert tok.n_vocab == 512 and padded_vocab_size(512) == 512
     bpe_model = trained(bpe_data, tmp_path / "bpe-model", 40, 0)
-    here, there = gate.compare(bpe_model, models["seed0"], bpe_data), gate.compare(bpe_model, models["seed0"], prepared_shards)
+    here, there = gate.compare(bpe_model, models["seed0"], bpe_data), gate.compare(bpe_model, models["seed0"], small_shards)
     assert here.val_bytes == there.val_bytes and here.pieces == there.pieces
     assert here.difference == pytest.approx(there.difference, rel=1e-6)
     assert here.champion_val_bpb == pytest.approx(versus(sums, "seed0", "copy").challenger_val_bpb, rel=1e-6)

@@ -52,9 +52,9 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
 
 # Over 60 s: every slice of the GPU run in its own process, the kernel checks included, once for the module.
 @pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, blocked_env, prepared_shards) -> DryRun:
+def dry_run(tmp_path_factory, blocked_env, small_shards) -> DryRun:
     out = tmp_path_factory.mktemp("gpu_run") / "out"
-    cmd = ["bash", "bench/gpu_run.sh", str(out), "--dry-run", "--data-dir", str(prepared_shards),
+    cmd = ["bash", "bench/gpu_run.sh", str(out), "--dry-run", "--data-dir", str(small_shards),
            "--fail", FAILED, "--timeout", f"{TIMED_OUT}=0.5", "--max-files", "8", "--max-file-mib", "16"]
     proc = subprocess.run(cmd, cwd=ROOT, env=blocked_env, capture_output=True, text=True, timeout=600)
     assert (out / "status.json").is_file(), proc.stdout + proc.stderr

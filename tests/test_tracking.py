@@ -46,12 +46,12 @@ def artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
 
 
 @pytest.mark.slow
-def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, prepared_shards, tmp_path):
+def test_trainer_logs_params_metrics_and_artifacts_and_ends_its_own_run(store, small_shards, tmp_path):
     from gptmini.train import main
 
     uri, client, exp_id = store
     out = tmp_path / "run"
-    assert main([*TINY, "--data-dir", str(prepared_shards), "--out", str(out), "--tracking-uri", uri,
+    assert main([*TINY, "--data-dir", str(small_shards), "--out", str(out), "--tracking-uri", uri,
                  "--experiment", "gptmini-test", "--run-name", "t1"]) == 0
     (run,) = client.search_runs([exp_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "t1"
@@ -93,12 +93,12 @@ def test_run_owned_by_the_caller_is_logged_into_and_never_ended(store, tmp_path,
 
 
 @pytest.mark.slow
-def test_a_diverged_run_is_marked_failed_not_left_running(store, prepared_shards, tmp_path):
+def test_a_diverged_run_is_marked_failed_not_left_running(store, small_shards, tmp_path):
     from gptmini.train import main
 
     uri, client, exp_id = store
     with pytest.raises(FloatingPointError, match="lower --lr"):
-        main([*TINY, "--data-dir", str(prepared_shards), "--out", str(tmp_path / "run"), "--tracking-uri", uri,
+        main([*TINY, "--data-dir", str(small_shards), "--out", str(tmp_path / "run"), "--tracking-uri", uri,
               "--experiment", "gptmini-test", "--lr", "1e12", "--optim.min_lr", "0", "--optim.grad_clip", "0",
               "--train.log_every", "1"])
     (run,) = client.search_runs([exp_id])
@@ -114,11 +114,11 @@ def test_no_tracking_uri_means_no_tracker(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_training_runs_with_mlflow_absent(prepared_shards, tmp_path):
+def test_training_runs_with_mlflow_absent(small_shards, tmp_path):
     """A tracking URI set on a machine without MLflow (the GPU boxes): a warning, and training goes on."""
     code = ("import sys; sys.modules['mlflow'] = None; from gptmini.train import main; "
             "sys.exit(main(sys.argv[1:]))")
-    args = [*TINY, "--steps", "1", "--data-dir", str(prepared_shards), "--out", str(tmp_path / "run"),
+    args = [*TINY, "--steps", "1", "--data-dir", str(small_shards), "--out", str(tmp_path / "run"),
             "--tracking-uri", "http://127.0.0.1:9"]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -198,44 +198,44 @@ def open_tracker(uri: str, tmp_path):
     return tracking.MlflowTracker(uri, cfg, tmp_path / "run", flush_every_s=0.1)
 
 
-def test_shard_folder_is_the_runs_training_input_with_the_manifests_sha256_and_logged_once(store, prepared_shards,
+def test_shard_folder_is_the_runs_training_input_with_the_manifests_sha256_and_logged_once(store, small_shards,
                                                                                             tmp_path):
     from gptmini.files import sha256_file
 
     uri, client, _ = store
     tracker = open_tracker(uri, tmp_path)
-    tracker.log_dataset(prepared_shards / "manifest.json")
-    tracker.log_dataset(prepared_shards / "manifest.json")  # a resumed training logs it again
+    tracker.log_dataset(small_shards / "manifest.json")
+    tracker.log_dataset(small_shards / "manifest.json")  # a resumed training logs it again
     tracker.close("FINISHED")
     (given,) = client.get_run(tracker.run_id).inputs.dataset_inputs
-    manifest = json.loads((prepared_shards / "manifest.json").read_text())
-    sha256 = sha256_file(prepared_shards / "manifest.json")
+    manifest = json.loads((small_shards / "manifest.json").read_text())
+    sha256 = sha256_file(small_shards / "manifest.json")
     assert given.dataset.digest == sha256[:36]  # as much as MLflow keeps of a digest
     assert "embedded:python-docs" in given.dataset.name
-    assert json.loads(given.dataset.source)["uri"] == str(prepared_shards.resolve())
+    assert json.loads(given.dataset.source)["uri"] == str(small_shards.resolve())
     assert json.loads(given.dataset.profile) == {"train_tokens": manifest["splits"]["train"]["tokens"],
                                                  "val_tokens": manifest["splits"]["val"]["tokens"],
                                                  "manifest_sha256": sha256}
     assert {t.key: t.value for t in given.tags} == {"mlflow.data.context": "training"}
 
 
-def test_the_flow_logs_the_shard_folder_as_its_runs_input_once_per_manifest(store, prepared_shards):
+def test_the_flow_logs_the_shard_folder_as_its_runs_input_once_per_manifest(store, small_shards):
     uri, client, _ = store
     run = tracking.open_flow_run(uri, "gptmini-test", "flow-1", {})
-    run.log_dataset(prepared_shards / "manifest.json")
-    run.log_dataset(prepared_shards / "manifest.json")  # a retried flow run
+    run.log_dataset(small_shards / "manifest.json")
+    run.log_dataset(small_shards / "manifest.json")  # a retried flow run
     (given,) = client.get_run(run.run_id).inputs.dataset_inputs
     assert json.loads(given.dataset.profile)["manifest_sha256"].startswith(given.dataset.digest)
 
 
 def test_log_model_makes_a_ready_logged_model_with_its_metrics_on_the_dataset_that_loads_and_generates(
-        store, prepared_shards, tiny_weights, tmp_path, monkeypatch):
+        store, small_shards, tiny_weights, tmp_path, monkeypatch):
     from mlflow.entities import LoggedModelStatus
 
     uri, client, exp_id = store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow.pyfunc.load_model's models:/ URI
     tracker = open_tracker(uri, tmp_path)
-    tracker.log_dataset(prepared_shards / "manifest.json")
+    tracker.log_dataset(small_shards / "manifest.json")
     tracker.log_metrics({"val_loss": 4.5, "val_bpb": 1.5}, step=3)  # what the trainer's evaluation logged
     model_id = tracker.log_model("best", tiny_weights, 3, {"val_loss": 4.5, "val_bpb": 1.5})
     tracker.close("FINISHED")
