@@ -31,6 +31,7 @@ from gptmini.data.prepare import PrepareConfig, check_config, read_manifest
 from gptmini.launch import LAUNCHERS
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
+from gptmini.tokenizer import bpe_size
 
 DEFAULT_SOURCES = ["embedded:python-docs"]
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension", "def main():"]
