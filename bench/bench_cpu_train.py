@@ -4,7 +4,7 @@ on real batches of a `gptmini prepare` folder.
 
     python bench/bench_cpu_train.py --data-dir data/python-docs --out bench/results/cpu_train.json
 
-A step is what the trainer's step is: forward and loss, backward, clip, AdamW. The evaluation is
+A step is the trainer's own (bench/common.py's `train_step`): forward and loss, backward, clip, AdamW. The evaluation is
 gptmini.evaluate.evaluate over val windows of the model's max_seq_len. Times are medians over --steps after
 --warmup untimed steps (a compile happens in the warmup; its time is reported on its own). The variants are
 timed in turn, a step of each, in one process, so compare them as ratios within one run. The losses are kept,
@@ -13,7 +13,6 @@ so a variant that trains differently shows.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -21,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from gptmini.config import PRESETS, OptimConfig, model_preset
+from gptmini.config import PRESETS, from_preset, model_preset
 from gptmini.data.loader import build_loaders
 from gptmini.data.prepare import read_manifest
 from gptmini.device import autocast, native_bf16
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
-from gptmini.optim import build_optimizer
-from gptmini.parallel import compile_model
 from gptmini.tokenizer import get_tokenizer
+
+from common import environment, train_step
 
 CPU = torch.device("cpu")
 # name: (train.precision, compiled)
@@ -47,9 +46,8 @@ class Variant:
         preset = PRESETS["demo"]
         torch.manual_seed(0)
         self.model = GPTOSSMini(model_preset("demo", tokenizer=manifest["tokenizer"], vocab_size=manifest["vocab_size"]))
-        self.optimizer = build_optimizer(self.model, OptimConfig(**preset["optim"]))
-        if compiled:
-            compile_model(self.model, "blocks")
+        self.train_step = train_step(self.model, CPU, "blocks" if compiled else "off", precision=self.precision,
+                                     cfg=from_preset("demo"))
         self.step_tokens = preset["data"]["seq_len"] * preset["data"]["batch_size"]
         self.train, self.val = build_loaders(args.data_dir, preset["data"]["seq_len"],
                                              batch_size=preset["data"]["batch_size"], seed=0,
@@ -62,14 +60,7 @@ class Variant:
 
     def step(self, timed: bool = True) -> float:
         t = time.perf_counter()
-        x, y = self.train.next_batch()
-        with autocast(CPU, self.precision):
-            _, loss = self.model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())
+        self.losses.append(self.train_step(*self.train.next_batch()).item())
         elapsed = time.perf_counter() - t
         if timed:
             self.times.append(elapsed)
@@ -103,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    env = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-           "native_bf16": native_bf16(CPU)}
+    env = environment(cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(CPU))
     print(f"# {env}", flush=True)
     variants, warmup_s = [], {}
     for name in names:  # the untimed steps, a compile among them, one variant at a time

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -31,6 +30,8 @@ from pydoc_data import topics
 from gptmini.data.prepare import PrepareConfig, prepare
 from gptmini.files import write_json
 from gptmini.tokenizer import get_tokenizer
+
+from common import environment
 
 # torch is imported only inside the loader benchmark: prepare's worker processes are spawned, and spawn
 # re-imports this __main__ module in each of them (as it would a training script's).
@@ -207,9 +208,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    env = {"machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
-           "torch": torch.__version__, "tiktoken": tiktoken.__version__, "numpy": np.__version__,
-           "pyarrow": __import__("pyarrow").__version__}
+    env = environment(tiktoken=tiktoken.__version__, numpy=np.__version__, pyarrow=__import__("pyarrow").__version__)
     print(json.dumps(env))
     out = {"env": env}
     if a.incremental_mb:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from gptmini.generate import generate  # noqa: E402
 from gptmini.hf import export_hf  # noqa: E402
 from gptmini.model import GPTOSSMini  # noqa: E402
 from gptmini.tokenizer import get_tokenizer  # noqa: E402
+
+from common import environment  # noqa: E402
 
 
 def best_time(fn, repeats: int = 2) -> float:
@@ -96,8 +97,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['engine']} | {r['dtype']} | {r['convert_s'] or '-'} | {r['file_mib'] or '-'} | "
               f"{r['decode_b1_tokens_per_s']} | {r['agree']}/{new} |")
-    meta = {"preset": args.preset, "threads": args.threads, "new_tokens": new, "torch": torch.__version__,
-            "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version()}
+    meta = environment(preset=args.preset, threads=args.threads, new_tokens=new, llama_cpp_python=llama_cpp.__version__)
     print(json.dumps(meta))
     if args.json:
         write_json(args.json, {"rows": rows, **meta})

@@ -4,20 +4,19 @@ with a nanoGPT-style dense baseline timed in the same run. The GPU harness; it r
     python bench/bench_gpu.py --device cuda --out bench/results/h100.json
     python bench/bench_gpu.py --device cpu --preset tiny --seq 64 --batch 4 --steps 5 --baseline match
 
-It needs neither Prefect nor MLflow (the GPU machines have neither). Every timed model is trained the way
-the trainer trains: gptmini.optim's AdamW, gptmini.parallel's compile, gptmini.device's autocast; its FLOPs
-are gptmini.model.training_flops, and MFU's peak is gptmini.device's table unless --peak-tflops says.
+It needs neither Prefect nor MLflow (the GPU machines have neither). Every timed model takes the trainer's
+own step (`gptmini.trainer.train_step`, through bench/common.py) and counts its FLOPs with its own
+`flops_per_token` (`gptmini.model.training_flops`); MFU's peak is gptmini.device's table unless --peak-tflops
+says.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,51 +29,35 @@ from typing import NoReturn
 import torch
 import torch.nn as nn
 
-from gptmini.config import OptimConfig, model_preset
+from gptmini.config import model_preset
 from gptmini.data.loader import build_loaders
 from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
-from gptmini.device import DEVICES, PEAK_FLOPS, autocast, matmul_dtype, peak_flops, pick_device
+from gptmini.device import DEVICES, PEAK_FLOPS, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
 from gptmini.generate import stream
-from gptmini.model import GPTOSSMini, ModelConfig, training_flops
-from gptmini.optim import build_optimizer
+from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini import parallel
-from gptmini.parallel import compile_model
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
+from common import Timer, environment, fmt, md_table, median_seconds, train_step
 from moe_gemms import GroupedGemm, grouped_gemms
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
 DECODE_PATHS = ("cache", "static", "static-graphs")
 SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader", "parallel")
-# What the results JSON says it counted: the bench's N_matmul (matmul_params_by_part) in training_flops.
-FORMULA = (
-    "flops_per_token = 6 * N_matmul + 12 * L * T * d_attn (gptmini.model.training_flops); mfu_causal counts "
-    "6 * L * T * d_attn, the half a causal flash kernel computes. N_matmul: the weights each token multiplies "
-    "through: attention projections, the router, top_k experts' SwiGLU (or the dense SwiGLU) and the output "
-    "head. An untied input embedding is a lookup, not a matmul, and is left out; a tied one counts once, as the "
-    "head. Norm gains and biases are elementwise and left out. d_attn = n_heads * head_dim."
-)
-
+FORMULA = ("flops_per_token: each timed model's own (gptmini.model.training_flops: 6 * N_matmul + 12 * L * T * "
+           "d_attn); mfu_causal counts 6 * L * T * d_attn, the half a causal flash kernel computes")
 
 @dataclass
 class Subject:
-    """A model to time: how to build it, and the sizes its FLOP count needs."""
+    """A model to time: how to build it (it counts its own FLOPs: `flops_per_token(seq_len, causal)`)."""
 
     name: str
     build: Callable[[], nn.Module]
-    matmul_params: int  # N_matmul of FORMULA
-    n_layers: int
-    attn_dim: int  # n_heads * head_dim: the width of QK^T and PV
-    max_seq_len: int
     vocab_size: int
-    sliding_window: int | None = None
     forward_kwargs: dict = field(default_factory=dict)  # e.g. return_logits=False (--chunked-loss)
-
-    def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
-        return training_flops(self.matmul_params, self.n_layers, self.attn_dim, seq_len, self.sliding_window, causal)
 
 
 @dataclass
@@ -94,8 +77,6 @@ class TrainRun:
     peak_mem_gib: float | None = None
     final_loss: float | None = None
     params_total: int | None = None
-    matmul_params: int | None = None
-    model_flops_per_token: float | None = None  # the model's own flops_per_token(), for cross-checking
 
 
 @dataclass
@@ -219,40 +200,9 @@ def int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def matmul_params_by_part(cfg: ModelConfig) -> dict[str, int]:
-    """N_matmul of a gptmini model (FORMULA) by part: the weights one token multiplies through."""
-    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layers
-    parts = {"attention projections (wq wk wv wo)": L * (2 * d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd)}
-    if cfg.is_moe:
-        parts["router"] = L * d * cfg.num_experts
-        parts[f"experts (top-{cfg.top_k} of {cfg.num_experts} SwiGLU, grouped GEMM)"] = L * cfg.top_k * 3 * d * cfg.d_ff
-    else:
-        parts["SwiGLU feed-forward"] = L * 3 * d * cfg.d_ff
-    parts["output head (vocab matmul)"] = d * cfg.vocab_size
-    return parts
-
-
-def gptmini_matmul_params(cfg: ModelConfig) -> int:
-    return sum(matmul_params_by_part(cfg).values())
-
-
-def gptmini_total_params(cfg: ModelConfig) -> int:
-    with torch.device("meta"):  # the model's own count, without allocating it
-        return GPTOSSMini(cfg).num_params()
-
-
 def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> Subject:
-    return Subject(
-        name=f"{name}+chunked-ce" if chunked_loss else name,
-        build=lambda: GPTOSSMini(cfg),
-        matmul_params=gptmini_matmul_params(cfg),
-        n_layers=cfg.n_layers,
-        attn_dim=cfg.n_heads * cfg.head_dim,
-        max_seq_len=cfg.max_seq_len,
-        vocab_size=cfg.vocab_size,
-        sliding_window=cfg.sliding_window,
-        forward_kwargs={"return_logits": False} if chunked_loss else {},
-    )
+    return Subject(f"{name}+chunked-ce" if chunked_loss else name, lambda: GPTOSSMini(cfg), cfg.vocab_size,
+                   {"return_logits": False} if chunked_loss else {})
 
 
 def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
@@ -272,33 +222,23 @@ def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
     return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)
 
 
-def flops_breakdown(cfg: ModelConfig, seq_len: int) -> dict[str, int]:
-    """Training FLOPs per token by part (full T x T attention, as in MFU): the first-principles account of
-    where an ideal step's time goes."""
-    parts = {name: training_flops(n, n_layers=0, attn_dim=0, seq_len=seq_len)  # the 6N term of each part
-             for name, n in matmul_params_by_part(cfg).items()}
-    parts["attention scores + values (SDPA)"] = training_flops(  # the attention term alone
-        0, cfg.n_layers, cfg.n_heads * cfg.head_dim, seq_len, cfg.sliding_window)
-    return parts
-
-
-def plan_text(cfg, name: str, seqs: list[int], tokens_per_step: int, peak_tflops: float) -> str:
-    """FLOP shares, the tokens/s a given MFU means, and the bytes that scale with the vocabulary and the
-    parameter count rather than with FLOPs (logits, optimizer): no GPU needed."""
-    params = gptmini_total_params(cfg)
+def plan_text(cfg: ModelConfig, name: str, seqs: list[int], tokens_per_step: int, peak_tflops: float) -> str:
+    """The model's FLOPs per token, the tokens/s a given MFU means, and the bytes that scale with the vocabulary
+    and the parameter count rather than with FLOPs (logits, optimizer): no GPU needed."""
+    with torch.device("meta"):  # the model's own counts, without allocating it
+        model = GPTOSSMini(cfg)
+    params = model.num_params()
     lines = [f"## {name}: d_model {cfg.d_model}, {cfg.n_layers} layers, heads {cfg.n_heads}/{cfg.n_kv_heads}, "
              f"experts {cfg.num_experts} top-{cfg.top_k}, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}",
-             f"parameters: {params / 1e6:.1f}M total, {gptmini_matmul_params(cfg) / 1e6:.1f}M multiplied per token"]
+             f"parameters: {params / 1e6:.1f}M total, {model.num_active_params() / 1e6:.1f}M active per token"]
     for seq in seqs:
-        parts = flops_breakdown(cfg, seq)
-        total = sum(parts.values())
-        lines += ["", f"seq {seq}: {total / 1e9:.3f} GFLOP per token (train)", "| component | GFLOP/token | share |", "|---|---:|---:|"]
-        lines += [f"| {k} | {v / 1e9:.3f} | {v / total:.1%} |" for k, v in parts.items()]
-        for mfu in (0.35, 0.42, 0.45, 0.50):
-            lines.append(f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s = {mfu * peak_tflops * 1e12 / total:,.0f} tokens/s")
-    n = tokens_per_step
-    logits = n * cfg.vocab_size
-    lines += ["", f"at {n} tokens per step:",
+        total = model.flops_per_token(seq)
+        head = 6 * cfg.d_model * cfg.vocab_size  # the output head's share of the 6N term
+        lines += ["", f"seq {seq}: {total / 1e9:.3f} GFLOP per token (train), the output head {head / total:.1%}"]
+        lines += [f"MFU {mfu:.0%} of {peak_tflops:g} TFLOP/s = {mfu * peak_tflops * 1e12 / total:,.0f} tokens/s"
+                  for mfu in (0.35, 0.42, 0.45, 0.50)]
+    logits = tokens_per_step * cfg.vocab_size
+    lines += ["", f"at {tokens_per_step} tokens per step:",
               f"- logits: {logits * 2 / 2**30:.1f} GiB bf16, {logits * 4 / 2**30:.1f} GiB per fp32 copy "
               f"(the upcast, log-softmax and its gradient each hold one)",
               f"- AdamW (fused, fp32 master, m, v, grad): {params * 28 / 2**30:.1f} GiB moved per step "
@@ -313,67 +253,16 @@ def baseline_subject(kind: str, cfg: ModelConfig, block_size: int, dropout: floa
     else:
         bcfg = nanogpt_baseline.BaselineConfig(vocab_size=cfg.vocab_size, block_size=block_size, n_layer=cfg.n_layers,
                                                n_head=cfg.n_heads, n_embd=cfg.d_model, dropout=dropout)
-    return Subject(
-        name=f"nanogpt-{kind}",
-        build=lambda: nanogpt_baseline.GPT(bcfg),
-        matmul_params=nanogpt_baseline.matmul_params(bcfg),
-        n_layers=bcfg.n_layer,
-        attn_dim=bcfg.n_embd,
-        max_seq_len=bcfg.block_size,
-        vocab_size=bcfg.vocab_size,
-    )
+    return Subject(f"nanogpt-{kind}", lambda: nanogpt_baseline.GPT(bcfg), bcfg.vocab_size)
 
 
-class Timer:
-    """Wall time of a region. On CUDA: synchronize first (the warmup's work is done), then CUDA events
-    around the region, one synchronize at its end; no host sync inside it."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds = 0.0
-
-    def __enter__(self) -> Timer:
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if exc[0] is not None:
-            return
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.seconds = self.start.elapsed_time(self.end) / 1e3
-        else:
-            self.seconds = time.perf_counter() - self.t0
-
-
-def make_train_step(model: nn.Module, args: argparse.Namespace, device: torch.device, grad_accum: int = 1,
-                    **forward_kwargs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """One optimizer step as the trainer takes it, with the trainer's optimizer (OptimConfig's defaults),
-    compile and autocast: grad_accum forward/backward passes, clip, AdamW. The step returns the loss tensor
-    without reading it, so nothing waits on the device."""
-    optim = OptimConfig()
-    opt = build_optimizer(model, optim)
-    if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
-        model.set_expert_kernel(compute_dtype=matmul_dtype(device))
-    forward = compile_model(model, args.compile, args.compile_mode)
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for _ in range(grad_accum):  # the same batch each time: what is timed is the work, not the data
-            with autocast(device), parallel.loss_context(model):
-                _, loss = forward(x, y, **forward_kwargs)
-                (loss / grad_accum).backward()
-        parallel.clip_grad_norm(model, optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return parallel.local(loss.detach())
-
-    return step
+def subject_step(model: nn.Module, subject: Subject, args: argparse.Namespace, device: torch.device,
+                 grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The trainer's own step on the subject, compiled as --compile says; --chunked-loss's forward flag is
+    bound to the model, since the trainer calls it as model(x, y)."""
+    if subject.forward_kwargs:
+        model.forward = functools.partial(model.forward, **subject.forward_kwargs)
+    return train_step(model, device, args.compile, args.compile_mode, grad_accum)
 
 
 def release(device: torch.device) -> None:
@@ -397,7 +286,7 @@ def random_batch(vocab: int, batch: int, seq: int, device: torch.device, gen: to
 
 def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace,
                   device: torch.device, peak_tflops: float | None) -> TrainRun:
-    run = TrainRun(name=subject.name, seq_len=seq, batch_size=batch, matmul_params=subject.matmul_params)
+    run = TrainRun(name=subject.name, seq_len=seq, batch_size=batch)
     release(device)
     try:
         _time_training(run, subject, args, device, peak_tflops)
@@ -418,9 +307,7 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
         model = subject.build()
     model.train()
     run.params_total = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "flops_per_token"):
-        run.model_flops_per_token = float(model.flops_per_token(run.seq_len))
-    step = make_train_step(model, args, device, args.grad_accum, **subject.forward_kwargs)
+    step = subject_step(model, subject, args, device, args.grad_accum)
     gen = torch.Generator().manual_seed(args.seed)
     x, y = random_batch(subject.vocab_size, run.batch_size, run.seq_len, device, gen)
     for _ in range(args.warmup):
@@ -433,11 +320,11 @@ def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
     tokens = run.batch_size * run.seq_len * args.grad_accum * args.steps
     run.tokens_per_s = tokens / timer.seconds
     run.ms_per_step = timer.seconds / args.steps * 1e3
-    run.flops_per_token = subject.flops_per_token(run.seq_len)
+    run.flops_per_token = model.flops_per_token(run.seq_len)
     run.tflops = run.tokens_per_s * run.flops_per_token / 1e12
     if peak_tflops:
         run.mfu = run.tflops / peak_tflops
-        run.mfu_causal = run.tokens_per_s * subject.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
+        run.mfu_causal = run.tokens_per_s * model.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
     run.peak_mem_gib = peak_gib(device)
     if args.profile:
         profile_steps(step, x, y, device, Path(args.profile) / f"{run.name}-T{run.seq_len}-B{run.batch_size}",
@@ -543,17 +430,6 @@ def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Cal
     return prefill, loop
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        with Timer(device) as t:
-            fn()
-        times.append(t.seconds)
-    return statistics.median(times)
-
-
 def time_grouped_gemm(g: GroupedGemm, device: torch.device, dtype: torch.dtype, groups: int, repeats: int) -> float:
     """Median seconds of one `torch._grouped_mm` at g's shapes and layouts, over `groups` equal groups."""
     a, b, offs = g.operands(device, dtype, groups)
@@ -644,7 +520,7 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, a
     with device:  # built in place: no CPU init and copy of a large model
         model = subject.build()
     model.train()
-    step = make_train_step(model, args, device, **subject.forward_kwargs)
+    step = subject_step(model, subject, args, device)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
         train_loader, _ = build_loaders(data_dir, run.seq_len, batch_size=run.batch_size, seed=args.seed, device=device)
@@ -676,73 +552,39 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, a
     run.share_host = host / fed.seconds
 
 
-def environment(device: torch.device, dtype: torch.dtype, args, peak_tflops: float | None) -> dict:
-    meta = {
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "argv": sys.argv,
-        "args": vars(args),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "peak_tflops": peak_tflops,
-        "git_commit": git_commit(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        meta |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda,
-                 "cudnn": torch.backends.cudnn.version(), "sm_count": props.multi_processor_count}
-    return meta
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
-def fmt(value, spec: str, scale: float = 1.0) -> str:
-    return "n/a" if value is None else format(value * scale, spec)
-
-
 def progress_line(run: TrainRun) -> str:
     return (f"[bench_gpu] train {run.name} T={run.seq_len} B={run.batch_size}: {run.status} "
             f"{fmt(run.tokens_per_s, ',.0f')} tok/s, MFU {fmt(run.mfu, '.1%')}")
 
 
 def table(results: Results) -> str:
-    rows = []
+    tables = []
     if results.ceilings:
-        rows += ["| ceiling | shape | dtype | ms | TFLOP/s | GB/s | status |", "|---|---|---|---:|---:|---:|---|"]
-        rows += [f"| {c.name} | {c.shape} | {c.dtype} | {fmt(c.ms, '.3f')} | {fmt(c.tflops, '.1f')} | {fmt(c.gb_per_s, ',.0f')} | {c.status} |"
-                 for c in results.ceilings]
-        rows.append("")
+        tables.append(md_table(["ceiling", "shape", "dtype", "ms", "TFLOP/s", "GB/s", "status"], [
+            [c.name, c.shape, c.dtype, fmt(c.ms, ".3f"), fmt(c.tflops, ".1f"), fmt(c.gb_per_s, ",.0f"), c.status]
+            for c in results.ceilings], "lllrrrl"))
     if results.train:
-        rows += ["| model | seq | batch | accum | tok/s | ms/step | TFLOP/s | MFU | MFU causal | peak GiB | loss | status |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in results.train:
-        rows.append(f"| {r.name} | {r.seq_len} | {r.batch_size} | {r.grad_accum} | {fmt(r.tokens_per_s, ',.0f')} | {fmt(r.ms_per_step, '.1f')} "
-                    f"| {fmt(r.tflops, '.1f')} | {fmt(r.mfu, '.1%')} | {fmt(r.mfu_causal, '.1%')} "
-                    f"| {fmt(r.peak_mem_gib, '.1f')} | {fmt(r.final_loss, '.3f')} | {r.status} |")
+        tables.append(md_table(
+            ["model", "seq", "batch", "accum", "tok/s", "ms/step", "TFLOP/s", "MFU", "MFU causal", "peak GiB", "loss",
+             "status"],
+            [[r.name, r.seq_len, r.batch_size, r.grad_accum, fmt(r.tokens_per_s, ",.0f"), fmt(r.ms_per_step, ".1f"),
+              fmt(r.tflops, ".1f"), fmt(r.mfu, ".1%"), fmt(r.mfu_causal, ".1%"), fmt(r.peak_mem_gib, ".1f"),
+              fmt(r.final_loss, ".3f"), r.status] for r in results.train], "l" + "r" * 10 + "l"))
     if results.decode:
-        rows += ["", "| decode | path | batch | prompt | new | tok/s | ms/token | prefill ms | peak GiB | status |",
-                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for d in results.decode:
-            rows.append(f"| {d.name} | {d.path} | {d.batch_size} | {d.prompt_len} | {d.new_tokens} | {fmt(d.tokens_per_s, ',.1f')} "
-                        f"| {fmt(d.ms_per_token, '.2f')} | {fmt(d.prefill_ms, '.1f')} | {fmt(d.peak_mem_gib, '.2f')} | {d.status} |")
+        tables.append(md_table(
+            ["decode", "path", "batch", "prompt", "new", "tok/s", "ms/token", "prefill ms", "peak GiB", "status"],
+            [[d.name, d.path, d.batch_size, d.prompt_len, d.new_tokens, fmt(d.tokens_per_s, ",.1f"),
+              fmt(d.ms_per_token, ".2f"), fmt(d.prefill_ms, ".1f"), fmt(d.peak_mem_gib, ".2f"), d.status]
+             for d in results.decode], "ll" + "r" * 7 + "l"))
     if results.loader:
-        rows += ["", "| loader | seq | batch | ms/step fixed | ms/step loader | loader host ms | share (end-to-end) | share (host) | source | status |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-        for lr in results.loader:
-            rows.append(f"| {lr.name} | {lr.seq_len} | {lr.batch_size} | {fmt(lr.ms_per_step_fixed_batch, '.1f')} "
-                        f"| {fmt(lr.ms_per_step_with_loader, '.1f')} | {fmt(lr.loader_host_ms_per_step, '.2f')} "
-                        f"| {fmt(lr.share_end_to_end, '.1%')} | {fmt(lr.share_host, '.1%')} | {lr.source} | {lr.status} |")
-    return "\n".join(rows)
+        tables.append(md_table(
+            ["loader", "seq", "batch", "ms/step fixed", "ms/step loader", "loader host ms", "share (end-to-end)",
+             "share (host)", "source", "status"],
+            [[lr.name, lr.seq_len, lr.batch_size, fmt(lr.ms_per_step_fixed_batch, ".1f"),
+              fmt(lr.ms_per_step_with_loader, ".1f"), fmt(lr.loader_host_ms_per_step, ".2f"),
+              fmt(lr.share_end_to_end, ".1%"), fmt(lr.share_host, ".1%"), lr.source, lr.status]
+             for lr in results.loader], "l" + "r" * 7 + "ll"))
+    return "\n\n".join(tables)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -795,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
         print(plan_text(dense_cfg, f"{args.preset}-dense", seqs, args.tokens_per_step, plan_peak))
         return 0
 
-    results = Results(meta=environment(device, dtype, args, peak), formula=FORMULA)
+    results = Results(meta=environment(device, args=vars(args), device=str(device),
+                                       dtype=str(dtype).removeprefix("torch."), peak_tflops=peak), formula=FORMULA)
     out = Path(args.out)
 
     def save() -> None:

@@ -7,50 +7,34 @@ Generation is greedy, from a prompt of --prompt-len random tokens. At batch 1 bo
 memory-bound read of the 100352 x 256 output matrix every step, which caps the cache's gain; larger
 batches amortise that read and show the cache's real effect. Generation extends the demo config to
 max_seq_len=512 so prompt + 256 new tokens fit; that changes no weight (RoPE has no position table), only
-the length check. The training step uses the trainer's optimizer (gptmini.optim, OptimConfig's defaults).
+the length check. The training step is the trainer's own (bench/common.py's `train_step`).
 """
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
-from gptmini.config import OptimConfig, model_preset
+from gptmini.config import model_preset
 from gptmini.files import write_json
 from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
-from gptmini.optim import build_optimizer
+
+from common import Timer, environment, median_seconds, train_step
 
 
 def train_tokens_per_s(model: GPTOSSMini, batch: int, seq_len: int, steps: int, warmup: int) -> float:
-    optim = OptimConfig()
-    opt = build_optimizer(model, optim)
-    model.train()
+    step = train_step(model.train(), torch.device("cpu"))
     x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1))
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        _, loss = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return batch * seq_len / statistics.median(times)
+    return batch * seq_len / median_seconds(lambda: step(x[:, :-1], x[:, 1:]).item(), repeats=steps, warmup=warmup)
 
 
 def generate_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int, use_cache: bool) -> float:
     x = torch.randint(0, model.config.vocab_size, (batch, prompt_len))
     generate(model, x, 4, temperature=0, use_cache=use_cache)  # warm-up
-    t0 = time.perf_counter()
-    out = generate(model, x, new, temperature=0, use_cache=use_cache)
-    elapsed = time.perf_counter() - t0
-    assert out.shape == (batch, prompt_len + new)
-    return batch * new / elapsed
+    with Timer() as t:
+        generate(model, x, new, temperature=0, use_cache=use_cache)
+    return batch * new / t.seconds
 
 
 def main() -> None:
@@ -92,16 +76,12 @@ def main() -> None:
         **generation,
         "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
     }
     width = max(map(len, result))
     for k, v in result.items():
         print(f"{k:<{width}}  {v}")
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, result | {"env": environment()})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Each (preset, dtype) runs in its own process, so resident memory (VmRSS after decoding, less the process's
 RSS before the model was loaded) is that model's alone. The model is the preset at seed 0 trained
---train-steps AdamW steps on the embedded corpus (CPython's docs) in the parent process and saved, so that
+--train-steps steps of the trainer's own (bench/common.py) on the embedded corpus (CPython's docs) in the parent process and saved, so that
 its val loss means something and quantization error shows in it (with --train-steps 0, the random init is
 built in each child); the val loss is over the first --val-batches windows of the val split.
 
@@ -24,20 +24,19 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gptmini import quantize
-from gptmini.config import OptimConfig, model_preset
-from gptmini.checkpoint import load_model
+from gptmini.config import Config, model_preset
 from gptmini.files import write_json
 from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
-from gptmini.optim import build_optimizer
-from gptmini.weights import save_pretrained
+from gptmini.weights import load_model, save_pretrained
+
+from common import Timer, environment, train_step
 
 DTYPES = ("fp32", "bf16", "int8", "fp32-rowmajor")  # the last: fp32 without decode_layout, for comparison
 
@@ -59,11 +58,9 @@ def copy_bandwidth(device: str, mib: int = 512) -> float:
     dst = torch.empty_like(src)
     times = []
     for _ in range(6):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        with Timer(device) as t:
+            dst.copy_(src)
+        times.append(t.seconds)
     return 2 * src.numel() / min(times[1:])
 
 
@@ -89,12 +86,11 @@ def trained_model(preset: str, steps: int, data: Path, seed_len: int) -> GPTOSSM
     model = GPTOSSMini(model_preset(preset, max_seq_len=512))
     if steps:
         windows = SlidingWindowDataset(TokenShards.open(data, "train"), seed_len, seed_len)
-        opt = build_optimizer(model, OptimConfig(lr=3e-3, weight_decay=0.0))
+        cfg = Config()
+        cfg.optim.lr, cfg.optim.weight_decay = 3e-3, 0.0
+        step_fn = train_step(model, torch.device("cpu"), cfg=cfg)
         for step in range(steps):
-            x, y = windows.batch(np.arange(step * 8, step * 8 + 8))
-            model(x, y)[1].backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            step_fn(*windows.batch(np.arange(step * 8, step * 8 + 8)))
     return model.eval().requires_grad_(False)
 
 
@@ -103,11 +99,9 @@ def decode_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: int
     generate(model, x, 4, temperature=0)  # warm-up
     times = []
     for _ in range(2):
-        t0 = time.perf_counter()
-        generate(model, x, new, temperature=0)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        with Timer(device) as t:
+            generate(model, x, new, temperature=0)
+        times.append(t.seconds)
     return batch * new / min(times)
 
 
@@ -205,8 +199,7 @@ def main() -> None:
             if profile:
                 print(profile, flush=True)
             rows.append(row)
-    meta = {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": args.threads, "torch": torch.__version__,
-            "python": platform.python_version(), "machine": platform.processor() or platform.machine()}
+    meta = environment(copy_bandwidth_gb_s=round(bandwidth / 1e9, 2), threads=args.threads)
     print(json.dumps(meta))
     if args.json:
         write_json(args.json, {"rows": rows, **meta})

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -29,13 +28,16 @@ from pathlib import Path
 import torch
 from pydoc_data import topics
 
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.config import PRESETS
 from gptmini.data.prepare import PrepareConfig, prepare
 from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
+from gptmini import ending
 from gptmini.files import write_json
 from gptmini.gate import paired
 from gptmini.retrain import continue_steps
+
+from common import environment
 
 
 def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
@@ -124,8 +126,7 @@ def main() -> None:
             i = names.index(name)
             args, parent = runs[name]
             extra = ["--init-from", str(a.out / "run0")] if parent else []
-            done = a.out / f"run{i}" / "summary.json"
-            if done.is_file() and json.loads(done.read_text()).get("status") == "completed":  # measured again only
+            if (ending.read(a.out / f"run{i}") or {}).get("status") == ending.COMPLETED:  # measured again only
                 walls[name] = None
             else:
                 jobs.append((name, [*common, *args, *extra, "--out", str(a.out / f"run{i}")], a.out / f"run{i}.log"))
@@ -134,7 +135,7 @@ def main() -> None:
     for i, name in enumerate(names):
         run = a.out / f"run{i}"
         m, sums[name] = measure(run, data, mask)
-        summary = json.loads((run / "summary.json").read_text())
+        summary = ending.read(run)
         results[name] = {"wall_s": walls[name] or summary["wall_time_s"], "train_wall_s": summary["wall_time_s"],
                          "steps": summary["steps"], "tokens": summary["tokens"], **m}
         print(name, json.dumps(results[name]), flush=True)
@@ -145,8 +146,7 @@ def main() -> None:
         if name != ref:
             c = paired(sums[name][0], sums[ref][0], sums[ref][1])  # difference: scratch - this
             r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
-    out = {"machine": f"{platform.node()} shared 2-core VM, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
-           "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
+    out = {**environment(), "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
            "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
            "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from gptmini.config import model_preset
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.weights import save_pretrained
+
+from common import environment, md_table
 
 MODES = {"continuous": 16, "one-at-a-time": 1}  # mode -> --max-batch
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
@@ -149,12 +150,10 @@ def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) ->
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| mode | clients | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | per-token p50 ms | per-token p99 ms |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']} | {r['requests_per_s']} | "
-                     f"{r['ttft_p50_ms']} | {r['ttft_p99_ms']} | {r['per_token_p50_ms']} | {r['per_token_p99_ms']} |")
-    return "\n".join(lines)
+    keys = ["mode", "clients", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "per_token_p50_ms",
+            "per_token_p99_ms"]
+    return md_table(["mode", "clients", "tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "per-token p50 ms",
+                     "per-token p99 ms"], [[r[k] for k in keys] for r in rows])
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -169,15 +168,6 @@ def ratios(rows: list[dict]) -> dict:
         if ("continuous", c) in tps and ("one-at-a-time", c) in tps:
             out[f"continuous_over_one_at_a_time_{c}_clients"] = round(tps["continuous", c] / tps["one-at-a-time", c], 2)
     return out
-
-
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -216,8 +206,7 @@ def main() -> None:
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
-            "torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "machine": machine()}
+            **environment()}
     print(json.dumps(meta))
     write_json(args.out, {"rows": rows, "ratios": result_ratios, **meta})
     print(f"wrote {args.out}")

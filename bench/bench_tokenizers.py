@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from gptmini import ending
 from gptmini.config import PRESETS
 from gptmini.files import write_json
+
+from common import environment
 
 PROMPT = "The Python interpreter"
 
@@ -64,7 +64,7 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
     quiet = ["--train.eval_every", "100000", "--train.ckpt_every", "100000"]
 
     run = work / f"run-{label}"
-    if (run / "summary.json").exists():  # finished in an earlier invocation with the same --work
+    if ending.read(run) is not None:  # finished in an earlier invocation with the same --work
         wall_s = None
     else:
         cal = work / f"calibrate-{label}"
@@ -76,7 +76,7 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
         gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(run), "--steps", str(steps),
                 "--train.log_every", "10", *quiet, *extra)
         wall_s = time.perf_counter() - t
-    summary = json.loads((run / "summary.json").read_text())
+    summary = ending.read(run)
     steps = summary["steps"]
     final = summary["final"]
     seconds, steady = train_seconds(run, 10, step_tokens)
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-           "threads": torch.get_num_threads()}
+    env = environment()
     results = []
     for spec in args.runs:
         results.append(bench(spec, args, work))

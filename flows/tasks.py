@@ -3,17 +3,13 @@
 - The data tasks are cached: `download` by its inputs, `tokenize` by prepare's own `input_key` (the sources'
   content and the settings), which also names the shards folder; a `tokenize` result is reused only while
   its shards exist.
-- `train` runs torchrun in `state/runs/<flow run id>` with `--resume auto`, and reads how training ended
-  from the trainer's summary.json and torchrun's exit code: a retry resumes from the last checkpoint, and
-  is tried only when it can help.
+- `train` runs torchrun (`gptmini.launch`) in `state/runs/<flow run id>` with `--resume auto`, and reads how
+  training ended with `gptmini.ending.outcome`: a retry resumes from the last checkpoint, and is tried only
+  when it can help.
 """
 from __future__ import annotations
 
-import ctypes
-import json
 import os
-import signal
-import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -28,23 +24,22 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-from gptmini import registry, tracking
+from gptmini import ending, registry, tracking
+from gptmini.ending import TrainingFailed
 from gptmini.parallel import mesh_args
-from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
 from gptmini.data.sources import SUFFIXES, Cache, open_source
 from gptmini.evaluate import bpb_new_and_old, measures, new_pieces, piece_sums
+from gptmini import files
 from gptmini.files import sha256_file
 from gptmini.gate import champion_challenger
 from gptmini.generate import generate_text
+from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, local, slurm
 from gptmini.tokenizer import get_tokenizer
-from gptmini.weights import load_config
-from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, node_command, slurm, torchrun_args
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
-from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
-from gptmini.weights import save_pretrained
+from gptmini.weights import load_config, load_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Source specs that name no local path; anything else is a file, folder or glob.
@@ -67,7 +62,7 @@ def result_storage() -> Path:
 
 def tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI (infra sets the server's), else a SQLite store in the state folder."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}"
+    return registry.resolve_tracking_uri(default=f"sqlite:///{state_dir() / 'mlflow' / 'mlflow.db'}")
 
 
 def retry_io(task, task_run, state) -> bool:
@@ -76,46 +71,19 @@ def retry_io(task, task_run, state) -> bool:
 
 
 def git_commit() -> str:
-    """HEAD, with `-dirty` when tracked files differ from it: what the registered version was trained by."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+    """HEAD (`-dirty` when tracked files differ): what the registered version was trained by."""
+    return files.git_commit(ROOT) or "unknown"
 
 
 # Streaming subprocesses into the Prefect log
 
 
-# Loaded here, not in the forked child, where only the prctl call itself runs.
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the flow process dies (cancelled or killed), so no torchrun is
-    orphaned; torchrun forwards it to the ranks, which checkpoint and exit."""
-    if _LIBC is not None:
-        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_streaming(cmd: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run `cmd`, sending each output line to the run log as it comes; returns (exit code, last lines)."""
+    """Run `cmd`, sending each output line to the run log as it comes; returns (exit code, last lines). A
+    cancelled flow run stops it (SIGTERM: training checkpoints first)."""
     get_run_logger().info("$ %s", redact(" ".join(cmd)))  # a tracking URI or source URL may hold a password
     on_line, tail = streaming_logger()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                            text=True, errors="replace", bufsize=1, preexec_fn=_die_with_parent)
-    try:
-        for line in proc.stdout:
-            line = line.rstrip("\n").split("\r")[-1]  # a progress bar's last frame
-            if line.strip():
-                on_line(line)
-        return proc.wait(), list(tail)
-    finally:
-        if proc.poll() is None:  # interrupted here (cancellation): stop training cleanly
-            proc.terminate()
-            proc.wait(timeout=60)
+    return local.run(cmd, env, on_line, cwd=ROOT), list(tail)
 
 
 def streaming_logger() -> tuple[Callable[[str], None], deque[str]]:
@@ -166,7 +134,7 @@ def shards_key(inputs: list[dict], tokenizer: str, val_fraction: float, since: s
     `since`: the earlier dataset's manifest.json, against which the new inputs are marked."""
     cfg = PrepareConfig(sources=[s["spec"] for s in inputs], out=Path("."), tokenizer=tokenizer,
                         val_fraction=val_fraction)
-    return input_key(cfg, inputs, json.loads(Path(since).read_text())["input_key"] if since else None)
+    return input_key(cfg, inputs, read_manifest(since)["input_key"] if since else None)
 
 
 def shards_dir(data_root: str, key: str) -> Path:
@@ -236,49 +204,6 @@ def parent_tokenizer(version: str, model_name: str) -> str:
 # Training
 
 
-class TrainingFailed(RuntimeError):
-    def __init__(self, message: str, retryable: bool):
-        super().__init__(message)
-        self.retryable = retryable
-
-
-def read_summary(run_dir: str | Path) -> dict | None:
-    """The trainer's account of how it ended; None when it wrote none (killed, or never started)."""
-    path = Path(run_dir) / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def training_result(summary: dict | None, code: int, tail: list[str], ended: str = "") -> dict:
-    """The summary of a completed training, else a TrainingFailed that says how it ended and whether a retry
-    (which resumes from the last checkpoint) can help: not for a bad configuration or bad data. The
-    trainer's whole output is in the task's log; `tail` is quoted only when the trainer wrote no summary."""
-    status = summary["status"] if summary else None
-    ended = ended or f"torchrun exited with code {code}"
-    if status == COMPLETED and code == 0:
-        return summary
-    error = (summary or {}).get("error", "")
-    if status == BAD_CONFIG:
-        raise TrainingFailed(f"the trainer rejected its configuration: {error}. Fix the flow parameters "
-                             "(preset, steps, parallel, extra_args)", retryable=False)
-    if status == BAD_DATA:
-        raise TrainingFailed(f"the training data is unusable: {error}", retryable=False)
-    if status == PREEMPTED:
-        raise TrainingFailed(f"training stopped early (preempted at step {summary['steps']}); a retry resumes "
-                             "from the checkpoint it saved", retryable=True)
-    if status == OOM:
-        raise TrainingFailed(f"training ran out of memory ({error}); a retry resumes from the last checkpoint, "
-                             "but runs out again unless you lower the batch size (extra_args ['--batch-size', "
-                             "'4', '--grad-accum', '2']) or use parallel='fsdp'", retryable=True)
-    if summary is None:
-        last = "\n".join(tail[-15:]) or "no output"
-        raise TrainingFailed(f"training ended ({ended}) without a summary.json: a process was "
-                             "killed (SIGKILL: out of host memory, or by hand) or torchrun could not start it; a "
-                             f"retry resumes from the last checkpoint. Last output:\n{last}", retryable=True)
-    why = error or f"it reported {status!r} but {ended}"
-    raise TrainingFailed(f"training failed ({ended}): {why}; a retry resumes from the last checkpoint",
-                         retryable=True)
-
-
 def _retry_training(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
     return not isinstance(exc, TrainingFailed) or exc.retryable
@@ -302,20 +227,19 @@ def train(preset: str, data_dir: str, run_dir: str, steps: int | None, nproc: in
     trainer += (["--steps", str(steps)] if steps is not None else []) + list(extra_args)
     # The trainer records how it ended in a run folder that exists; a previous attempt's ending is not this one's.
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "summary.json").unlink(missing_ok=True)
+    ending.clear(run_dir)
     if launcher == "slurm":
         return train_on_slurm(trainer, Path(run_dir), nnodes, nproc, slurm_options or SlurmOptions(), run_name)
     if launcher == "k8s":
         return train_on_k8s(trainer, Path(run_dir), nnodes, nproc, k8s_options or K8sOptions())
-    launch = torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
+    launch = local.torchrun_args(nproc, nnodes, rdzv_endpoint, mlflow_run_id)
     if nnodes > 1:  # data_dir and run_dir must be on storage that every node sees at the same path
         get_run_logger().info("waiting for %d more node(s); start this on each of them:\n  %s%s",
-                              nnodes - 1, node_command(launch, trainer),
+                              nnodes - 1, local.node_command(launch, trainer),
                               "\n  (with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD set in its environment)"
                               if with_credentials else "")
-    code, tail = run_streaming([sys.executable, "-m", "torch.distributed.run", *launch, "-m", "gptmini.train", *trainer],
-                               subprocess_env())
-    return training_result(read_summary(run_dir), code, tail)
+    code, tail = run_streaming(local.command(launch, trainer), subprocess_env())
+    return ending.outcome(ending.read(run_dir), code == 0, f"torchrun exited with code {code}", tail)
 
 
 def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: SlurmOptions,
@@ -331,8 +255,7 @@ def train_on_slurm(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, o
     except slurm.SlurmError as exc:
         raise TrainingFailed(str(exc), retryable=False) from None
     logger.info("Slurm job ended %s", state)
-    return training_result(read_summary(run_dir), 0 if state == COMPLETED_JOB else 1, list(tail),
-                           ended=f"the Slurm job ended {state}")
+    return ending.outcome(ending.read(run_dir), state == COMPLETED_JOB, f"the Slurm job ended {state}", tail)
 
 
 def train_on_k8s(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, options: K8sOptions) -> dict:
@@ -345,8 +268,7 @@ def train_on_k8s(trainer: list[str], run_dir: Path, nnodes: int, nproc: int, opt
     except k8s.K8sError as exc:
         raise TrainingFailed(str(exc), retryable=False) from None
     get_run_logger().info("TrainJob %s ended %s", name, state)
-    return training_result(read_summary(run_dir), 0 if state == COMPLETED_JOB else 1, list(tail),
-                           ended=f"the TrainJob ended {state}")
+    return ending.outcome(ending.read(run_dir), state == COMPLETED_JOB, f"the TrainJob ended {state}", tail)
 
 
 # Evaluation, samples and the registry

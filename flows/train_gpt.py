@@ -24,14 +24,14 @@ from prefect.states import Completed
 
 from flows import tasks
 from flows.report import mlflow_links, publish, report
-from gptmini import config, registry, retrain, tracking
+from gptmini import registry, retrain, tracking
 from gptmini import parallel as parallel_
 from gptmini.cli.train import parse_args as parse_train_args
-from gptmini.config import PRESETS
+from gptmini.data.prepare import PrepareConfig, check_config, read_manifest
 from gptmini.launch import LAUNCHERS
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
-from gptmini.tokenizer import KNOWN as KNOWN_TOKENIZERS, bpe_size
+from gptmini.tokenizer import bpe_size
 
 DEFAULT_SOURCES = ["embedded:python-docs"]
 DEFAULT_PROMPTS = ["The Python interpreter", "A list comprehension", "def main():"]
@@ -67,33 +67,17 @@ def check_sources(sources: list[str]) -> list[str]:
     return out
 
 
-def check_data_parameters(tokenizer: str, val_fraction: float) -> None:
-    if tokenizer not in KNOWN_TOKENIZERS and not bpe_size(tokenizer):  # bpe_size raises for a bad N
-        raise ValueError(f"tokenizer {tokenizer!r} is unknown; choose one of: {', '.join(KNOWN_TOKENIZERS)}, or "
-                         f"bpe:N (e.g. bpe:8192) to train a BPE of N ids on the corpus")
-    if not 0.0 < val_fraction < 1.0:  # stricter than `gptmini prepare`'s [0, 1): evaluate and the gate need a val split
-        raise ValueError(f"val_fraction ({val_fraction}) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
-
-
-def check_mesh(spec: str, world: int, preset: str) -> None:
-    """The layout must split the preset's model over the job's ranks (extra_args may still change the model;
-    the trainer checks again)."""
-    cfg = config.from_preset(preset)
-    for flag, value in zip(*[iter(parallel_.mesh_args(spec))] * 2):
-        setattr(cfg.train, flag[2:].replace("-", "_"), value if flag == "--parallel" else int(value))
-    t = cfg.train
-    parallel_.mesh_dims(world, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
-
-
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
                      val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str,
-                     launcher: str = "local", slurm: SlurmOptions | None = None, parallel: str = "none") -> None:
-    if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r} is unknown; choose one of: {', '.join(PRESETS)}")
-    if nproc < 1 or (steps is not None and steps < 1) or train_retries < 0:
-        raise ValueError(f"nproc ({nproc}) and steps ({steps}) must be >= 1 and train_retries ({train_retries}) >= 0")
-    if nnodes < 1:
-        raise ValueError(f"nnodes ({nnodes}) must be >= 1")
+                     launcher: str = "local", slurm: SlurmOptions | None = None, parallel: str = "none",
+                     extra_args: list[str] = ()) -> None:
+    """The library's own validators on what the tasks will pass, before any task runs: the trainer's parser
+    on the train flags (preset, steps, layout, extra_args; the shards folder is made later), the layout
+    against nproc x nnodes ranks, and prepare's checks of the tokenizer and val_fraction."""
+    cfg = parse_train_args(["--preset", preset, "--data-dir", "shards", *(["--steps", str(steps)] if steps is not None else []),
+                            *parallel_.mesh_args(parallel), *extra_args])
+    if nproc < 1 or nnodes < 1 or train_retries < 0:
+        raise ValueError(f"nproc ({nproc}) and nnodes ({nnodes}) must be >= 1 and train_retries ({train_retries}) >= 0")
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is unknown; choose one of: {', '.join(LAUNCHERS)}")
     if launcher == "local" and nnodes > 1 and ":" not in rdzv_endpoint:
@@ -101,8 +85,12 @@ def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rd
                          f"got {rdzv_endpoint!r}, or use launcher='slurm', which finds it")
     if slurm is not None:
         slurm.check()
-    check_mesh(parallel, nproc * nnodes, preset)
-    check_data_parameters(tokenizer, val_fraction)
+    t = cfg.train
+    parallel_.mesh_dims(nproc * nnodes, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
+    check_config(PrepareConfig(sources=["checked apart"], out=Path("shards"), tokenizer=tokenizer,
+                               val_fraction=val_fraction))
+    if val_fraction == 0:  # prepare allows none; evaluation and the gate need a val split
+        raise ValueError("val_fraction (0) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     registry.check_model_name(model_name)  # before a version is registered under it, not after
@@ -176,7 +164,7 @@ def train_gpt(
     """
     parallel = ("none" if nproc * nnodes == 1 else "ddp") if parallel == "auto" else parallel
     check_parameters(preset, steps, nproc, nnodes, rdzv_endpoint, tokenizer, val_fraction, max_new_tokens,
-                     train_retries, model_name, launcher, slurm, parallel)
+                     train_retries, model_name, launcher, slurm, parallel, extra_args)
     if not 0.0 <= replay < 1.0:
         raise ValueError(f"replay ({replay}) must be in [0, 1), e.g. 0.25: a quarter of each batch from earlier text")
     sources = check_sources(sources) + tasks.incoming_sources(incoming)
@@ -214,7 +202,7 @@ def train_gpt(
     data = tasks.prepare_shards(inputs, data_tokenizer, val_fraction, str(state / "data"), since)
     run.set_tags({"data_manifest_sha256": data["manifest_sha256"]})
     run.log_artifact(Path(data["data_dir"]) / "manifest.json", "data")
-    manifest = json.loads((Path(data["data_dir"]) / "manifest.json").read_text())
+    manifest = read_manifest(data["data_dir"])
     new = manifest.get("since", {})
     if parent is not None:
         run.log_dataset(Path(since))  # the data the parent learned, which this run carries on from

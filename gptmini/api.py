@@ -2,7 +2,7 @@
 
 `GPTOSSMini` here is the model of `gptmini.model` plus `generate` and `from_pretrained`. It is a subclass
 rather than methods on the model because both belong to layers above it: `generate` is the library's one
-decode loop and sampler (`gptmini.generate`), `from_pretrained` is the one loader (`checkpoint.load_model`)
+decode loop and sampler (`gptmini.generate`), `from_pretrained` is the one loader (`weights.load_model`)
 and the registry's `models:/` resolution, and gptmini/model.py imports nothing but torch. The subclass adds
 no parameters or buffers, so its state dict, checkpoints, and every library function that takes a model
 (quantize, the serving engine, the HF export) treat it as the model it is.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gptmini import checkpoint, generate, registry, trainer
+from gptmini import checkpoint, generate, registry, trainer, weights
 from gptmini.config import Config, ConfigError, apply_overrides, from_preset, section_types, validate
 from gptmini.data.loader import BatchStream, TokenShards, WindowLoader, window_loaders
 from gptmini.data.prepare import read_manifest
@@ -61,7 +61,7 @@ class GPTOSSMini(Model):
         by name, or the `tokenizer.tiktoken` file saved beside them."""
         source = str(path_or_uri)
         path = registry.resolve_model_uri(source, tracking_uri) if source.startswith("models:/") else source
-        return checkpoint.load_model(path, device, cls)
+        return weights.load_model(path, device, cls)
 
 
 # GPTTrainer's keyword settings: any field of the data, optim and train sections, by its own name.

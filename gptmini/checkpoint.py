@@ -44,11 +44,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gptmini import parallel, weights
-from gptmini.errors import MissingPathError, UserError
+from gptmini import parallel
+from gptmini.errors import UserError
 from gptmini.files import fsync_dir, fsync_tree, read_json, write_atomic, write_json
-from gptmini.model import GPTOSSMini, ModelConfig
-from gptmini.tokenizer import BPE_FILE, Tokenizer, get_tokenizer
+from gptmini.tokenizer import BPE_FILE, trained_tokenizer_file
 
 STEP_PREFIX = "step_"
 MARKER = "COMPLETE"
@@ -209,7 +208,7 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the committed folder. `tokenizer_file`: see save_pretrained."""
     # Every rank looks, so a missing tokenizer fails them all here rather than leaving the others at a barrier.
-    bpe = weights.trained_tokenizer_file(weights.unwrap(model).config.tokenizer, tokenizer_file)
+    bpe = trained_tokenizer_file(parallel.unwrap(model).config.tokenizer, tokenizer_file)
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
     if env.is_main:
@@ -289,36 +288,11 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-# Loading a model for evaluation, generation and export
+def __getattr__(name: str):
+    # `gptmini.checkpoint.load_model` is how the docs named the model loader before it moved to `gptmini.weights`
+    # (a layer above this one, so imported only when asked for): code written against it keeps working.
+    if name == "load_model":
+        from gptmini.weights import load_model
 
-
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               model_class: type[GPTOSSMini] = GPTOSSMini) -> tuple[GPTOSSMini, Tokenizer]:
-    """(model in eval mode, tokenizer) from a run folder, a weights folder (final/, checkpoints/best/, a
-    downloaded registry version) or a training checkpoint folder: the one loader every caller uses.
-    `model_class` is what is built (`gptmini.GPTOSSMini`, the public API's, for `from_pretrained`).
-
-    A run folder resolves to final/, else checkpoints/best/, else its latest complete checkpoint.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MissingPathError(f"checkpoint path {str(path)!r} does not exist; pass a run, final/ or checkpoint folder")
-    if (path / "checkpoints").is_dir() or (path / "final").is_dir():
-        for candidate in (path / "final", path / "checkpoints" / "best"):
-            if (candidate / weights.WEIGHTS_NAME).is_file():
-                return weights.load_pretrained(candidate, device, model_class)
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise MissingPathError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
-        path = latest
-    if (path / weights.WEIGHTS_NAME).is_file():
-        return weights.load_pretrained(path, device, model_class)
-    if not is_complete(path):
-        raise CheckpointError(
-            f"{str(path)!r} is neither a weights folder (model.safetensors + config.json) nor a complete "
-            f"training checkpoint ({MARKER} marker); pass a run folder, final/, best/ or checkpoints/{STEP_PREFIX}*"
-        )
-    model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
-    model = model_class(model_config)
-    load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
-    return model.to(device).eval(), get_tokenizer(model_config.tokenizer, search=path)
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

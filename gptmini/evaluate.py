@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gptmini import parallel
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.data.loader import PieceWindows, TokenShards, piece_bounds
 from gptmini.data.prepare import new_ranges, read_manifest
 from gptmini.data.sources import DataError
@@ -71,7 +71,7 @@ def evaluate(model: nn.Module, batches: Iterable, nbytes: torch.Tensor, max_batc
     """`val_loss` (nats/token), `val_bpb` (bits/byte), `val_perplexity`, `val_tokens` and `val_bytes` over at
     most `max_batches` batches per rank, summed over the ranks. `nbytes` is `token_bytes` of the model's
     tokenizer; `env`, the training mesh, sums over its data ranks only. Every rank must run the same number of batches (FSDP gathers weights inside forward);
-    `eval_loader` gives each rank the same count."""
+    `data.loader.piece_loader` gives each rank the same count."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,3 +116,19 @@ def write_dir_atomic(dest: str | os.PathLike, files: dict[str, Callable[[Path], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def git_commit(where: str | os.PathLike = ".") -> str | None:
+    """The commit of the checkout holding `where`, with `-dirty` when tracked files differ from it: what a
+    registered version was trained by, or a benchmark ran; None outside a checkout (a copied tree)."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.errors import UserError
 from gptmini.evaluate import LN2, new_pieces, piece_sums
 from gptmini.registry import MODEL_NAME, PRODUCTION, promote, resolve_model_uri, version_by_alias

@@ -30,7 +30,8 @@ from gptmini.errors import UserError
 from gptmini.files import write_atomic, write_dir_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini.tokenizer import Tokenizer
-from gptmini.weights import model_state, unwrap
+from gptmini.parallel import unwrap
+from gptmini.weights import model_state
 
 
 def hf_architecture(config: ModelConfig) -> tuple[str, str]:

@@ -708,14 +708,14 @@ class GPTOSSMini(nn.Module):
         idle = (cfg.num_experts - cfg.top_k) * 3 * cfg.d_model * cfg.d_ff * cfg.n_layers
         return self.num_params() - idle
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
         """Training FLOPs per token (`training_flops`) over the active parameters. The embedding lookup is no
         matmul, but a tied table is also the output projection."""
         cfg = self.config
         n = self.num_active_params()
         if not cfg.tie_embeddings:
             n -= cfg.vocab_size * cfg.d_model
-        return training_flops(n, cfg.n_layers, cfg.d_model, seq_len, cfg.sliding_window)
+        return training_flops(n, cfg.n_layers, cfg.d_model, seq_len, cfg.sliding_window, causal)
 
 
 def training_flops(matmul_params: int, n_layers: int, attn_dim: int, seq_len: int,

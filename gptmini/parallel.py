@@ -26,7 +26,7 @@ from torch import nn
 
 from gptmini.device import pick_device
 from gptmini.errors import UserError
-from gptmini.model import ModelConfig, MoE
+from gptmini.model import GPTOSSMini, ModelConfig, MoE
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,13 @@ def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model:
             f"product is {world} (e.g. --dp-shard {rest})"
         )
     return MeshDims(dp_replicate=replicate, dp_shard=shard, ep=ep, tp=tp)
+
+
+def unwrap(model: torch.nn.Module) -> GPTOSSMini:
+    """The GPTOSSMini inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    while not isinstance(model, GPTOSSMini):
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
+    return model
 
 
 def mesh_args(spec: str) -> list[str]:

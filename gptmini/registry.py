@@ -55,11 +55,17 @@ def import_mlflow():
     return mlflow
 
 
+def resolve_tracking_uri(given: str | None = "", default: str = "") -> str:
+    """The MLflow tracking URI, wherever one is needed: `given` (a --tracking-uri flag, a config field), else
+    $MLFLOW_TRACKING_URI, else `default` ("": no tracking; the flows' own store is a SQLite file)."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or default
+
+
 def client(tracking_uri: str | None = None):
     """An MlflowClient on `tracking_uri`, else $MLFLOW_TRACKING_URI (which must be set)."""
     mlflow = import_mlflow()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in flow logs and CLIs
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = resolve_tracking_uri(tracking_uri)
     if not uri:
         raise RegistryError(
             "no MLflow tracking server: set MLFLOW_TRACKING_URI (after `make up`: "
@@ -77,7 +83,7 @@ def mlflow_errors(uri: str | None):
         yield
     except MlflowException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Failure(f"MLflow at {uri or os.environ.get('MLFLOW_TRACKING_URI')}: {first[:300]}; "
+        raise Failure(f"MLflow at {resolve_tracking_uri(uri)}: {first[:300]}; "
                       "is the server up (`make up`) and MLFLOW_TRACKING_URI right?") from None
 
 
@@ -199,21 +205,6 @@ def source_model_id(version) -> str | None:
     return rest if rest.startswith("m-") and "/" not in rest else None
 
 
-def logged_model_id(mlflow_client, run_id: str, name: str) -> str | None:
-    """The id of run `run_id`'s newest READY LoggedModel called `name` ("best", "final"), or None: how a
-    process other than the trainer (the flow) finds the model to register."""
-    from mlflow.entities import LoggedModelStatus
-
-    experiment_id = mlflow_client.get_run(run_id).info.experiment_id
-    # Status is filtered here: MLflow 3.17's SQL store matches no model on `status = 'READY'`.
-    found = mlflow_client.search_logged_models(
-        experiment_ids=[experiment_id], order_by=[{"field_name": "creation_time", "ascending": False}],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",
-    )
-    return next((m.model_id for m in found if m.status == LoggedModelStatus.READY), None)
-
-
-@contextlib.contextmanager
 def _global_tracking_uri(uri: str):
     """MLflow's SQL registry store resolves a `models:/<model_id>` source through the process-wide tracking
     URI, not the client's: with a SQLite client on another store it fails ("Logged model ... not found").

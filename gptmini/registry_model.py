@@ -1,7 +1,7 @@
 """The code of a registered gptmini model, logged as an MLflow "model from code".
 
 MLflow executes this file when it loads the model (`mlflow.pyfunc.load_model("models:/gptmini@production")`),
-so loading unpickles nothing: the weights are safetensors read by `gptmini.checkpoint.load_model`, and the
+so loading unpickles nothing: the weights are safetensors read by `gptmini.weights.load_model`, and the
 text comes from our own sampling code. The sequence length is not frozen into the model (as a traced or
 exported graph would freeze it): any prompt up to the config's `max_seq_len` works.
 
@@ -26,7 +26,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from gptmini import quantize
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.generate import generate_text
 
 

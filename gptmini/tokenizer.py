@@ -116,6 +116,11 @@ def check_tokenizer_name(name: str) -> None:
         raise UserError(f"unknown tokenizer {name!r}; choose one of: {FORMS}")
 
 
+def trained_tokenizer_file(name: str, search: str | os.PathLike | None = None) -> Path | None:
+    """The .tiktoken file a folder holding a model of this tokenizer must carry; None for a published encoding."""
+    return get_tokenizer(name, search=search).file if is_trained(name) else None
+
+
 def get_tokenizer(name: str = DEFAULT_TOKENIZER, search: str | os.PathLike | None = None) -> Tokenizer:
     """A published encoding by name, or a trained one from `search` (a folder holding tokenizer.tiktoken,
     or the file itself) or else the user cache."""

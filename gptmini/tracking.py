@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from gptmini.config import TrackingConfig
+from gptmini.data.prepare import read_manifest
 from gptmini.files import sha256_file, write_json
 from gptmini.redact import redact
-from gptmini.registry import client, log_logged_model
+from gptmini.registry import client, log_logged_model, resolve_tracking_uri
 from gptmini.trainer import Tracker
 
 MAX_BATCH = 1000  # MLflow's log_batch limit for metrics
@@ -54,10 +55,6 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 # metrics and charts.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 DATASET_DIGEST_CHARS = 36  # the longest dataset digest MLflow stores
-
-
-def tracking_uri(configured: str) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
 def credentials_to_env(uri: str) -> str:
@@ -96,7 +93,7 @@ def shard_dataset(manifest_path: Path):
     from mlflow.entities import Dataset
     from mlflow.types import ColSpec, Schema
 
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path)
     sha256 = sha256_file(manifest_path)
     specs = [s["spec"] for s in manifest.get("sources", [])]
     shown = " + ".join(specs[:2]) + (f" + {len(specs) - 2} more" if len(specs) > 2 else "")
@@ -122,7 +119,7 @@ def training_input(dataset):
 def open_tracker(cfg: Any, run_dir: Path, is_main: bool) -> Tracker:
     """The trainer's tracker for this process (`cfg.tracking`): MLflow on rank 0 when a tracking URI is set
     and MLflow is installed, else the no-op one."""
-    uri = tracking_uri(cfg.tracking.tracking_uri)
+    uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     if not is_main or not uri:
         return Tracker()
     try:

@@ -24,40 +24,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from gptmini import checkpoint, metrics, parallel
+from gptmini import checkpoint, ending, metrics, parallel
 from gptmini.config import Config, ConfigError, to_json, to_toml
 from gptmini.data.loader import ReplayLoader, WindowLoader, build_loaders, replay_loader
-from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
-from gptmini.data.sources import DataError
+from gptmini.data.prepare import read_manifest
 from gptmini.device import autocast, matmul_dtype, native_bf16, peak_flops
 from gptmini.errors import UserError
 from gptmini.evaluate import evaluate, token_bytes
-from gptmini.files import write_atomic, write_json
+from gptmini.ending import COMPLETED, PREEMPTED
+from gptmini.files import write_atomic
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
 from gptmini.retrain import check_parent, model_dict
 from gptmini.tokenizer import Tokenizer, check_vocab, get_tokenizer
-from gptmini.weights import save_pretrained
+from gptmini.weights import load_model, save_pretrained
 
 # The measures of an evaluation that go to the tracker: the same names in summary.json, `gptmini eval`, the
 # flow's report and the registry version's tags.
 VAL_METRICS = ("val_loss", "val_bpb", "val_perplexity")
-# How a training run ended: summary.json's `status`, and the exit code of `gptmini train`.
-COMPLETED, PREEMPTED = "completed", "preempted"
-BAD_CONFIG, BAD_DATA, OOM, FAILED = "bad_config", "bad_data", "oom", "failed"
-EXIT_CODES = {COMPLETED: 0, PREEMPTED: 0, BAD_CONFIG: 2, BAD_DATA: 2, OOM: 1, FAILED: 1}
-
-
-def ending(exc: BaseException) -> str:
-    """The status of a run that raised `exc`."""
-    if isinstance(exc, DataError):
-        return BAD_DATA
-    if isinstance(exc, UserError):
-        return BAD_CONFIG
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OOM
-    return FAILED
-
 
 class Tracker:
     """What the trainer reports to: this no-op one runs when there is no tracking (and on every rank but 0);
@@ -201,24 +185,12 @@ def unigram_entropy(segments: list[np.ndarray]) -> float:
 # Setup
 
 
-def prepare_data(cfg: Config, env: parallel.DistEnv) -> None:
-    """`--sources`: tokenize them first (rank 0; a no-op when the shards are up to date)."""
-    if not cfg.data.sources:
-        return
-    if not cfg.data.data_dir:
-        cfg.data.data_dir = str(Path(cfg.train.out_dir) / "data")
-    if env.is_main:
-        prepare(PrepareConfig(sources=list(cfg.data.sources), out=Path(cfg.data.data_dir),
-                              tokenizer=cfg.model.tokenizer))
-    parallel.barrier()
-
-
 def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | None]:
-    """Build the run, resumed from its last checkpoint when asked. Returns it with the RNG state to restore
-    just before the first step (None for a fresh run, or one resumed at another world size)."""
+    """Build the run on prepared data (`cfg.data.data_dir`), resumed from its last checkpoint when asked.
+    Returns it with the RNG state to restore just before the first step (None for a fresh run, or one resumed
+    at another world size)."""
     t_start = time.time()
     resume_from = resume_point(cfg)
-    prepare_data(cfg, env)
     set_deterministic(cfg.train.deterministic)
     tokenizer = data_tokenizer(cfg, env)
     try:
@@ -277,7 +249,7 @@ def start_run(cfg: Config, env: parallel.DistEnv, raw_model: GPTOSSMini, train_l
     run_dir = Path(cfg.train.out_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").unlink(missing_ok=True)  # a previous attempt's ending is not this one's
+        ending.clear(run_dir)
         write_atomic(run_dir / "config.toml", to_toml(cfg))
         write_atomic(run_dir / "train_config.json", to_json(cfg))
     run = Run(cfg, env, run_dir, raw_model, model, optimizer, train_loader, val_loader,
@@ -307,7 +279,7 @@ def load_parent(cfg: Config, env: parallel.DistEnv) -> GPTOSSMini:
     """The weights to start from (`train.init_from`, a local folder), checked to be this run's model reading the
     data's tokens, before anything else is built. The optimizer starts afresh, and the schedule warms up and
     decays again over this run (Ibrahim et al. 2024: re-warming and re-decaying the learning rate)."""
-    parent, _ = checkpoint.load_model(cfg.train.init_from)
+    parent, _ = load_model(cfg.train.init_from)
     check_parent(model_dict(cfg.model), model_dict(parent.config), cfg.model.tokenizer, cfg.train.init_from)
     if env.is_main:
         print(f"init from {cfg.train.init_from}: {parent.num_params() / 1e6:.2f}M parameters", flush=True)
@@ -460,7 +432,7 @@ def save(run: Run) -> Path:
 
 
 def export_weights(run: Run, out: Path, extra: dict[str, Any]) -> None:
-    """Collective: plain safetensors weights (best/, final/) that `checkpoint.load_model` reads."""
+    """Collective: plain safetensors weights (best/, final/) that `weights.load_model` reads."""
     if parallel.sharded(run.model):
         full = checkpoint.full_state_dict(run.model)  # collective: every rank gathers
         if run.env.is_main:
@@ -530,23 +502,17 @@ def finish(run: Run, tracker: Tracker, status: str, last_val: dict[str, float] |
             result["mlflow_models"][name] = model_id
         else:
             tracker.log_artifact(folder, "checkpoints/best" if name == "best" else "final")
-    write_json(run.dir / "summary.json", result)
+    ending.write(run.dir, result)
     for name in ("plots/loss.png", "plots/lr.png"):
         if (run.dir / name).is_file():
             tracker.log_artifact(run.dir / name, "plots")
     tracker.log_artifact(run.dir / "config.toml")
-    tracker.log_artifact(run.dir / "summary.json")
+    tracker.log_artifact(ending.path(run.dir))
     val = (f"val loss {last_val['val_loss']:.4f}, {last_val['val_bpb']:.4f} bits/byte" if last_val else "no val split")
     run.say(f"done: {status} at step {run.state.step}, {run.state.tokens_seen:,} tokens, {duration(result['wall_time_s'])}; "
             f"{val}{f' (unigram baseline {unigram:.3f} nats)' if unigram is not None else ''}; "
-            f"summary {run.dir / 'summary.json'}")
+            f"summary {ending.path(run.dir)}")
     return result
-
-
-def write_ending(run_dir: str | Path, status: str, error: str) -> None:
-    """summary.json for a run that ended in an error, so a caller (the flow) reads how it ended instead of
-    parsing the output."""
-    write_json(Path(run_dir) / "summary.json", {"status": status, "error": error, "exit_code": EXIT_CODES[status]})
 
 
 # The recipe

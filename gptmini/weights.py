@@ -1,5 +1,7 @@
-"""A model on disk: `model.safetensors` + `config.json` (the ModelConfig, tokenizer included), and for a
-trained tokenizer its `tokenizer.tiktoken`, so the folder decodes on a machine that never saw the data.
+"""A model on disk, and the one loader: `load_model` reads a run folder, a weights folder or a training
+checkpoint (`gptmini.checkpoint`). A weights folder is `model.safetensors` + `config.json` (the ModelConfig,
+tokenizer included), and for a trained tokenizer its `tokenizer.tiktoken`, so the folder decodes on a machine
+that never saw the data.
 
 safetensors holds raw tensors only, so loading never unpickles anything. Folders are written under a
 temporary name and renamed into place, so a reader never sees half a model.
@@ -15,20 +17,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from gptmini import parallel
+from gptmini.checkpoint import MARKER, STEP_PREFIX, CheckpointError, is_complete, latest_checkpoint, load_checkpoint
 from gptmini.errors import MissingPathError, UserError
-from gptmini.files import write_dir_atomic, write_json
+from gptmini.files import read_json, write_dir_atomic, write_json
 from gptmini.model import GPTOSSMini, ModelConfig, rope_inv_freq
-from gptmini.tokenizer import BPE_FILE, Tokenizer, check_vocab, get_tokenizer, is_trained
+from gptmini.parallel import unwrap
+from gptmini.tokenizer import BPE_FILE, Tokenizer, check_vocab, get_tokenizer, trained_tokenizer_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-
-
-def unwrap(model: torch.nn.Module) -> GPTOSSMini:
-    """The GPTOSSMini inside torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
-    while not isinstance(model, GPTOSSMini):
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module")
-    return model
 
 
 def model_state(model: GPTOSSMini) -> dict[str, torch.Tensor]:
@@ -57,11 +55,6 @@ def save_pretrained(
     if bpe is not None:
         files[BPE_FILE] = lambda p: shutil.copyfile(bpe, p)
     return write_dir_atomic(directory, files)
-
-
-def trained_tokenizer_file(name: str, search: str | os.PathLike | None = None) -> Path | None:
-    """The .tiktoken file a folder holding this model must carry; None for a published encoding."""
-    return get_tokenizer(name, search=search).file if is_trained(name) else None
 
 
 def load_config(directory: str | os.PathLike) -> ModelConfig:
@@ -99,3 +92,35 @@ def load_pretrained(
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta).to(device)
     model.last_aux_loss = torch.zeros((), device=device)
     return model.eval(), tokenizer
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               model_class: type[GPTOSSMini] = GPTOSSMini) -> tuple[GPTOSSMini, Tokenizer]:
+    """(model in eval mode, tokenizer) from a run folder, a weights folder (final/, checkpoints/best/, a
+    downloaded registry version) or a training checkpoint folder: the one loader every caller uses.
+    `model_class` is what is built (`gptmini.GPTOSSMini`, the public API's, for `from_pretrained`).
+
+    A run folder resolves to final/, else checkpoints/best/, else its latest complete checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MissingPathError(f"checkpoint path {str(path)!r} does not exist; pass a run, final/ or checkpoint folder")
+    if (path / "checkpoints").is_dir() or (path / "final").is_dir():
+        for candidate in (path / "final", path / "checkpoints" / "best"):
+            if (candidate / WEIGHTS_NAME).is_file():
+                return load_pretrained(candidate, device, model_class)
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise MissingPathError(f"run folder {str(path)!r} holds no final/, best/ or complete checkpoint")
+        path = latest
+    if (path / WEIGHTS_NAME).is_file():
+        return load_pretrained(path, device, model_class)
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{str(path)!r} is neither a weights folder (model.safetensors + config.json) nor a complete "
+            f"training checkpoint ({MARKER} marker); pass a run folder, final/, best/ or checkpoints/{STEP_PREFIX}*"
+        )
+    model_config = ModelConfig.from_dict(read_json(path / "train_config.json")["model"])
+    model = model_class(model_config)
+    load_checkpoint(path, model, None, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
+    return model.to(device).eval(), get_tokenizer(model_config.tokenizer, search=path)

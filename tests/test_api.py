@@ -23,6 +23,15 @@ pytestmark = pytest.mark.usefixtures("one_thread", "own_cache")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_the_loader_answers_to_its_old_documented_name():
+    from gptmini import checkpoint, weights
+    from gptmini.checkpoint import load_model
+
+    assert load_model is weights.load_model
+    with pytest.raises(AttributeError, match="no attribute 'no_such_loader'"):
+        checkpoint.no_such_loader  # noqa: B018
+
+
 @pytest.fixture(scope="module")
 def own_cache(tmp_path_factory):
     """The trained tokenizers these tests load are copied into a cache of their own, not the developer's."""
@@ -114,7 +123,7 @@ def test_generate_greedy_equals_a_full_recompute_argmax_loop():
 def test_from_pretrained_loads_a_weights_folder_as_the_api_model(tiny_weights):
     model, tokenizer = GPTOSSMini.from_pretrained(tiny_weights)
     assert type(model) is GPTOSSMini and not model.training and tokenizer.name == "cl100k_base"
-    reference, _ = api.checkpoint.load_model(tiny_weights)
+    reference, _ = api.weights.load_model(tiny_weights)
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
 

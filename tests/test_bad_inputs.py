@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini import checkpoint, config, parallel
+from gptmini import checkpoint, config, parallel, weights
 from gptmini.cli import COMMANDS
 from gptmini.cli import main as gptmini
 
@@ -348,7 +348,7 @@ def test_the_checkpoints_the_matrix_broke_are_still_refused_only_where_broken(wo
     """The cases above must not have touched the good files they were made from."""
     from gptmini.weights import load_pretrained
 
-    from_ckpt, _ = checkpoint.load_model(world.ckpt)
+    from_ckpt, _ = weights.load_model(world.ckpt)
     from_weights, _ = load_pretrained(world.weights)
     a, b = from_ckpt.state_dict(), from_weights.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same model, whole
@@ -366,14 +366,16 @@ def flows_state(tmp_path, monkeypatch):
 
 FLOW_CASES = [
     ({"preset": "huge"}, "'huge'"),
-    ({"steps": 0}, "steps (0)"),
+    ({"steps": 0}, "train.steps = 0"),
     ({"nproc": 0}, "nproc (0)"),
     ({"sources": []}, "sources is empty"),
     ({"sources": ["/no/such/corpus.txt"]}, "/no/such/corpus.txt"),
     ({"sources": ["ftp://example.com/a.txt"]}, "ftp://example.com/a.txt"),
     ({"model_name": "my model"}, "'my model'"),
     ({"tokenizer": "gpt5"}, "'gpt5'"),
-    ({"val_fraction": 1.5}, "val_fraction (1.5)"),
+    ({"val_fraction": 1.5}, "val-fraction 1.5 is outside [0, 1)"),
+    ({"val_fraction": 0.0}, "val_fraction (0)"),
+    ({"extra_args": ["--lr", "fast"]}, "'fast'"),
     ({"nnodes": 2}, "rdzv_endpoint"),
     ({"parallel": "zero3"}, "'zero3'"),
     ({"parallel": "fsdp+ep:2"}, "world size 1"),  # 2 expert shards on the flow's 1 process

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptmini import checkpoint, config
+from gptmini import checkpoint, config, weights
 from gptmini.model import GPTOSSMini
 from gptmini.parallel import DistEnv
 from gptmini.optim import build_optimizer
@@ -111,8 +111,8 @@ def test_load_model_reads_a_training_checkpoint_and_a_weights_folder(tmp_path, m
                                       config.to_toml(cfg), ENV, keep_last=1)
     weights.save_pretrained(model, tmp_path / "run" / "final")
     # A 512-row table cannot hold cl100k ids; load_model checks the tokenizer only for weights folders.
-    from_ckpt, _ = checkpoint.load_model(path)
+    from_ckpt, _ = weights.load_model(path)
     for k, v in model.state_dict().items():
         assert torch.equal(from_ckpt.state_dict()[k], v), k
     with pytest.raises(ValueError, match="neither a weights folder"):
-        checkpoint.load_model(tmp_path / "run" / "checkpoints")
+        weights.load_model(tmp_path / "run" / "checkpoints")

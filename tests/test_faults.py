@@ -22,7 +22,8 @@ import pytest
 
 from fault_helpers import ledger_fixture
 from train_helpers import STEPS, env, run_to_end, train_cmd, wait_for
-from gptmini.checkpoint import MARKER, is_complete, latest_checkpoint, list_checkpoints, load_model, read_json
+from gptmini.checkpoint import MARKER, is_complete, latest_checkpoint, list_checkpoints, read_json
+from gptmini.weights import load_model
 from gptmini.metrics import read_metrics, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

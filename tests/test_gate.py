@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptmini import gate
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.config import model_preset
 from gptmini.data.loader import SlidingWindowDataset, TokenShards
 from gptmini.data.prepare import PrepareConfig, prepare

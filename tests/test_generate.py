@@ -192,7 +192,7 @@ def test_cli_bad_input_is_one_clear_error(checkpoint, tmp_path, capsys):
 
 
 def test_cli_takes_a_run_folder_as_gptmini_eval_does(checkpoint, tmp_path, capsys):
-    """`--checkpoint RUN` resolves to the run's final/, else checkpoints/best/ (checkpoint.load_model)."""
+    """`--checkpoint RUN` resolves to the run's final/, else checkpoints/best/ (weights.load_model)."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copytree(checkpoint, run / "checkpoints" / "best")

@@ -4,7 +4,7 @@ gloo on CPU), both writing into one run folder as nodes on shared storage do.
 Ranks that meet at a rendezvous are the same two ranks as `--standalone --nproc-per-node 2`'s: the same
 windows per rank, the same reductions. So the two-node runs repeat the one-node reference runs' losses and
 weights to the last bit, and what they checkpoint resumes on one process. Each agent runs the command the
-train-gpt flow logs for a user to paste on every further node (`gptmini.launch.node_command`), with nothing
+train-gpt flow logs for a user to paste on every further node (`gptmini.launch.local.node_command`), with nothing
 that says which one hosts the rendezvous's store: torchrun's c10d backend tries to host it wherever the
 endpoint names this machine, and an agent that finds the port taken (the other got there first) joins as a
 client.
@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from conftest import free_port
 from gptmini.files import read_json
-from gptmini.launch import node_command, torchrun_args
+from gptmini.launch.local import node_command, torchrun_args
 from gptmini.metrics import read_metrics
 from train_helpers import BIN, COMMON, STEPS, env, run_to_end, train_cmd
 

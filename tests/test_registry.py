@@ -18,7 +18,7 @@ import torch
 import mlflow
 
 from gptmini import gate, registry  # noqa: E402
-from gptmini.checkpoint import load_model  # noqa: E402
+from gptmini.weights import load_model  # noqa: E402
 from gptmini.cli.promote import main as promote_main  # noqa: E402
 from gptmini.data.loader import SlidingWindowDataset, TokenShards  # noqa: E402
 from gptmini.evaluate import evaluate_weights  # noqa: E402
@@ -249,14 +249,6 @@ def test_registering_a_logged_model_through_a_client_on_another_store_than_the_e
     mv = registry.register_logged_model(mc, model_id, {})
     assert registry.source_model_id(mv) == model_id
     assert "MLFLOW_TRACKING_URI" not in os.environ
-
-
-def test_the_flow_finds_a_runs_logged_model_by_name(store, weights):
-    mc, _ = store
-    model_id = logged_model(store, weights["worse"], name="final")
-    run_id = mc.get_logged_model(model_id).source_run_id
-    assert registry.logged_model_id(mc, run_id, "final") == model_id
-    assert registry.logged_model_id(mc, run_id, "best") is None
 
 
 def test_typed_predict_takes_a_list_or_a_prompt_column_and_loads_without_warnings(store, weights):

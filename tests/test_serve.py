@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from gptmini.config import model_preset
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.generate import generate_text
 from gptmini.weights import save_pretrained
 from model_helpers import sharp_model

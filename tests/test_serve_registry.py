@@ -20,7 +20,7 @@ import mlflow
 from conftest import free_port  # noqa: E402
 from gptmini import registry  # noqa: E402
 from gptmini.config import model_preset  # noqa: E402
-from gptmini.checkpoint import load_model  # noqa: E402
+from gptmini.weights import load_model  # noqa: E402
 from gptmini.generate import generate_text  # noqa: E402
 from gptmini.weights import save_pretrained  # noqa: E402
 from model_helpers import sharp_model  # noqa: E402

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiktoken.load import load_tiktoken_bpe
 
-from gptmini import checkpoint, config
+from gptmini import checkpoint, config, weights
 from gptmini.config import model_preset
 from gptmini.errors import UserError
 from gptmini.generate import sampling_mask
@@ -204,5 +204,5 @@ def test_a_checkpoint_carries_its_trained_tokenizer_to_load_model(trained, tmp_p
     path = checkpoint.save_checkpoint(tmp_path / "run", 1, model, opt, {"step": 1}, {}, config.to_json(cfg),
                                       config.to_toml(cfg), env, keep_last=1)
     monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "elsewhere"))
-    _, tok = checkpoint.load_model(tmp_path / "run")
+    _, tok = weights.load_model(tmp_path / "run")
     assert tok.file == path / BPE_FILE and tok.decode(trained.encode(UNSEEN)) == UNSEEN

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptmini.checkpoint import list_checkpoints, load_model, read_json
+from gptmini.checkpoint import list_checkpoints, read_json
+from gptmini.weights import load_model
 from gptmini.metrics import read_metrics, train_losses
 from train_helpers import STEPS, env, run_to_end, train_cmd
 

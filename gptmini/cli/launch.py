@@ -15,8 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from gptmini.checkpoint import read_json
-from gptmini import parallel
+from gptmini import ending, parallel
 from gptmini.cli import run
 from gptmini.cli.train import out_dir_of, parse
 from gptmini.errors import Failure, UserError
@@ -60,13 +59,13 @@ def launch_slurm(args: argparse.Namespace) -> int:
                              on_submit=lambda job: print(f"submitted Slurm job {job} ({script})", flush=True))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-    if state == COMPLETED and summary.get("status") == "completed":
-        return 0
-    why = f"the Slurm job ended {state}" + (f"; the trainer reported {summary['status']}" if summary else "")
-    if summary.get("exit_code") == 2:
-        raise UserError(f"{why}: {summary.get('error', '')}")
-    raise Failure(f"{why}; run the same command again to resume from the last checkpoint")
+    try:
+        ending.outcome(ending.read(run_dir), state == COMPLETED, f"the Slurm job ended {state}")
+    except ending.TrainingFailed as exc:
+        if not exc.retryable:
+            raise UserError(str(exc)) from None
+        raise Failure(f"{exc} (run the same command again)") from None
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

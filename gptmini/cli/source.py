@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.model import GPTOSSMini
 from gptmini.registry import resolve_model_uri
 from gptmini.tokenizer import Tokenizer

@@ -14,9 +14,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from gptmini import parallel, registry, tracking, trainer
+from gptmini import ending, parallel, registry, tracking, trainer
 from gptmini.cli import run
 from gptmini.config import PRESETS, SECTIONS, Config, ConfigError, load, section_types, to_toml
+from gptmini.data.prepare import PrepareConfig, prepare
 from gptmini.errors import Failure, UserError
 
 # Short spellings for the flags people type most (the flow passes these too).
@@ -121,17 +122,31 @@ def train(argv: list[str]) -> int:
         return 0
     if cfg.train.init_from.startswith("models:/"):  # the registry's weights, downloaded once per version
         uri = cfg.train.init_from
-        cfg.train.init_from = str(registry.resolve_model_uri(uri, tracking.tracking_uri(cfg.tracking.tracking_uri) or None))
+        cfg.train.init_from = str(registry.resolve_model_uri(uri, cfg.tracking.tracking_uri))
         print(f"--init-from {uri}: {cfg.train.init_from}", flush=True)
     env = parallel.init_distributed(cfg)
     preempt = trainer.Preemption()
     die_with_launcher()
     try:
+        prepare_sources(cfg, env)
         result = trainer.train(cfg, env, preempt, tracking.open_tracker)
     finally:
         preempt.restore()
         parallel.cleanup()
-    return trainer.EXIT_CODES[result["status"]]
+    return ending.EXIT_CODES[result["status"]]
+
+
+def prepare_sources(cfg: Config, env: parallel.DistEnv) -> None:
+    """`--sources`: tokenized first into `--data-dir` (default RUN/data) on rank 0, a no-op when the shards are
+    up to date; the trainer then reads prepared data only."""
+    if not cfg.data.sources:
+        return
+    if not cfg.data.data_dir:
+        cfg.data.data_dir = str(Path(cfg.train.out_dir) / "data")
+    if env.is_main:
+        prepare(PrepareConfig(sources=list(cfg.data.sources), out=Path(cfg.data.data_dir),
+                              tokenizer=cfg.model.tokenizer))
+    parallel.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return train(argv)
         except Exception as exc:
-            status = trainer.ending(exc)
+            status = ending.status_of(exc)
             record_ending(argv, status, str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
-            if status == trainer.OOM:
+            if status == ending.OOM:
                 raise Failure(f"out of memory ({str(exc).splitlines()[0][:200]}); lower --batch-size (with "
                               f"--grad-accum to keep the tokens per step) or use --parallel fsdp") from exc
             raise
@@ -156,7 +171,7 @@ def record_ending(argv: list[str], status: str, error: str) -> None:
     creates it to read how the run ended); a mistyped command never leaves a folder behind."""
     out = out_dir_of(argv)
     if out and Path(out).is_dir() and os.environ.get("RANK", "0") == "0":
-        trainer.write_ending(out, status, error)
+        ending.write_error(out, status, error)
 
 
 def exit_rank(code: int) -> None:

@@ -407,16 +407,6 @@ def _positions(tokens: TokenShards | np.ndarray, value: int) -> np.ndarray:
     return np.concatenate(found) if found else np.empty(0, np.int64)
 
 
-def eval_loader(data_dir: str | Path, split: str, seq_len: int, batch_size: int = 8, rank: int = 0,
-                world_size: int = 1, device: str | torch.device = "cpu", verify: bool = True) -> WindowLoader:
-    """A split's `PieceWindows`, in order: each `for x, y in loader` is one full pass over this rank's part,
-    with the same batch count on every rank (FSDP gathers weights inside forward)."""
-    tokens = TokenShards.open(data_dir, split, verify)
-    if not len(tokens):
-        raise DataError(_empty(data_dir, split))
-    return piece_loader(tokens, tokens.manifest["eot_token"], seq_len, batch_size, rank, world_size, device)
-
-
 def _empty(data_dir: str | Path, split: str) -> str:
     return (f"the {split} split of {data_dir} is empty; raise --val-fraction or add text, then re-run "
             f"`gptmini prepare ... --out {data_dir} --force`")
@@ -532,4 +522,4 @@ class BatchStream:
         self.epoch, self.taken = state.get("epoch", 0), state.get("batches", 0)
 
 __all__ = ["SPLITS", "TokenShards", "SlidingWindowDataset", "PieceWindows", "DistributedWindowSampler", "WindowLoader",
-           "BatchStream", "build_loaders", "window_loaders", "eval_loader", "piece_bounds", "piece_loader"]
+           "BatchStream", "build_loaders", "window_loaders", "piece_bounds", "piece_loader"]

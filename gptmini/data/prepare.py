@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -60,9 +59,10 @@ from gptmini.data.sources import (
     split_text,
     utc_now,
 )
+from gptmini.errors import UserError
 from gptmini.files import commit, read_json, sha256_file, write_atomic
 from gptmini.redact import redact_tree
-from gptmini.tokenizer import DEFAULT_TOKENIZER, Tokenizer, bpe_size, get_tokenizer, train_bpe
+from gptmini.tokenizer import DEFAULT_TOKENIZER, Tokenizer, bpe_size, check_tokenizer_name, get_tokenizer, train_bpe
 
 FORMAT = "gptmini-tokens/2"
 # Format 1 dealt chunk k of the whole corpus by its position, so adding a document moved later chunks between
@@ -332,7 +332,7 @@ def part_tasks(parts: list[Part], todo: list[int], rule: SplitRule, split_chars:
 def earlier_inputs(since: Path) -> tuple[dict, set[tuple[str, str]]]:
     """An earlier dataset's manifest and its inputs as (identity, sha256) pairs."""
     since = Path(since)
-    manifest = read_manifest(since) if since.is_dir() else _read_manifest_file(since, since.parent)
+    manifest = read_manifest(since)
     return manifest, {(input_id(p), p["sha256"]) for s in manifest["sources"] for p in s["inputs"]}
 
 
@@ -427,9 +427,13 @@ def input_key(cfg: PrepareConfig, inputs: list[dict], since_key: str | None = No
 
 
 def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a prepared folder; a missing, unreadable or foreign one is a DataError that says
-    how to rebuild it."""
-    path = Path(data_dir) / "manifest.json"
+    """The manifest of a prepared folder (or the manifest.json file itself, e.g. one downloaded from a run);
+    a missing, unreadable or foreign one is a DataError that says how to rebuild it."""
+    path = Path(data_dir)
+    if path.is_file():
+        data_dir, path = path.parent, path
+    else:
+        path = path / "manifest.json"
     if not path.exists():
         raise DataError(f"no manifest.json in {data_dir}; run `gptmini prepare SOURCE... --out {data_dir}` first")
     return _read_manifest_file(path, data_dir)
@@ -473,6 +477,11 @@ def check_config(cfg: PrepareConfig) -> None:
         raise DataError("no sources given; name at least one, e.g. `gptmini prepare embedded:python-docs --out data/`")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise DataError(f"--val-fraction {cfg.val_fraction} is outside [0, 1); e.g. 0.05 holds out 5% of the text")
+    try:  # the name only: a published encoding, a trained one, or bpe:N to train (bpe_size checks N)
+        if not bpe_size(cfg.tokenizer):
+            check_tokenizer_name(cfg.tokenizer)
+    except UserError as exc:
+        raise DataError(f"--tokenizer: {exc}") from None
     if cfg.split_chars < 16:
         raise DataError(f"--split-chars {cfg.split_chars} must be >= 16, e.g. {SPLIT_CHARS} (about 256 tokens)")
     if cfg.shard_tokens < 1:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptmini import quantize, registry
-from gptmini.checkpoint import load_model
+from gptmini.weights import load_model
 from gptmini.engine import Engine, Sampling, generate_one
 from gptmini.errors import Failure, UserError
 from gptmini.server.config import ServeConfig
