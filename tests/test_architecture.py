@@ -46,7 +46,8 @@ def test_no_module_of_ours_is_imported_inside_a_function():
     (MLflow, matplotlib, pyarrow) may be imported where they are used."""
     lazy = {str(p.relative_to(ROOT)): [m for m in imports(p, nested_only=True) if m.split(".")[0] == "gptmini"]
             for p in LIBRARY.rglob("*.py")}
-    assert {p: m for p, m in lazy.items() if m} == {}
+    # The one exception: `gptmini.checkpoint.load_model`, the loader's documented old name, pinned in test_api.
+    assert {p: m for p, m in lazy.items() if m} == {"gptmini/checkpoint.py": ["gptmini.weights"]}
 
 
 def test_the_library_has_no_argparse_outside_the_cli():

@@ -12,7 +12,8 @@ from gptmini.cli.source import add_model_source
 from gptmini.device import pick_device
 from gptmini.errors import MissingPathError, UserError
 from gptmini.registry import parse_model_uri
-from gptmini.server import ServeConfig, serve as run_server
+from gptmini.server.app import serve as run_server
+from gptmini.server.config import ServeConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
