@@ -275,33 +275,6 @@ def test_bad_flow_parameters_fail_before_any_task(stack):
         state.result()
 
 
-def test_deployments_are_registered_with_schedule_and_overridable_parameters(stack):
-    from prefect.deployments import run_deployment
-
-    from flows.serve import RETRAIN_CRON, deployments
-
-    for deployment in deployments():
-        deployment.apply()
-    with get_client(sync_client=True) as client:
-        demo = client.read_deployment_by_name("train-gpt/demo")
-        retrain = client.read_deployment_by_name("train-gpt/retrain")
-        promote = client.read_deployment_by_name("promote-model/promote")
-    assert demo.parameters["preset"] == "demo" and demo.parameters["sources"] == ["embedded:python-docs"]
-    assert [s.schedule.cron for s in retrain.schedules] == [RETRAIN_CRON]
-    assert retrain.parameters["promotion"] == "if-better"
-    assert retrain.global_concurrency_limit.limit == 1  # a retrain that comes due while one runs waits for it
-    assert promote.entrypoint == "flows.promote.promote_model"
-
-    # What `prefect deployment run train-gpt/demo --param steps=7` sends (timeout=0: only schedule it).
-    run = run_deployment("train-gpt/demo", parameters={"steps": 7}, timeout=0)
-    assert run.parameters["steps"] == 7
-    assert run.deployment_id == demo.id
-    with get_client(sync_client=True) as client:
-        client.delete_flow_run(run.id)
-    with pytest.raises(Exception, match="steps"):
-        run_deployment("train-gpt/demo", parameters={"steps": "many"}, timeout=0)
-
-
 def test_report_keeps_sample_text_inside_its_table_cell():
     from flows.report import report
 
@@ -342,19 +315,19 @@ def train_only(run_dir: str) -> dict:
         "tiny", "data", run_dir, 2, 1, "none", "cpu", [], "mlflow-run-id", "sqlite:///unused.db", "run-name")
 
 
-def ending(status: str, **fields) -> dict:
+def summary_of(status: str, **fields) -> dict:
     return {"status": status, **fields}
 
 
-COMPLETED = ending(ending.COMPLETED, steps=2)
+COMPLETED = summary_of(ending.COMPLETED, steps=2)
 ENDINGS = {
-    "bad config": [(ending(ending.BAD_CONFIG, error="ConfigError: --train.steps must be >= 1", exit_code=2), 2)],
-    "bad data": [(ending(ending.BAD_DATA, error="DataError: train-00000.arrow is damaged", exit_code=2), 2)],
-    "preempted": [(ending(ending.PREEMPTED, steps=1), 0), (COMPLETED, 0)],
+    "bad config": [(summary_of(ending.BAD_CONFIG, error="ConfigError: --train.steps must be >= 1", exit_code=2), 2)],
+    "bad data": [(summary_of(ending.BAD_DATA, error="DataError: train-00000.arrow is damaged", exit_code=2), 2)],
+    "preempted": [(summary_of(ending.PREEMPTED, steps=1), 0), (COMPLETED, 0)],
     "killed": [(None, -9), (COMPLETED, 0)],
-    "out of memory": [(ending(ending.OOM, error="OutOfMemoryError: CUDA out of memory", exit_code=1), 1),
+    "out of memory": [(summary_of(ending.OOM, error="OutOfMemoryError: CUDA out of memory", exit_code=1), 1),
                       (COMPLETED, 0)],
-    "failed": [(ending(ending.FAILED, error="RuntimeError: NCCL timeout", exit_code=1), 1), (COMPLETED, 0)],
+    "failed": [(summary_of(ending.FAILED, error="RuntimeError: NCCL timeout", exit_code=1), 1), (COMPLETED, 0)],
 }
 
 

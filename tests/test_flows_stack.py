@@ -42,6 +42,39 @@ def test_up_is_idempotent_and_health_checked(stack):
     assert {"prefect.log", "mlflow.log", "serve.log", "model.log"} <= {p.name for p in (stack.state / "logs").iterdir()}
 
 
+def test_up_registers_the_deployments_with_schedule_and_overridable_parameters(stack):
+    """What the serving process registered when `make up` started it: read, never re-applied (the session's
+    Prefect server is shared, and the serving process runs what is scheduled)."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from flows.serve import RETRAIN_CRON
+
+    settings = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.client_env["PREFECT_API_AUTH_STRING"]}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
+        demo = client.read_deployment_by_name("train-gpt/demo")
+        retrain = client.read_deployment_by_name("train-gpt/retrain")
+        promote = client.read_deployment_by_name("promote-model/promote")
+        assert demo.parameters["preset"] == "demo" and demo.parameters["sources"] == ["embedded:python-docs"]
+        assert [s.schedule.cron for s in retrain.schedules] == [RETRAIN_CRON]
+        assert retrain.parameters["promotion"] == "if-better"
+        assert retrain.parameters["incoming"] == str(stack.state / "incoming")
+        assert retrain.global_concurrency_limit.limit == 1  # a retrain that comes due while one runs waits for it
+        assert promote.entrypoint == "flows.promote.promote_model"
+
+        # What `prefect deployment run train-gpt/demo --param steps=7` sends, scheduled a day ahead so that the
+        # serving process leaves it alone until it is deleted.
+        later = datetime.now(timezone.utc) + timedelta(days=1)
+        run = run_deployment("train-gpt/demo", parameters={"steps": 7}, scheduled_time=later, timeout=0)
+        client.delete_flow_run(run.id)
+        assert run.parameters["steps"] == 7 and run.deployment_id == demo.id
+        with pytest.raises(Exception, match="steps"):
+            run_deployment("train-gpt/demo", parameters={"steps": "many"}, scheduled_time=later, timeout=0)
+
+
 # Over 60 s: `make demo`'s path, once: a deployment run from a shell, the model server loading the version.
 @pytest.mark.slow
 def test_deployment_run_from_a_shell_registers_a_version_that_generate_loads(stack):
