@@ -67,6 +67,14 @@ def check_sources(sources: list[str]) -> list[str]:
     return out
 
 
+def check_data_parameters(tokenizer: str, val_fraction: float) -> None:
+    """prepare's own checks of the tokenizer and val_fraction, and a val split that is not empty."""
+    check_config(PrepareConfig(sources=["checked apart"], out=Path("shards"), tokenizer=tokenizer,
+                               val_fraction=val_fraction))
+    if val_fraction == 0:  # prepare allows none; evaluation and the gate need a val split
+        raise ValueError("val_fraction (0) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
+
+
 def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rdzv_endpoint: str, tokenizer: str,
                      val_fraction: float, max_new_tokens: int, train_retries: int, model_name: str,
                      launcher: str = "local", slurm: SlurmOptions | None = None, parallel: str = "none",
@@ -87,10 +95,7 @@ def check_parameters(preset: str, steps: int | None, nproc: int, nnodes: int, rd
         slurm.check()
     t = cfg.train
     parallel_.mesh_dims(nproc * nnodes, t.parallel, t.dp_shard, t.tp, t.ep, cfg.model)
-    check_config(PrepareConfig(sources=["checked apart"], out=Path("shards"), tokenizer=tokenizer,
-                               val_fraction=val_fraction))
-    if val_fraction == 0:  # prepare allows none; evaluation and the gate need a val split
-        raise ValueError("val_fraction (0) must be in (0, 1), e.g. 0.05 holds out 5% of the text")
+    check_data_parameters(tokenizer, val_fraction)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) must be >= 1")
     registry.check_model_name(model_name)  # before a version is registered under it, not after

@@ -292,7 +292,8 @@ def test_promote_model_flow_moves_production_and_rejects_an_unknown_version(stac
     from flows.promote import promote_model
 
     mc = registry.client(stack)
-    run = mc.create_run(mc.get_experiment_by_name("gptmini").experiment_id)
+    experiment = mc.get_experiment_by_name("promote-test")
+    run = mc.create_run(experiment.experiment_id if experiment else mc.create_experiment("promote-test"))
     mv = registry.log_model_version(mc, run.info.run_id, tiny_weights, {"val_loss": "9.0"}, name="promote-test")
     result = promote_model(version=int(mv.version), model_name="promote-test")
     assert result["promote"]
