@@ -44,8 +44,7 @@ LAYOUTS = {
         "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2)),
         "tp2-moe": ("moe", MeshDims(tp=2))},
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
-        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xtp2": ("dense", MeshDims(dp_replicate=2, tp=2)),
-        "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2))},
+        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2))},
 }
 # Compiled as `--compile --train.compile_backend eager` compiles (each block, before wrapping): dynamo traces
 # the TP layouts and the EP dispatch, and the losses must still be one process's.
@@ -143,6 +142,7 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     device = torch.device("cpu")
     env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
     net = build(model)
+    torch._dynamo.utils.counters.clear()
     if name in COMPILED:
         parallel.compile_model(net, "blocks", backend="eager")
     net = parallel.wrap(net, "ddp" if dims.dp_replicate > 1 else "fsdp", env)
@@ -158,7 +158,8 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
             checkpoint.save_checkpoint(out / name, run.state.step, net, run.optimizer, trainer_state={},
                                        rank_state={}, config_json="{}", config_toml="", env=env, keep_last=1)
     result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms, "collectives": comms,
-              "payload_bytes": payload, "seconds": time.perf_counter() - t0}
+              "payload_bytes": payload, "seconds": time.perf_counter() - t0,
+              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if dims.tp > 1:
         # Sequence parallelism leaves the norms' gradients partial on each rank, and the replicated router sums
         # its gradient from partial expert outputs; after the steps their weights must still be the same on

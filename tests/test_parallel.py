@@ -1,6 +1,6 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense and MoE), EP 2,
-FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 (compiled) and HSDP (DDP 2 x TP 2, DDP 2 x EP 2), with gradient
-accumulation and clipping, on CPU with gloo, in two torchrun launches (tests/parallel_layouts.py runs the layouts of a
+FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 (compiled) and HSDP (DDP 2 x EP 2: FSDP over the ep pair, replicated
+across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches (tests/parallel_layouts.py runs the layouts of a
 world size one after another in its process group and writes their losses, grad norms and collectives).
 
 Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router compute in float32 by design
@@ -64,6 +64,7 @@ def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, wo
     got, want = layouts[name], one_process[layouts[name]["model"]]
     assert close(got["loss"], want["loss"]), (got["loss"], want["loss"])
     assert close(got["grad_norm"], want["grad_norm"]), (got["grad_norm"], want["grad_norm"])
+    assert (got["graphs"] > 0) == (name in pl.COMPILED)  # dynamo traced the blocks the layout compiled
 
 
 @pytest.mark.slow
@@ -96,7 +97,6 @@ COLLECTIVES = {
     "ep2xtp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
                 "reduce_scatter_tensor": 20, "alltoall_base_": 4, "all_to_all_single": 16, "all_reduce": 20,
                 "allreduce_": 9},
-    "ddp2xtp2": {"all_gather_into_tensor": 20, "reduce_scatter_tensor": 20, "all_reduce": 12, "allreduce_": 4},
     "ddp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 18},
 }
