@@ -397,7 +397,7 @@ class ExpertParallel:
         self.group, self.ep, self.tp_mesh = group, ep, tp_mesh
 
     def local(self, w: torch.Tensor) -> torch.Tensor:
-        return w.to_local() if hasattr(w, "to_local") else w
+        return w.to_local()  # apply_ep made every expert weight a DTensor (hasattr would not trace under dynamo)
 
     def router_input(self, x: torch.Tensor) -> torch.Tensor:
         """Every tp rank routes the same tokens, so the router's share of the input gradient is whole on each,
@@ -416,6 +416,9 @@ class ExpertParallel:
         return DTensor.from_local(weights, self.tp_mesh, [Replicate()], run_check=False).to_local(
             grad_placements=[Partial()])
 
+    # Eager under torch.compile, as torchtitan leaves them: the split sizes are read on the host, so dynamo would
+    # break its graph there anyway and recompile for every new set of sizes.
+    @torch.compiler.disable
     def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
@@ -435,6 +438,7 @@ class ExpertParallel:
                           + [torch.zeros(0, dtype=torch.long)]).to(xs.device)
         return ys[order], received.sum(0), (order, send, recv)
 
+    @torch.compiler.disable
     def combine(self, ys: torch.Tensor, route: tuple | None) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 

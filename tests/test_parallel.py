@@ -1,7 +1,8 @@
-"""Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense and MoE), EP 2,
-FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 (compiled) and HSDP (DDP 2 x EP 2: FSDP over the ep pair, replicated
-across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches (tests/parallel_layouts.py runs the layouts of a
-world size one after another in its process group and writes their losses, grad norms and collectives).
+"""Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled),
+EP 2, FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 and HSDP (DDP 2 x EP 2: FSDP over the ep pair, replicated
+across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches
+(tests/parallel_layouts.py runs the layouts of a world size one after another in its process group and writes
+their losses, grad norms and collectives).
 
 Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router compute in float32 by design
 and the step's loss is summed in float32, so layouts that reduce in another order differ by float32 ulps
