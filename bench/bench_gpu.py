@@ -208,15 +208,16 @@ def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> 
 def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
     """`subject` through a parallel code path at degree 1, on a one-rank mesh: `ep1` sends the experts' tokens
     through dispatch and combine (all-to-alls, DTensor expert weights), `tp1` runs the TP plan (DTensor
-    projections, sequence-parallel norms, loss_parallel). Beside the plain subject, their cost over it."""
+    projections, sequence-parallel norms, loss_parallel; on an MoE the experts split by tp and the router's
+    gradient sums). Beside the plain subject, their cost over it."""
 
     def build() -> nn.Module:
         model = subject.build()
         mesh = parallel.build_mesh(parallel.MeshDims(), device)
         if layout == "tp1":
             parallel.apply_tp(model, mesh["tp"])
-        else:
-            parallel.apply_ep(model, mesh["ep"])
+        if layout == "ep1" or (layout == "tp1" and parallel.expert_params(model)):
+            parallel.apply_ep(model, mesh[layout[:2]])
         return model
 
     return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)
@@ -669,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.is_initialized():  # a one-rank group: what the mesh's collectives run on
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
-        for subject in (moe, degree_one(moe, "ep1", device), dense, degree_one(dense, "tp1", device)):
+        for subject in (moe, degree_one(moe, "ep1", device), degree_one(moe, "tp1", device), dense,
+                        degree_one(dense, "tp1", device)):
             bench_training(subject, seqs[:1], args, device, peak, results, save)
     save()
     print(table(results))

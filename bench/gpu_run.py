@@ -175,7 +175,7 @@ def slice_argv(name: str, args: argparse.Namespace, out: Path, profile_dir: Path
             "loader": ["--sections", "loader"],
             "accum2": ["--sections", "train", "--grad-accum", "2"],
             "t2048": ["--sections", "train", "--seq", "64", "--batch", "1"],
-            "parallel": ["--sections", "parallel", "--steps", "1", "--warmup", "0"],  # four models: the plumbing
+            "parallel": ["--sections", "parallel", "--steps", "1", "--warmup", "0"],  # five models: the plumbing
         }
         kernels = ["--device", "cpu", "--preset", "tiny"]
         int8 = ["--device", "cpu", "--preset", "tiny", "--dtypes", "int8", "--batch", "1", "--new-tokens", "4"]

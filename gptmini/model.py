@@ -376,7 +376,8 @@ class MoE(nn.Module):
 
     kernel = "looped"
     # Set by gptmini.parallel, which owns the process groups (this module never imports torch.distributed):
-    # `expert_parallel` moves tokens to the ranks that hold their experts and back (dispatch/combine/local);
+    # `expert_parallel` moves tokens to the ranks that hold their experts and back (dispatch/combine/local),
+    # and under tensor parallelism marks the router's input and weights for the gradients' sums;
     # `data_mean` averages a router statistic over the data-parallel ranks, so the balance loss is the one
     # process's over the global batch.
     expert_parallel = None
@@ -395,7 +396,8 @@ class MoE(nn.Module):
         """Returns the output, the load-balancing loss and the tokens routed to each expert."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)  # (N, D)
-        probs = self.gate(x).float().softmax(dim=-1)  # (N, E)
+        ep = self.expert_parallel
+        probs = self.gate(x if ep is None else ep.router_input(x)).float().softmax(dim=-1)  # (N, E)
         weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         # one_hot with an explicit size and a sum: no host sync (unlike bincount) and deterministic.
@@ -443,7 +445,7 @@ class MoE(nn.Module):
         ys = ep.combine(ys, route)  # (N*k, D) in `order`
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         ys = ys[inverse].view(N, self.top_k, D)  # back to (token, slot) order
-        return (ys * weights[..., None].to(ys.dtype)).sum(dim=1)
+        return (ys * ep.routing_weights(weights)[..., None].to(ys.dtype)).sum(dim=1)
 
     def experts_looped(self, x: Tensor, weights: Tensor, experts: Tensor, load: Tensor) -> Tensor:
         y = torch.zeros_like(x)

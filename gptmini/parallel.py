@@ -66,9 +66,7 @@ def mesh_dims(world: int, parallel: str, dp_shard: int, tp: int, ep: int, model:
         if not isinstance(value, int) or value < low:
             raise UserError(f"{name} = {value!r}; it must be an integer >= {low}")
     if tp > 1:
-        if model.is_moe:
-            raise UserError(f"train.tp = {tp} with an MoE model (model.num_experts = {model.num_experts}): "
-                        f"tensor parallelism covers dense models; split the experts with --ep instead")
+        # d_ff is the dense SwiGLU's hidden size, or each expert's: tp splits it either way.
         sizes = {"model.n_heads": model.n_heads, "model.n_kv_heads": model.n_kv_heads, "model.d_ff": model.d_ff,
                  "model.vocab_size": model.vocab_size}
         bad = [f"{k} = {v}" for k, v in sizes.items() if v % tp]
@@ -193,13 +191,15 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     """The one place the mesh is made: its four dimensions by name, and the flattened views `fsdp` (dp_shard x
     ep: what FSDP shards the dense weights over; EP borrows its ranks for data, as in torchtitan), `data`
     (every rank with its own batch), `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)
-    and, with replicas, `hsdp` (dp_replicate x fsdp). Kept here rather than sliced again from the root mesh,
-    which torch is deprecating for flattened dimensions."""
+    and, with replicas, `hsdp` (dp_replicate x fsdp); `experts`, what the experts' weights are sharded over:
+    ep (the expert index), tp (each expert's hidden units), or both. Kept here rather than sliced again from
+    the root mesh, which torch is deprecating for flattened dimensions."""
     from torch.distributed.device_mesh import init_device_mesh
 
     root = init_device_mesh(device.type, (dims.dp_replicate, dims.dp_shard, dims.ep, dims.tp),
                             mesh_dim_names=MESH_DIMS)
     meshes = {name: root[name] for name in MESH_DIMS}
+    meshes["experts"] = root["ep", "tp"] if dims.ep > 1 and dims.tp > 1 else root["tp" if dims.tp > 1 else "ep"]
     meshes["fsdp"] = root["dp_shard", "ep"]._flatten("fsdp")
     meshes["data"] = root["dp_replicate", "dp_shard", "ep"]._flatten("data")
     meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
@@ -255,8 +255,8 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     dims = env.dims
     if dims.tp > 1:
         apply_tp(model, env.mesh["tp"])
-    if dims.ep > 1:
-        apply_ep(model, env.mesh["ep"])
+    if dims.ep * dims.tp > 1 and expert_params(model):
+        apply_ep(model, env.mesh["experts"])
     if dims.data > 1:
         set_data_mean(model, env.mesh["data"].get_group())
     # bf16 compute with fp32 gradient reduction on GPU; CPU/gloo keeps fp32 throughout.
@@ -266,7 +266,7 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if env.device.type == "cuda" else MixedPrecisionPolicy())
         mesh = env.mesh["hsdp" if dims.dp_replicate > 1 else "fsdp"]
-        experts = set(expert_params(model)) if dims.ep > 1 else set()
+        experts = set(expert_params(model)) if dims.ep * dims.tp > 1 else set()
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts or None)
@@ -297,7 +297,7 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
     seq_to_full = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
                                      desired_input_layouts=(Replicate(), None, None, None, None))
     for block in transformer_blocks(model):
-        parallelize_module(block, tp_mesh, {
+        plan = {
             "attention_norm": SequenceParallel(),
             "attention": seq_to_full,
             "attention.wq": ColwiseParallel(),
@@ -305,11 +305,17 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-            "feed_forward.w3": ColwiseParallel(),
-        })
+        }
+        if isinstance(block.feed_forward, MoE):  # its experts are sharded by apply_ep
+            moe_sequence_layouts(block.feed_forward, tp_mesh)
+        else:
+            plan |= {
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+                "feed_forward.w3": ColwiseParallel(),
+            }
+        parallelize_module(block, tp_mesh, plan)
     parallelize_module(model, tp_mesh, {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -320,6 +326,28 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         # made two, which would train apart.
         model.output.weight = model.tok_embeddings.weight
     model.vocab_parallel = True
+
+
+def moe_sequence_layouts(moe: MoE, tp_mesh: Any) -> None:
+    """An MoE under TP, as the dense feed-forward: its input gathered over the sequence (every tp rank routes
+    every token: the router is replicated, as torchtitan's), its output, which each rank computes from its
+    share of every expert's hidden units (apply_ep), a partial sum reduce-scattered back over the sequence.
+    The input's gradient is partial too (ExpertParallel.router_input), so the gather's backward is a
+    reduce-scatter. The MoE itself runs on plain local tensors."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    def gather(module: nn.Module, args: tuple) -> tuple:
+        return (args[0].redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()]), *args[1:])
+
+    def scatter(module: nn.Module, args: tuple, out: tuple) -> tuple:
+        y, aux, load = out
+        y = DTensor.from_local(y, tp_mesh, [Partial()], run_check=False).redistribute(tp_mesh, [Shard(1)])
+        # The residual stream is local, as the row-wise wo/w2 leave it; the balance loss, the same on every tp
+        # rank, joins the loss_parallel loss (a replicated DTensor) as one.
+        return y.to_local(), DTensor.from_local(aux, tp_mesh, [Replicate()], run_check=False), load
+
+    moe.register_forward_pre_hook(gather)
+    moe.register_forward_hook(scatter)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -351,21 +379,58 @@ def expert_params(model: nn.Module) -> list[nn.Parameter]:
     return [w for m in model.modules() if isinstance(m, MoE) for w in (m.w1, m.w2, m.w3)]
 
 
-class ExpertParallel:
-    """Dispatch and combine for MoE.experts_dispatched, as torchtitan's ExpertParallel: the expert weights are
-    sharded on dim 0 (rank r holds experts r*E/ep ... (r+1)*E/ep - 1); the routing slots, sorted by expert,
-    go to their experts' ranks by an all-to-all (uneven splits, with autograd), after the per-expert counts
-    are exchanged and read on the host; combine is the same exchange backwards."""
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
 
-    def __init__(self, group: Any, ep: int):
-        self.group, self.ep = group, ep
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
+
+
+class ExpertParallel:
+    """MoE.expert_parallel: the experts sharded over ep ranks on dim 0, as torchtitan's ExpertParallel (rank r
+    holds experts r*E/ep ... (r+1)*E/ep - 1), over tp ranks on each expert's hidden units (w1/w3 dim 1, w2 dim 2),
+    as its TensorParallel for experts, or both. Under ep the routing slots, sorted by expert, go to their
+    experts' ranks by an all-to-all (uneven splits, with autograd), after the per-expert counts are exchanged and
+    read on the host; combine is the same exchange backwards. Under tp every rank computes every slot with its
+    share of the hidden units: the MoE's output is a partial sum (moe_sequence_layouts)."""
+
+    def __init__(self, group: Any, ep: int, tp_mesh: Any = None):
+        self.group, self.ep, self.tp_mesh = group, ep, tp_mesh
 
     def local(self, w: torch.Tensor) -> torch.Tensor:
-        return w.to_local() if hasattr(w, "to_local") else w
+        return w.to_local()  # apply_ep made every expert weight a DTensor (hasattr would not trace under dynamo)
 
-    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Every tp rank routes the same tokens, so the router's share of the input gradient is whole on each,
+        where the experts' share is partial: 1/tp of it on each rank makes the sum over tp (the gather's
+        backward) count it once. The router's own weight gradient is left whole."""
+        return x if self.tp_mesh is None else _ScaleGrad.apply(x, 1 / self.tp_mesh.size())
+
+    def routing_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """Each tp rank's expert outputs are partial sums, and so is the routing weights' gradient (output
+        gradient x expert output): summed over tp in backward, the router's gradient is whole and identical on
+        every tp rank, so its weights stay in step without a collective of their own."""
+        if self.tp_mesh is None:
+            return weights
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        return DTensor.from_local(weights, self.tp_mesh, [Replicate()], run_check=False).to_local(
+            grad_placements=[Partial()])
+
+    # Eager under torch.compile, as torchtitan leaves them: the split sizes are read on the host, so dynamo would
+    # break its graph there anyway and recompile for every new set of sizes.
+    @torch.compiler.disable
+    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+        if self.group is None:  # experts split over tp alone: every rank holds every expert
+            return xs, counts, None
         E = counts.numel()
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)  # [source rank][local expert]
@@ -380,28 +445,37 @@ class ExpertParallel:
                           + [torch.zeros(0, dtype=torch.long)]).to(xs.device)
         return ys[order], received.sum(0), (order, send, recv)
 
-    def combine(self, ys: torch.Tensor, route: tuple) -> torch.Tensor:
+    @torch.compiler.disable
+    def combine(self, ys: torch.Tensor, route: tuple | None) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+        if route is None:
+            return ys
         order, send, recv = route
         back = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         return all_to_all_single_autograd(ys[back], send, recv, self.group)
 
 
-def apply_ep(model: nn.Module, ep_mesh: Any) -> None:
-    """Shard each MoE's experts over the ep ranks (a DTensor Shard(0), so checkpoints hold the full expert
-    set and reshard to any mesh) and route its tokens through ExpertParallel. FSDP leaves the experts alone
-    (ignored_params): `sync_expert_grads` reduces their gradients over the copies of each shard."""
+def apply_ep(model: nn.Module, mesh: Any) -> None:
+    """Shard each MoE's experts over `mesh` (build_mesh's `experts`: ep, tp or the 2-D ep x tp) as DTensors, so
+    checkpoints hold the full expert set and reshard to any mesh, and route its tokens through ExpertParallel.
+    FSDP leaves the experts alone (ignored_params): `sync_expert_grads` reduces their gradients over the copies
+    of each shard."""
     from torch.distributed.tensor import DTensor, Shard
 
-    ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
-    dispatcher = ExpertParallel(ep_mesh.get_group(), ep)
+    names = mesh.mesh_dim_names
+    ep = mesh.shape[names.index("ep")] if "ep" in names else 1
+    dispatcher = ExpertParallel(mesh.get_group("ep") if "ep" in names else None, ep,
+                                (mesh["tp"] if len(names) > 1 else mesh) if "tp" in names else None)
     for m in model.modules():
         if isinstance(m, MoE):
-            for name in ("w1", "w2", "w3"):
-                full = getattr(m, name)
-                local = full.detach().chunk(ep, dim=0)[rank].clone()  # every rank built the same init
-                setattr(m, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
+            for name, hidden in (("w1", 1), ("w2", 2), ("w3", 1)):
+                local = getattr(m, name).detach()  # every rank built the same init
+                dims = [0 if n == "ep" else hidden for n in names]
+                for i, d in enumerate(dims):
+                    local = local.chunk(mesh.shape[i], dim=d)[mesh.get_local_rank(i)]
+                setattr(m, name, nn.Parameter(DTensor.from_local(local.clone(), mesh, [Shard(d) for d in dims],
+                                                                 run_check=False)))
             m.expert_parallel = dispatcher
 
 
@@ -409,7 +483,7 @@ def sync_expert_grads(model: nn.Module, env: DistEnv) -> None:
     """Each rank's expert gradients sum what every rank's tokens sent them (the all-to-all's backward); the
     loss is the mean over the data ranks, so divide by their number, and sum over the copies of each shard
     (dp_replicate x dp_shard)."""
-    if env.dims.ep == 1:
+    if env.dims.ep * env.dims.tp == 1:
         return
     group = env.mesh["expert_dp"].get_group() if env.dims.dp_replicate * env.dims.dp_shard > 1 else None
     for w in expert_params(model):

@@ -1,20 +1,22 @@
 """Every layout of the device mesh against one process, in one torchrun launch (tests/test_parallel.py).
 
-    torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2
-    torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 fsdp2xep2
+    torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2 tp2-moe ...
+    torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 ep2xtp2 ddp2xep2 ...
 
 Each layout trains a tiny dense or MoE model in float64, from the same init, on the same global batches,
 with the trainer's own `train_step` (accumulation, expert-gradient sync, clipping, AdamW) and
 `parallel.wrap` on a mesh from `parallel.build_mesh`; rank 0 writes each layout's per-step losses and
 grad norms, its collectives per step (CommDebugMode) and its bytes moved per step to OUT_DIR/layouts-N.json.
-The tp2 and ep2 layouts also write a training checkpoint after step 2 (`checkpoint.save_checkpoint`),
+The tp2, ep2 and tp2-moe layouts also write a training checkpoint after step 2 (`checkpoint.save_checkpoint`),
 which the test resumes in one process. `one_process` is the reference, run by the test itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,9 +42,16 @@ OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)  # a clip that bit
 LAYOUTS = {
     2: {"ddp2": ("dense", MeshDims(dp_replicate=2)), "fsdp2": ("dense", MeshDims(dp_shard=2)),
         "tp2": ("dense", MeshDims(tp=2)), "ddp2-moe": ("moe", MeshDims(dp_replicate=2)),
-        "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2))},
-    4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2))},
+        "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2)),
+        "tp2-moe": ("moe", MeshDims(tp=2))},
+    4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
+        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2))},
 }
+# Compiled as `--compile --train.compile_backend eager` compiles (each block, before wrapping): dynamo traces
+# the TP plan, the MoE's sequence layouts and its experts split by tp, and the losses must still be one
+# process's. (EP's dispatch and combine run eagerly under compile; compiling ep2 as well adds about 15 s.)
+COMPILED = {"tp2-moe"}
+CHECKPOINTED = ("tp2", "ep2", "tp2-moe")  # a training checkpoint after step CKPT_STEP
 
 
 def batches(model: str) -> torch.Tensor:
@@ -130,30 +139,43 @@ def collectives():
 
 
 def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
+    t0 = time.perf_counter()
     rank = int(os.environ["RANK"])
     device = torch.device("cpu")
     env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
-    net = parallel.wrap(build(model), "ddp" if dims.dp_replicate > 1 else "fsdp", env)
+    net = build(model)
+    torch._dynamo.utils.counters.clear()
+    if name in COMPILED:
+        parallel.compile_model(net, "blocks", backend="eager")
+    net = parallel.wrap(net, "ddp" if dims.dp_replicate > 1 else "fsdp", env)
     run = run_for(model, env, net)
     losses, norms = [], []
-    for _ in range(STEPS):  # the collectives kept are the last step's
-        with collectives() as mode:
+    for i in range(STEPS):
+        # The last step's collectives are counted: dynamo compiles nothing while a dispatch mode (CommDebugMode)
+        # is on, so a compiled layout compiles its blocks in the steps before.
+        with collectives() if i == STEPS - 1 else contextlib.nullcontext() as mode:
             loss, norm = step(run)
         losses.append(loss)
         norms.append(norm)
-        comms, payload = comm_counts(mode), mode.payload
-        if run.state.step == CKPT_STEP and name in ("tp2", "ep2"):
+        if run.state.step == CKPT_STEP and name in CHECKPOINTED:
             checkpoint.save_checkpoint(out / name, run.state.step, net, run.optimizer, trainer_state={},
                                        rank_state={}, config_json="{}", config_toml="", env=env, keep_last=1)
-    result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms, "collectives": comms,
-              "payload_bytes": payload}
-    if dims.tp > 1 and model == "dense":
-        # Sequence parallelism leaves the norms' gradients partial on each rank; after the step their weights
-        # must still be the same on every tp rank.
-        w = parallel.local(run.model.layers[0].attention_norm.weight).detach().clone()
-        gathered = [torch.empty_like(w) for _ in range(dims.tp)]
-        torch.distributed.all_gather(gathered, w, group=env.mesh["tp"].get_group())
-        result["norm_weights_agree"] = all(torch.equal(gathered[0], g) for g in gathered)
+    result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
+              "collectives": comm_counts(mode), "payload_bytes": mode.payload, "seconds": time.perf_counter() - t0,
+              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+    if dims.tp > 1:
+        # Sequence parallelism leaves the norms' gradients partial on each rank, and the replicated router sums
+        # its gradient from partial expert outputs; after the steps their weights must still be the same on
+        # every tp rank.
+        block = run.model.layers[0]
+        replicas = [block.attention_norm.weight] + ([block.feed_forward.gate.weight] if model == "moe" else [])
+        agree = True
+        for w in replicas:
+            w = parallel.local(w).detach().clone()
+            gathered = [torch.empty_like(w) for _ in range(dims.tp)]
+            torch.distributed.all_gather(gathered, w, group=env.mesh["tp"].get_group())
+            agree &= all(torch.equal(gathered[0], g) for g in gathered)
+        result["replicas_agree"] = agree
     return result
 
 

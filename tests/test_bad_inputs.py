@@ -167,7 +167,8 @@ def _cases() -> list[Case]:
         Case("train", "steps not a number", train("--steps", "many"), lambda w: "'many'", out_gone),
         Case("train", "unknown parallel mode", train("--parallel", "zero3"), lambda w: "'zero3'", out_gone),
         # train: the device mesh (the world is this one process; the launch rows below give it 2 ranks)
-        Case("train", "tp with an MoE model", train("--tp", "2"), lambda w: "train.tp = 2", out_gone),
+        Case("train", "tp not dividing the experts' hidden size", train("--tp", "2", "--model.d_ff", "99"),
+             lambda w: "model.d_ff = 99", out_gone),
         Case("train", "ep on a dense model", train("--ep", "2", "--model.num_experts", "0"),
              lambda w: "train.ep = 2", out_gone),
         Case("train", "ep not dividing the experts", train("--ep", "3"), lambda w: "model.num_experts = 4", out_gone),

@@ -1,6 +1,6 @@
 """Fault injection into the trainer: kill -9 at random steps and mid-checkpoint, SIGTERM as a preemption and
-SIGINT as Ctrl-C, a full disk while a checkpoint is written, one torchrun rank killed under --max-restarts, and
-SIGTERM to torchrun itself with two ranks.
+SIGINT as Ctrl-C, a full disk while a checkpoint is written, one torchrun rank killed under --max-restarts,
+SIGTERM to torchrun itself with two ranks, and kill -9 of a tensor-parallel run.
 
 After each fault: the latest complete checkpoint loads, nothing half-written is taken for complete, the
 shards still verify, and the run resumes to the very losses of the uninterrupted reference run (bit for bit
@@ -35,6 +35,7 @@ SIGINT = "SIGINT to the trainer (Ctrl-C) at a random step"
 FULL_DISK = "full disk (RLIMIT_FSIZE) while a checkpoint is written"
 RANK_KILL = "kill -9 of one torchrun rank under --max-restarts 3"
 TORCHRUN_SIGTERM = "SIGTERM to torchrun with 2 FSDP ranks (preemption)"
+TP_KILL = "kill -9 of a 2-rank tensor-parallel MoE run mid-interval"
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +236,26 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_the_sharded_checkp
         check_after_fault(out, small_shards)
         assert "RNG streams start anew" not in run_to_end(cmd).stdout
         assert losses(out) == losses(reference_runs["fsdp"])
+
+
+def test_a_killed_tensor_parallel_run_resumes_on_its_mesh_to_the_same_losses(small_shards, baseline, ledger,
+                                                                            tmp_path):
+    """kill -9 of both ranks of a TP 2 run of the tiny MoE (attention, the norms' sequence shards, the experts'
+    hidden units and the vocabulary split over the pair; 2 micro-batches a step, so it sees one process's
+    batches) after step 5, between its checkpoints at 4 and 8: `--resume auto` on the same mesh repeats the
+    steps the killed run had logged bit for bit, and every step's loss is one process's within float32
+    reduction order."""
+    out = tmp_path / "run"
+    cmd = resumed(small_shards, out, "--tp", "2", "--grad-accum", "2", "--train.ckpt_every", "4", nproc=2)
+    with ledger.trial(TP_KILL):
+        proc = start(cmd, tmp_path / "killed.log")
+        wait_for(lambda: 5 in losses(out), "step 5", proc=proc)
+        kill_tree(proc)
+        killed = losses(out)
+        assert latest_step(out) == 4, "the kill came after the step-8 checkpoint: nothing left to repeat"
+        check_after_fault(out, small_shards)
+        assert "resumed from" in run_to_end(cmd).stdout
+        again = losses(out)
+        assert {step: again[step] for step in killed} == killed
+        assert again == pytest.approx(baseline, rel=1e-5)
+        assert read_json(out / "summary.json")["mesh"] == "tp 2"

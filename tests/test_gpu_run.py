@@ -85,7 +85,8 @@ def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dr
     bench = json.loads((dry_run.out / "bench.json").read_text())
     assert set(bench) == {"train", "dense", "decode", "loader", "t2048", "parallel"}  # not the failed baseline's
     assert [r["batch_size"] for r in bench["train"]["train"]] == [2, 4]  # the batch, then the one that fills
-    assert [r["name"] for r in bench["parallel"]["train"]] == ["tiny", "tiny+ep1", "tiny-dense", "tiny-dense+tp1"]
+    assert [r["name"] for r in bench["parallel"]["train"]] == ["tiny", "tiny+ep1", "tiny+tp1", "tiny-dense",
+                                                                "tiny-dense+tp1"]
     for name in ("train", "dense", "t2048", "parallel"):
         assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in bench[name]["train"]), name
     assert [(d["path"], d["status"]) for d in bench["decode"]["decode"]] == [("static", "ok"), ("cache", "ok")]

@@ -1,11 +1,14 @@
-"""Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2, EP 2, FSDP 2 x TP 2 and
-FSDP 2 x EP 2, on CPU with gloo, in two torchrun launches (tests/parallel_layouts.py runs the layouts of a
-world size one after another in its process group and writes their losses, grad norms and collectives).
+"""Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled),
+EP 2, FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 and HSDP (DDP 2 x EP 2: FSDP over the ep pair, replicated
+across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches
+(tests/parallel_layouts.py runs the layouts of a world size one after another in its process group and writes
+their losses, grad norms and collectives).
 
 Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router compute in float32 by design
 and the step's loss is summed in float32, so layouts that reduce in another order differ by float32 ulps
-(measured: at most 1.2e-7 relative); a rank that reads another rank's windows, a balance loss taken over
-one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by 1e-4 or more.
+(measured: at most 2.3e-7 relative, under TP on the MoE); a rank that reads another rank's windows, a balance
+loss taken over one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by
+1e-4 or more.
 """
 from __future__ import annotations
 
@@ -62,20 +65,23 @@ def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, wo
     got, want = layouts[name], one_process[layouts[name]["model"]]
     assert close(got["loss"], want["loss"]), (got["loss"], want["loss"])
     assert close(got["grad_norm"], want["grad_norm"]), (got["grad_norm"], want["grad_norm"])
+    assert (got["graphs"] > 0) == (name in pl.COMPILED)  # dynamo traced the blocks the layout compiled
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2"])
-def test_norm_weights_stay_identical_across_tp_ranks(layouts, name):
-    assert layouts[name]["norm_weights_agree"]
+@pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2", "tp2-moe", "ep2xtp2"])
+def test_norm_and_router_weights_stay_identical_across_tp_ranks(layouts, name):
+    assert layouts[name]["replicas_agree"]
 
 
 # The collectives of one training step (2 micro-batches, the loss reduced for the log), as CommDebugMode
 # counts them; docs/scaling.md explains each. A per-block FSDP unit gathers twice per micro-batch (forward
 # and backward, 2 blocks + the root's embedding/norm/output); TP's plan gathers and reduce-scatters the
 # sequence around attention and feed-forward (5 of each per block and micro-batch); EP adds 2 all-to-alls of
-# tokens and 1 of counts per MoE layer and micro-batch, forward, and 2 backward.
+# tokens and 1 of counts per MoE layer and micro-batch, forward, and 2 backward. TP on an MoE adds one
+# all-reduce per MoE layer and micro-batch (the routing weights' gradient); HSDP one all-reduce per FSDP unit
+# over the replicas.
 COLLECTIVES = {
     "ddp2": {"broadcast_": 1, "allreduce_": 2},
     "fsdp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_reduce": 1, "allreduce_": 1},
@@ -88,6 +94,12 @@ COLLECTIVES = {
                   "reduce_scatter_tensor": 20, "all_reduce": 13, "allreduce_": 1},
     "fsdp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
                   "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 15},
+    "tp2-moe": {"all_gather_into_tensor": 20, "reduce_scatter_tensor": 20, "all_reduce": 31, "allreduce_": 1},
+    "ep2xtp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
+                "reduce_scatter_tensor": 20, "alltoall_base_": 4, "all_to_all_single": 16, "all_reduce": 20,
+                "allreduce_": 9},
+    "ddp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
+                 "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 18},
 }
 
 
@@ -100,9 +112,9 @@ def test_collectives_per_step_are_the_designs(layouts, world, name):
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["tp2", "ep2"])
+@pytest.mark.parametrize("name", pl.CHECKPOINTED)
 def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
-    """The step-2 DCP checkpoint of a 2-rank tp or ep run, loaded into a plain model and optimizer (no process
+    """The step-2 DCP checkpoint of a 2-rank tp or ep run (an MoE's experts split by tp too), loaded into a plain model and optimizer (no process
     group), trains step 3 to the loss and grad norm the 2-rank run logged."""
     got = layouts[name]
     env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))
@@ -129,6 +141,8 @@ SEED_DENSE = model_preset("seed", num_experts=0, n_kv_heads=4)
     (16, ("ddp", 8, 1, 1), SEED, MeshDims(dp_replicate=2, dp_shard=8)),  # HSDP: shard in a node, replicate across
     (8, ("fsdp", 0, 2, 1), SEED_DENSE, MeshDims(dp_shard=4, tp=2)),
     (2, ("none", 0, 2, 1), SEED_DENSE, MeshDims(tp=2)),  # tp alone needs no data-parallel mode
+    (48, ("fsdp", 0, 3, 8), SEED, MeshDims(dp_shard=2, ep=8, tp=3)),  # the seed MoE: its 3 kv heads split by 3
+    (4, ("ddp", 0, 2, 1), SEED_DENSE, MeshDims(dp_replicate=2, tp=2)),  # HSDP x TP
 ])
 def test_mesh_dims_give_the_layout(world, flags, model, dims):
     parallel_mode, dp_shard, tp, ep = flags
