@@ -26,7 +26,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,16 +97,17 @@ def val_runs(chunk_stream: Iterable[Chunk]) -> Iterator[tuple[str, str]]:
         yield run_doc, "".join(run)
 
 
-def source_config(data_dir: str | Path, manifest: dict) -> PrepareConfig:
-    """The settings that cut the folder's chunks, to read its sources again."""
+def source_config(data_dir: str | Path, manifest: dict, text_field: str = "text") -> PrepareConfig:
+    """The settings that cut the folder's chunks, to read its sources again (downloads from the cache)."""
     return PrepareConfig(sources=[s["spec"] for s in manifest["sources"]], out=Path(data_dir),
                          val_fraction=manifest["val_fraction"], split_chars=manifest["split_chars"],
-                         chunk_chars=manifest["chunk_chars"], workers=1)
+                         chunk_chars=manifest["chunk_chars"], text_field=text_field, workers=1)
 
 
-def read_inputs(data_dir: str | Path, manifest: dict) -> Iterator[tuple[str, str, str, Iterator]]:
+def read_inputs(data_dir: str | Path, manifest: dict,
+                text_field: str = "text") -> Iterator[tuple[str, str, str, Callable[[], Iterator]]]:
     """(source spec, input identity, sha256, read) of each input of a prepared folder, read again."""
-    cfg = source_config(data_dir, manifest)
+    cfg = source_config(data_dir, manifest, text_field)
     for source in open_sources(cfg, Stats()):
         for prov, read in source.inputs():
             ident = "\n".join(input_id(p) for p in prov)
@@ -157,11 +158,24 @@ class BuildResult:
     up_to_date: bool
 
 
-def build_index(data_dir: str | Path, passage_chars: int = PASSAGE_CHARS, force: bool = False) -> BuildResult:
+def _reusable(path: Path, settings: dict) -> bool:
+    """An earlier index file whose name's digest matches its bytes and whose settings are these."""
+    if not path.is_file() or not path.name.startswith("index-") or sha256_file(path)[:12] != path.stem[6:]:
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return dict(db.execute("SELECT key, value FROM meta")) == settings
+    except sqlite3.Error:
+        return False
+
+
+def build_index(data_dir: str | Path, passage_chars: int = PASSAGE_CHARS, force: bool = False,
+                base: str | Path | None = None, text_field: str = "text") -> BuildResult:
     """Build or update the prepared folder's index of its train passages, and record it in its manifest.
 
-    An existing index with the same settings is updated in place of a copy: passages of inputs that are gone
-    or changed are removed, new inputs are read and added, inputs already indexed are not read again."""
+    An earlier index with the same settings (the manifest's, `base`, or another `index-*.sqlite` in the folder)
+    is copied and updated: passages of inputs that are gone or changed are removed, new inputs are read and
+    added, inputs already indexed are not read again. `force` builds anew."""
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
@@ -169,29 +183,28 @@ def build_index(data_dir: str | Path, passage_chars: int = PASSAGE_CHARS, force:
         raise DataError(f"--passage-chars {passage_chars} must be >= 16, e.g. {PASSAGE_CHARS} (about 128 tokens)")
     settings = {"format": FORMAT, "retriever": RETRIEVER, "passage_chars": str(passage_chars),
                 "val_fraction": str(manifest["val_fraction"]), "split_chars": str(manifest["split_chars"]),
-                "chunk_chars": str(manifest["chunk_chars"])}
+                "chunk_chars": str(manifest["chunk_chars"]), "text_field": text_field}
     old = manifest.get("index")
-    base = data_dir / old["file"] if old and not force else None
+    if base is not None and Path(base).is_dir():
+        entry = read_manifest(base).get("index")
+        base = Path(base) / entry["file"] if entry else None
+    candidates = ([data_dir / old["file"]] if old else []) + ([Path(base)] if base else []) + sorted(
+        data_dir.glob("index-*.sqlite"), key=lambda f: f.stat().st_mtime, reverse=True)
+    start = None if force else next((c for c in candidates if _reusable(c, settings)), None)
     fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".index.", suffix=".tmp")
     os.close(fd)
     try:
-        if base is not None and base.is_file() and sha256_file(base) == old["sha256"]:
-            shutil.copyfile(base, tmp)
+        if start is not None:
+            shutil.copyfile(start, tmp)
             db = sqlite3.connect(tmp, isolation_level=None)
-            if dict(db.execute("SELECT key, value FROM meta")) != settings:
-                db.close()
-                os.truncate(tmp, 0)
-                db = None
         else:
-            db = None
-        if db is None:
             db = sqlite3.connect(tmp, isolation_level=None)
             db.executescript(SCHEMA)
             db.executemany("INSERT INTO meta VALUES (?, ?)", settings.items())
         db.execute("BEGIN")
         have = dict(db.execute("SELECT input, sha256 FROM inputs"))
         rule, wanted, added = SplitRule(manifest["val_fraction"]), set(), 0
-        for spec, ident, sha, read in read_inputs(data_dir, manifest):
+        for spec, ident, sha, read in read_inputs(data_dir, manifest, text_field):
             wanted.add(ident)
             if have.get(ident) == sha:
                 continue
@@ -205,25 +218,26 @@ def build_index(data_dir: str | Path, passage_chars: int = PASSAGE_CHARS, force:
             _remove(db, ident)
         db.execute("COMMIT")
         n = db.execute("SELECT count(*) FROM passages").fetchone()[0]
-        if added or gone or base is None:
+        if added or gone:
             db.execute("INSERT INTO fts(fts) VALUES ('optimize')")  # one b-tree per term: faster queries
-            db.execute("VACUUM")  # the same rows give the same bytes
+            db.execute("VACUUM")  # the same rows in the same order give the same bytes
         db.close()
         if n == 0:
             raise DataError(f"the train split of {data_dir} holds no text to index; prepare a corpus with text")
         sha = sha256_file(tmp)
         entry = {"format": FORMAT, "retriever": RETRIEVER, "file": f"index-{sha[:12]}.sqlite", "sha256": sha,
-                 "bytes": os.path.getsize(tmp), "passages": n, "passage_chars": passage_chars}
-        up_to_date = old is not None and old.get("sha256") == sha
+                 "bytes": os.path.getsize(tmp), "passages": n, "passage_chars": passage_chars,
+                 "inputs": len(wanted)}
         commit(tmp, data_dir / entry["file"])
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if not up_to_date:
+    up_to_date = old == entry
+    if not up_to_date:  # the manifest is replaced last: a reader sees the old index or the new one
         write_atomic(data_dir / "manifest.json", json.dumps({**read_manifest(data_dir), "index": entry}, indent=1))
-        for stale in data_dir.glob("index-*.sqlite"):
-            if stale.name != entry["file"]:
-                stale.unlink()
+    for stale in data_dir.glob("index-*.sqlite"):
+        if stale.name != entry["file"]:
+            stale.unlink()
     return BuildResult(entry, time.perf_counter() - t0, added, len(gone), up_to_date)
 
 
@@ -303,17 +317,17 @@ def query_of(tokenizer: Tokenizer, ids: list[int], n: int = QUERY_TOKENS) -> str
     return tokenizer.decode([t for t in ids[-n:] if t != tokenizer.eot_token])
 
 
-def build_context(tokenizer: Tokenizer, passages: list[Passage], prefix: list[int], budget: int) -> list[int]:
-    """[eot] passage_k ... [eot] passage_1 [eot] prefix: the best passage next to the prefix (In-Context
-    RALM), each passage cut at its end to fit `budget` tokens in all. `prefix` starts with its own eot, as
-    every prompt does, and keeps its last `budget` tokens if it is longer."""
+def build_context(tokenizer: Tokenizer, passages: list[list[int]], prefix: list[int], budget: int) -> list[int]:
+    """[eot] passage_k ... [eot] passage_1 [eot] prefix, from passages' token ids, best first: the best next to
+    the prefix (In-Context RALM), each cut at its end to fit `budget` tokens in all. `prefix` starts with its
+    own end-of-text, as every prompt does, and keeps its last `budget` tokens if it is longer."""
     eot = tokenizer.eot_token
     prefix = prefix[-budget:]
     room, parts = budget - len(prefix), []
-    for p in passages:  # best first
+    for ids in passages:
         if room < 2:
             break
-        ids = tokenizer.encode(p.text)[: room - 1]
+        ids = ids[: room - 1]
         parts.insert(0, [eot] + ids)
         room -= len(ids) + 1
     return [t for part in parts for t in part] + prefix
