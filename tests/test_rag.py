@@ -12,6 +12,10 @@ import torch
 
 from gptmini import rag, retrieval
 from gptmini.checkpoint import load_model
+from gptmini.config import model_preset
+from gptmini.model import GPTOSSMini
+from gptmini.tokenizer import get_tokenizer, padded_vocab_size
+from gptmini.weights import save_pretrained
 from gptmini.cli.prepare import main as prepare_main
 from gptmini.data.prepare import SplitRule
 from gptmini.data.sources import Stats, open_source
@@ -26,19 +30,22 @@ WORDS = ("python list tuple dict loop class method module import yield lambda sc
 
 
 def write_corpus(folder: Path, names: list[str]) -> None:
-    """Documents of plain sentences, distinct per name; `planted.txt` holds PLANTED in its middle."""
+    """Documents of plain sentences, distinct per name; `planted.txt` holds PLANTED at the start of its first
+    train chunk after the first (a chunk's split depends on the document's name and the chunk's index only)."""
     folder.mkdir(parents=True, exist_ok=True)
     for n, name in enumerate(names):
         words = [WORDS[(i * (n + 3) + n) % len(WORDS)] for i in range(1200)]
-        text = " ".join(words)
+        path = folder / name
+        path.write_text(text := " ".join(words))
         if name == "planted.txt":
-            text = text[:2000] + " " + PLANTED + " " + text[2000:]
-        (folder / name).write_text(text)
+            cs = retrieval.chunks(open_source(str(path)).documents, SplitRule(0.2), 400, Stats())
+            at = next(c.offset for c in cs if c.split == 0 and c.offset > 0)
+            path.write_text(text[:at] + " " + PLANTED + text[at:])
 
 
 def prepare(src: Path, out: Path, *extra: str) -> None:
     assert prepare_main([str(src), "--out", str(out), "--workers", "1", "--split-chars", "400",
-                         "--val-fraction", "0.2", "--index", *extra]) == 0
+                         "--val-fraction", "0.2", "--tokenizer", "bpe:300", "--index", *extra]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +95,7 @@ def test_index_update_reads_only_new_inputs_and_ranks_as_a_fresh_build(corpus, t
     # Only the new file was read: the update said so, and a removed file's passages go.
     (tmp_path / "src" / "a.txt").unlink()
     assert prepare_main([str(tmp_path / "src"), "--out", str(tmp_path / "data"), "--workers", "1",
-                         "--split-chars", "400", "--val-fraction", "0.2"]) == 0
+                         "--split-chars", "400", "--val-fraction", "0.2", "--tokenizer", "bpe:300"]) == 0
     shrunk = build_index(tmp_path / "data")
     assert (shrunk.added_inputs, shrunk.removed_inputs) == (0, 1)
     assert not any(d.endswith("a.txt") for d, _, _ in all_passages(Index.of(tmp_path / "data")))
@@ -97,13 +104,24 @@ def test_index_update_reads_only_new_inputs_and_ranks_as_a_fresh_build(corpus, t
 def test_planted_passage_is_retrieved_first_with_its_document_and_offset(corpus):
     src, data = corpus
     [best] = Index.of(data).search("quokka zyzzyva marmoset velvet", 1)
-    assert PLANTED in best.text and best.document.endswith("planted.txt") and best.source == str(src)
+    assert PLANTED[4:] in best.text and best.document.endswith("planted.txt") and best.source == str(src)
     assert (src / "planted.txt").read_text()[best.offset:].startswith(best.text)
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_weights):
-    return load_model(tiny_weights)
+def tiny_bpe(corpus) -> Path:
+    """The tiny preset at its random init on the corpus's 300-id BPE: cl100k's 100k-row output would make the
+    evaluation's cross-entropy most of this module's time."""
+    data = corpus[1]
+    tok = get_tokenizer(json.loads((data / "manifest.json").read_text())["tokenizer"], data)
+    torch.manual_seed(0)
+    model = GPTOSSMini(model_preset("tiny", vocab_size=padded_vocab_size(tok.n_vocab), tokenizer=tok.name))
+    return save_pretrained(model, data.parent / "tiny-bpe", tokenizer_file=data / "tokenizer.tiktoken")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bpe):
+    return load_model(tiny_bpe)
 
 
 def test_greedy_generation_with_retrieval_equals_the_passage_prepended_by_hand(corpus, tiny):
@@ -113,7 +131,10 @@ def test_greedy_generation_with_retrieval_equals_the_passage_prepended_by_hand(c
     text, cited = rag.generate_text(model, tok, index, prompt, max_new_tokens=12, temperature=0)
     [passage] = index.search(prompt, 1)
     assert [p.id for p in cited] == [passage.id]
-    by_hand = [tok.eot_token] + tok.encode(passage.text) + [tok.eot_token] + tok.encode(prompt)
+    # The passage, cut at its end to leave room in the 128 positions for the prompt and the 12 new tokens.
+    prompt_ids = [tok.eot_token] + tok.encode(prompt)
+    by_hand = [tok.eot_token] + tok.encode(passage.text)[:128 - 12 - len(prompt_ids) - 1] + prompt_ids
+    assert len(by_hand) == 128 - 12
     out = generate(model, [by_hand], 12, temperature=0, eos_token_id=tok.eot_token,
                    allowed=sampling_mask(tok, model.config.vocab_size, torch.device("cpu")))[0]
     assert text == tok.decode([t for t in out[len(by_hand):] if t != tok.eot_token])
@@ -152,10 +173,10 @@ def test_eval_segments_filter_the_own_document_and_match_the_random_passage_leng
     assert docs
 
 
-def test_eval_rag_prints_the_four_figures(corpus, tiny_weights, capsys):
+def test_eval_rag_prints_the_four_figures(corpus, tiny_bpe, capsys):
     from gptmini.cli.eval import main as eval_main
 
-    assert eval_main(["--checkpoint", str(tiny_weights), "--data-dir", str(corpus[1]), "--rag",
+    assert eval_main(["--checkpoint", str(tiny_bpe), "--data-dir", str(corpus[1]), "--rag",
                       "--rag-eval-stride", "64"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
@@ -170,8 +191,8 @@ def test_eval_rag_prints_the_four_figures(corpus, tiny_weights, capsys):
     (["--rag-k", "51"], "k=51 is out of range; use 1 to 50"),
     (["--rag-stride", "0"], "stride=0 is out of range"),
 ])
-def test_generate_rag_bad_options_exit_2_naming_the_limit(corpus, tiny_weights, flags, message, capsys):
+def test_generate_rag_bad_options_exit_2_naming_the_limit(corpus, tiny_bpe, flags, message, capsys):
     from gptmini.cli.generate import main as generate_main
 
-    assert generate_main(["--checkpoint", str(tiny_weights), "--rag", "--index", str(corpus[1]), *flags]) == 2
+    assert generate_main(["--checkpoint", str(tiny_bpe), "--rag", "--index", str(corpus[1]), *flags]) == 2
     assert message in capsys.readouterr().err
