@@ -11,7 +11,9 @@ import random
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
 import openai
@@ -27,6 +29,7 @@ from serve_helpers import BIN, Server
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 API_KEY = "test-key-0123456789"
+LIMIT = 400_000  # --max-body-bytes
 PROMPTS = ["Hello world", "The Python interpreter", "a", "import os\nimport sys\n", "def f(x):", "class A:",
            "x = 1", "while True:", "for i in range(10):", "# comment", "print(", "return", "if __name__",
            "lambda", "yield from", "async def main():"]
@@ -49,7 +52,7 @@ def reference(weights):
 def server(weights, tmp_path_factory):
     """4 batch slots and a queue of 12: 16 concurrent requests all fit, most of them waiting at first."""
     s = Server("--checkpoint", str(weights), "--max-batch", "4", "--max-queue", "12", "--max-tokens", "100",
-               "--max-body-bytes", "20000", api_key=API_KEY, log=tmp_path_factory.mktemp("log") / "serve.log")
+               "--max-body-bytes", str(LIMIT), api_key=API_KEY, log=tmp_path_factory.mktemp("log") / "serve.log")
     yield s
     s.stop()
 
@@ -148,47 +151,134 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert generated < 100, "the generation ran on after its client left"
 
 
-BAD = [  # (body, what the error must name, status, param)
-    ("{not json", "not valid JSON", 400, None),
-    ("[1, 2]", "JSON object", 400, None),
-    ({"max_tokens": 5}, "'prompt'", 400, "prompt"),
-    ({"prompt": 5}, "prompt must be a string", 400, "prompt"),
-    ({"prompt": [1, 2, 3]}, "token-id prompts are not supported", 400, "prompt"),
-    ({"prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", 400, "max_tokens"),
-    ({"prompt": "x", "temperature": -0.5}, "temperature: Input should be greater than or equal to 0", 400, "temperature"),
-    ({"prompt": "x", "top_p": 0}, "top_p: Input should be greater than 0", 400, "top_p"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1", 400, "top_p"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", 400, "max_tokens"),
-    ({"prompt": "x", "max_tokens": 101}, "cap of 100", 400, "max_tokens"),
-    ({"prompt": "word " * 100, "max_tokens": 50}, "exceeds the model's context of 128", 400, "max_tokens"),
-    ({"prompt": "x", "n": 9}, "n: Input should be less than or equal to 8", 400, "n"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4", 400, "stop"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs=3 is not supported", 400, "logprobs"),
-    ({"prompt": "x", "frobnicate": 1}, "unrecognized request argument 'frobnicate'", 400, "frobnicate"),
-    ({"prompt": "x", "model": "gpt-4"}, "'gpt-4' is not served here", 404, "model"),
-    ({"prompt": "x", "model": "/etc/passwd"}, "'/etc/passwd' is not served here", 404, "model"),
-    ({"prompt": "x", "model": "models:/gptmini/1"}, "is not served here", 404, "model"),
-    ({"prompt": "x" * 30000}, "limit of 20000 bytes", 413, None),
+@dataclass
+class Raw:
+    """A body sent as these bytes, under this Content-Type (None: no header)."""
+    content: bytes | Callable[[], Iterator[bytes]]
+    content_type: str | None = "application/json"
+
+
+def chunked(n: int) -> Callable[[], Iterator[bytes]]:
+    """A JSON body of about n bytes sent without Content-Length (Transfer-Encoding: chunked)."""
+    return lambda: iter([b'{"prompt": "', *[b"x" * 10_000] * (n // 10_000), b'"}'])
+
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+X = {"prompt": "x"}
+USER = {"messages": [{"role": "user", "content": "Hi"}]}
+
+# The error contract: every way a body fails to parse, and each field's range, on each endpoint. Each row is
+# (path, body, status, param, what the message must say).
+BAD = [
+    # The body
+    (COMPLETIONS, Raw(b"{not json"), 400, None, "not valid JSON"),
+    (COMPLETIONS, Raw(b"[1, 2]"), 400, None, "must be a JSON object"),
+    (COMPLETIONS, Raw(b"null"), 400, None, "must be a JSON object"),
+    (COMPLETIONS, Raw(b""), 400, None, "must be a JSON object"),
+    (COMPLETIONS, Raw(b'{"prompt": "x"}', "text/plain"), 415, None, "Content-Type: application/json"),
+    (COMPLETIONS, Raw(b'{"prompt": "x"}', None), 415, None, "Content-Type: application/json"),
+    (COMPLETIONS, Raw(b"[" * 100_000 + b"]" * 100_000), 400, None, "nested too deeply"),
+    (CHAT, Raw(b'{"messages": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"), 400, None, "nested too deeply"),
+    (COMPLETIONS, Raw(b'{"prompt": "caf\xe9"}'), 400, None, "not valid UTF-8 (byte 0xe9 at offset 15)"),
+    (COMPLETIONS, Raw(b'{"prompt": "\\ud800"}'), 400, "prompt", "lone UTF-16 surrogate"),
+    (COMPLETIONS, Raw(b'{"prompt": "' + b"x" * LIMIT + b'"}'), 413, None, f"limit of {LIMIT} bytes"),
+    (COMPLETIONS, Raw(chunked(LIMIT + 100_000)), 413, None, f"limit of {LIMIT} bytes"),
+    (COMPLETIONS, {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unrecognized request argument 'frobnicate'"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 3}, 400, "logprobs", "logprobs=3 is not supported"),
+    (COMPLETIONS, {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+    ("/v1/embeddings", X, 404, None, "no such endpoint: POST /v1/embeddings"),
+    # prompt
+    (COMPLETIONS, {"max_tokens": 5}, 400, "prompt", "missing required field 'prompt'"),
+    (COMPLETIONS, {"prompt": 5}, 400, "prompt", "prompt must be a string"),
+    (COMPLETIONS, {"prompt": [1, 2, 3]}, 400, "prompt", "token-id prompts are not supported"),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt", "non-empty list of strings"),
+    (COMPLETIONS, {"prompt": ["a", None]}, 400, "prompt", "non-empty list of strings"),
+    (COMPLETIONS, {"prompt": ["a"] * 13}, 400, "prompt", "at most 12 per request"),
+    (COMPLETIONS, {"prompt": [""] * 100_000}, 400, "prompt", "at most 12 per request"),
+    (COMPLETIONS, {"prompt": "word " * 200}, 400, "prompt", "exceeds the model's context of 128"),
+    (COMPLETIONS, {"prompt": "word " * 100, "max_tokens": 50}, 400, "max_tokens", "exceeds the model's context of 128"),
+    # model
+    (COMPLETIONS, {"prompt": "x", "model": 5}, 400, "model", "model: Input should be a valid string"),
+    (COMPLETIONS, {"prompt": "x", "model": "gpt-4"}, 404, "model", "'gpt-4' is not served here; name 'gptmini'"),
+    (COMPLETIONS, {"prompt": "x", "model": "/etc/passwd"}, 404, "model", "'/etc/passwd' is not served here"),
+    (COMPLETIONS, {"prompt": "x", "model": "models:/gptmini/1"}, 404, "model", "is not served here"),
+    # max_tokens
+    (COMPLETIONS, {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": True}, 400, "max_tokens", "max_tokens: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 101}, 400, "max_tokens", "cap of 100"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 2**80}, 400, "max_tokens", "cap of 100"),
+    (CHAT, {**USER, "max_completion_tokens": 0}, 400, "max_completion_tokens", "greater than or equal to 1"),
+    (CHAT, {**USER, "max_completion_tokens": 101}, 400, "max_completion_tokens", "max_completion_tokens=101 is above"),
+    # sampling
+    (COMPLETIONS, {"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
+    (COMPLETIONS, {"prompt": "x", "temperature": 2.5}, 400, "temperature", "less than or equal to 2"),
+    (COMPLETIONS, Raw(b'{"prompt": "x", "temperature": NaN}'), 400, "temperature", "less than or equal to 2"),
+    (COMPLETIONS, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature: Input should be a valid number"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 0}, 400, "top_p", "top_p: Input should be greater than 0"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 1.5}, 400, "top_p", "top_p: Input should be less than or equal to 1"),
+    (COMPLETIONS, {"prompt": "x", "top_k": 0}, 400, "top_k", "greater than or equal to 1"),
+    (COMPLETIONS, {"prompt": "x", "top_k": "5"}, 400, "top_k", "top_k: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": "x", "seed": 2**80}, 400, "seed", "from -9223372036854775808 to 9223372036854775807"),
+    (COMPLETIONS, {"prompt": "x", "seed": -(2**63) - 1}, 400, "seed", "signed 64-bit integer"),
+    (COMPLETIONS, {"prompt": "x", "seed": 1.5}, 400, "seed", "seed: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": "x", "ignore_eos": "no"}, 400, "ignore_eos", "ignore_eos: Input should be a valid boolean"),
+    # n, stop, stream
+    (COMPLETIONS, {"prompt": "x", "n": 0}, 400, "n", "n: Input should be greater than or equal to 1"),
+    (COMPLETIONS, {"prompt": "x", "n": 9}, 400, "n", "n: Input should be less than or equal to 8"),
+    (COMPLETIONS, {"prompt": "x", "n": "2"}, 400, "n", "n: Input should be a valid integer"),
+    (COMPLETIONS, {"prompt": ["a", "b"], "n": 8}, 400, "prompt", "2 prompt(s) x n=8 is 16 sequences"),
+    (COMPLETIONS, {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    (COMPLETIONS, {"prompt": "x", "stop": ""}, 400, "stop", "non-empty string or a list of them"),
+    (COMPLETIONS, {"prompt": "x", "stop": ["a", 3]}, 400, "stop", "non-empty string or a list of them"),
+    (COMPLETIONS, {"prompt": "x", "stream": "yes"}, 400, "stream", "stream: Input should be a valid boolean"),
+    (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": 1}}, 400, "stream_options", "include_usage"),
+    (COMPLETIONS, {"prompt": "x", "stream_options": {"x": 1}}, 400, "stream_options", "Extra inputs are not permitted"),
+    # messages
+    (CHAT, {"max_tokens": 5}, 400, "messages", "missing required field 'messages'"),
+    (CHAT, {"messages": []}, 400, "messages", "non-empty list"),
+    (CHAT, {"messages": "Hi"}, 400, "messages", "non-empty list"),
+    (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "messages[0].role must be"),
+    (CHAT, {"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content", "must be a string"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content", "reads text only"),
+    (CHAT, Raw(b'{"messages": [{"role": "user", "content": "\\udfff"}]}'), 400, "messages[0].content", "surrogate"),
 ]
 
 
-@pytest.mark.parametrize("body,names,status,param", BAD, ids=[str(b)[:40] for b, *_ in BAD])
-def test_bad_requests_get_an_openai_error_naming_the_field_and_limit(server, body, names, status, param):
-    content = body if isinstance(body, str) else json.dumps(body)
-    r = httpx.post(server.url + "/v1/completions", content=content, timeout=30,
-                   headers={**server.headers, "Content-Type": "application/json"})
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path,body,status,param,names", BAD, ids=[f"{p[4:]} {str(b)[:50]}" for p, b, *_ in BAD])
+def test_bad_requests_get_an_openai_error_naming_the_field_and_limit(http, path, body, status, param, names):
+    if isinstance(body, Raw):
+        content = body.content() if callable(body.content) else body.content
+        headers = {"Content-Type": body.content_type} if body.content_type else {}
+    else:
+        content, headers = json.dumps(body, separators=(",", ":")), {"Content-Type": "application/json"}
+    r = http.post(path, content=content, headers=headers)
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert names in error["message"] and error["param"] == param
+    assert names in error["message"] and error["param"] == param, error
 
 
-def test_bad_chat_messages_are_named(server):
-    for messages, names in (([], "non-empty list"), ([{"role": "robot", "content": "x"}], "messages[0].role"),
-                            ([{"role": "user", "content": 3}], "messages[0].content")):
-        r = httpx.post(server.url + "/v1/chat/completions", headers=server.headers, timeout=30,
-                       json={"messages": messages})
-        assert r.status_code == 400 and names in r.json()["error"]["message"], r.text
+def test_the_routes_answer_wrong_methods_and_paths_in_openai_shape(http):
+    wrong_method = http.get(COMPLETIONS)
+    assert wrong_method.status_code == 405 and "takes POST" in wrong_method.json()["error"]["message"]
+    assert http.get("/v2/models").json()["error"]["code"] == "unknown_url"
+
+
+def test_the_server_stays_healthy_after_every_bad_request(server, http):
+    assert http.get("/health").status_code == 200
+    assert http.post(COMPLETIONS, json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert server.metric("gptmini_requests_total", 'endpoint="completions",status="500"') == 0
+    assert server.metric("gptmini_requests_total", 'endpoint="chat",status="500"') == 0
+    assert server.proc.poll() is None
 
 
 def test_the_api_key_is_checked_as_a_bearer_token(server):

@@ -1,6 +1,7 @@
 """`gptmini serve --model models:/gptmini@production` against a real SQLite MLflow registry: it waits for a
-production version, follows the alias when it moves (while a stream runs), survives a version that fails to
-load, and rolls back with `gptmini promote`. And `mlflow models serve` answers from the same version."""
+production version, follows the alias when it moves (while a stream runs, and while clients that kept the
+first listed model id keep asking), survives a version that fails to load, and rolls back with `gptmini
+promote`. And `mlflow models serve` answers from the same version."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 
 import mlflow
@@ -71,16 +73,24 @@ def test_serve_follows_the_production_alias_without_failing_a_request(store, tmp
         registry.promote(mc, v1)
         server.wait("/ready")
         assert served(server) == "gptmini/1"
+        # Clients and chat UIs commonly take the first listed id once and keep it: it is the stable one.
+        client = server.openai(max_retries=0)
+        listed = [m.id for m in client.models.list().data]
+        assert listed[:2] == ["gptmini", "gptmini/1"]
+        model = listed[0]
+        assert client.completions.create(model=model, prompt="x", max_tokens=1).model == "gptmini/1"
 
-        # A long stream starts on v1; v2 is promoted while it runs; short requests keep coming all along.
-        failures, stop = [], threading.Event()
+        # A long stream starts on v1; v2 is promoted while it runs; short requests keep coming all along, from
+        # openai clients that name the first listed id.
+        failures, answered_by, stop = [], set(), threading.Event()
 
         def keep_asking() -> None:
-            with httpx.Client(base_url=server.url, timeout=60) as http:
-                while not stop.is_set():
-                    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
-                    if r.status_code != 200:
-                        failures.append((r.status_code, r.text))
+            asker = server.openai(max_retries=0, timeout=60)
+            while not stop.is_set():
+                try:
+                    answered_by.add(asker.completions.create(model=model, prompt="x", max_tokens=3).model)
+                except openai.APIError as exc:
+                    failures.append(exc)
 
         with ThreadPoolExecutor(2) as pool:
             askers = [pool.submit(keep_asking) for _ in range(2)]
@@ -104,6 +114,8 @@ def test_serve_follows_the_production_alias_without_failing_a_request(store, tmp
         assert events[-1]["usage"]["completion_tokens"] == 1000
         assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert failures == []
+        assert "gptmini/2" in answered_by and answered_by <= {"gptmini/1", "gptmini/2"}
+        assert [m.id for m in client.models.list().data][:2] == ["gptmini", "gptmini/2"]
         assert server.metric("gptmini_model_swaps_total") == 1
 
         # A version that cannot load leaves v2 serving, with one log line and a metric.
@@ -119,6 +131,12 @@ def test_serve_follows_the_production_alias_without_failing_a_request(store, tmp
         subprocess.run([str(BIN / "gptmini"), "promote", v1], env={**os.environ, **env}, check=True,
                        capture_output=True)
         server.wait_for(lambda: served(server) == "gptmini/1", timeout=10, what="the rollback to v1")
+        # Across both moves the kept id is answered; the version the rollback retired is gone, with a 404
+        # that names the id to send instead.
+        assert client.completions.create(model=model, prompt="x", max_tokens=1).model == "gptmini/1"
+        with pytest.raises(openai.NotFoundError) as gone:
+            client.completions.create(model="gptmini/2", prompt="x", max_tokens=1)
+        assert "name 'gptmini', which follows models:/gptmini@production (now 'gptmini/1')" in str(gone.value)
     finally:
         server.stop()
 
@@ -155,3 +173,4 @@ def test_mlflow_models_serve_answers_invocations_from_the_production_version(sto
     finally:
         proc.terminate()
         proc.wait(30)
+
