@@ -64,15 +64,20 @@ def generate(index: Index, tokenizer: Tokenizer, prompt: list[int], max_new_toke
     out, cited = [], {}
     while len(out) < max_new_tokens:
         n = min(opts.stride or max_new_tokens, max_new_tokens - len(out))
-        prefix = prompt + out
-        found = index.search(query_of(tokenizer, prefix, opts.query_tokens), opts.k)
-        context = build_context(tokenizer, [tokenizer.encode(p.text) for p in found], prefix, seq_len - n)
+        context, found = retrieve(index, tokenizer, prompt + out, seq_len - n, opts)
         new = complete(context, n)
         out += new
         cited.update((p.id, p) for p in found if p.id not in cited)
         if len(new) < n or (new and new[-1] == tokenizer.eot_token):
             break
     return RagResult(out, list(cited.values()))
+
+
+def retrieve(index: Index, tokenizer: Tokenizer, prefix: list[int], budget: int,
+             opts: RagOptions) -> tuple[list[int], list[Passage]]:
+    """One retrieval: the context of at most `budget` tokens for `prefix`, and the passages in it."""
+    found = index.search(query_of(tokenizer, prefix, opts.query_tokens), opts.k)
+    return build_context(tokenizer, [tokenizer.encode(p.text) for p in found], prefix, budget), found
 
 
 def model_complete(model: nn.Module, tokenizer: Tokenizer, temperature: float = 0.0, top_k: int | None = None,
