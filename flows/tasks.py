@@ -28,7 +28,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-from gptmini import registry, tracking
+from gptmini import rag, registry, tracking
 from gptmini.parallel import mesh_args
 from gptmini.checkpoint import load_model
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
@@ -41,6 +41,7 @@ from gptmini.launch import COMPLETED as COMPLETED_JOB, k8s, node_command, slurm,
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
+from gptmini.retrieval import Index, read_val
 from gptmini.trainer import BAD_CONFIG, BAD_DATA, COMPLETED, OOM, PREEMPTED
 from gptmini.weights import save_pretrained
 
@@ -183,7 +184,7 @@ def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root:
     key = shards_key(inputs, tokenizer, val_fraction, since)
     out = shards_dir(data_root, key)
     cmd = [sys.executable, "-m", "gptmini.cli", "prepare", *(s["spec"] for s in inputs), "--out", str(out),
-           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction)] + (["--since", since] if since else [])
+           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction), "--index"] + (["--since", since] if since else [])
     code, tail = run_streaming(cmd, subprocess_env(GPTMINI_CACHE_DIR=str(Path(data_root) / "cache")))
     if code != 0:
         raise RuntimeError(f"gptmini prepare failed (exit code {code}): {tail[-1] if tail else 'no output'}")
@@ -381,9 +382,23 @@ def evaluate(weights_dir: str, data_dir: str) -> dict:
 
 
 @task
-def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy, temperature and top-k continuations of each prompt, for the report."""
+def evaluate_rag(weights_dir: str, data_dir: str) -> dict | None:
+    """The four retrieval figures (`gptmini eval --rag`) on the val pieces; None without an index."""
+    if not read_manifest(data_dir).get("index"):
+        return None
     model, tokenizer = load_model(weights_dir)
+    result = rag.evaluate(model, tokenizer, Index.of(data_dir), read_val(data_dir))
+    for line in rag.summary_lines(result):
+        get_run_logger().info("retrieval: %s", line)
+    return result
+
+
+@task
+def samples(weights_dir: str, prompts: list[str], max_new_tokens: int, data_dir: str | None = None) -> list[dict]:
+    """Greedy, temperature and top-k continuations of each prompt, for the report; and, with an index, the
+    greedy one after the best passage (`rag.generate_text`, as `gptmini generate --rag`), with its citation."""
+    model, tokenizer = load_model(weights_dir)
+    index = Index.of(data_dir) if data_dir and read_manifest(data_dir).get("index") else None
     rows = []
     for prompt in prompts:
         for mode, temperature, top_k in SAMPLING:
@@ -391,6 +406,11 @@ def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[d
                                  top_k=top_k, seed=0)
             rows.append({"mode": mode, "prompt": prompt, "text": text})
             get_run_logger().info("[%s] %r -> %r", mode, prompt, text)
+        if index is not None:
+            text, cited = rag.generate_text(model, tokenizer, index, prompt, max_new_tokens, temperature=0)
+            rows.append({"mode": "greedy + retrieval", "prompt": prompt, "text": text,
+                         "citations": [f"{p.document} @{p.offset}" for p in cited]})
+            get_run_logger().info("[greedy + retrieval] %r -> %r (from %s)", prompt, text, rows[-1]["citations"])
     return rows
 
 

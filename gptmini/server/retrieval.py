@@ -94,8 +94,8 @@ def add_routes(app: FastAPI, host: ModelHost, authorized: list[Depends]) -> None
 
     @app.post("/v1/vector_stores/{vector_store_id}/search", dependencies=authorized)
     def search(vector_store_id: str, body: SearchRequest) -> dict:  # a plain def: SQLite runs on a worker thread
-        _, index = served_index(host, vector_store_id)
         queries, k = check_search(body)
+        _, index = served_index(host, vector_store_id)
         started = time.perf_counter()
         found = index.search(" ".join(queries), k)
         host.metrics.retrieval.labels("vector_store_search").observe(time.perf_counter() - started)
