@@ -266,6 +266,7 @@ class Index:
         if not self.path.is_file():
             raise DataError(f"no retrieval index at {self.path}; run `gptmini index DATA_DIR` to build it")
         self.sha256 = sha256 or sha256_file(self.path)
+        self.bytes = self.path.stat().st_size
         self._local = threading.local()
         self.passages = self._db().execute("SELECT count(*) FROM passages").fetchone()[0]
         self.meta = dict(self._db().execute("SELECT key, value FROM meta"))

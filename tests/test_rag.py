@@ -1,16 +1,18 @@
 """Retrieval: the index of the train passages (build, determinism, incremental update, no val text), exact
 retrieval of a planted passage, retrieval-conditioned generation against the passage prepended by hand, the
-four evaluation figures, and the bad inputs. The served routes are in tests/test_serve_rag.py."""
+four evaluation figures, and the bad inputs. And, end to end, the vector-store search and a cited completion through the `openai` client, and a promotion
+swapping model and index together; the HTTP bad-input rows are in tests/test_serve.py's table."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
-from gptmini import rag, retrieval
+from gptmini import rag, registry, retrieval
 from gptmini.checkpoint import load_model
 from gptmini.config import model_preset
 from gptmini.model import GPTOSSMini
@@ -21,6 +23,8 @@ from gptmini.data.prepare import SplitRule
 from gptmini.data.sources import Stats, open_source
 from gptmini.generate import generate, sampling_mask
 from gptmini.retrieval import Index, build_index
+from gptmini.server import ModelHost, ServeConfig
+from serve_helpers import Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,3 +200,62 @@ def test_generate_rag_bad_options_exit_2_naming_the_limit(corpus, tiny_bpe, flag
 
     assert generate_main(["--checkpoint", str(tiny_bpe), "--rag", "--index", str(corpus[1]), *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_vector_store_search_and_a_cited_completion_through_the_openai_client(corpus, tiny, tiny_bpe, tmp_path):
+    src, data = corpus
+    server = Server("--checkpoint", str(tiny_bpe), "--index", str(data), "--max-tokens", "16", log=tmp_path / "log",
+                    timeout=180)  # the shared 2-core VM took 70 s to start a server at a load average of 17
+    try:
+        client = server.openai()
+        [store] = httpx.get(server.url + "/v1/vector_stores", timeout=10).json()["data"]
+        page = client.vector_stores.search(store["id"], query="quokka zyzzyva marmoset", max_num_results=2)
+        best = page.data[0]
+        assert PLANTED[4:] in best.content[0].text and best.filename.endswith("planted.txt") and best.score > 0
+        assert best.attributes["source"] == str(src) and len(page.data) == 2
+        prompt = "quokka zyzzyva marmoset"
+        reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"retrieval": {"k": 1}})
+        [citation] = reply.choices[0].model_extra["citations"]
+        assert citation["id"] == best.file_id and citation["document"] == best.filename
+        model, tok = tiny
+        text, _ = rag.generate_text(model, tok, Index.of(data), prompt, max_new_tokens=8, temperature=0)
+        assert reply.choices[0].text == text  # the same context as `gptmini generate --rag`
+        off = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0,
+                                        extra_body={"retrieval": False})
+        assert "citations" not in off.choices[0].model_extra
+        assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="completions"') == 1
+        assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="vector_store_search"') == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_promotion_swaps_model_and_index_together(corpus, tiny_bpe, tmp_path, monkeypatch):
+    """Each version names its own index; the host following @production loads the pair and swaps both."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    mc = registry.client(uri)
+    experiment = mc.create_experiment("rag", artifact_location=(tmp_path / "artifacts").as_uri())
+    other = shutil.copytree(corpus[1], tmp_path / "other")
+    build_index(other, passage_chars=256)  # another index of the same text
+    versions, shas = [], []
+    for data in (corpus[1], other, None):
+        run = mc.create_run(experiment).info.run_id
+        tags = {}
+        if data is not None:
+            entry = json.loads((data / "manifest.json").read_text())["index"]
+            mc.log_artifact(run, str(data / entry["file"]), "retrieval")
+            tags, shas = registry.index_tags(run, entry), shas + [entry["sha256"]]
+        versions.append(str(registry.log_model_version(mc, run, tiny_bpe, tags).version))
+    host = ModelHost(ServeConfig(model_uri="models:/gptmini@production"))
+    try:
+        for version, sha in zip(versions, [*shas, None]):
+            registry.promote(mc, version)
+            host.poll()
+            served = host.current
+            assert served.version == version and (served.index.sha256 if served.index else None) == sha
+    finally:
+        host.close()

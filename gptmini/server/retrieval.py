@@ -85,7 +85,7 @@ def add_routes(app: FastAPI, host: ModelHost, authorized: list[Depends]) -> None
         served = host.require(None)
         stores = [] if served.index is None else [{
             "id": store_id(served.index), "object": "vector_store", "created_at": served.created,
-            "name": f"{served.label} training text", "status": "completed", "usage_bytes": served.index.path.stat().st_size,
+            "name": f"{served.label} training text", "status": "completed", "usage_bytes": served.index.bytes,
             "file_counts": {"in_progress": 0, "completed": served.index.passages, "failed": 0, "cancelled": 0,
                             "total": served.index.passages},
             "metadata": {"sha256": served.index.sha256, "model": served.label}}]
