@@ -115,6 +115,7 @@ class Segment:
     piece: int
     context: list[int]  # what the model reads before the targets
     targets: list[int]
+    documents: tuple[str, ...] = ()  # of the passages in the context
 
 
 def segments(tokenizer: Tokenizer, index: Index, val: Sequence[tuple[str, str]], seq_len: int, stride: int,
@@ -138,8 +139,10 @@ def segments(tokenizer: Tokenizer, index: Index, val: Sequence[tuple[str, str]],
                 filler += tokenizer.encode(index.random(rng).text)
             passages["random"] = [filler[:max(used - 1, 0)]] if used else []
             passages["none"] = []
+            docs = {m: tuple(p.document for p in ps) for m, ps in found.items()}
             for mode in MODES:
-                out[mode].append(Segment(j, build_context(tokenizer, passages[mode], prefix, budget), targets))
+                out[mode].append(Segment(j, build_context(tokenizer, passages[mode], prefix, budget), targets,
+                                         docs.get(mode, ())))
     return out
 
 

@@ -286,7 +286,8 @@ class Index:
         return db
 
     def search(self, query: str, k: int = 1, exclude_document: str | None = None) -> list[Passage]:
-        """The k best passages for `query` by BM25 (ties by position), none of `exclude_document`."""
+        """The k best passages for `query` by BM25 (ties by document and offset, so an updated index ranks
+        as one built anew), none of `exclude_document`."""
         if not 1 <= k <= MAX_K:
             raise UserError(f"k={k} is out of range; use 1 to {MAX_K}")
         expr = match_query(query)
@@ -295,7 +296,7 @@ class Index:
         rows = self._db().execute(
             "SELECT p.rowid, p.document, p.offset, p.source, p.text, -bm25(fts) AS score FROM fts "
             "JOIN passages p ON p.rowid = fts.rowid WHERE fts MATCH ? AND p.document IS NOT ? "
-            "ORDER BY bm25(fts), p.rowid LIMIT ?", (expr, exclude_document, k)).fetchall()
+            "ORDER BY bm25(fts), p.document, p.offset LIMIT ?", (expr, exclude_document, k)).fetchall()
         return [Passage(f"p{r[0]}", r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
 
     def documents(self) -> dict[str, int]:
