@@ -7,10 +7,11 @@ tokens, so a passage, an end-of-text and a prompt fit the demo model's 256 posit
 prepends passages of about 100 words). A passage knows its document, its character offset there, its source
 and the input it was read from.
 
-Why SQLite FTS5: it was the fastest to build and the smallest on disk of the three retrievers measured
-(bm25s, tantivy, FTS5; BENCHMARKS.md, "Which retriever"), it is in the standard library, and rows can be
-added and removed, so a grown corpus adds only its new inputs' passages. BM25 statistics are computed at
-query time, so an index updated in place ranks as one built anew.
+Why SQLite FTS5, of the three retrievers measured (BENCHMARKS.md, "Which retriever for the index?"): bm25s
+and tantivy answer a query faster and store less, but FTS5 is in the standard library, writes the same bytes
+for the same rows (so the file can be named by its sha256; tantivy's segment files are named at random), and
+adds and removes rows (bm25s rebuilds its whole matrix), so a grown corpus reads only its new inputs. BM25's
+statistics are computed at query time, so an index updated in place ranks as one built anew.
 
 The index is content-addressed like the shards: `index-<sha12>.sqlite` in the prepared folder, its sha256 in
 the manifest's `index` entry, written under a temporary name and renamed, and the manifest replaced last.
