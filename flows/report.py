@@ -73,6 +73,8 @@ def _retrieval(r: dict | None) -> list[str]:
              "|---|---|---|---|", f"| without retrieval | {_value(r['val_bpb'])} | | |"]
     for mode, label in (("filtered", "**own document excluded** (leakage-filtered)"), ("all", "from every passage"),
                         ("random", "a random passage as long")):
+        if mode not in r:
+            continue
         m = r[mode]
         lines.append(f"| {label} | {_value(m['val_bpb'])} | {m['difference']:+.4f} | {m['standard_error']:.4f} |")
     rec = r["recall"]

@@ -119,10 +119,10 @@ class Segment:
 
 
 def segments(tokenizer: Tokenizer, index: Index, val: Sequence[tuple[str, str]], seq_len: int, stride: int,
-             opts: RagOptions, seed: int = 0) -> dict[str, list[Segment]]:
-    """Each val piece's tokens in runs of `stride` targets, under each mode, with the same targets and the
-    same prefix budget: every mode but `none` spends part of the window on passages."""
-    rng, out = random.Random(seed), {m: [] for m in MODES}
+             opts: RagOptions, seed: int = 0, modes: Sequence[str] = MODES) -> dict[str, list[Segment]]:
+    """Each val piece's tokens in runs of `stride` targets, under each of `modes`, with the same targets and
+    the same prefix budget: every mode but `none` spends part of the window on passages."""
+    rng, out = random.Random(seed), {m: [] for m in modes}
     eot = tokenizer.eot_token
     for j, (document, text) in enumerate(val):
         ids = tokenizer.encode(text)
@@ -130,17 +130,19 @@ def segments(tokenizer: Tokenizer, index: Index, val: Sequence[tuple[str, str]],
             targets, prefix = ids[a:a + stride], [eot] + ids[:a]
             budget = seq_len - len(targets)
             query = query_of(tokenizer, prefix, opts.query_tokens)
-            found = {"all": index.search(query, opts.k), "filtered": index.search(query, opts.k, document)}
+            found = {"all": index.search(query, opts.k)} if "all" in modes or "random" in modes else {}
+            if "filtered" in modes:
+                found["filtered"] = index.search(query, opts.k, document)
             passages = {m: [tokenizer.encode(p.text) for p in ps] for m, ps in found.items()}
             # A random passage as long, in tokens, as what retrieval put in the window.
-            used = len(build_context(tokenizer, passages["all"], prefix, budget)) - len(prefix[-budget:])
+            used = len(build_context(tokenizer, passages.get("all", []), prefix, budget)) - len(prefix[-budget:])
             filler: list[int] = []
             while used and len(filler) < used:
                 filler += tokenizer.encode(index.random(rng).text)
             passages["random"] = [filler[:max(used - 1, 0)]] if used else []
             passages["none"] = []
             docs = {m: tuple(p.document for p in ps) for m, ps in found.items()}
-            for mode in MODES:
+            for mode in modes:
                 out[mode].append(Segment(j, build_context(tokenizer, passages[mode], prefix, budget), targets,
                                          docs.get(mode, ())))
     return out
@@ -188,24 +190,25 @@ def recall_at(index: Index, tokenizer: Tokenizer, val: Sequence[tuple[str, str]]
 
 def evaluate(model: nn.Module, tokenizer: Tokenizer, index: Index, val: Sequence[tuple[str, str]],
              opts: RagOptions = RagOptions(), stride: int = 32, seq_len: int | None = None,
-             batch_size: int = 16, seed: int = 0) -> dict:
+             batch_size: int = 16, seed: int = 0, modes: Sequence[str] = MODES) -> dict:
     """The four figures: val bits per byte without retrieval and with it from every passage (`all`), from all
     but the val text's own document (`filtered`), and with a random passage as long (`random`), each paired
     with `none` over the same pieces (difference = none - mode: above 0, the mode predicts better), with its
-    standard error; and recall@k on held-out queries."""
+    standard error; and recall@k on held-out queries. `modes` (with `none`) limits the work to some of them."""
     check_options(opts)
     if not val:
         raise UserError("the val split is empty: no pieces to measure retrieval on; prepare with --val-fraction > 0")
     seq_len = seq_len or model.config.max_seq_len
     if not 1 <= stride < seq_len:
         raise UserError(f"--stride {stride} must be in [1, {seq_len}) (the window is {seq_len} tokens)")
-    segs = segments(tokenizer, index, val, seq_len, stride, opts, seed)
-    sums = {m: segment_sums(model, tokenizer, segs[m], len(val), batch_size) for m in MODES}
+    modes = ["none", *(m for m in MODES[1:] if m in modes)]
+    segs = segments(tokenizer, index, val, seq_len, stride, opts, seed, modes)
+    sums = {m: segment_sums(model, tokenizer, segs[m], len(val), batch_size) for m in modes}
     none_nats, nbytes = sums["none"]
     keep = nbytes > 0
     result = {"pieces": int(keep.sum()), "val_bytes": int(nbytes.sum()), "seq_len": seq_len, "stride": stride,
               **asdict(opts), "val_bpb": float(none_nats.sum() / LN2 / nbytes.sum())}
-    for mode in MODES[1:]:
+    for mode in modes[1:]:
         c = paired(sums[mode][0][keep], none_nats[keep], nbytes[keep])
         result[mode] = {"val_bpb": c.challenger_val_bpb, "difference": c.difference, "standard_error": c.standard_error,
                         "relative": c.difference / c.champion_val_bpb if c.champion_val_bpb else math.nan}
@@ -220,6 +223,8 @@ def summary_lines(r: dict) -> list[str]:
     names = {"all": "retrieval from every passage", "filtered": "retrieval, own document excluded",
              "random": "a random passage as long"}
     for mode, name in names.items():
+        if mode not in r:
+            continue
         m = r[mode]
         lines.append(f"{name:<34} {m['val_bpb']:.4f}  difference {m['difference']:+.4f} ± {m['standard_error']:.4f} "
                      f"(1 s.e.; above 0 = lower bits/byte)")
