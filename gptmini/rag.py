@@ -207,7 +207,7 @@ def evaluate(model: nn.Module, tokenizer: Tokenizer, index: Index, val: Sequence
     none_nats, nbytes = sums["none"]
     keep = nbytes > 0
     result = {"pieces": int(keep.sum()), "val_bytes": int(nbytes.sum()), "seq_len": seq_len, "stride": stride,
-              **asdict(opts), "val_bpb": float(none_nats.sum() / LN2 / nbytes.sum())}
+              "k": opts.k, "query_tokens": opts.query_tokens, "val_bpb": float(none_nats.sum() / LN2 / nbytes.sum())}
     for mode in modes[1:]:
         c = paired(sums[mode][0][keep], none_nats[keep], nbytes[keep])
         result[mode] = {"val_bpb": c.challenger_val_bpb, "difference": c.difference, "standard_error": c.standard_error,
