@@ -210,7 +210,7 @@ def test_vector_store_search_and_a_cited_completion_through_the_openai_client(co
     try:
         client = server.openai()
         [store] = httpx.get(server.url + "/v1/vector_stores", timeout=10).json()["data"]
-        page = client.vector_stores.search(store["id"], query="quokka zyzzyva marmoset", max_num_results=2)
+        page = client.vector_stores.search(store["id"], query="quokka zyzzyva marmoset python", max_num_results=2)
         best = page.data[0]
         assert PLANTED[4:] in best.content[0].text and best.filename.endswith("planted.txt") and best.score > 0
         assert best.attributes["source"] == str(src) and len(page.data) == 2
