@@ -36,7 +36,8 @@ from gptmini.weights import save_pretrained
 
 from common import environment, md_table
 
-MODES = {"continuous": 16, "one-at-a-time": 1}  # mode -> --max-batch
+MODES = {"continuous": 16, "one-at-a-time": 1, "continuous+retrieval": 16}  # mode -> --max-batch
+DEFAULT_MODES = "continuous,one-at-a-time"  # continuous+retrieval needs --index
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
 
 
@@ -46,10 +47,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(folder: Path, port: int, max_batch: int, device: str) -> list[str]:
+def serve_command(folder: Path, port: int, max_batch: int, device: str, extra: tuple[str, ...] = ()) -> list[str]:
     gptmini = Path(sys.executable).parent / "gptmini"
     return [str(gptmini), "serve", "--checkpoint", str(folder), "--port", str(port), "--max-batch", str(max_batch),
-            *SERVE_OPTIONS, "--device", device]
+            *SERVE_OPTIONS, "--device", device, *extra]
 
 
 def start_server(cmd: list[str], threads: int | None, log: Path) -> subprocess.Popen:
@@ -134,7 +135,9 @@ def summarize(mode: str, clients: int, records: list[dict]) -> dict:
 def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = serve_command(folder, port, MODES[mode], args.device)
+    # With retrieval, every request first reads its best passage (the server's --retrieval 1).
+    extra = ("--index", str(args.index), "--retrieval", "1") if mode.endswith("+retrieval") else ()
+    cmd = serve_command(folder, port, MODES[mode], args.device, extra)
     log = logs / f"serve-{mode}.log"
     proc = start_server(cmd, args.threads, log)
     try:
@@ -165,6 +168,8 @@ def ratios(rows: list[dict]) -> dict:
         # The goal on a 2-core CPU with the demo model: >= 5x from 1 to 16 clients.
         out[f"continuous_{hi}_over_{lo}_clients"] = round(tps["continuous", hi] / tps["continuous", lo], 2)
     for c in clients:
+        if ("continuous", c) in tps and ("continuous+retrieval", c) in tps:
+            out[f"retrieval_over_plain_{c}_clients"] = round(tps["continuous+retrieval", c] / tps["continuous", c], 2)
         if ("continuous", c) in tps and ("one-at-a-time", c) in tps:
             out[f"continuous_over_one_at_a_time_{c}_clients"] = round(tps["continuous", c] / tps["one-at-a-time", c], 2)
     return out
@@ -177,7 +182,8 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
+    p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's, all cores)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
@@ -186,6 +192,8 @@ def main() -> None:
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    if "continuous+retrieval" in modes and not args.index:
+        p.error("--modes continuous+retrieval needs --index DATA_DIR (a folder indexed by `gptmini index`)")
     if args.checkpoint and not args.checkpoint.exists():
         p.error(f"--checkpoint {args.checkpoint} does not exist")
 

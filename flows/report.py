@@ -29,7 +29,8 @@ def _row(key: str, value) -> str:
 
 
 def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links: dict, run_dir: str,
-           manifest_sha: str, version: str, model_name: str, lineage: dict | None = None) -> str:
+           manifest_sha: str, version: str, model_name: str, lineage: dict | None = None,
+           retrieval: dict | None = None) -> str:
     """`metrics`: the registered weights over every val window (evaluate's names); then the trainer's
     summary (its last and best evaluations under the same names) and the gate's paired comparison."""
     training = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -42,6 +43,7 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
                for label, m in evaluations.items() if m),
              "", "val_bpb: bits per byte of val text (tokenizer-independent); val_loss: nats per token.", "",
              *_new_and_old(metrics, decision),
+             *_retrieval(retrieval),
              "| training | value |", "|---|---|", *(_row(k, v) for k, v in training.items()),
              "", "## Registry", "",
              f"- version **{version}** of `{model_name}`: {_link(links['version'])}",
@@ -61,6 +63,23 @@ def report(metrics: dict, summary: dict, rows: list[dict], decision: dict, links
     if "loss_png" in links:
         lines += ["", "## Loss", "", f"![loss curve]({links['loss_png']})"]
     return "\n".join(lines)
+
+
+def _retrieval(r: dict | None) -> list[str]:
+    """The four retrieval figures (docs/rag.md); the filtered one is what the version carries."""
+    if not r:
+        return []
+    lines = ["| retrieval (In-Context RALM, top-1 BM25) | val_bpb | difference (without - with) | s.e. |",
+             "|---|---|---|---|", f"| without retrieval | {_value(r['val_bpb'])} | | |"]
+    for mode, label in (("filtered", "**own document excluded** (leakage-filtered)"), ("all", "from every passage"),
+                        ("random", "a random passage as long")):
+        if mode not in r:
+            continue
+        m = r[mode]
+        lines.append(f"| {label} | {_value(m['val_bpb'])} | {m['difference']:+.4f} | {m['standard_error']:.4f} |")
+    rec = r["recall"]
+    return lines + ["", "recall on held-out queries: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in rec.items() if k != "queries" and v is not None) + f" ({rec['queries']} queries)", ""]
 
 
 def _new_and_old(metrics: dict, decision: dict) -> list[str]:

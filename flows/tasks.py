@@ -24,7 +24,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 
-from gptmini import ending, registry, tracking
+from gptmini import ending, rag, registry, tracking
 from gptmini.ending import TrainingFailed
 from gptmini.parallel import mesh_args
 from gptmini.data.prepare import PrepareConfig, input_key, read_manifest
@@ -39,6 +39,7 @@ from gptmini.tokenizer import get_tokenizer
 from gptmini.launch.k8s import K8sOptions
 from gptmini.launch.slurm import SlurmOptions
 from gptmini.redact import redact
+from gptmini.retrieval import Index, read_val
 from gptmini.weights import load_config, load_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,7 +154,7 @@ def tokenize(inputs: list[dict], tokenizer: str, val_fraction: float, data_root:
     key = shards_key(inputs, tokenizer, val_fraction, since)
     out = shards_dir(data_root, key)
     cmd = [sys.executable, "-m", "gptmini.cli", "prepare", *(s["spec"] for s in inputs), "--out", str(out),
-           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction)] + (["--since", since] if since else [])
+           "--tokenizer", tokenizer, "--val-fraction", str(val_fraction), "--index"] + (["--since", since] if since else [])
     code, tail = run_streaming(cmd, subprocess_env(GPTMINI_CACHE_DIR=str(Path(data_root) / "cache")))
     if code != 0:
         raise RuntimeError(f"gptmini prepare failed (exit code {code}): {tail[-1] if tail else 'no output'}")
@@ -315,9 +316,25 @@ def evaluate(weights_dir: str, data_dir: str) -> dict:
 
 
 @task
-def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy, temperature and top-k continuations of each prompt, for the report."""
+def evaluate_rag(weights_dir: str, data_dir: str) -> dict | None:
+    """The leakage-filtered retrieval figure (`gptmini eval --rag`'s second) and recall@k on the val pieces; None
+    without an index. The flow measures only that one, every 64 targets, to keep its cost to a few seconds."""
+    if not read_manifest(data_dir).get("index"):
+        return None
     model, tokenizer = load_model(weights_dir)
+    result = rag.evaluate(model, tokenizer, Index.of(data_dir), read_val(data_dir), stride=64,
+                          modes=("none", "filtered"))
+    for line in rag.summary_lines(result):
+        get_run_logger().info("retrieval: %s", line)
+    return result
+
+
+@task
+def samples(weights_dir: str, prompts: list[str], max_new_tokens: int, data_dir: str | None = None) -> list[dict]:
+    """Greedy, temperature and top-k continuations of each prompt, for the report; and, with an index, the
+    greedy one after the best passage (`rag.generate_text`, as `gptmini generate --rag`), with its citation."""
+    model, tokenizer = load_model(weights_dir)
+    index = Index.of(data_dir) if data_dir and read_manifest(data_dir).get("index") else None
     rows = []
     for prompt in prompts:
         for mode, temperature, top_k in SAMPLING:
@@ -325,6 +342,11 @@ def samples(weights_dir: str, prompts: list[str], max_new_tokens: int) -> list[d
                                  top_k=top_k, seed=0)
             rows.append({"mode": mode, "prompt": prompt, "text": text})
             get_run_logger().info("[%s] %r -> %r", mode, prompt, text)
+        if index is not None:
+            text, cited = rag.generate_text(model, tokenizer, index, prompt, max_new_tokens, temperature=0)
+            rows.append({"mode": "greedy + retrieval", "prompt": prompt, "text": text,
+                         "citations": [f"{p.document} @{p.offset}" for p in cited]})
+            get_run_logger().info("[greedy + retrieval] %r -> %r (from %s)", prompt, text, rows[-1]["citations"])
     return rows
 
 

@@ -230,7 +230,8 @@ def train_gpt(
     weights = tasks.export_best(str(run_dir))
     # The registered weights (the best checkpoint) over every val window: the numbers the version carries.
     metrics = tasks.evaluate(weights, data["data_dir"])
-    rows = tasks.samples(weights, prompts, max_new_tokens)
+    retrieval = tasks.evaluate_rag(weights, data["data_dir"])
+    rows = tasks.samples(weights, prompts, max_new_tokens, data["data_dir"])
     run.log_text(json.dumps(rows, indent=1), "samples.json")
 
     run_tokens = summary.get("tokens", 0)
@@ -240,6 +241,15 @@ def train_gpt(
                "new_inputs": str(new.get("new_inputs", "")), "run_steps": str(summary.get("steps", "")),
                "run_tokens": str(run_tokens), "total_tokens": str(parent_total + run_tokens)}
     measured = {k: f"{metrics[k]:.6f}" for k in ("val_bpb_new", "val_bpb_old") if metrics.get(k) is not None}
+    if manifest.get("index"):  # the index of this version's training data travels with it, named by its sha256
+        run.log_artifact(Path(data["data_dir"]) / manifest["index"]["file"], "retrieval")
+        measured |= registry.index_tags(run.run_id, manifest["index"])
+    if retrieval:  # the leakage-filtered figure: retrieval that never reads the val text's own document
+        f = retrieval["filtered"]
+        measured |= {"rag.filtered_val_bpb": f"{f['val_bpb']:.6f}", "rag.filtered_difference_bpb": f"{f['difference']:.6f}",
+                     "rag.filtered_standard_error_bpb": f"{f['standard_error']:.6f}",
+                     "rag.val_bpb_without": f"{retrieval['val_bpb']:.6f}"}
+        run.log_metrics({"rag_filtered_val_bpb": f["val_bpb"], "rag_val_bpb_without": retrieval["val_bpb"]})
     with tasks.registry_lock():  # the gate decides against the production version no other run is moving
         version = tasks.register(run.run_id, weights, {
             "data_manifest_sha256": data["manifest_sha256"], "val_loss": f"{metrics['val_loss']:.6f}",
@@ -253,11 +263,11 @@ def train_gpt(
 
     links = mlflow_links(uri, run.experiment_id, run.run_id, model_name, version)
     publish(report(metrics, summary, rows, decision, links, str(run_dir), data["manifest_sha256"], version,
-                   model_name, lineage), links, version, model_name)
+                   model_name, lineage, retrieval), links, version, model_name)
     run.end("FINISHED")
     return {"version": version, "promoted": decision["promote"], "val_loss": metrics["val_loss"],
             "val_bpb": metrics["val_bpb"], "decision": decision, "mlflow_run_id": run.run_id,
-            "run_dir": str(run_dir), "data_dir": data["data_dir"], "samples": rows}
+            "run_dir": str(run_dir), "data_dir": data["data_dir"], "samples": rows, "retrieval": retrieval}
 
 
 def continue_steps(preset: str, extra_args: list[str], data_dir: str, world: int, new_train_tokens: int,

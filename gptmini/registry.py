@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from gptmini.errors import Failure, UserError
-from gptmini.files import default_cache_dir
+from gptmini.files import default_cache_dir, sha256_file
 
 MODEL_NAME = "gptmini"
 PRODUCTION, CHAMPION, CHALLENGER = "production", "champion", "challenger"
@@ -336,7 +336,7 @@ def current_version(uri: str, tracking_uri: str | None = None) -> str | None:
     return str(mv.version) if mv is not None else None
 
 
-def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) -> Path:
+def _version(mc, uri: str, name: str, alias: str | None, version: str | None):
     if alias is not None:
         mv = version_by_alias(mc, alias, name)
         if mv is None:
@@ -344,8 +344,15 @@ def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) ->
                 f"{uri}: model {name!r} has no version with alias {alias!r}; "
                 f"promote one first: gptmini promote VERSION --alias {alias}"
             )
-    else:
-        mv = get_version(mc, version, name)
+        return mv
+    return get_version(mc, version, name)
+
+
+def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) -> Path:
+    return _weights(mc, name, _version(mc, uri, name, alias, version))
+
+
+def _weights(mc, name: str, mv) -> Path:
     target = cache_root() / name / f"v{mv.version}-{mv.run_id or 'norun'}"
     if not (target / "config.json").exists():
         mlflow = import_mlflow()
@@ -364,6 +371,53 @@ def _resolve(mc, uri: str, name: str, alias: str | None, version: str | None) ->
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# The retrieval index that travels with a version: the flow logs the index of the version's training data as
+# an artifact of its run and names it on the version by its sha256 (tags INDEX_TAG and INDEX_URI_TAG).
+INDEX_TAG, INDEX_URI_TAG = "retrieval.index_sha256", "retrieval.index_uri"
+
+
+def index_tags(run_id: str, entry: dict) -> dict[str, str]:
+    """The version tags naming an index logged as `retrieval/<file>` in run `run_id` (`entry`: the manifest's)."""
+    return {INDEX_TAG: entry["sha256"], INDEX_URI_TAG: f"runs:/{run_id}/retrieval/{entry['file']}",
+            "retrieval.passages": str(entry["passages"])}
+
+
+def _index(mc, name: str, mv) -> Path | None:
+    """The version's index file, downloaded once and checked against its sha256; None when it has none."""
+    sha = mv.tags.get(INDEX_TAG)
+    if not sha:
+        return None
+    target = cache_root() / name / f"index-{sha[:12]}.sqlite"
+    if not target.exists():
+        mlflow = import_mlflow()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.tags[INDEX_URI_TAG], dst_path=str(tmp),
+                                                             tracking_uri=mc.tracking_uri))
+            if sha256_file(local) != sha:
+                raise Failure(f"the index of {name} v{mv.version} ({mv.tags[INDEX_URI_TAG]}) does not match its "
+                              f"sha256 {sha[:12]}; register the version again")
+            os.replace(local, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_with_index(uri: str, tracking_uri: str | None = None) -> tuple[str, Path, Path | None]:
+    """(version, weights folder, index file or None) of `uri`, the alias resolved once: a model and the index
+    of its training data, always of the same version."""
+    name, alias, version = parse_model_uri(uri)
+    mc = client(tracking_uri)
+    with mlflow_errors(mc.tracking_uri):
+        mv = _version(mc, uri, name, alias, version)
+        return str(mv.version), _weights(mc, name, mv), _index(mc, name, mv)
+
+
+def resolve_index(uri: str, tracking_uri: str | None = None) -> Path | None:
+    return resolve_with_index(uri, tracking_uri)[2]
 
 
 def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:

@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 
 class Server:
     def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path, api_key: str | None = None,
-                 wait_ready: bool = True):
+                 wait_ready: bool = True, timeout: float = 60):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -27,7 +27,7 @@ class Server:
             environ["GPTMINI_API_KEY"] = api_key
         self.proc = subprocess.Popen([str(BIN / "gptmini"), "serve", *args, "--port", str(self.port)], env=environ,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT)
-        self.wait("/ready" if wait_ready else "/health")
+        self.wait("/ready" if wait_ready else "/health", timeout)
 
     def wait(self, path: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

@@ -138,7 +138,11 @@ def test_flow_registers_a_version_that_traces_back_to_its_run_and_data(stack, tw
     assert run.data.tags["registered_version"] == result["version"]
     assert run.data.tags["gate.decision"] == "promoted"
     artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
-    assert {"data", "samples.json"} <= artifacts
+    assert {"data", "samples.json", "retrieval"} <= artifacts
+    # The index of its training data travels with the version, named by its sha256, with the filtered figure.
+    manifest = json.loads(Path(result["data_dir"], "manifest.json").read_text())
+    assert mv.tags[registry.INDEX_TAG] == manifest["index"]["sha256"]
+    assert float(mv.tags["rag.filtered_val_bpb"]) == pytest.approx(result["retrieval"]["filtered"]["val_bpb"], rel=1e-5)
     # MLflow 3: the shards are the run's input, and the version is the trainer's LoggedModel of the best checkpoint.
     [dataset] = [d.dataset for d in run.inputs.dataset_inputs]
     assert mv.tags["data_manifest_sha256"].startswith(dataset.digest)
@@ -258,7 +262,8 @@ def test_report_artifact_has_metrics_samples_and_registry_links(two_runs):
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
     report = next(a for a in artifacts if a.key == "train-gpt-report")
     assert "val_bpb" in report.data and "val_loss" in report.data and f"{NAME} v1" in report.data
-    assert "greedy" in report.data and "top-k 40" in report.data
+    assert "greedy" in report.data and "top-k 40" in report.data and "greedy + retrieval" in report.data
+    assert "own document excluded" in report.data
     assert "promoted to production" in report.data
 
 

@@ -170,6 +170,14 @@ USER = {"messages": [{"role": "user", "content": "Hi"}]}
 # The error contract: every way a body fails to parse, and each field's range, on each endpoint. Each row is
 # (path, body, status, param, what the message must say).
 BAD = [
+    # Retrieval (this server has no index; tests/test_serve_rag.py has one)
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 0}}, 400, "retrieval.k", "retrieval.k=0 is out of range; use 1 to 50"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 51}}, 400, "retrieval.k", "use 1 to 50"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": True}, 400, "retrieval", "serves without retrieval"),
+    ("/v1/vector_stores/vs_nope/search", {"query": "x"}, 404, "vector_store_id", "no retrieval index"),
+    ("/v1/vector_stores/vs_nope/search", {"query": ""}, 400, "query", "query must be a non-empty string"),
+    ("/v1/vector_stores/vs_nope/search", {"query": "x", "max_num_results": 51}, 400, "max_num_results",
+     "max_num_results=51 is out of range; use 1 to 50"),
     # The body
     (COMPLETIONS, Raw(b"{not json"), 400, None, "not valid JSON"),
     (COMPLETIONS, Raw(b"[1, 2]"), 400, None, "must be a JSON object"),

@@ -16,6 +16,7 @@ from gptmini.errors import Failure, UserError
 
 COMMANDS = {
     "prepare": ("gptmini.cli.prepare", "tokenize sources into verified Arrow token shards"),
+    "index": ("gptmini.cli.index", "build the retrieval index of a prepared folder's train passages"),
     "train": ("gptmini.cli.train", "train a model (single process, or under torchrun)"),
     "eval": ("gptmini.cli.eval", "evaluate a checkpoint on the held-out split"),
     "generate": ("gptmini.cli.generate", "stream text from a checkpoint or registered model"),

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 from gptmini.cli import run
-from gptmini.cli.source import add_model_source, load_model_source
+from gptmini import rag
+from gptmini.cli.source import add_model_source, add_retrieval, load_index, load_model_source, retrieval_options
 from gptmini.config import read_toml
 from gptmini.device import pick_device
 from gptmini.errors import UserError
 from gptmini.evaluate import evaluate_split
 from gptmini.files import read_json, write_json
+from gptmini.retrieval import read_val
 
 
 def run_config(path: Path) -> dict | None:
@@ -33,9 +35,25 @@ def evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"no --data-dir given and none recorded with {args.checkpoint or args.model!r}; "
                         f"pass --data-dir DIR")
     seq_len = args.seq_len or model.config.max_seq_len
+    if args.rag:
+        return evaluate_rag(args, model, tokenizer, data_dir, seq_len)
     result = evaluate_split(model, tokenizer, data_dir, seq_len, args.batch_size, args.split, args.max_batches)
     result.update(checkpoint=str(args.checkpoint or args.model), data_dir=str(data_dir), split=args.split,
                   seq_len=seq_len)
+    print(json.dumps(result, indent=2))
+    if args.json_out:
+        write_json(Path(args.json_out), result)
+
+
+def evaluate_rag(args: argparse.Namespace, model, tokenizer, data_dir: str, seq_len: int) -> None:
+    """The four retrieval figures on the val pieces of `data_dir` (docs/rag.md)."""
+    opts = retrieval_options(args)
+    rag.check_options(opts)
+    index = load_index(args, data_dir)
+    result = rag.evaluate(model, tokenizer, index, read_val(data_dir), opts, args.rag_eval_stride, seq_len,
+                          args.batch_size)
+    result.update(checkpoint=str(args.checkpoint or args.model), data_dir=str(data_dir), index=index.sha256)
+    print("\n".join(rag.summary_lines(result)))
     print(json.dumps(result, indent=2))
     if args.json_out:
         write_json(Path(args.json_out), result)
@@ -53,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", dest="json_out", help="also write the result to this JSON file")
+    add_retrieval(p)
+    p.add_argument("--rag-eval-stride", type=int, default=32, help="with --rag: targets scored per retrieval")
     args = p.parse_args(argv)
     for flag, value in (("--batch-size", args.batch_size), ("--max-batches", args.max_batches)):
         if value is not None and value < 1:

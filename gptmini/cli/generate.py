@@ -11,7 +11,8 @@ from torch import Tensor
 
 from gptmini import quantize
 from gptmini.cli import run
-from gptmini.cli.source import add_model_source, load_model_source
+from gptmini import rag
+from gptmini.cli.source import add_model_source, add_retrieval, load_index, load_model_source, retrieval_options
 from gptmini.device import pick_device
 from gptmini.generate import check_sampling, sampling_mask, stream
 from gptmini.tokenizer import Tokenizer
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quantize", default="none", choices=quantize.MODES,
                    help="int8: weight-only int8 for every matmul weight and the experts (see BENCHMARKS.md)")
+    add_retrieval(p)
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens={args.max_new_tokens} must be >= 1")
@@ -43,6 +45,8 @@ def generate(args: argparse.Namespace) -> None:
     model = quantize.apply(model, args.quantize)
     prompts = [[tok.eot_token] + tok.encode(text) for text in (args.prompt or [""])]
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    if args.rag:
+        return generate_rag(args, model, tok, prompts, generator)
     tokens = stream(
         model, prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_token_id=tok.eot_token, use_cache=not args.no_cache, generator=generator,
@@ -52,6 +56,20 @@ def generate(args: argparse.Namespace) -> None:
         print_stream(tok, args.prompt[0] if args.prompt else "", tokens)
     else:
         print_batch(tok, args.prompt, tokens)
+
+
+def generate_rag(args: argparse.Namespace, model, tok: Tokenizer, prompts: list[list[int]], generator) -> None:
+    """Each prompt continued after the passages retrieved for it, then the passages it cites."""
+    opts = retrieval_options(args)
+    rag.check_options(opts)
+    index = load_index(args)
+    complete = rag.model_complete(model, tok, args.temperature, args.top_k, args.top_p, generator)
+    for i, (text, ids) in enumerate(zip(args.prompt or [""], prompts)):
+        result = rag.generate(index, tok, ids, args.max_new_tokens, complete, model.config.max_seq_len, opts)
+        new = [t for t in result.ids if t != tok.eot_token]
+        print((f"--- [{i}]\n" if len(prompts) > 1 else "") + text + tok.decode(new))
+        for n, p in enumerate(result.citations, 1):
+            print(f"  [{n}] {p.document} @{p.offset} ({p.source}, {p.id}, score {p.score:.2f})")
 
 
 def print_stream(tok: Tokenizer, prompt: str, tokens: Iterator[Tensor]) -> None:

@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 
 from gptmini.cli import run
+from gptmini.cli.index import index_summary
 from gptmini.data.prepare import SHARD_TOKENS, SPLIT_CHARS, PrepareConfig, Result, prepare
 from gptmini.data.sources import HttpOptions, default_cache_dir
+from gptmini.retrieval import build_index
 from gptmini.tokenizer import DEFAULT_TOKENIZER, KNOWN
 
 
-def parse_args(argv: list[str]) -> PrepareConfig:
+def parse_args(argv: list[str]) -> tuple[PrepareConfig, bool]:
     p = argparse.ArgumentParser(
         prog="gptmini prepare",
         description="Tokenize text sources into verified uint32 Arrow token shards plus manifest.json.",
@@ -41,13 +43,15 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     p.add_argument("--since", type=Path, default=None, metavar="DATASET",
                    help="an earlier prepared folder (or its manifest.json): the manifest marks the inputs that are "
                         "new since it, for training on new text with replay and for the gate's new/old measures")
+    p.add_argument("--index", action="store_true",
+                   help="also build the retrieval index of the train split's passages (as `gptmini index OUT`)")
     a = p.parse_args(argv)
     http = HttpOptions(timeout=a.timeout, retries=a.retries, backoff=a.backoff, wikipedia_api=a.wikipedia_api)
     return PrepareConfig(
         sources=a.sources, out=a.out, tokenizer=a.tokenizer, val_fraction=a.val_fraction,
         split_chars=a.split_chars, shard_tokens=a.shard_tokens, workers=a.workers, text_field=a.text_field, cache_dir=a.cache_dir,
         http=http, refresh=a.refresh, force=a.force, since=a.since,
-    )
+    ), a.index
 
 
 def summary(res: Result, out: Path) -> str:
@@ -68,6 +72,13 @@ def summary(res: Result, out: Path) -> str:
     )
 
 
+def prepare_and_index(cfg: PrepareConfig, index: bool) -> None:
+    print(summary(prepare(cfg), cfg.out))
+    if index:
+        since = cfg.since if cfg.since and Path(cfg.since).is_dir() else None
+        print(index_summary(build_index(cfg.out, base=since, text_field=cfg.text_field), cfg.out))
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    return run("gptmini prepare", lambda: print(summary(prepare(cfg), cfg.out)))
+    cfg, index = parse_args(argv)
+    return run("gptmini prepare", lambda: prepare_and_index(cfg, index))

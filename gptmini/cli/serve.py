@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gptmini import quantize
 from gptmini.cli import run
+from gptmini.retrieval import MAX_K
 from gptmini.cli.source import add_model_source
 from gptmini.device import pick_device
 from gptmini.errors import MissingPathError, UserError
@@ -35,7 +36,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quantize", default="none", choices=quantize.MODES, help="int8: weight-only int8 matmuls")
+    p.add_argument("--index", help="with --checkpoint: its retrieval index (a prepared folder or an index file); a "
+                   "registry version brings its own")
+    p.add_argument("--retrieval", type=int, default=0, metavar="K", help="read the K best passages before every "
+                   "prompt unless a request sends `retrieval: false` (default 0: only when a request asks)")
     args = p.parse_args(argv)
+    if args.index and args.model:
+        p.error("--index goes with --checkpoint; a registry version brings the index it was registered with")
+    if not 0 <= args.retrieval <= MAX_K:
+        p.error(f"--retrieval={args.retrieval} is out of range; use 0 (off) to {MAX_K}")
     for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -61,7 +70,8 @@ def serve(args: argparse.Namespace) -> None:
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, model_uri=args.model, host=args.host,
         port=args.port, served_name=args.served_name, max_batch=args.max_batch, max_queue=args.max_queue,
         max_tokens=args.max_tokens, poll_interval=args.poll_interval, api_key=api_key,
-        max_body_bytes=args.max_body_bytes, device=str(pick_device(args.device)), quantize=args.quantize))
+        max_body_bytes=args.max_body_bytes, device=str(pick_device(args.device)), quantize=args.quantize,
+        index=Path(args.index) if args.index else None, retrieval_k=args.retrieval))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ follows a registry alias.
     POST /v1/chat/completions   messages, rendered by CHAT_TEMPLATE (this is a base model, not a chat model)
     GET  /v1/models             the served model: its stable id first, then its version
     GET  /health                the process is alive          GET /ready   a model is loaded (503 until then)
+    GET  /v1/vector_stores      the served version's retrieval index     POST /v1/vector_stores/{id}/search
     GET  /metrics               Prometheus: requests, tokens, latencies, queue depth, batch occupancy, version
 
 The parts, each importing only those below it:
@@ -13,6 +14,7 @@ The parts, each importing only those below it:
     responses   a generation as one JSON body or as server-sent events
     bridge      one request's sequences on the engine thread, their text as events on the event loop
     limits      the ASGI body limit
+    retrieval   the vector-store routes, the `retrieval` request field and its citations (docs/rag.md)
     host        the served engine and the registry follower that swaps it (`ModelHost`)
     schema      the OpenAI request schema and its errors; metrics: the Prometheus metrics
     config      `ServeConfig`

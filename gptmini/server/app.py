@@ -18,6 +18,7 @@ from gptmini.server.bridge import Generation
 from gptmini.server.config import ServeConfig
 from gptmini.server.host import ModelHost
 from gptmini.server.limits import BodyLimit
+from gptmini.server.retrieval import add_routes, store_id
 from gptmini.server.responses import chat_body, chat_chunk, completion_body, completion_chunk, respond
 from gptmini.server.schema import (CHAT_STOP, ApiError, ChatRequest, CompletionRequest, chat_prompt, parse_error,
                                    validation_error)
@@ -25,7 +26,8 @@ from gptmini.server.schema import (CHAT_STOP, ApiError, ChatRequest, CompletionR
 log = logging.getLogger("gptmini.serve")
 
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models"}
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models",
+             "/v1/vector_stores": "vector_stores"}
 
 
 def create_app(host: ModelHost) -> FastAPI:
@@ -43,7 +45,8 @@ def create_app(host: ModelHost) -> FastAPI:
         served = host.current
         if served is None:
             return JSONResponse({"ready": False, "reason": host.unready}, status_code=503)
-        return JSONResponse({"ready": True, "model": served.label})
+        return JSONResponse({"ready": True, "model": served.label,
+                             "retrieval": store_id(served.index) if served.index else None})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -65,6 +68,7 @@ def create_app(host: ModelHost) -> FastAPI:
         gen = Generation(host, body, [chat_prompt(body.messages)], "chat", extra_stop=(CHAT_STOP,))
         return await respond(gen, body, request, chat_chunk, chat_body)
 
+    add_routes(app, host, authorized)
     return BodyLimit(app, host.config.max_body_bytes)
 
 

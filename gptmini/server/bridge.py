@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from gptmini.engine import EngineClosed, QueueFull, Sampling, Sequence
 from gptmini.server.host import ModelHost
+from gptmini.server.retrieval import check_available, request_k, with_passages
 from gptmini.server.schema import ApiError, GenerationRequest
 
 
@@ -19,6 +20,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     last_event: float | None = None
+    citations: list[dict] | None = None  # the passages read before its prompt; None: retrieval was off
 
 
 class Generation:
@@ -41,6 +43,7 @@ class Generation:
                            param="prompt" if len(prompts) > 1 else "n", code="invalid_value")
         tok = self.served.engine.tokenizer
         context = self.served.engine.max_seq_len
+        k = check_available(self.served, body.retrieval, request_k(body.retrieval, host.config.retrieval_k))
         ids = [[tok.eot_token] + tok.encode(p) for p in prompts]
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.choices: list[Choice] = []
@@ -55,6 +58,9 @@ class Generation:
                                     "shorten the prompt or lower max_tokens",
                                param="max_tokens" if room > 0 else ("prompt" if endpoint == "completions" else "messages"),
                                code="context_length_exceeded")
+            citations = None
+            if k:
+                prompt, citations = with_passages(self.served, prompt, context - max_tokens, k, host.metrics, endpoint)
             self.prompt_tokens += len(prompt) * body.n
             for i in range(body.n):
                 sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
@@ -62,7 +68,8 @@ class Generation:
                                     seed=None if body.seed is None else body.seed + i,
                                     stop=tuple(body.stop) + extra_stop, ignore_eos=body.ignore_eos)
                 index = len(self.choices)
-                self.choices.append(Choice(Sequence(prompt, sampling, self._emitter(index)), index))
+                self.choices.append(Choice(Sequence(prompt, sampling, self._emitter(index)), index,
+                                           citations=citations))
         self.pending = len(self.choices)
 
     def _emitter(self, index: int) -> Callable[[str, str | None], None]:

@@ -20,5 +20,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     device: str = "cpu"
     quantize: str = "none"
+    index: Path | None = None  # a --checkpoint's retrieval index (a prepared folder or an index file)
+    retrieval_k: int = 0  # passages read before every prompt unless a request says otherwise; 0: only on request
     retry_failed_after: float = 60.0  # a version that failed to load is tried again after this long
 

@@ -17,6 +17,7 @@ from gptmini import quantize, registry
 from gptmini.weights import load_model
 from gptmini.engine import Engine, Sampling, generate_one
 from gptmini.errors import Failure, UserError
+from gptmini.retrieval import Index
 from gptmini.server.config import ServeConfig
 from gptmini.server.metrics import Metrics
 from gptmini.server.schema import ApiError
@@ -31,6 +32,7 @@ class Served:
     version: str | None
     stable: str  # the id that outlives promotions: the registered name (or --served-name)
     aliases: set[str] = field(default_factory=set)  # the other ids a request may name it by
+    index: Index | None = None  # the retrieval index of its training data; None: it serves without retrieval
     created: int = field(default_factory=lambda: int(time.time()))
 
     def listed(self) -> list[str]:
@@ -38,6 +40,13 @@ class Served:
         keep it, then the version that answers now."""
         rest = sorted(a for a in self.aliases - {self.stable, self.label} if not a.startswith("models:/"))
         return list(dict.fromkeys([self.stable, self.label])) + rest
+
+
+def open_index(path: Path | None) -> Index | None:
+    """A prepared folder's index or an index file; None for none."""
+    if path is None:
+        return None
+    return Index.of(path) if Path(path).is_dir() else Index(path)
 
 
 class ModelHost:
@@ -72,7 +81,7 @@ class ModelHost:
     def start(self) -> None:
         """Load a checkpoint now (a bad path fails the command); follow a registry URI in the background."""
         if self.config.checkpoint is not None:
-            self._swap(self._load(self.config.checkpoint, self.config.served_name, None))
+            self._swap(self._load(self.config.checkpoint, self.config.served_name, None, self.config.index))
             return
         self.thread = threading.Thread(target=self._follow, name="registry-follower", daemon=True)
         self.thread.start()
@@ -82,7 +91,8 @@ class ModelHost:
         for engine in self.engines():
             engine.close()
 
-    def _load(self, path: Path, label: str, version: str | None) -> Served:
+    def _load(self, path: Path, label: str, version: str | None, index: Path | None = None) -> Served:
+        index = open_index(index)  # first: a missing index fails the version before its weights load
         model, tokenizer = load_model(path, device=self.config.device)
         model = quantize.apply(model, self.config.quantize)
         engine = Engine(model, tokenizer, self.config.max_batch, self.config.max_queue, name=label)
@@ -91,10 +101,12 @@ class ModelHost:
         except BaseException:
             engine.close()
             raise
+        if index is None:
+            log.info("%s has no retrieval index: it serves without retrieval", label)
         if version is None:
-            return Served(engine, label, None, self.config.served_name, {label, self.config.served_name})
+            return Served(engine, label, None, self.config.served_name, {label, self.config.served_name}, index=index)
         aliases = {label, self.name, f"{self.name}@{self.alias}" if self.alias else label, self.config.model_uri}
-        return Served(engine, label, version, self.name, aliases)
+        return Served(engine, label, version, self.name, aliases, index=index)
 
     def _swap(self, new: Served) -> None:
         with self.lock:
@@ -139,7 +151,9 @@ class ModelHost:
             return
         label = f"{self.name}/{version}"
         try:
-            served = self._load(registry.resolve_model_uri(f"models:/{label}"), label, version)
+            # The weights and the index of one version, loaded together and swapped in together.
+            _, weights, index = registry.resolve_with_index(f"models:/{label}")
+            served = self._load(weights, label, version, index)
         except Exception as exc:  # whatever is wrong with the new version, the old one keeps serving
             self.failed[version] = time.monotonic()
             self.metrics.load_failures.labels(version).inc()

@@ -25,6 +25,9 @@ class Metrics:
         Gauge("gptmini_batch_slots", "batch slots (--max-batch)", registry=r).set(max_batch)
         self.served = Gauge("gptmini_served_model_info", "1 for the model version answering new requests",
                             ["model", "version", "quantize"], registry=r)
+        self.retrieval = Histogram("gptmini_retrieval_latency_seconds", "one BM25 search of the served index",
+                                   ["endpoint"], registry=r,
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.swaps = Counter("gptmini_model_swaps", "times a new model version took over", registry=r)
         self.load_failures = Counter("gptmini_model_load_failures", "model versions that failed to load",
                                      ["version"], registry=r)

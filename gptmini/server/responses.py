@@ -14,28 +14,35 @@ from gptmini.server.bridge import Choice, Generation
 from gptmini.server.schema import ApiError, GenerationRequest
 
 
+def cited(choice: Choice, row: dict, last: bool = True) -> dict:
+    """A choice with its citations, when retrieval was on (a stream sends them with the last chunk)."""
+    return row | {"citations": choice.citations} if choice.citations is not None and last else row
+
+
 def completion_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": gen.served.label,
-            "choices": [{"index": choice.index, "text": delta, "finish_reason": reason, "logprobs": None}]}
+            "choices": [cited(choice, {"index": choice.index, "text": delta, "finish_reason": reason,
+                                       "logprobs": None}, reason is not None)]}
 
 
 def completion_body(rid: str, gen: Generation) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": gen.served.label,
-            "choices": [{"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
-                         "logprobs": None} for c in gen.choices], "usage": gen.usage()}
+            "choices": [cited(c, {"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
+                                  "logprobs": None}) for c in gen.choices], "usage": gen.usage()}
 
 
 def chat_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
     # The stream opens with the role alone, as OpenAI's does; every later chunk carries content only.
     message = {"content": delta} if choice.text or reason else {"role": "assistant", "content": ""}
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": gen.served.label,
-            "choices": [{"index": choice.index, "delta": message, "finish_reason": reason, "logprobs": None}]}
+            "choices": [cited(choice, {"index": choice.index, "delta": message, "finish_reason": reason,
+                                       "logprobs": None}, reason is not None)]}
 
 
 def chat_body(rid: str, gen: Generation) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": gen.served.label,
-            "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                         "finish_reason": c.finish_reason, "logprobs": None} for c in gen.choices],
+            "choices": [cited(c, {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                                  "finish_reason": c.finish_reason, "logprobs": None}) for c in gen.choices],
             "usage": gen.usage()}
 
 

@@ -71,6 +71,7 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    retrieval: Any = None  # true, false or {"k": N}: gptmini.server.retrieval
 
     @field_validator("seed")
     @classmethod

@@ -1,0 +1,169 @@
+"""Which retriever: SQLite FTS5, bm25s and tantivy on the same passages.
+
+For each corpus (the embedded CPython docs the demo trains on; a generated one of `--generated-mb` MB whose
+words follow the demo corpus's own word frequencies), the train passages are cut as `gptmini index` cuts
+them, then each retriever builds its index from them (seconds, bytes on disk) and answers the same queries
+(the first 32 cl100k tokens of each val piece, or of generated held-out text): p50 and p99 latency of one
+top-1 query. Prints one markdown table, with the load average next to it (the machine may be shared).
+
+    .venv/bin/python bench/bench_retrieval.py --generated-mb 200
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from gptmini import retrieval
+from gptmini.data.prepare import SplitRule
+from gptmini.data.sources import Stats, open_source, split_text
+from gptmini.tokenizer import get_tokenizer
+
+
+def demo_corpus() -> tuple[list[tuple[str, int, str]], list[str]]:
+    source = open_source("embedded:python-docs")
+    chunks = list(retrieval.chunks(source.documents, SplitRule(0.05), 1024, Stats()))
+    passages = list(retrieval.passages(chunks))
+    val = [text for _, text in retrieval.val_runs(chunks)]
+    return passages, val
+
+
+def generated_corpus(mb: int, demo_text: str, seed: int = 0) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """Documents of 2-20 KB whose words are drawn from the demo corpus's word frequencies."""
+    counts = Counter(re.findall(r"\S+", demo_text))
+    words, freq = list(counts), np.array(list(counts.values()), dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(len(words), size=mb * (1 << 20) // 6, p=freq / freq.sum())
+    passages, val, pos, doc, total = [], [], 0, 0, 0
+    while pos < len(draws) and total < mb << 20:
+        n = int(rng.integers(300, 3000))
+        text = " ".join(words[i] for i in draws[pos:pos + n])
+        pos, doc, total = pos + n, doc + 1, total + len(text)
+        if doc % 20 == 0:
+            val.append(text[:1024])
+            continue
+        off = 0
+        for piece in split_text(text, retrieval.PASSAGE_CHARS):
+            passages.append((f"gen/{doc}", off, piece))
+            off += len(piece)
+    return passages, val
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def build_fts5(passages, folder: Path):
+    path = folder / "fts5.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(retrieval.SCHEMA)
+    db.execute("BEGIN")
+    retrieval._insert(db, "bench", "bench", "-", passages)
+    db.execute("COMMIT")
+    db.execute("INSERT INTO fts(fts) VALUES ('optimize')")
+    db.execute("VACUUM")
+    db.close()
+    index = retrieval.Index(path, sha256="-")
+    return path, lambda q: index.search(q, 1)
+
+
+def build_bm25s(passages, folder: Path):
+    import bm25s
+
+    path = folder / "bm25s"
+    tokens = bm25s.tokenize([p[2] for p in passages], stopwords=None, show_progress=False)
+    model = bm25s.BM25()
+    model.index(tokens, show_progress=False)
+    model.save(path)
+    model = bm25s.BM25.load(path)
+
+    def search(q):
+        qt = bm25s.tokenize([q], stopwords=None, show_progress=False)
+        return model.retrieve(qt, k=1, show_progress=False)
+    return path, search
+
+
+def build_tantivy(passages, folder: Path):
+    import tantivy
+
+    path = folder / "tantivy"
+    path.mkdir()
+    sb = tantivy.SchemaBuilder()
+    sb.add_text_field("text", stored=True)
+    sb.add_integer_field("rowid", stored=True)
+    schema = sb.build()
+    index = tantivy.Index(schema, path=str(path))
+    writer = index.writer()
+    for i, p in enumerate(passages):
+        writer.add_document(tantivy.Document(text=p[2], rowid=i))
+    writer.commit()
+    writer.wait_merging_threads()
+    index.reload()
+    searcher = index.searcher()
+
+    def search(q):
+        words = " OR ".join(dict.fromkeys(w.lower() for w in re.findall(r"[^\W_]+", q)))
+        return searcher.search(index.parse_query(words, ["text"]), 1).hits if words else []
+    return path, search
+
+
+RETRIEVERS = {"sqlite-fts5": build_fts5, "bm25s": build_bm25s, "tantivy": build_tantivy}
+
+
+def run(name: str, passages, queries, folder: Path) -> dict:
+    t0 = time.perf_counter()
+    path, search = RETRIEVERS[name](passages, folder)
+    build = time.perf_counter() - t0
+    search(queries[0])  # warm
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        search(q)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1e3
+    return {"retriever": name, "build_s": build, "bytes": dir_bytes(path), "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--generated-mb", type=int, default=200)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--retrievers", default=",".join(RETRIEVERS))
+    args = p.parse_args()
+    tok = get_tokenizer("cl100k_base")
+    demo_passages, demo_val = demo_corpus()
+    corpora = {"demo (embedded python-docs)": (demo_passages, demo_val)}
+    if args.generated_mb:
+        demo_text = " ".join(t for _, _, t in demo_passages)
+        corpora[f"generated {args.generated_mb} MB"] = generated_corpus(args.generated_mb, demo_text)
+    print(f"| corpus | passages | text MB | retriever | build s | index MB | query p50 ms | query p99 ms | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rng = random.Random(0)
+    for corpus, (passages, val) in corpora.items():
+        queries = [tok.decode(tok.encode(v)[:retrieval.QUERY_TOKENS]) for v in val]
+        queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
+        rng.shuffle(queries)
+        mb = sum(len(t[2]) for t in passages) / 2**20
+        for name in args.retrievers.split(","):
+            folder = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
+            try:
+                r = run(name, passages, queries, folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"| {corpus} | {len(passages):,} | {mb:.1f} | {name} | {r['build_s']:.1f} | {r['bytes'] / 2**20:.1f} "
+                  f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {load} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
