@@ -40,7 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from gptmini import quantize, registry
 from gptmini.checkpoint import load_model
-from gptmini.engine import Engine, EngineClosed, QueueFull, Sampling, Sequence, generate_one
+from gptmini.engine import Engine, EngineClosed, QueueFull, Sampling, Sequence, generate_one, prompt_ids
 from gptmini.errors import Failure, UserError
 
 log = logging.getLogger("gptmini.serve")
@@ -397,7 +397,7 @@ class Generation:
         self.served = host.require(body.model)
         tok = self.served.engine.tokenizer
         context = self.served.engine.max_seq_len
-        ids = [[tok.eot_token] + tok.encode(p) for p in prompts]
+        ids = [prompt_ids(tok, p) for p in prompts]
         cap = self.host.config.max_tokens
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if asked is not None and asked > cap:

@@ -13,7 +13,7 @@ import torch
 
 from gptmini.engine import Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
 from gptmini.generate import generate_text
-from gptmini.model import GPTOSSMini, SlotCache
+from gptmini.model import GPTOSSMini, KVCache
 from gptmini.tokenizer import get_tokenizer
 from model_helpers import sharp_model, tiny
 
@@ -97,23 +97,23 @@ def test_a_seeded_request_gives_the_same_text_alone_or_in_a_full_batch(tok):
                                      top_p=0.9, seed=7)
 
 
-def test_slot_cache_rows_keep_their_own_positions_after_a_move():
+def test_cache_rows_keep_their_own_positions_after_a_move():
     """Row 2's sequence moved into row 0 decodes exactly as it would have in row 2."""
     torch.manual_seed(0)
     model = model_of(sliding_window=5)
     prompts = [torch.randint(0, 1000, (1, n)) for n in (3, 9, 6)]
 
     def decode(move: bool) -> torch.Tensor:
-        cache = SlotCache(model.config, 3, torch.device("cpu"), torch.float32)
+        cache = KVCache(model.config, 3, torch.device("cpu"), torch.float32)
         for row, p in enumerate(prompts):
-            cache.start(row)
+            cache.prefill(row)
             model(p, cache=cache)
         rows = [2, 1, 0] if move else [0, 1, 2]
         if move:  # 0 finished: 2 takes its place
             cache.move(2, 0)
-        cache.step(2 if move else 3)
+        cache.decode(2 if move else 3)
         idx = torch.tensor([[5], [6]] if move else [[7], [6], [5]])
-        logits, _ = model(idx, cache=cache, last_only=True)
+        logits, _ = model(idx, cache=cache)
         return logits[rows.index(2) if not move else 0]
 
     torch.testing.assert_close(decode(move=True), decode(move=False))
