@@ -1,4 +1,4 @@
-"""`gptmini serve`: an OpenAI-compatible endpoint for a checkpoint or a registry version (gptmini/server.py)."""
+"""`gptmini serve`: an OpenAI-compatible endpoint for a checkpoint or a registry version (gptmini/server/)."""
 from __future__ import annotations
 
 import argparse

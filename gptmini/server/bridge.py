@@ -1,0 +1,114 @@
+"""The async bridge: one request's sequences run on the engine's thread, and their text comes back as events
+on the event loop."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gptmini.engine import EngineClosed, QueueFull, Sampling, Sequence, prompt_ids
+from gptmini.server.host import ModelHost
+from gptmini.server.schema import ApiError, GenerationRequest
+
+
+@dataclass
+class Choice:
+    seq: Sequence
+    index: int
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_event: float | None = None
+
+
+class Generation:
+    """The sequences of one request (prompts x n) and the events they send back to the event loop."""
+
+    def __init__(self, host: ModelHost, body: GenerationRequest, prompts: list[str], endpoint: str,
+                 extra_stop: tuple[str, ...] = ()):
+        self.host, self.endpoint, self.started = host, endpoint, time.perf_counter()
+        self.served = host.require(body.model)
+        tok = self.served.engine.tokenizer
+        context = self.served.engine.max_seq_len
+        ids = [prompt_ids(tok, p) for p in prompts]
+        cap = self.host.config.max_tokens
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        if asked is not None and asked > cap:
+            raise ApiError(400, f"max_tokens={asked} is above this server's cap of {cap} (--max-tokens)",
+                           param="max_tokens", code="invalid_value")
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.choices: list[Choice] = []
+        self.prompt_tokens = 0
+        self.last_event: float | None = None
+        for p, prompt in enumerate(ids):
+            room = context - len(prompt)
+            max_tokens = asked if asked is not None else (16 if endpoint == "completions" else min(cap, room))
+            if len(prompt) + max_tokens > context:
+                raise ApiError(400, f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = "
+                                    f"{len(prompt) + max_tokens} exceeds the model's context of {context} tokens; "
+                                    "shorten the prompt or lower max_tokens",
+                               param="max_tokens" if room > 0 else ("prompt" if endpoint == "completions" else "messages"),
+                               code="context_length_exceeded")
+            self.prompt_tokens += len(prompt) * body.n
+            for i in range(body.n):
+                sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
+                                    top_p=body.top_p if body.top_p < 1.0 else None,
+                                    seed=None if body.seed is None else body.seed + i,
+                                    stop=tuple(body.stop) + extra_stop, ignore_eos=body.ignore_eos)
+                index = len(self.choices)
+                self.choices.append(Choice(Sequence(prompt, sampling, self._emitter(index)), index))
+        self.pending = len(self.choices)
+
+    def _emitter(self, index: int) -> Callable[[str, str | None], None]:
+        def emit(delta: str, reason: str | None) -> None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, delta, reason, time.perf_counter()))
+        return emit
+
+    def submit(self) -> None:
+        seqs = [c.seq for c in self.choices]
+        for _ in range(3):  # a swap can close the engine between require() and here: take the new one
+            try:
+                self.served.engine.submit(seqs)
+                return
+            except EngineClosed:
+                self.served = self.host.require(None)
+            except QueueFull as exc:
+                raise ApiError(429, f"the server is at capacity: {exc}; retry shortly", "rate_limit_error",
+                               code="queue_full", headers={"Retry-After": "1"}) from None
+        raise ApiError(503, "the model was swapped several times in a row; retry", "service_unavailable")
+
+    async def next_event(self, timeout: float | None = None) -> tuple[Choice, str, str | None]:
+        """The next (choice, text delta, finish_reason); asyncio.TimeoutError after `timeout` seconds."""
+        index, delta, reason, at = await asyncio.wait_for(self.events.get(), timeout)
+        choice, m = self.choices[index], self.host.metrics
+        if self.last_event is None:
+            m.ttft.observe(at - self.started)
+        if choice.last_event is not None:
+            m.itl.observe(at - choice.last_event)
+        self.last_event = choice.last_event = at
+        if reason:
+            choice.finish_reason = reason
+            self.pending -= 1
+        return choice, delta, reason
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            if c.finish_reason is None:
+                c.seq.cancel()
+        self.served.engine.wake()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.seq.tokens) for c in self.choices)
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def account(self, status: int) -> None:
+        m = self.host.metrics
+        m.requests.labels(self.endpoint, str(status)).inc()
+        m.prompt_tokens.inc(self.prompt_tokens)
+        m.completion_tokens.inc(self.completion_tokens)
+        m.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
+

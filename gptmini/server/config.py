@@ -1,0 +1,24 @@
+"""The settings of one `gptmini serve` process."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class ServeConfig:
+    checkpoint: Path | None = None
+    model_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_name: str = "gptmini"  # the model id of a --checkpoint
+    max_batch: int = 16
+    max_queue: int = 64
+    max_tokens: int = 512  # the cap on a request's max_tokens
+    poll_interval: float = 10.0
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    device: str = "cpu"
+    quantize: str = "none"
+    retry_failed_after: float = 60.0  # a version that failed to load is tried again after this long
+

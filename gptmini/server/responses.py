@@ -1,0 +1,104 @@
+"""A generation as an HTTP response: one JSON body, or server-sent events in OpenAI's chunk format."""
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gptmini.server.bridge import Choice, Generation
+from gptmini.server.schema import ApiError, GenerationRequest
+
+
+def completion_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": gen.served.label,
+            "choices": [{"index": choice.index, "text": delta, "finish_reason": reason, "logprobs": None}]}
+
+
+def completion_body(rid: str, gen: Generation) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": gen.served.label,
+            "choices": [{"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
+                         "logprobs": None} for c in gen.choices], "usage": gen.usage()}
+
+
+def chat_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
+    # The stream opens with the role alone, as OpenAI's does; every later chunk carries content only.
+    message = {"content": delta} if choice.text or reason else {"role": "assistant", "content": ""}
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": gen.served.label,
+            "choices": [{"index": choice.index, "delta": message, "finish_reason": reason, "logprobs": None}]}
+
+
+def chat_body(rid: str, gen: Generation) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": gen.served.label,
+            "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
+                         "finish_reason": c.finish_reason, "logprobs": None} for c in gen.choices],
+            "usage": gen.usage()}
+
+
+def _chat_text(gen: Generation, choice: Choice, delta: str) -> str:
+    """The template ends at "Assistant:"; the model's first token usually starts with a space, which the
+    message's content leaves out."""
+    return delta.lstrip() if gen.endpoint == "chat" and not "".join(choice.text) else delta
+
+
+async def respond(gen: Generation, body: GenerationRequest, request: Request, chunk, whole) -> Response:
+    rid = f"{'chatcmpl' if gen.endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+    gen.submit()
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream(gen, rid, chunk, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    while gen.pending:
+        try:
+            choice, delta, reason = await gen.next_event(timeout=0.5)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():  # the client hung up: free its slots now
+                gen.cancel()
+                gen.account(499)
+                return Response(status_code=499)
+            continue
+        if reason == "error":
+            gen.cancel()
+            raise ApiError(500, delta, "server_error")
+        choice.text.append(_chat_text(gen, choice, delta))
+    gen.account(200)
+    return JSONResponse(whole(rid, gen))
+
+
+async def stream(gen: Generation, rid: str, chunk, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. A client that disconnects
+    cancels this generator (Starlette), and the finally clause frees its sequences' slots."""
+    done = False
+    try:
+        if gen.endpoint == "chat":  # the role first, as OpenAI sends it
+            for c in gen.choices:
+                yield sse(chunk(rid, gen, c, "", None))
+        while gen.pending:
+            choice, delta, reason = await gen.next_event()
+            if reason == "error":
+                yield sse({"error": {"message": delta, "type": "server_error", "param": None, "code": None}})
+                gen.account(500)
+                return
+            delta = _chat_text(gen, choice, delta)
+            choice.text.append(delta)
+            if delta or reason:
+                yield sse(chunk(rid, gen, choice, delta, reason))
+        if include_usage:
+            yield sse({"id": rid, "object": "chat.completion.chunk" if gen.endpoint == "chat" else "text_completion",
+                       "created": int(time.time()), "model": gen.served.label, "choices": [], "usage": gen.usage()})
+        yield "data: [DONE]\n\n"
+        done = True
+        gen.account(200)
+    finally:
+        if not done:
+            gen.cancel()
+            gen.account(499)
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+

@@ -1,0 +1,170 @@
+"""The OpenAI request schema, and its errors in OpenAI's shape: {"error": {"message", "type", "param", "code"}},
+whose message names the field and the limit.
+
+Requests carry OpenAI's fields, strictly typed; the extensions are top_k and ignore_eos (vLLM's names).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+MAX_N = 8  # choices per request
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
+CHAT_STOP = "\nUser:"
+CHAT_TEMPLATE = """A system (or developer) message opens the text; each turn is one line; the model continues
+after the final "Assistant:", and stops where it would start the user's next turn ("\\nUser:"):
+
+    {system}
+
+    User: {user message}
+    Assistant: {assistant message}
+    User: {user message}
+    Assistant:"""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
+# Fields we do not implement, accepted only at the value that means "off".
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (None, False),
+           "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
+           "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+           "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, False, True)}
+
+
+def param_error(param: str, message: str) -> PydanticCustomError:
+    return PydanticCustomError("invalid_value", "{message}", {"message": message, "param": param})
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: Any = Field(None, validate_default=True)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise param_error("stop", f"stop must be a non-empty string or a list of them (got {v!r})")
+        if len(stops) > MAX_STOP:
+            raise param_error("stop", f"stop has {len(stops)} strings; at most {MAX_STOP} are allowed")
+        return stops
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> GenerationRequest:
+        for key, value in (self.model_extra or {}).items():
+            if key in IGNORED:
+                continue
+            if key not in NEUTRAL:
+                raise param_error(key, f"unrecognized request argument {key!r}")
+            if value not in NEUTRAL[key]:
+                raise param_error(key, f"{key}={value!r} is not supported by gptmini serve; leave it out")
+        return self
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: Any = Field(...)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> list[str]:
+        prompts = [v] if isinstance(v, str) else v
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise param_error("prompt", "prompt must be a string or a non-empty list of strings "
+                                        f"(token-id prompts are not supported); got {_short(v)}")
+        return prompts
+
+
+class ChatRequest(GenerationRequest):
+    messages: Any = Field(...)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, v: Any) -> list[tuple[str, str]]:
+        if not isinstance(v, list) or not v:
+            raise param_error("messages", f"messages must be a non-empty list of {{role, content}}; got {_short(v)}")
+        out = []
+        for i, m in enumerate(v):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in ("system", "developer", "user", "assistant"):
+                raise param_error(f"messages[{i}].role",
+                                  f"messages[{i}].role must be system, developer, user or assistant; got {role!r}")
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: text only
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise param_error(f"messages[{i}].content", f"messages[{i}].content parts must be "
+                                      "{\"type\": \"text\", \"text\": ...}; this model reads text only")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise param_error(f"messages[{i}].content", f"messages[{i}].content must be a string; got {_short(content)}")
+            out.append((role, content))
+        return out
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def chat_prompt(messages: list[tuple[str, str]]) -> str:
+    """The text a chat becomes (CHAT_TEMPLATE)."""
+    parts = []
+    for role, content in messages:
+        if role in ("system", "developer"):
+            parts.append(f"{content}\n\n")
+        else:
+            parts.append(f"{'User' if role == 'user' else 'Assistant'}: {content}\n")
+    return "".join(parts) + "Assistant:"
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """The first problem, as one message that names the field (FastAPI's default is a 422 list)."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the request body is not valid JSON ({detail}); send a JSON object", code="invalid_json")
+    ctx = err.get("ctx") or {}
+    param = ctx.get("param") or (loc[0] if loc else None)
+    if err.get("type") == "missing":
+        return ApiError(400, f"missing required field {param!r}", param=param, code="missing_field")
+    if err.get("type") in ("model_type", "model_attributes_type") and not loc:
+        return ApiError(400, "the request body must be a JSON object", code="invalid_type")
+    message = ctx.get("message") or err.get("msg", "invalid value")
+    if "message" not in ctx:
+        message = f"{'.'.join(loc)}: {message} (got {_short(err.get('input'))})"
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
