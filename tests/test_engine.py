@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import pytest
 import torch
 
-from gptmini.engine import Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
+from gptmini.engine import Batch, Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
 from gptmini.generate import generate_text
 from gptmini.model import GPTOSSMini, KVCache
 from gptmini.tokenizer import get_tokenizer
@@ -173,3 +174,29 @@ def test_a_full_queue_refuses_the_whole_request(tok):
     finally:
         block.set()
         engine.close(wait=True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 6}], ids=["moe", "sliding-window-ring"])
+def test_chunked_prefill_interleaves_decode_steps_and_gives_the_same_greedy_tokens(tok, overrides):
+    """A 41-token prompt arrives while a short one streams: in chunks of 8 it takes 6 steps, each of which
+    also advances the running stream; prefilled whole it takes one step that advances nothing else."""
+    model = model_of(**overrides)
+    short = [tok.eot_token] + tok.encode("Hello world")
+    long = ([tok.eot_token] + tok.encode(" ".join(PROMPTS) * 3))[:41]
+
+    def run(chunk: int) -> tuple[list[list[int]], Batch]:
+        batch = Batch(model, 2, prefill_chunk=chunk)
+        seqs = [Sequence(p, Sampling(max_tokens=n, temperature=0)) for p, n in ((short, 20), (long, 8))]
+        waiting = deque(seqs[:1])
+        take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+        batch.step(take)  # the short prompt is in, and streaming
+        waiting.append(seqs[1])
+        while not all(s.finish_reason for s in seqs):
+            batch.step(take)
+        return [s.tokens for s in seqs], batch
+
+    whole, unchunked = run(0)
+    chunked_tokens, chunked = run(8)
+    assert chunked_tokens == whole
+    assert len(long) == 41 and chunked.decode_steps_mid_prefill == 5 and unchunked.decode_steps_mid_prefill == 0
+    assert chunked.prefill_chunks == 1 + 6
