@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 
 from gptmini.config import model_preset
 from gptmini.checkpoint import load_model
+from gptmini.evaluate import token_nats
 from gptmini.generate import generate_text
 from gptmini.weights import save_pretrained
 from model_helpers import sharp_model
@@ -135,6 +137,39 @@ def test_greedy_answer_is_what_gptmini_generate_prints(server, weights):
     assert cli.stdout == "class A:" + answer.choices[0].text + "\n"
 
 
+def test_logprobs_and_echo_are_the_models_own_in_openai_shapes(server, weights):
+    """Completions: echo's prompt log-probabilities are `gptmini eval`'s per-token nats, negated; each new
+    greedy token is its position's most likely one. Chat: content[] with token, logprob, bytes, top_logprobs."""
+    model, tok = load_model(weights)
+    client = server.openai()
+    ids = tok.encode("def f(x):\n    return x")
+    done = client.completions.create(model="gptmini", prompt="def f(x):\n    return x", max_tokens=3,
+                                     temperature=0, logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    c = done.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith("def f(x):\n    return x") and len(lp.tokens) == len(ids) + 3
+    assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    x = torch.tensor([[tok.eot_token] + ids])
+    nats = token_nats(model, x[:, :-1], x[:, 1:])[0].tolist()
+    assert lp.token_logprobs[: len(ids)] == pytest.approx([-n for n in nats], abs=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    for token, logprob, top in list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))[len(ids):]:
+        assert top[token] == logprob == max(top.values())  # greedy: the most likely token
+
+    by_ids = client.completions.create(model="gptmini", prompt=[tok.eot_token] + ids, max_tokens=1, temperature=0,
+                                       logprobs=0, echo=True)
+    lp_ids = by_ids.choices[0].logprobs
+    assert lp_ids.token_logprobs[0] is None and lp_ids.top_logprobs[0] is None  # no context before it
+    assert lp_ids.token_logprobs[1:-1] == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-5)
+
+    chat = client.chat.completions.create(model="gptmini", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == t.top_logprobs[0].logprob and bytes(t.bytes).decode() == t.token for t in content)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = server.metric("gptmini_completion_tokens_total")
     with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
@@ -153,7 +188,9 @@ BAD = [  # (body, what the error must name, status, param)
     ("[1, 2]", "JSON object", 400, None),
     ({"max_tokens": 5}, "'prompt'", 400, "prompt"),
     ({"prompt": 5}, "prompt must be a string", 400, "prompt"),
-    ({"prompt": [1, 2, 3]}, "token-id prompts are not supported", 400, "prompt"),
+    ({"prompt": [1, -2, 3]}, "list of token ids", 400, "prompt"),
+    ({"prompt": [[1, 2], []]}, "list of token ids", 400, "prompt"),
+    ({"prompt": [5, 200000]}, "token id 200000 is not in the model's vocabulary", 400, "prompt"),
     ({"prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", 400, "max_tokens"),
     ({"prompt": "x", "temperature": -0.5}, "temperature: Input should be greater than or equal to 0", 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p: Input should be greater than 0", 400, "top_p"),
@@ -163,7 +200,8 @@ BAD = [  # (body, what the error must name, status, param)
     ({"prompt": "word " * 100, "max_tokens": 50}, "exceeds the model's context of 128", 400, "max_tokens"),
     ({"prompt": "x", "n": 9}, "n: Input should be less than or equal to 8", 400, "n"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4", 400, "stop"),
-    ({"prompt": "x", "logprobs": 3}, "logprobs=3 is not supported", 400, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs: Input should be less than or equal to 20", 400, "logprobs"),
+    ({"prompt": "x", "echo": True, "stream": True}, "leave out stream", 400, "stream"),
     ({"prompt": "x", "frobnicate": 1}, "unrecognized request argument 'frobnicate'", 400, "frobnicate"),
     ({"prompt": "x", "model": "gpt-4"}, "'gpt-4' is not served here", 404, "model"),
     ({"prompt": "x", "model": "/etc/passwd"}, "'/etc/passwd' is not served here", 404, "model"),
