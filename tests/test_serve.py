@@ -20,7 +20,9 @@ import torch
 
 from gptmini.config import model_preset
 from gptmini.checkpoint import load_model
-from gptmini.evaluate import token_nats
+from gptmini.data.prepare import read_manifest
+from gptmini.evaluate import split_stream, token_nats
+from gptmini.tokenizer import get_tokenizer
 from gptmini.generate import generate_text
 from gptmini.weights import save_pretrained
 from model_helpers import sharp_model
@@ -168,6 +170,67 @@ def test_logprobs_and_echo_are_the_models_own_in_openai_shapes(server, weights):
     content = chat.choices[0].logprobs.content
     assert 1 <= len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
     assert all(t.logprob == t.top_logprobs[0].logprob and bytes(t.bytes).decode() == t.token for t in content)
+
+
+CLOZE_TASK = """task: gptmini_val_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def cloze_pack(folder, small_shards, tok, docs: int = 6) -> list[dict]:
+    """Last-word cloze from the val split's pieces: each piece's first line of 6 to 30 words, its last word
+    the target."""
+    theirs = get_tokenizer(read_manifest(small_shards)["tokenizer"], small_shards)
+    stream, _ = split_stream(small_shards, theirs)  # the shards' own tokens
+    text = theirs.decode(stream[:20000].tolist())
+    lines = [line.split() for line in text.split("\n") if 6 <= len(line.split()) <= 30 and "<|" not in line]
+    rows = [{"context": " ".join(words[:-1]), "target": " " + words[-1]} for words in lines[:docs]]
+    (folder / "cloze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "cloze.yaml").write_text(CLOZE_TASK.format(data=folder / "cloze.jsonl"))
+    return rows
+
+
+def test_lm_eval_harness_scores_a_val_cloze_pack_with_gptmini_evals_per_token_values(server, weights, small_shards,
+                                                                                    tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model (prompt token ids, echo, logprobs) against this
+    server: each document's log-likelihood is minus the sum of `evaluate.token_nats` over the target's
+    tokens, to 1e-3 nats."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not in .[test] (pip install lm_eval)")
+    from lm_eval.tasks import TaskManager
+    from gptmini.hf import hf_tokenizer_config, hf_tokenizer_json
+
+    model, tok = load_model(weights)
+    (tmp_path / "hf").mkdir()  # lm-eval tokenizes with transformers: export-hf's tokenizer files
+    (tmp_path / "hf" / "tokenizer.json").write_text(hf_tokenizer_json(tok))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, 128)))
+    rows = cloze_pack(tmp_path, small_shards, tok)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["gptmini_val_cloze"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model_args={"model": "gptmini", "base_url": server.url + "/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": str(tmp_path / "hf"), "add_bos_token": True, "max_retries": 1},
+        bootstrap_iters=0)
+    samples = sorted(out["samples"]["gptmini_val_cloze"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) and 0.0 <= out["results"]["gptmini_val_cloze"]["acc,none"] <= 1.0
+    for row, sample in zip(rows, samples):
+        context = [tok.eot_token] + tok.encode(row["context"])  # add_bos_token: our prompt framing
+        x = torch.tensor([[tok.eot_token] + tok.encode(row["context"] + row["target"])])
+        with torch.no_grad():
+            nats = token_nats(model, x[:, :-1], x[:, 1:])[0, len(context) - 1 :]
+        assert sample["resps"][0][0][0] == pytest.approx(-float(nats.sum()), abs=1e-3)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
