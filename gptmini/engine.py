@@ -228,14 +228,17 @@ class Batch:
         self._retire([i for i, seq in enumerate(self.running) if seq.cancelled])
         if self.prefilling is not None and self.prefilling.cancelled:
             self.prefilling = None
+        started: list[tuple[Sequence, Tensor]] = []  # prompts now in, with their last position's hidden state
         if self.prefill_chunk:
-            self._prefill_chunks(take)
+            self._prefill_chunks(take, started)
         else:
             self.admitted = take(self.rows - len(self.running))
             while self.admitted:
                 seq = self.admitted.pop(0)
                 if not seq.cancelled:
-                    self._prefill(seq, len(seq.prompt))
+                    self._prefill(seq, len(seq.prompt), started)
+        if started:
+            self._start(started)
         if self.running:
             self._decode()
 
@@ -245,7 +248,7 @@ class Batch:
         self.running, self.admitted, self.prefilling = [], [], None
         return held
 
-    def _prefill_chunks(self, take: Callable[[int], list[Sequence]]) -> None:
+    def _prefill_chunks(self, take: Callable[[int], list[Sequence]], started: list) -> None:
         budget = self.prefill_chunk
         while budget > 0:
             if self.prefilling is None:
@@ -260,11 +263,12 @@ class Batch:
             seq = self.prefilling
             n = min(budget, len(seq.prompt) - seq.prefilled)
             budget -= n
-            self._prefill(seq, n)
+            self._prefill(seq, n, started)
 
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence, n: int) -> None:
-        """The next n tokens of seq's prompt into row len(running); after the last, sample its first token."""
+    def _prefill(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
+        """The next n tokens of seq's prompt into row len(running); after the last, seq joins the running rows
+        and `started`, with its last position's hidden state (or, with echo, its logits)."""
         row, start = len(self.running), seq.prefilled
         if start == 0:
             self.cache.reset(row)
@@ -272,21 +276,30 @@ class Batch:
         h = self.model.hidden(torch.tensor([seq.prompt[start : start + n]], device=self.device), self.cache)
         seq.prefilled += n
         self.prefill_chunks += 1
-        last = seq.prefilled == len(seq.prompt)
+        last = h[0, -1:]  # (1, d)
         if seq.sampling.echo:  # the log-probability of each prompt token after the first, from the position before
             logits = self.model.output(h[0])  # (n, V)
             targets = seq.prompt[start + 1 : start + n + 1]
             seq.prompt_logprobs += token_logprobs(logits[: len(targets)], torch.tensor(targets, device=self.device),
                                                   seq.sampling.logprobs or 0)
-            last_logits = logits[-1:]
-        elif last:
-            last_logits = self.model.output(h[:, -1])  # (1, V)
-        if last:
+            last = logits[-1:]
+        if seq.prefilled == len(seq.prompt):
             if self.prefilling is seq:
                 self.prefilling = None
             self.running.append(seq)
-            self._advance([seq], last_logits)
-            self._retire([row] if seq.finish_reason else [])
+            started.append((seq, last))
+
+    @torch.inference_mode()
+    def _start(self, started: list[tuple[Sequence, Tensor]]) -> None:
+        """Sample the first token of each prompt prefilled this step: the output head runs once for all (at
+        batch 1 a decode step is mostly the reading of its weights)."""
+        hidden = [i for i, (seq, _) in enumerate(started) if not seq.sampling.echo]
+        logits = [last for _, last in started]
+        if hidden:
+            for i, row in zip(hidden, self.model.output(torch.cat([logits[i] for i in hidden]))):
+                logits[i] = row[None]
+        self._advance([seq for seq, _ in started], torch.cat(logits))
+        self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason])
 
     @torch.inference_mode()
     def _decode(self) -> None:
