@@ -223,8 +223,9 @@ class Batch:
     def busy(self) -> bool:
         return bool(self.running or self.prefilling or self.admitted)
 
-    def step(self, take: Callable[[int], list[Sequence]]) -> None:
-        """Prefill what `take(k)` (up to k waiting sequences) gives into free rows, then one decode step."""
+    def step(self, take: Callable[[int], list[Sequence]], decode: bool = True) -> None:
+        """Prefill what `take(k)` (up to k waiting sequences) gives into free rows, then one decode step
+        (unless `decode` is False: a caller that hands out each prompt's first token before the second)."""
         self._retire([i for i, seq in enumerate(self.running) if seq.cancelled])
         if self.prefilling is not None and self.prefilling.cancelled:
             self.prefilling = None
@@ -239,7 +240,7 @@ class Batch:
                     self._prefill(seq, len(seq.prompt), started)
         if started:
             self._start(started)
-        if self.running:
+        if self.running and decode:
             self._decode()
 
     def abandon(self) -> list[Sequence]:

@@ -65,7 +65,7 @@ def stream(
     try:
         for i in range(max_new_tokens):
             if any(len(s.tokens) <= i for s in seqs if not s.finish_reason):
-                batch.step(lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))])
+                batch.step(lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))], decode=i > 0)
             yield torch.tensor([s.tokens[i] if len(s.tokens) > i else fill for s in seqs], device=batch.device)
             if all(s.finish_reason and len(s.tokens) <= i + 1 for s in seqs):
                 return
