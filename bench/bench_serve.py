@@ -7,12 +7,12 @@ without it (each prompt prefilled whole), and one request at a time (--max-batch
 
 Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
 each send --requests-per-client streaming completions back to back (temperature 0, ignore_eos, so every
-request generates exactly --max-tokens tokens). Prompts have mixed lengths: client i's prompt is about
-the i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. All times are the client's: TTFT runs from sending the
-request to its first non-empty text chunk; per-token latency is the gap between consecutive text chunks of a
-request (a chunk holds one token's text, or several when a token ends mid-character, so the gap then covers
-them all); aggregate tok/s is the usage chunks' completion_tokens over the run's wall time. The clients share
-the CPU with the server, as a real client on the same machine would.
+request generates exactly --max-tokens tokens). Prompts have mixed lengths: client i's prompt is about the
+i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. All times are
+the client's: TTFT runs from sending the request to its first non-empty text chunk; per-token latency is the
+gap between consecutive text chunks of a request (a chunk holds one token's text, or several when a token ends
+mid-character, so the gap then covers them all); aggregate tok/s is the usage chunks' completion_tokens over
+the run's wall time. The clients share the CPU with the server, as a real client on the same machine would.
 """
 from __future__ import annotations
 

@@ -7,9 +7,10 @@ addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA gr
 and no step reads anything back to the host.
 
 It runs the model's own forward (`GPTOSSMini.hidden`) on the library's one KV cache, in its `at(positions)`
-mode: every row writes at positions held on the device, so the arithmetic is the model's. It stays in bench/ until its CUDA-graph speed is
-measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window and no RoPE scaling (the
-seed config's case). tests/test_static_decode.py checks it token for token against `gptmini.generate` on CPU.
+mode: every row writes at positions held on the device, so the arithmetic is the model's. It stays in bench/
+until its CUDA-graph speed is measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window
+and no RoPE scaling (the seed config's case). tests/test_static_decode.py checks it token for token against
+`gptmini.generate` on CPU.
 """
 from __future__ import annotations
 
