@@ -1,5 +1,6 @@
-"""Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill, the same
-without it (each prompt prefilled whole), and one request at a time (--max-batch 1), in one run.
+"""Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
+(--prefill-chunk), the same without it (each prompt prefilled whole, the default), and one request at a time
+(--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
         [--requests-per-client 3] [--max-tokens 64] [--prompt-tokens 8,180] [--prefill-chunk 64]
