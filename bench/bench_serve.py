@@ -1,16 +1,19 @@
-"""Throughput and latency of `gptmini serve`, continuous batching (--max-batch 16) against one request at a time.
+"""Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
+(--prefill-chunk), the same without it (each prompt prefilled whole, the default), and one request at a time
+(--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
-        [--requests-per-client 3] [--max-tokens 64] [--modes continuous,one-at-a-time] [--threads N]
-        [--device auto] [--out bench/results/serve.json]
+        [--requests-per-client 3] [--max-tokens 64] [--prompt-tokens 8,180] [--prefill-chunk 64]
+        [--modes chunked,whole-prompt,one-at-a-time] [--threads N] [--device auto] [--out bench/results/serve.json]
 
 Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
 each send --requests-per-client streaming completions back to back (temperature 0, ignore_eos, so every
-request generates exactly --max-tokens tokens). All times are the client's: TTFT runs from sending the
-request to its first non-empty text chunk; per-token latency is the gap between consecutive text chunks of a
-request (a chunk holds one token's text, or several when a token ends mid-character, so the gap then covers
-them all); aggregate tok/s is the usage chunks' completion_tokens over the run's wall time. The clients share
-the CPU with the server, as a real client on the same machine would.
+request generates exactly --max-tokens tokens). Prompts have mixed lengths: client i's prompt is about the
+i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. All times are
+the client's: TTFT runs from sending the request to its first non-empty text chunk; per-token latency is the
+gap between consecutive text chunks of a request (a chunk holds one token's text, or several when a token ends
+mid-character, so the gap then covers them all); aggregate tok/s is the usage chunks' completion_tokens over
+the run's wall time. The clients share the CPU with the server, as a real client on the same machine would.
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ from gptmini.weights import save_pretrained
 
 from common import environment, md_table
 
-MODES = {"continuous": 16, "one-at-a-time": 1, "continuous+retrieval": 16}  # mode -> --max-batch
-DEFAULT_MODES = "continuous,one-at-a-time"  # continuous+retrieval needs --index
+# mode -> (--max-batch, --prefill-chunk); None takes --prefill-chunk's value. With retrieval, every request first
+# reads its best passage (the server's --index and --retrieval 1).
+MODES = {"chunked": (16, None), "whole-prompt": (16, 0), "one-at-a-time": (1, 0), "continuous+retrieval": (16, 0)}
+DEFAULT_MODES = "chunked,whole-prompt,one-at-a-time"  # continuous+retrieval needs --index
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
 
 
@@ -47,10 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(folder: Path, port: int, max_batch: int, device: str, extra: tuple[str, ...] = ()) -> list[str]:
+def serve_command(folder: Path, port: int, max_batch: int, prefill_chunk: int, device: str,
+                  extra: tuple[str, ...] = ()) -> list[str]:
     gptmini = Path(sys.executable).parent / "gptmini"
     return [str(gptmini), "serve", "--checkpoint", str(folder), "--port", str(port), "--max-batch", str(max_batch),
-            *SERVE_OPTIONS, "--device", device, *extra]
+            "--prefill-chunk", str(prefill_chunk), *SERVE_OPTIONS, "--device", device, *extra]
 
 
 def start_server(cmd: list[str], threads: int | None, log: Path) -> subprocess.Popen:
@@ -104,15 +110,17 @@ def stream_one(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> di
     return {"start": start, "arrivals": arrivals, "end": time.perf_counter(), "tokens": tokens}
 
 
-def client(url: str, index: int, requests: int, max_tokens: int) -> list[dict]:
-    prompt = f"Client {index} asks: what does the interpreter do with a for loop?"
+def client(url: str, index: int, requests: int, max_tokens: int, prompt_tokens: int) -> list[dict]:
+    # " loop" is one cl100k token: the prompt is about prompt_tokens tokens long.
+    prompt = f"Client {index} asks: what does the interpreter do with a for" + " loop" * max(0, prompt_tokens - 12)
     with httpx.Client(timeout=None) as http:
         return [stream_one(http, url, prompt, max_tokens) for _ in range(requests)]
 
 
-def run_clients(url: str, clients: int, requests: int, max_tokens: int) -> list[dict]:
+def run_clients(url: str, clients: int, requests: int, max_tokens: int, prompt_tokens: list[int]) -> list[dict]:
     with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(client, url, i, requests, max_tokens) for i in range(clients)]
+        futures = [pool.submit(client, url, i, requests, max_tokens, prompt_tokens[i % len(prompt_tokens)])
+                   for i in range(clients)]
         return [record for f in futures for record in f.result()]
 
 
@@ -125,7 +133,7 @@ def summarize(mode: str, clients: int, records: list[dict]) -> dict:
     ttft = [r["arrivals"][0] - r["start"] for r in records if r["arrivals"]]
     gaps = [b - a for r in records for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["tokens"] for r in records)
-    return {"mode": mode, "max_batch": MODES[mode], "clients": clients, "requests": len(records), "tokens": tokens,
+    return {"mode": mode, "max_batch": MODES[mode][0], "clients": clients, "requests": len(records), "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "requests_per_s": round(len(records) / wall, 2),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
@@ -135,17 +143,18 @@ def summarize(mode: str, clients: int, records: list[dict]) -> dict:
 def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # With retrieval, every request first reads its best passage (the server's --retrieval 1).
+    max_batch, chunk = MODES[mode]
     extra = ("--index", str(args.index), "--retrieval", "1") if mode.endswith("+retrieval") else ()
-    cmd = serve_command(folder, port, MODES[mode], args.device, extra)
+    cmd = serve_command(folder, port, max_batch, args.prefill_chunk if chunk is None else chunk, args.device, extra)
     log = logs / f"serve-{mode}.log"
     proc = start_server(cmd, args.threads, log)
     try:
         wait_ready(url, proc, log)
-        run_clients(url, 1, 1, args.max_tokens)  # warm-up: first-call allocations and lazy imports
+        run_clients(url, 1, 1, args.max_tokens, args.prompt_tokens)  # warm-up: first-call allocations, lazy imports
         rows = []
         for c in args.clients:
-            rows.append(summarize(mode, c, run_clients(url, c, args.requests_per_client, args.max_tokens)))
+            records = run_clients(url, c, args.requests_per_client, args.max_tokens, args.prompt_tokens)
+            rows.append(summarize(mode, c, records))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         stop_server(proc)
@@ -163,15 +172,20 @@ def ratios(rows: list[dict]) -> dict:
     tps = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
     clients = sorted({r["clients"] for r in rows})
     out = {}
+    p99 = {(r["mode"], r["clients"]): r["per_token_p99_ms"] / r["per_token_p50_ms"] for r in rows}
     lo, hi = clients[0], clients[-1]
-    if ("continuous", lo) in tps and hi != lo:
-        # The goal on a 2-core CPU with the demo model: >= 5x from 1 to 16 clients.
-        out[f"continuous_{hi}_over_{lo}_clients"] = round(tps["continuous", hi] / tps["continuous", lo], 2)
+    for mode in ("chunked", "whole-prompt"):
+        if (mode, lo) in tps and (mode, hi) in tps and hi != lo:
+            # The goal on a 2-core CPU with the demo model: >= 5x from 1 to 16 clients.
+            out[f"{mode}_{hi}_over_{lo}_clients"] = round(tps[mode, hi] / tps[mode, lo], 2)
     for c in clients:
-        if ("continuous", c) in tps and ("continuous+retrieval", c) in tps:
-            out[f"retrieval_over_plain_{c}_clients"] = round(tps["continuous+retrieval", c] / tps["continuous", c], 2)
-        if ("continuous", c) in tps and ("one-at-a-time", c) in tps:
-            out[f"continuous_over_one_at_a_time_{c}_clients"] = round(tps["continuous", c] / tps["one-at-a-time", c], 2)
+        for mode in ("chunked", "whole-prompt"):
+            if (mode, c) in p99:  # the goal: per-token p99 <= 2x p50
+                out[f"{mode}_p99_over_p50_{c}_clients"] = round(p99[mode, c], 2)
+        for a, b in (("chunked", "whole-prompt"), ("chunked", "one-at-a-time"), ("whole-prompt", "one-at-a-time"),
+                     ("continuous+retrieval", "whole-prompt")):
+            if (a, c) in tps and (b, c) in tps:
+                out[f"{a}_over_{b}_{c}_clients"] = round(tps[a, c] / tps[b, c], 2)
     return out
 
 
@@ -182,6 +196,8 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="the chunked mode's --prefill-chunk")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's, all cores)")
@@ -189,6 +205,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
@@ -213,6 +230,7 @@ def main() -> None:
         print(f"{name}: {value}x")
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
+            "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk, "load_average": os.getloadavg(),
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
             **environment()}
     print(json.dumps(meta))

@@ -6,36 +6,18 @@ device tensors, and the position advances in place, so every step has the same s
 addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA graph) serves every step,
 and no step reads anything back to the host.
 
-It runs the model's own blocks (through the `cache.update(layer, k, v)` hook that Attention calls) and
-the model's RoPE, so the arithmetic is the model's. It stays in bench/ until its CUDA-graph speed is
-measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window and no RoPE scaling (the
-seed config's case). tests/test_static_decode.py checks it token for token against `gptmini.generate` on CPU.
+It runs the model's own forward (`GPTOSSMini.hidden`) on the library's one KV cache, in its `at(positions)`
+mode: every row writes at positions held on the device, so the arithmetic is the model's. It stays in bench/
+until its CUDA-graph speed is measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window
+and no RoPE scaling (the seed config's case). tests/test_static_decode.py checks it token for token against
+`gptmini.generate` on CPU.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from gptmini.model import GPTOSSMini, rope_cos_sin
-
-
-class StaticKVCache:
-    """(L, B, n_kv_heads, S, head_dim) keys and values, written at `positions` (a device tensor)."""
-
-    def __init__(self, model: GPTOSSMini, batch: int, size: int):
-        cfg, w = model.config, model.tok_embeddings.weight
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, size, cfg.head_dim)
-        self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        self.positions: Tensor | None = None  # (T,) the positions the forward in progress writes
-        if hasattr(torch, "_dynamo"):  # fixed addresses: CUDA graphs may mutate them in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k[layer].index_copy_(2, self.positions, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.positions, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+from gptmini.model import GPTOSSMini, KVCache
 
 
 class StaticDecoder:
@@ -50,8 +32,12 @@ class StaticDecoder:
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}; shorten the prompt or the generation")
         self.model, self.max_len = model.eval(), max_len
-        self.cache = StaticKVCache(model, batch, max_len)
-        self.slots = torch.arange(max_len, device=model.tok_embeddings.weight.device)  # (S,)
+        w = model.tok_embeddings.weight
+        self.cache = KVCache(cfg, batch, w.device, w.dtype, max_len=max_len)
+        if hasattr(torch, "_dynamo"):  # fixed addresses: CUDA graphs may mutate them in place
+            torch._dynamo.mark_static_address(self.cache.k)
+            torch._dynamo.mark_static_address(self.cache.v)
+        self.slots = torch.arange(max_len, device=w.device)  # (S,)
         self.step = self._forward
         if compile_mode and cfg.is_moe and model.tok_embeddings.weight.dtype != torch.bfloat16:
             raise ValueError(
@@ -67,14 +53,8 @@ class StaticDecoder:
 
     def _forward(self, idx: Tensor, positions: Tensor) -> Tensor:
         """Greedy next token (B,) for idx (B, T) at positions (T,); writes the cache at those positions."""
-        m = self.model
-        self.cache.positions = positions
-        cos, sin = rope_cos_sin(positions[None], m.inv_freq)  # (1, 1, T, hd) each
-        mask = (self.slots[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S): causal over the cache
-        x = m.tok_embeddings(idx)
-        for block in m.layers:
-            x, _, _ = block(x, cos, sin, mask, self.cache)
-        logits = m.output(m.norm(x[:, -1]))  # (B, V)
+        self.cache.at(positions)
+        logits = self.model.output(self.model.hidden(idx, self.cache)[:, -1])  # (B, V)
         return logits.argmax(dim=-1)
 
     def generate(self, prompt: Tensor, max_new_tokens: int) -> Tensor:

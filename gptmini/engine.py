@@ -1,10 +1,15 @@
-"""Continuous batching: one thread owns a model and a SlotCache, and advances every running sequence by one
-token per step, admitting new sequences between steps (Orca, Yu et al., 2022; vLLM's scheduler).
+"""Inference: the one decode loop. `Batch` owns a model and a KVCache, prefills prompts (whole, or in chunks
+between decode steps) and advances every running sequence by one token per step; `Engine` runs a Batch on a
+background thread for the server, admitting new sequences between steps (continuous batching: Orca, Yu et
+al., 2022; vLLM's scheduler). `gptmini.generate` is a Batch of the caller's prompts run to its end.
 
-A step: drop the sequences whose client went away, prefill waiting prompts into free rows (each prompt alone,
-so it sees exactly what `gptmini generate` sees), then one decode forward over all running rows. Each
-sequence samples from its own row with its own parameters and its own seeded generator, so its text does not
-depend on what else is in the batch; greedy ones give `gptmini generate`'s tokens.
+A step: drop the sequences whose client went away, prefill waiting prompts into free rows, then one decode
+forward over all running rows. Each prompt is prefilled alone, so it sees exactly what it would see alone.
+With `prefill_chunk` > 0 a step prefills at most that many prompt tokens (one chunk of one prompt after the
+other), so a long prompt no longer stalls the running streams for its whole length (Sarathi, Agrawal et al.,
+2023; vLLM's chunked prefill); 0 prefills every admitted prompt whole before the step's decode. Each
+sequence samples from its own row with its own parameters and its own generator, so its tokens do not depend
+on what else is in the batch.
 
 The engine knows nothing of HTTP: a Sequence reports through its `emit(delta, finish_reason)` callback, called
 on the engine's thread (the server hands it on to its event loop).
@@ -21,37 +26,74 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gptmini.generate import sample_next, sampling_mask
-from gptmini.model import GPTOSSMini, SlotCache
+from gptmini.errors import UserError
+from gptmini.model import GPTOSSMini, KVCache
 from gptmini.tokenizer import Tokenizer
 
 log = logging.getLogger("gptmini.engine")
 
 
-class QueueFull(Exception):
-    """The waiting queue is at its limit; the client should retry later."""
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids a text prompt is generated from: a document starts after end-of-text, as in training."""
+    return [tokenizer.eot_token] + tokenizer.encode(text)
 
 
-class EngineClosed(Exception):
-    """The engine has drained and stopped (its model was swapped out); submit to the new one."""
+# Sampling
 
 
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise UserError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} must be >= 1, or None to keep every token")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p={top_p} must be in (0, 1], or None to keep every token")
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    allowed: Tensor | None = None,
+) -> Tensor:
+    """One token per row from (B, V) logits. `allowed` (V,) bool masks ids that must never be sampled."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling (Holtzman et al., 2020): the smallest set of tokens whose mass reaches top_p.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reached top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_mask(tokenizer, vocab_size: int, device: torch.device) -> Tensor:
+    """True for the ids the tokenizer can decode as text, plus end-of-text (never the vocab padding)."""
+    allowed = torch.arange(vocab_size, device=device) < tokenizer.n_ordinary
+    allowed[tokenizer.eot_token] = True
+    return allowed
+
+
+# Text
 
 
 class TextStream:
-    """Token ids to text as it becomes safe to send: whole UTF-8 characters only, and nothing that may turn
-    out to be the start of a stop string. A stop string ends the text before it."""
+    """Token ids to text as it becomes safe to send: whole UTF-8 characters only (a character can span
+    several tokens), and nothing that may turn out to be the start of a stop string. A stop string ends the
+    text before it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Seq[str]):
+    def __init__(self, tokenizer: Tokenizer, stop: Seq[str] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(s for s in stop if s)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text, self.sent = "", 0
@@ -83,44 +125,262 @@ class TextStream:
         return out
 
 
+# Sequences
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; the client should retry later."""
+
+
+class EngineClosed(Exception):
+    """The engine has drained and stopped (its model was swapped out); submit to the new one."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # each new token's log-probability and this many most likely alternatives
+    echo: bool = False  # with logprobs: the prompt tokens' log-probabilities too
+
+
 Emit = Callable[[str, "str | None"], None]
+# A token's log-probability under the model (log-softmax of its logits, before sampling's temperature or
+# truncation) and the `logprobs` most likely (token, log-probability) at its position.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass(eq=False)
 class Sequence:
     """One generation: its prompt ids, its sampling parameters, and where its text goes. `emit(delta, None)`
-    reports text; the last call has finish_reason "stop" or "length" (or "error", with the message as delta)."""
+    reports text; the last call has finish_reason "stop" or "length" (or "error", with the message as delta).
+    Without `text` (a TextStream) it only collects `tokens`."""
 
     prompt: list[int]
     sampling: Sampling
-    emit: Emit
+    emit: Emit | None = None
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     text: TextStream | None = None
+    prefilled: int = 0  # prompt tokens in the cache
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per new token, with Sampling.logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt[1:]'s, with Sampling.echo
 
     def cancel(self) -> None:
         self.cancelled = True
 
+    def finish(self, reason: str, delta: str) -> None:
+        self.finish_reason = reason
+        if self.emit is not None:
+            self.emit(delta, reason)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, top: int) -> list[TokenLogprob]:
+    """(log-probability of tokens[i], its `top` alternatives) for each row of (n, V) logits."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, []) for c in chosen]
+    values, ids = lp.topk(top, dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
+class Batch:
+    """The running batch: up to `rows` sequences in a KVCache, advanced together by `step`.
+
+    Rows 0..n-1 hold the decoding sequences (`running`); with chunked prefill, the one prompt being
+    prefilled sits in row n. `eot` ends a sequence unless its sampling ignores it; `allowed` masks ids
+    sampling must never pick; `max_len` is the longest sequence a row holds (the cache's length). Without
+    `use_cache` every step recomputes each sequence from its first token (the reference the cache is tested
+    against). Counters: `decode_steps`, `peak_occupancy` (the most rows one decode step advanced),
+    `prefill_chunks`, and `decode_steps_mid_prefill`: decode steps taken while a prompt was part-way in.
+    """
+
+    def __init__(self, model: GPTOSSMini, rows: int, *, eot: int | None = None, allowed: Tensor | None = None,
+                 max_len: int | None = None, prefill_chunk: int = 0, use_cache: bool = True):
+        self.model, self.rows, self.eot, self.allowed = model, rows, eot, allowed
+        self.prefill_chunk, self.use_cache = prefill_chunk, use_cache
+        # The final norm gives the activations' device and dtype (int8 weights leave the norms as they were).
+        self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
+        self.cache = KVCache(model.config, rows, self.device, dtype, max_len)
+        self.running: list[Sequence] = []  # running[i] lives in cache row i
+        self.prefilling: Sequence | None = None  # lives in row len(running)
+        self.admitted: list[Sequence] = []  # taken from the queue, not yet prefilled
+        self.decode_steps = self.peak_occupancy = self.prefill_chunks = self.decode_steps_mid_prefill = 0
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.running) + (self.prefilling is not None)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.prefilling or self.admitted)
+
+    def step(self, take: Callable[[int], list[Sequence]], decode: bool = True) -> None:
+        """Prefill what `take(k)` (up to k waiting sequences) gives into free rows, then one decode step
+        (unless `decode` is False: a caller that hands out each prompt's first token before the second)."""
+        self._retire([i for i, seq in enumerate(self.running) if seq.cancelled])
+        if self.prefilling is not None and self.prefilling.cancelled:
+            self.prefilling = None
+        started: list[tuple[Sequence, Tensor]] = []  # prompts now in, with their last position's hidden state
+        if self.prefill_chunk:
+            self._prefill_chunks(take, started)
+        else:
+            self.admitted = take(self.rows - len(self.running))
+            while self.admitted:
+                seq = self.admitted.pop(0)
+                if not seq.cancelled:
+                    self._prefill(seq, len(seq.prompt), started)
+        if started:
+            self._start(started)
+        if self.running and decode:
+            self._decode()
+
+    def abandon(self) -> list[Sequence]:
+        """Drop every sequence held (after a failed step) and return them."""
+        held = self.running + self.admitted + ([self.prefilling] if self.prefilling else [])
+        self.running, self.admitted, self.prefilling = [], [], None
+        return held
+
+    def _prefill_chunks(self, take: Callable[[int], list[Sequence]], started: list) -> None:
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.prefilling is None:
+                if len(self.running) >= self.rows:
+                    return
+                got = take(1)
+                if not got:
+                    return
+                if got[0].cancelled:
+                    continue
+                self.prefilling = got[0]
+            seq = self.prefilling
+            n = min(budget, len(seq.prompt) - seq.prefilled)
+            budget -= n
+            self._prefill(seq, n, started)
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
+        """The next n tokens of seq's prompt into row len(running); after the last, seq joins the running rows
+        and `started`, with its last position's hidden state (or, with echo, its logits)."""
+        row, start = len(self.running), seq.prefilled
+        if start == 0:
+            self.cache.reset(row)
+        self.cache.prefill(row)
+        h = self.model.hidden(torch.tensor([seq.prompt[start : start + n]], device=self.device), self.cache)
+        seq.prefilled += n
+        self.prefill_chunks += 1
+        last = h[0, -1:]  # (1, d)
+        if seq.sampling.echo:  # the log-probability of each prompt token after the first, from the position before
+            logits = self.model.output(h[0])  # (n, V)
+            targets = seq.prompt[start + 1 : start + n + 1]
+            seq.prompt_logprobs += token_logprobs(logits[: len(targets)], torch.tensor(targets, device=self.device),
+                                                  seq.sampling.logprobs or 0)
+            last = logits[-1:]
+        if seq.prefilled == len(seq.prompt):
+            if self.prefilling is seq:
+                self.prefilling = None
+            self.running.append(seq)
+            started.append((seq, last))
+
+    @torch.inference_mode()
+    def _start(self, started: list[tuple[Sequence, Tensor]]) -> None:
+        """Sample the first token of each prompt prefilled this step: the output head runs once for all (at
+        batch 1 a decode step is mostly the reading of its weights)."""
+        hidden = [i for i, (seq, _) in enumerate(started) if not seq.sampling.echo]
+        logits = [last for _, last in started]
+        if hidden:
+            for i, row in zip(hidden, self.model.output(torch.cat([logits[i] for i in hidden]))):
+                logits[i] = row[None]
+        self._advance([seq for seq, _ in started], torch.cat(logits))
+        self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason])
+
+    @torch.inference_mode()
+    def _decode(self) -> None:
+        n = len(self.running)
+        self.decode_steps += 1
+        self.decode_steps_mid_prefill += self.prefilling is not None
+        self.peak_occupancy = max(self.peak_occupancy, n)
+        if self.use_cache:
+            self.cache.decode(n)
+            idx = torch.tensor([seq.tokens[-1:] for seq in self.running], device=self.device)  # (n, 1)
+            h = self.model.hidden(idx, self.cache)[:, -1]
+        else:
+            h = torch.cat([self._recompute(row, seq) for row, seq in enumerate(self.running)])
+        self._advance(self.running, self.model.output(h))
+        self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason or seq.cancelled])
+
+    def _recompute(self, row: int, seq: Sequence) -> Tensor:
+        self.cache.reset(row)
+        self.cache.prefill(row)
+        return self.model.hidden(torch.tensor([seq.prompt + seq.tokens], device=self.device), self.cache)[:, -1]
+
+    def _advance(self, seqs: list[Sequence], logits: Tensor) -> None:
+        """Sample one token for each of `seqs` from its row of (len(seqs), V) logits and report it."""
+        greedy = [i for i, seq in enumerate(seqs) if seq.sampling.temperature == 0]
+        picked: dict[int, int] = {}
+        if greedy:  # one argmax over all greedy rows
+            picked.update(zip(greedy, sample_next(logits[greedy], 0.0, allowed=self.allowed).tolist()))
+        for i, seq in enumerate(seqs):
+            if i not in picked:
+                s = seq.sampling
+                picked[i] = int(sample_next(logits[i : i + 1], s.temperature, s.top_k, s.top_p, seq.generator,
+                                            self.allowed))
+        scored = [i for i, seq in enumerate(seqs) if seq.sampling.logprobs is not None]
+        if scored:
+            tokens = torch.tensor([picked[i] for i in scored], device=logits.device)
+            top = max(seqs[i].sampling.logprobs for i in scored)
+            for i, (lp, alts) in zip(scored, token_logprobs(logits[scored], tokens, top)):
+                seqs[i].logprobs.append((lp, alts[: seqs[i].sampling.logprobs]))
+        for i, seq in enumerate(seqs):
+            self._emit(seq, picked[i])
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq.tokens.append(token)
+        text = seq.text
+        if token == self.eot and not seq.sampling.ignore_eos:
+            return seq.finish("stop", text.flush() if text else "")
+        delta, stopped = text.push(token) if text else ("", False)
+        if stopped:  # the text after the stop string is dropped
+            return seq.finish("stop", delta)
+        if len(seq.tokens) >= seq.sampling.max_tokens:
+            return seq.finish("length", delta + text.flush() if text else "")
+        if delta:
+            seq.emit(delta, None)
+
+    def _retire(self, rows: list[int]) -> None:
+        """Free these rows, moving the last running sequence into each hole (highest row first, so no move
+        reads a row that is itself about to be freed); a prompt part-way in follows the running rows."""
+        prefill_row = len(self.running)
+        for row in sorted(rows, reverse=True):
+            last = len(self.running) - 1
+            if row != last:
+                self.cache.move(last, row)
+                self.running[row] = self.running[last]
+            self.running.pop()
+        if self.prefilling is not None and prefill_row != len(self.running):
+            self.cache.move(prefill_row, len(self.running))
+
 
 class Engine:
     """Serves one model: `submit` queues sequences, a background thread generates them in batches of up to
-    `max_batch`. `close()` lets it finish what it holds, then stops the thread."""
+    `max_batch` (a Batch). `close()` lets it finish what it holds, then stops the thread."""
 
     def __init__(self, model: GPTOSSMini, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 name: str = "gptmini"):
+                 name: str = "gptmini", prefill_chunk: int = 0):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         self.max_batch, self.max_queue = max_batch, max_queue
-        # The final norm gives the activations' device and dtype (int8 weights leave the norms as they were).
-        self.device, dtype = model.norm.weight.device, model.norm.weight.dtype
-        self.cache = SlotCache(model.config, max_batch, self.device, dtype)
-        self.allowed = sampling_mask(tokenizer, model.config.vocab_size, self.device)
-        self.eot = tokenizer.eot_token
+        self.device = model.norm.weight.device
+        self.batch = Batch(model, max_batch, eot=tokenizer.eot_token, prefill_chunk=prefill_chunk,
+                           allowed=sampling_mask(tokenizer, model.config.vocab_size, self.device))
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # running[i] lives in cache row i
-        # Batched decode steps so far, and the most sequences one of them advanced: what batching shares.
-        self.decode_steps = self.peak_occupancy = 0
         self.closing = self.closed = False
         self.lock = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"engine[{name}]", daemon=True)
@@ -129,6 +389,14 @@ class Engine:
     @property
     def max_seq_len(self) -> int:
         return self.model.config.max_seq_len
+
+    @property
+    def decode_steps(self) -> int:
+        return self.batch.decode_steps
+
+    @property
+    def peak_occupancy(self) -> int:
+        return self.batch.peak_occupancy
 
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue all of `seqs` or none of them (QueueFull, EngineClosed)."""
@@ -169,89 +437,28 @@ class Engine:
 
     @property
     def occupancy(self) -> int:
-        return len(self.running)
+        return self.batch.occupancy
+
+    def _take(self, k: int) -> list[Sequence]:
+        with self.lock:
+            return [self.waiting.popleft() for _ in range(min(k, len(self.waiting)))]
 
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not (self.waiting or self.running or self.closing):
+                while not (self.waiting or self.batch.busy or self.closing):
                     self.lock.wait()
-                if self.closing and not (self.waiting or self.running):
+                if self.closing and not (self.waiting or self.batch.busy):
                     self.closed = True
                     return
-                admit = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.running)))]
             try:
-                self._step(admit)
+                self.batch.step(self._take)
             except Exception as exc:  # a bug or an out-of-memory: fail what runs, keep serving
-                log.exception("engine %s: a step failed; failing its %d running requests", self.name, len(self.running))
-                for seq in self.running + admit:
+                held = self.batch.abandon()
+                log.exception("engine %s: a step failed; failing its %d requests", self.name, len(held))
+                for seq in held:
                     if seq.finish_reason is None:
-                        seq.finish_reason = "error"
-                        seq.emit(f"generation failed: {type(exc).__name__}: {exc}", "error")
-                self.running = []
-
-    @torch.inference_mode()
-    def _step(self, admit: list[Sequence]) -> None:
-        self._retire([i for i, seq in enumerate(self.running) if seq.cancelled])
-        for seq in admit:
-            if seq.cancelled:
-                continue
-            row = len(self.running)
-            self.running.append(seq)
-            self.cache.start(row)
-            logits, _ = self.model(torch.tensor([seq.prompt], device=self.device), cache=self.cache, last_only=True)
-            self._advance([seq], logits[:, -1])
-            self._retire([row] if seq.finish_reason else [])
-        if not self.running:
-            return
-        n = len(self.running)
-        self.decode_steps += 1
-        self.peak_occupancy = max(self.peak_occupancy, n)
-        self.cache.step(n)
-        idx = torch.tensor([seq.tokens[-1:] for seq in self.running], device=self.device)  # (n, 1)
-        logits, _ = self.model(idx, cache=self.cache, last_only=True)
-        self._advance(self.running, logits[:, -1])
-        self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason or seq.cancelled])
-
-    def _advance(self, seqs: list[Sequence], logits: Tensor) -> None:
-        """Sample one token for each of `seqs` from its row of (len(seqs), V) logits and report it."""
-        greedy = [i for i, seq in enumerate(seqs) if seq.sampling.temperature == 0]
-        picked: dict[int, int] = {}
-        if greedy:  # one argmax over all greedy rows
-            picked.update(zip(greedy, sample_next(logits[greedy], 0.0, allowed=self.allowed).tolist()))
-        for i, seq in enumerate(seqs):
-            if i not in picked:
-                s = seq.sampling
-                picked[i] = int(sample_next(logits[i : i + 1], s.temperature, s.top_k, s.top_p, seq.generator,
-                                            self.allowed))
-        for i, seq in enumerate(seqs):
-            self._emit(seq, picked[i])
-
-    def _emit(self, seq: Sequence, token: int) -> None:
-        seq.tokens.append(token)
-        if token == self.eot and not seq.sampling.ignore_eos:
-            return self._finish(seq, "stop", seq.text.flush())
-        delta, stopped = seq.text.push(token)
-        if stopped:  # the text after the stop string is dropped
-            return self._finish(seq, "stop", delta)
-        if len(seq.tokens) >= seq.sampling.max_tokens:
-            return self._finish(seq, "length", delta + seq.text.flush())
-        if delta:
-            seq.emit(delta, None)
-
-    def _finish(self, seq: Sequence, reason: str, delta: str) -> None:
-        seq.finish_reason = reason
-        seq.emit(delta, reason)
-
-    def _retire(self, rows: list[int]) -> None:
-        """Free these rows, moving the last running sequence into each hole (highest row first, so no move
-        reads a row that is itself about to be freed)."""
-        for row in sorted(rows, reverse=True):
-            last = len(self.running) - 1
-            if row != last:
-                self.cache.move(last, row)
-                self.running[row] = self.running[last]
-            self.running.pop()
+                        seq.finish("error", f"generation failed: {type(exc).__name__}: {exc}")
 
 
 def generate_one(engine: Engine, prompt: list[int], sampling: Sampling, timeout: float = 300) -> tuple[str, str, int]:

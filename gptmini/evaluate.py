@@ -49,11 +49,17 @@ def token_bytes(tokenizer: Tokenizer, size: int, device: str | torch.device = "c
     return torch.from_numpy(_byte_lengths(tokenizer, size)).to(device)
 
 
-def window_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
-    """(B, 3) float64 per window: nats over its targets, UTF-8 bytes of its targets, targets."""
+def token_nats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, T) nats of each target y given the tokens x up to it (0 where y == -1): what every measure sums.
+    A served model's log-probabilities (`gptmini serve`'s logprobs) are their negatives."""
     with autocast(x.device), parallel.loss_context(model):
         _, losses = model(x, y, reduction="none")  # (B, T), 0 where y == -1
-    losses = parallel.full(losses)  # a DTensor under tensor parallelism
+    return parallel.full(losses)  # a DTensor under tensor parallelism
+
+
+def window_sums(model: nn.Module, x: torch.Tensor, y: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
+    """(B, 3) float64 per window: nats over its targets, UTF-8 bytes of its targets, targets."""
+    losses = token_nats(model, x, y)
     valid = y != -1
     return torch.stack([losses.double().sum(1), (nbytes[y.clamp(min=0)] * valid).sum(1).double(),
                         valid.sum(1).double()], dim=1)

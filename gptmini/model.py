@@ -154,130 +154,111 @@ def attention_mask(qpos: Tensor, kpos: Tensor, window: int | None) -> Tensor:
     return allowed[:, None]
 
 
-def padded_positions(start: int, T: int, pad: Tensor | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Query positions (B|1, T) and key positions (-1 on left padding) of T columns starting at `start`."""
-    qpos = torch.arange(start, start + T, device=device)[None]  # (1, T)
-    if pad is None:
-        return qpos, qpos
-    qpos = qpos - pad[:, None]  # (B, T)
-    return qpos.clamp(min=0), qpos.masked_fill(qpos < 0, -1)
-
-
-def prompt_mask(qpos: Tensor, kpos: Tensor, padded: bool, window: int | None) -> Tensor | None:
-    """The mask of a chunk attending to itself; None means plain causal attention (SDPA's is_causal, the fast
-    kernels)."""
-    T = kpos.size(-1)
-    if not padded and (window is None or T <= window):
+def causal_mask(T: int, window: int | None, device: torch.device) -> Tensor | None:
+    """The mask of a sequence's first T tokens attending to themselves; None means plain causal attention
+    (SDPA's is_causal, the fast kernels)."""
+    if window is None or T <= window:
         return None
-    mask = attention_mask(qpos.expand_as(kpos), kpos, window)
-    # A padding row sees only itself, so no row of the softmax is empty (that would give NaNs).
-    return mask | torch.eye(T, dtype=torch.bool, device=mask.device)
+    pos = torch.arange(T, device=device)[None]  # (1, T)
+    return attention_mask(pos, pos, window)
 
 
 class KVCache:
-    """Preallocated keys/values for generating a batch of prompts together (left-padded to one length),
-    holding only the n_kv_heads heads (GQA's memory saving).
+    """The one KV cache: `batch` rows, each holding its own sequence with its own length, so a sequence can
+    start or end between any two forwards (continuous batching) and a batch of one is just a batch. Only the
+    n_kv_heads heads are kept (GQA's memory saving).
 
-    With a sliding window it is a ring buffer of `window` slots: column c goes to slot c % size, and `pos`
-    records which absolute position each slot holds, so the attention mask needs no reordering.
+    Before each forward one call says what it computes: `prefill(row)` the next T tokens of one row's
+    sequence (a (1, T) input: its whole prompt, or a chunk of it after the chunks already in), `decode(n)` one
+    token for each of rows 0..n-1 (an (n, 1) input), `at(positions)` every row at the same positions held on
+    the device (for graph capture: no host sync, same shapes every step).
+
+    Position p of a row lives in column p % size; with a sliding window, size is the window and each row is
+    a ring buffer, and `pos` records which position each column holds, so masks need no reordering. Running
+    rows are kept first so a decode step reads the cache as a view; `move` fills the hole a finished
+    sequence leaves. `max_len` is the longest sequence a row will hold: it fixes the NTK RoPE base.
     """
 
-    def __init__(self, config: ModelConfig, batch: int, size: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.n_layers, batch, config.n_kv_heads, size, config.head_dim)
+    def __init__(self, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype,
+                 max_len: int | None = None):
+        self.max_len = max_len or config.max_seq_len
+        self.size = min(self.max_len, config.sliding_window or self.max_len)
+        self.window = config.sliding_window
+        shape = (config.n_layers, batch, config.n_kv_heads, self.size, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.full((batch, size), -1, device=device, dtype=torch.long)  # (B, S)
-        self.size = size
-        self.length = 0  # columns written so far (padding included)
-        self.slots: Tensor | None = None  # slots written by the forward in progress
-        self.prefill = True
+        self.pos = torch.full((batch, self.size), -1, device=device, dtype=torch.long)  # (B, S)
+        self.lengths = [0] * batch  # tokens each row holds; kept on the host, so a step needs no sync
+        self.mode = "prefill"
+        self.row, self.rows, self.positions = 0, 0, None
 
-    def begin(self, T: int, pad: Tensor | None, window: int | None) -> tuple[Tensor, Tensor | None, int]:
-        """Positions and mask for the next T columns; returns (qpos, mask, tokens seen once they are in)."""
-        qpos, kpos = padded_positions(self.length, T, pad, self.pos.device)
-        self.prefill = self.length == 0
-        if not self.prefill and T != 1:
-            raise ValueError(f"after the prompt, decode one token per step (got {T})")
-        n = min(T, self.size)
-        self.slots = torch.arange(self.length + T - n, self.length + T, device=qpos.device) % self.size
-        self.pos[:, self.slots] = kpos.expand(self.pos.size(0), -1)[:, -n:]
-        self.length += T
-        if self.prefill:
-            return qpos, prompt_mask(qpos, kpos, pad is not None, window), self.length
-        return qpos, attention_mask(qpos, self.pos, window), self.length
+    def prefill(self, row: int) -> None:
+        self.mode, self.row = "prefill", row
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store this chunk's keys/values; return what the chunk's queries attend to."""
-        n = self.slots.numel()
-        self.k[layer].index_copy_(2, self.slots, k[:, :, -n:].to(self.k.dtype))
-        self.v[layer].index_copy_(2, self.slots, v[:, :, -n:].to(self.v.dtype))
-        # The prompt attends to itself (the ring may be smaller than it); later tokens to the cache.
-        return (k, v) if self.prefill else (self.k[layer], self.v[layer])
+    def decode(self, n: int) -> None:
+        self.mode, self.rows = "decode", n
 
+    def at(self, positions: Tensor) -> None:
+        self.mode, self.positions = "at", positions
 
-class SlotCache:
-    """The KV cache of continuous batching: `slots` independent sequences, each with its own length and
-    positions, so a sequence can start or end between any two decode steps.
+    def reset(self, row: int) -> None:
+        self.pos[row] = -1
+        self.lengths[row] = 0
 
-    Rows 0..n-1 hold the running sequences. `start(row)` makes the next forward the prompt of a new sequence
-    in `row` (a (1, T) input); `step(n)` makes it one token for each of rows 0..n-1 (an (n, 1) input).
-    Position p of a row lives in column p % size: with a sliding window each row is its own ring buffer of
-    `window` columns, as in KVCache. Keeping the running rows first lets a decode step read the cache as a
-    view, with no gather; `move` fills the hole a finished sequence leaves.
-    """
-
-    def __init__(self, config: ModelConfig, slots: int, device: torch.device, dtype: torch.dtype):
-        self.size = min(config.max_seq_len, config.sliding_window or config.max_seq_len)
-        self.ring = self.size < config.max_seq_len
-        shape = (config.n_layers, slots, config.n_kv_heads, self.size, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.full((slots, self.size), -1, device=device, dtype=torch.long)  # (slots, S)
-        self.lengths = [0] * slots  # tokens each row holds; kept on the host, so a step needs no sync
-        self.row: int | None = None  # the row being prefilled, else a decode step
-        self.rows = 0
-
-    def start(self, row: int) -> None:
-        self.row = row
-
-    def step(self, n: int) -> None:
-        self.row, self.rows = None, n
-
-    def begin(self, T: int, pad: Tensor | None, window: int | None) -> tuple[Tensor, Tensor | None, int]:
+    def begin(self, T: int) -> tuple[Tensor, Tensor | None]:
+        """Positions (B|1, T) and attention mask of the forward about to run; records where it writes."""
         device = self.pos.device
-        if pad is not None:
-            raise ValueError("a SlotCache holds one prompt per row; prefill prompts one at a time, unpadded")
-        if self.row is not None:
-            n = min(T, self.size)
-            qpos = torch.arange(T, device=device)[None]  # (1, T)
-            self.cols = torch.arange(T - n, T, device=device) % self.size
-            self.pos[self.row] = -1
-            self.pos[self.row, self.cols] = qpos[0, -n:]
-            self.lengths[self.row] = T
-            return qpos, prompt_mask(qpos, qpos, False, window), T
-        if T != 1:
-            raise ValueError(f"a decode step takes one token per row (got {T})")
-        n = self.rows
-        lengths = self.lengths[:n]
-        qpos = torch.tensor(lengths, device=device)[:, None]  # (n, 1)
-        self.cols = qpos[:, 0] % self.size
-        self.index = torch.arange(n, device=device)
-        self.pos[self.index, self.cols] = qpos[:, 0]
-        # Without a ring, columns past the longest row hold nothing yet: attend only up to it.
-        self.width = self.size if self.ring else max(lengths) + 1
-        self.lengths[:n] = [length + 1 for length in lengths]
-        return qpos, attention_mask(qpos, self.pos[:n, : self.width], window), max(lengths) + 1
+        if self.mode == "at":
+            cols = torch.arange(self.size, device=device)
+            return self.positions[None], (cols[None, :] <= self.positions[:, None])[None, None]  # (1, 1, T, S)
+        if self.mode == "decode":
+            if T != 1:
+                raise ValueError(f"a decode step takes one token per row (got {T})")
+            lengths = self.lengths[: self.rows]
+            qpos = torch.tensor(lengths, device=device)[:, None]  # (n, 1)
+            self.cols, self.index = qpos[:, 0] % self.size, torch.arange(self.rows, device=device)
+            self.pos[self.index, self.cols] = qpos[:, 0]
+            # Columns past the longest row hold nothing yet: attend only up to it.
+            self.width = min(self.size, max(lengths) + 1)
+            self.lengths[: self.rows] = [length + 1 for length in lengths]
+            return qpos, attention_mask(qpos, self.pos[: self.rows, : self.width], self.window)
+        start, r = self.lengths[self.row], self.row
+        qpos = torch.arange(start, start + T, device=device)[None]  # (1, T)
+        # A chunk after the first attends to the row's cached columns (read before this chunk overwrites any
+        # of a ring's) and to itself.
+        self.width = min(self.size, start)
+        if start:
+            kpos = torch.cat([self.pos[r, : self.width], qpos[0]])[None]  # (1, width + T)
+            mask = attention_mask(qpos, kpos, self.window)
+        else:
+            mask = causal_mask(T, self.window, device)
+        n = min(T, self.size)
+        self.cols = torch.arange(start + T - n, start + T, device=device) % self.size
+        self.pos[r, self.cols] = qpos[0, -n:]
+        self.lengths[r] = start + T
+        return qpos, mask
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.row is not None:
-            n = self.cols.numel()
-            self.k[layer, self.row].index_copy_(1, self.cols, k[0, :, -n:].to(self.k.dtype))
-            self.v[layer, self.row].index_copy_(1, self.cols, v[0, :, -n:].to(self.v.dtype))
-            return k, v
-        self.k[layer][self.index, :, self.cols] = k[:, :, 0].to(self.k.dtype)  # (n, nkv, hd)
-        self.v[layer][self.index, :, self.cols] = v[:, :, 0].to(self.v.dtype)
-        n, w = self.rows, self.width
-        return self.k[layer, :n, :, :w], self.v[layer, :n, :, :w]
+        """Store this forward's keys/values (B, nkv, T, hd); return what its queries attend to."""
+        if self.mode == "at":
+            self.k[layer].index_copy_(2, self.positions, k.to(self.k.dtype))
+            self.v[layer].index_copy_(2, self.positions, v.to(self.v.dtype))
+            return self.k[layer], self.v[layer]
+        if self.mode == "decode":
+            self.k[layer][self.index, :, self.cols] = k[:, :, 0].to(self.k.dtype)  # (n, nkv, hd)
+            self.v[layer][self.index, :, self.cols] = v[:, :, 0].to(self.v.dtype)
+            n, w = self.rows, self.width
+            return self.k[layer, :n, :, :w], self.v[layer, :n, :, :w]
+        r, w = self.row, self.width
+        if w:
+            k_all = torch.cat([self.k[layer, r : r + 1, :, :w].to(k.dtype), k], dim=2)  # (1, nkv, w + T, hd)
+            v_all = torch.cat([self.v[layer, r : r + 1, :, :w].to(v.dtype), v], dim=2)
+        else:
+            k_all, v_all = k, v
+        n = self.cols.numel()
+        self.k[layer, r].index_copy_(1, self.cols, k[0, :, -n:].to(self.k.dtype))
+        self.v[layer, r].index_copy_(1, self.cols, v[0, :, -n:].to(self.v.dtype))
+        return k_all, v_all
 
     def move(self, src: int, dst: int) -> None:
         """Row `src`'s sequence continues in row `dst`."""
@@ -303,7 +284,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-        cache: KVCache | SlotCache | None = None
+        cache: KVCache | None = None
     ) -> Tensor:
         B, T, _ = x.shape
         # -1, not n_heads: under tensor parallelism each rank holds n_heads/tp of the heads.
@@ -484,7 +465,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-        cache: KVCache | SlotCache | None
+        cache: KVCache | None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         x = x + self.drop(self.attention(self.attention_norm(x), cos, sin, mask, cache))
         if isinstance(self.feed_forward, MoE):
@@ -617,32 +598,18 @@ class GPTOSSMini(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        *,
-        cache: KVCache | SlotCache | None = None,
-        pad: Tensor | None = None,
-        last_only: bool = False,
-        rope_len: int | None = None,
-        return_logits: bool = True,
-        reduction: str = "mean",
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """idx (B, T) token ids; targets (B, T) with -1 ignored. `cache`, `pad` (left-padding per row, (B,)),
-        `last_only` (logits of the last position only) and `rope_len` (the length the whole generation will
-        reach, which fixes the NTK base so cached keys stay valid) serve generation. `return_logits=False` (with
-        targets) computes the loss over chunks of tokens and returns (None, loss): the (B, T, vocab) logits never
-        exist whole (chunked_cross_entropy; same loss and gradients). `reduction="none"` (with targets, no
-        gradient) returns (None, each token's loss (B, T)), 0 where the target is -1."""
+    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The final-normed hidden states (B, T, d) of tokens idx (B, T): positions 0..T-1 without a cache,
+        else the ones the cache's next step holds (KVCache.prefill / decode / at), whose keys and values it
+        stores. The output head is `self.output`, applied by the caller to the rows it needs."""
         cfg = self.config
-        B, T = idx.shape
-        if cache is not None:
-            qpos, mask, seen = cache.begin(T, pad, cfg.sliding_window)
+        if cache is None:
+            T = idx.size(1)
+            qpos, mask = torch.arange(T, device=idx.device)[None], causal_mask(T, cfg.sliding_window, idx.device)
+            theta = ntk_theta(cfg, T)
         else:
-            qpos, kpos = padded_positions(0, T, pad, idx.device)
-            mask, seen = prompt_mask(qpos, kpos, pad is not None, cfg.sliding_window), T
-        theta = ntk_theta(cfg, rope_len or seen)
+            qpos, mask = cache.begin(idx.size(1))
+            theta = ntk_theta(cfg, cache.max_len)  # fixed for the whole generation, so cached keys stay valid
         inv_freq = self.inv_freq if theta == cfg.rope_theta else rope_inv_freq(cfg.head_dim, theta).to(idx.device)
         cos, sin = rope_cos_sin(qpos, inv_freq)
 
@@ -655,8 +622,25 @@ class GPTOSSMini(nn.Module):
                 load.append(l)
         self.last_aux_loss = torch.stack(aux).mean() if aux else torch.zeros((), device=idx.device)
         self.last_expert_load = torch.stack(load).sum(0) if load else None
+        return self.norm(x)
 
-        x = self.norm(x)
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+        reduction: str = "mean",
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """idx (B, T) token ids; targets (B, T) with -1 ignored; `cache` serves generation (`hidden`).
+        `return_logits=False` (with targets) computes the loss over chunks of tokens and returns (None, loss):
+        the (B, T, vocab) logits never exist whole (chunked_cross_entropy; same loss and gradients).
+        `reduction="none"` (with targets, no gradient) returns (None, each token's loss (B, T)), 0 where the
+        target is -1."""
+        cfg = self.config
+        B, T = idx.shape
+        x = self.hidden(idx, cache)
         if targets is not None and reduction == "none" and self.vocab_parallel:
             logits = self.output(x).float()
             return None, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1,
@@ -667,11 +651,11 @@ class GPTOSSMini(nn.Module):
             logits = None
             loss = chunked_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))
         else:
-            logits = self.output(x[:, -1:] if last_only else x)
+            logits = self.output(x)
             if targets is None:
                 return logits, None
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if self.training and aux:
+        if self.training and cfg.is_moe:
             loss = loss + cfg.aux_loss_coef * self.last_aux_loss
         return logits, loss
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import pytest
 import torch
 
-from gptmini.engine import Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
+from gptmini.engine import Batch, Engine, QueueFull, Sampling, Sequence, TextStream, generate_one
 from gptmini.generate import generate_text
-from gptmini.model import GPTOSSMini, SlotCache
+from gptmini.model import GPTOSSMini, KVCache
 from gptmini.tokenizer import get_tokenizer
 from model_helpers import sharp_model, tiny
 
@@ -97,23 +98,23 @@ def test_a_seeded_request_gives_the_same_text_alone_or_in_a_full_batch(tok):
                                      top_p=0.9, seed=7)
 
 
-def test_slot_cache_rows_keep_their_own_positions_after_a_move():
+def test_cache_rows_keep_their_own_positions_after_a_move():
     """Row 2's sequence moved into row 0 decodes exactly as it would have in row 2."""
     torch.manual_seed(0)
     model = model_of(sliding_window=5)
     prompts = [torch.randint(0, 1000, (1, n)) for n in (3, 9, 6)]
 
     def decode(move: bool) -> torch.Tensor:
-        cache = SlotCache(model.config, 3, torch.device("cpu"), torch.float32)
+        cache = KVCache(model.config, 3, torch.device("cpu"), torch.float32)
         for row, p in enumerate(prompts):
-            cache.start(row)
+            cache.prefill(row)
             model(p, cache=cache)
         rows = [2, 1, 0] if move else [0, 1, 2]
         if move:  # 0 finished: 2 takes its place
             cache.move(2, 0)
-        cache.step(2 if move else 3)
+        cache.decode(2 if move else 3)
         idx = torch.tensor([[5], [6]] if move else [[7], [6], [5]])
-        logits, _ = model(idx, cache=cache, last_only=True)
+        logits, _ = model(idx, cache=cache)
         return logits[rows.index(2) if not move else 0]
 
     torch.testing.assert_close(decode(move=True), decode(move=False))
@@ -173,3 +174,29 @@ def test_a_full_queue_refuses_the_whole_request(tok):
     finally:
         block.set()
         engine.close(wait=True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 6}], ids=["moe", "sliding-window-ring"])
+def test_chunked_prefill_interleaves_decode_steps_and_gives_the_same_greedy_tokens(tok, overrides):
+    """A 41-token prompt arrives while a short one streams: in chunks of 8 it takes 6 steps, each of which
+    also advances the running stream; prefilled whole it takes one step that advances nothing else."""
+    model = model_of(**overrides)
+    short = [tok.eot_token] + tok.encode("Hello world")
+    long = ([tok.eot_token] + tok.encode(" ".join(PROMPTS) * 3))[:41]
+
+    def run(chunk: int) -> tuple[list[list[int]], Batch]:
+        batch = Batch(model, 2, prefill_chunk=chunk)
+        seqs = [Sequence(p, Sampling(max_tokens=n, temperature=0)) for p, n in ((short, 20), (long, 8))]
+        waiting = deque(seqs[:1])
+        take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+        batch.step(take)  # the short prompt is in, and streaming
+        waiting.append(seqs[1])
+        while not all(s.finish_reason for s in seqs):
+            batch.step(take)
+        return [s.tokens for s in seqs], batch
+
+    whole, unchunked = run(0)
+    chunked_tokens, chunked = run(8)
+    assert chunked_tokens == whole
+    assert len(long) == 41 and chunked.decode_steps_mid_prefill == 5 and unchunked.decode_steps_mid_prefill == 0
+    assert chunked.prefill_chunks == 1 + 6

@@ -45,7 +45,7 @@ def test_prompt_longer_than_the_window_fills_the_ring_from_its_tail():
 
 def test_kv_cache_holds_only_the_kv_heads_and_a_window_of_slots():
     cfg = tiny(n_heads=4, n_kv_heads=1, sliding_window=8)
-    cache = KVCache(cfg, batch=2, size=8, device=torch.device("cpu"), dtype=torch.float32)
+    cache = KVCache(cfg, 2, torch.device("cpu"), torch.float32, max_len=40)
     assert cache.k.shape == (cfg.n_layers, 2, 1, 8, cfg.head_dim)
 
 

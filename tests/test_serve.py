@@ -18,9 +18,13 @@ from dataclasses import dataclass
 import httpx
 import openai
 import pytest
+import torch
 
 from gptmini.config import model_preset
 from gptmini.weights import load_model
+from gptmini.data.prepare import read_manifest
+from gptmini.evaluate import split_stream, token_nats
+from gptmini.tokenizer import get_tokenizer
 from gptmini.generate import generate_text
 from gptmini.weights import save_pretrained
 from model_helpers import sharp_model
@@ -138,6 +142,100 @@ def test_greedy_answer_is_what_gptmini_generate_prints(server, weights):
     assert cli.stdout == "class A:" + answer.choices[0].text + "\n"
 
 
+def test_logprobs_and_echo_are_the_models_own_in_openai_shapes(server, weights):
+    """Completions: echo's prompt log-probabilities are `gptmini eval`'s per-token nats, negated; each new
+    greedy token is its position's most likely one. Chat: content[] with token, logprob, bytes, top_logprobs."""
+    model, tok = load_model(weights)
+    client = server.openai()
+    ids = tok.encode("def f(x):\n    return x")
+    done = client.completions.create(model="gptmini", prompt="def f(x):\n    return x", max_tokens=3,
+                                     temperature=0, logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    c = done.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith("def f(x):\n    return x") and len(lp.tokens) == len(ids) + 3
+    assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    x = torch.tensor([[tok.eot_token] + ids])
+    nats = token_nats(model, x[:, :-1], x[:, 1:])[0].tolist()
+    assert lp.token_logprobs[: len(ids)] == pytest.approx([-n for n in nats], abs=1e-4)
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    for token, logprob, top in list(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))[len(ids):]:
+        assert top[token] == logprob == max(top.values())  # greedy: the most likely token
+
+    by_ids = client.completions.create(model="gptmini", prompt=[tok.eot_token] + ids, max_tokens=1, temperature=0,
+                                       logprobs=0, echo=True)
+    lp_ids = by_ids.choices[0].logprobs
+    assert lp_ids.token_logprobs[0] is None and lp_ids.top_logprobs[0] is None  # no context before it
+    assert lp_ids.token_logprobs[1:-1] == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-5)
+
+    chat = client.chat.completions.create(model="gptmini", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.logprob == t.top_logprobs[0].logprob and bytes(t.bytes).decode() == t.token for t in content)
+
+
+CLOZE_TASK = """task: gptmini_val_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def cloze_pack(folder, small_shards, tok, docs: int = 6) -> list[dict]:
+    """Last-word cloze from the val split's pieces: each piece's first line of 6 to 30 words, its last word
+    the target."""
+    theirs = get_tokenizer(read_manifest(small_shards)["tokenizer"], small_shards)
+    stream, _ = split_stream(small_shards, theirs)  # the shards' own tokens
+    text = theirs.decode(stream[:20000].tolist())
+    lines = [line.split() for line in text.split("\n") if 6 <= len(line.split()) <= 30 and "<|" not in line]
+    rows = [{"context": " ".join(words[:-1]), "target": " " + words[-1]} for words in lines[:docs]]
+    (folder / "cloze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "cloze.yaml").write_text(CLOZE_TASK.format(data=folder / "cloze.jsonl"))
+    return rows
+
+
+def test_lm_eval_harness_scores_a_val_cloze_pack_with_gptmini_evals_per_token_values(server, weights, small_shards,
+                                                                                    tmp_path, monkeypatch):
+    """lm-evaluation-harness's `local-completions` model (prompt token ids, echo, logprobs) against this
+    server: each document's log-likelihood is minus the sum of `evaluate.token_nats` over the target's
+    tokens, to 1e-3 nats."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from gptmini.hf import hf_tokenizer_config, hf_tokenizer_json
+
+    model, tok = load_model(weights)
+    (tmp_path / "hf").mkdir()  # lm-eval tokenizes with transformers: export-hf's tokenizer files
+    (tmp_path / "hf" / "tokenizer.json").write_text(hf_tokenizer_json(tok))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(hf_tokenizer_config(tok, 128)))
+    rows = cloze_pack(tmp_path, small_shards, tok)
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["gptmini_val_cloze"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model_args={"model": "gptmini", "base_url": server.url + "/v1/completions", "tokenizer_backend": "huggingface",
+                    "tokenizer": str(tmp_path / "hf"), "add_bos_token": True, "max_retries": 1},
+        bootstrap_iters=0)
+    samples = sorted(out["samples"]["gptmini_val_cloze"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows) and 0.0 <= out["results"]["gptmini_val_cloze"]["acc,none"] <= 1.0
+    for row, sample in zip(rows, samples):
+        context = [tok.eot_token] + tok.encode(row["context"])  # add_bos_token: our prompt framing
+        x = torch.tensor([[tok.eot_token] + tok.encode(row["context"] + row["target"])])
+        with torch.no_grad():
+            nats = token_nats(model, x[:, :-1], x[:, 1:])[0, len(context) - 1 :]
+        assert sample["resps"][0][0][0] == pytest.approx(-float(nats.sum()), abs=1e-3)
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = server.metric("gptmini_completion_tokens_total")
     with httpx.stream("POST", server.url + "/v1/completions", headers=server.headers, timeout=30,
@@ -192,15 +290,18 @@ BAD = [
     (COMPLETIONS, Raw(b'{"prompt": "' + b"x" * LIMIT + b'"}'), 413, None, f"limit of {LIMIT} bytes"),
     (COMPLETIONS, Raw(chunked(LIMIT + 100_000)), 413, None, f"limit of {LIMIT} bytes"),
     (COMPLETIONS, {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unrecognized request argument 'frobnicate'"),
-    (COMPLETIONS, {"prompt": "x", "logprobs": 3}, 400, "logprobs", "logprobs=3 is not supported"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 21}, 400, "logprobs", "logprobs: Input should be less than or equal to 20"),
+    (COMPLETIONS, {"prompt": "x", "echo": True, "stream": True}, 400, "stream", "leave out stream"),
     (COMPLETIONS, {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ("/v1/embeddings", X, 404, None, "no such endpoint: POST /v1/embeddings"),
     # prompt
     (COMPLETIONS, {"max_tokens": 5}, 400, "prompt", "missing required field 'prompt'"),
     (COMPLETIONS, {"prompt": 5}, 400, "prompt", "prompt must be a string"),
-    (COMPLETIONS, {"prompt": [1, 2, 3]}, 400, "prompt", "token-id prompts are not supported"),
-    (COMPLETIONS, {"prompt": []}, 400, "prompt", "non-empty list of strings"),
-    (COMPLETIONS, {"prompt": ["a", None]}, 400, "prompt", "non-empty list of strings"),
+    (COMPLETIONS, {"prompt": [1, -2, 3]}, 400, "prompt", "list of token ids"),
+    (COMPLETIONS, {"prompt": [[1, 2], []]}, 400, "prompt", "list of token ids"),
+    (COMPLETIONS, {"prompt": [5, 200000]}, 400, "prompt", "token id 200000 is not in the model's vocabulary"),
+    (COMPLETIONS, {"prompt": []}, 400, "prompt", "prompt must be a string, a list of strings"),
+    (COMPLETIONS, {"prompt": ["a", None]}, 400, "prompt", "prompt must be a string, a list of strings"),
     (COMPLETIONS, {"prompt": ["a"] * 13}, 400, "prompt", "at most 12 per request"),
     (COMPLETIONS, {"prompt": [""] * 100_000}, 400, "prompt", "at most 12 per request"),
     (COMPLETIONS, {"prompt": "word " * 200}, 400, "prompt", "exceeds the model's context of 128"),

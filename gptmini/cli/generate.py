@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 from collections.abc import Iterator
 
@@ -14,7 +13,8 @@ from gptmini.cli import run
 from gptmini import rag
 from gptmini.cli.source import add_model_source, add_retrieval, load_index, load_model_source, retrieval_options
 from gptmini.device import pick_device
-from gptmini.generate import check_sampling, sampling_mask, stream
+from gptmini.engine import TextStream, check_sampling, prompt_ids, sampling_mask
+from gptmini.generate import stream
 from gptmini.tokenizer import Tokenizer
 
 
@@ -43,7 +43,7 @@ def generate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model, tok = load_model_source(args, device=device)
     model = quantize.apply(model, args.quantize)
-    prompts = [[tok.eot_token] + tok.encode(text) for text in (args.prompt or [""])]
+    prompts = [prompt_ids(tok, text) for text in (args.prompt or [""])]
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     if args.rag:
         return generate_rag(args, model, tok, prompts, generator)
@@ -73,16 +73,15 @@ def generate_rag(args: argparse.Namespace, model, tok: Tokenizer, prompts: list[
 
 
 def print_stream(tok: Tokenizer, prompt: str, tokens: Iterator[Tensor]) -> None:
-    # A character can span several tokens: decode bytes incrementally so nothing prints half a character.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    text = TextStream(tok)  # whole characters only: one can span several tokens
     sys.stdout.write(prompt)
     for column in tokens:
         t = int(column[0])
         if t == tok.eot_token:
             break
-        sys.stdout.write(utf8.decode(tok.decode_bytes([t])))
+        sys.stdout.write(text.push(t)[0])
         sys.stdout.flush()
-    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    sys.stdout.write(text.flush() + "\n")
 
 
 def print_batch(tok: Tokenizer, prompts: list[str], tokens: Iterator[Tensor]) -> None:

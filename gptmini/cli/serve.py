@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prompt tokens prefilled between two decode steps, so a long prompt does not stall the "
+                        "running streams (e.g. 64); 0, the default, prefills each prompt whole (BENCHMARKS.md)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between looks at the alias")
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.prefill_chunk < 0:
+        p.error(f"--prefill-chunk={args.prefill_chunk} must be >= 0 (0 prefills each prompt whole)")
     if not 0 < args.port < 65536:
         p.error(f"--port={args.port} must be between 1 and 65535")
     if args.poll_interval <= 0:
@@ -69,6 +74,7 @@ def serve(args: argparse.Namespace) -> None:
     run_server(ServeConfig(
         checkpoint=Path(args.checkpoint) if args.checkpoint else None, model_uri=args.model, host=args.host,
         port=args.port, served_name=args.served_name, max_batch=args.max_batch, max_queue=args.max_queue,
+        prefill_chunk=args.prefill_chunk,
         max_tokens=args.max_tokens, poll_interval=args.poll_interval, api_key=api_key,
         max_body_bytes=args.max_body_bytes, device=str(pick_device(args.device)), quantize=args.quantize,
         index=Path(args.index) if args.index else None, retrieval_k=args.retrieval))

@@ -7,10 +7,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gptmini.engine import EngineClosed, QueueFull, Sampling, Sequence
+from gptmini.engine import EngineClosed, QueueFull, Sampling, Sequence, prompt_ids
 from gptmini.server.host import ModelHost
 from gptmini.server.retrieval import check_available, request_k, with_passages
 from gptmini.server.schema import ApiError, GenerationRequest
+from gptmini.tokenizer import Tokenizer
 
 
 @dataclass
@@ -21,15 +22,22 @@ class Choice:
     finish_reason: str | None = None
     last_event: float | None = None
     citations: list[dict] | None = None  # the passages read before its prompt; None: retrieval was off
+    echo: str | None = None  # the prompt's text, which `echo` puts before the completion
+    echoed: int = 0  # the prompt's last tokens that echo's logprobs cover (a text prompt's framing is not one)
 
 
 class Generation:
     """The sequences of one request (prompts x n) and the events they send back to the event loop."""
 
-    def __init__(self, host: ModelHost, body: GenerationRequest, prompts: list[str], endpoint: str,
+    def __init__(self, host: ModelHost, body: GenerationRequest, prompts: list[str | list[int]], endpoint: str,
                  extra_stop: tuple[str, ...] = ()):
         self.host, self.endpoint, self.started = host, endpoint, time.perf_counter()
         self.served = host.require(body.model)
+        # Completions: `logprobs` alternatives per token (None: no logprobs); chat: `top_logprobs` of them.
+        logprobs = getattr(body, "logprobs", None)
+        if endpoint == "chat":
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        echo = getattr(body, "echo", False)
         cap, limit = host.config.max_tokens, host.config.max_queue
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
         if asked is not None and asked > cap:
@@ -41,10 +49,10 @@ class Generation:
                                 f"server takes at most {limit} per request (--max-queue): send at most "
                                 f"{max(limit // body.n, 1)} prompts per request, or a lower n",
                            param="prompt" if len(prompts) > 1 else "n", code="invalid_value")
-        tok = self.served.engine.tokenizer
+        self.tokenizer = tok = self.served.engine.tokenizer
         context = self.served.engine.max_seq_len
         k = check_available(self.served, body.retrieval, request_k(body.retrieval, host.config.retrieval_k))
-        ids = [[tok.eot_token] + tok.encode(p) for p in prompts]
+        ids = [prompt_ids(tok, p) if isinstance(p, str) else checked_ids(tok, p) for p in prompts]
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.choices: list[Choice] = []
         self.prompt_tokens = 0
@@ -58,6 +66,7 @@ class Generation:
                                     "shorten the prompt or lower max_tokens",
                                param="max_tokens" if room > 0 else ("prompt" if endpoint == "completions" else "messages"),
                                code="context_length_exceeded")
+            own = len(prompt)  # before any retrieved passage goes in front
             citations = None
             if k:
                 prompt, citations = with_passages(self.served, prompt, context - max_tokens, k, host.metrics, endpoint)
@@ -66,11 +75,24 @@ class Generation:
                 sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                                     top_p=body.top_p if body.top_p < 1.0 else None,
                                     seed=None if body.seed is None else body.seed + i,
-                                    stop=tuple(body.stop) + extra_stop, ignore_eos=body.ignore_eos)
+                                    stop=tuple(body.stop) + extra_stop, ignore_eos=body.ignore_eos,
+                                    logprobs=logprobs, echo=echo and logprobs is not None)
                 index = len(self.choices)
-                self.choices.append(Choice(Sequence(prompt, sampling, self._emitter(index)), index,
-                                           citations=citations))
+                choice = Choice(Sequence(prompt, sampling, self._emitter(index)), index, citations=citations)
+                if echo:
+                    text = prompts[p]
+                    choice.echo = text if isinstance(text, str) else tok.decode(text)
+                    choice.echoed = own - 1 if isinstance(text, str) else own
+                self.choices.append(choice)
         self.pending = len(self.choices)
+
+    def token_text(self, token: int) -> str:
+        """A token's text; one that ends mid-character shows its bytes, as OpenAI's `bytes:\\xe2` does."""
+        raw = self.tokenizer.decode_bytes([token])
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
     def _emitter(self, index: int) -> Callable[[str, str | None], None]:
         def emit(delta: str, reason: str | None) -> None:
@@ -125,3 +147,13 @@ class Generation:
         m.completion_tokens.inc(self.completion_tokens)
         m.latency.labels(self.endpoint).observe(time.perf_counter() - self.started)
 
+
+
+def checked_ids(tok: Tokenizer, ids: list[int]) -> list[int]:
+    """A token-id prompt, used as given (as OpenAI's are: no end-of-text is put before it)."""
+    for t in ids:
+        if t >= tok.n_ordinary and t != tok.eot_token:
+            raise ApiError(400, f"token id {t} is not in the model's vocabulary (ids 0..{tok.n_ordinary - 1} "
+                                f"and end-of-text {tok.eot_token}); encode the prompt with the model's tokenizer",
+                           param="prompt", code="invalid_value")
+    return ids

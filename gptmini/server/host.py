@@ -95,7 +95,8 @@ class ModelHost:
         index = open_index(index)  # first: a missing index fails the version before its weights load
         model, tokenizer = load_model(path, device=self.config.device)
         model = quantize.apply(model, self.config.quantize)
-        engine = Engine(model, tokenizer, self.config.max_batch, self.config.max_queue, name=label)
+        engine = Engine(model, tokenizer, self.config.max_batch, self.config.max_queue, name=label,
+                        prefill_chunk=self.config.prefill_chunk)
         try:  # the first forward pays one-off costs (allocator, kernels): before any client does
             generate_one(engine, [tokenizer.eot_token], Sampling(max_tokens=2, temperature=0))
         except BaseException:

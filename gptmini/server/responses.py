@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from gptmini.engine import TokenLogprob
 from gptmini.server.bridge import Choice, Generation
 from gptmini.server.schema import ApiError, GenerationRequest
 
@@ -27,8 +28,46 @@ def completion_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reas
 
 def completion_body(rid: str, gen: Generation) -> dict:
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": gen.served.label,
-            "choices": [cited(c, {"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
-                                  "logprobs": None}) for c in gen.choices], "usage": gen.usage()}
+            "choices": [cited(c, {"index": c.index, "text": (c.echo or "") + "".join(c.text),
+                                  "finish_reason": c.finish_reason, "logprobs": completion_logprobs(gen, c)})
+                        for c in gen.choices], "usage": gen.usage()}
+
+
+def scored_tokens(c: Choice) -> list[tuple[int, TokenLogprob | None]]:
+    """(token, its log-probability and alternatives) for the echoed prompt tokens, then the new ones. A token-id
+    prompt's first token has no context, so no log-probability (None), as in OpenAI's echo."""
+    s = c.seq
+    prompt = list(zip(s.prompt, [None, *s.prompt_logprobs]))[len(s.prompt) - c.echoed:] if c.echoed else []
+    return prompt + list(zip(s.tokens, s.logprobs))
+
+
+def completion_logprobs(gen: Generation, c: Choice) -> dict | None:
+    """OpenAI's completions shape: tokens, token_logprobs, top_logprobs (token -> log-probability) and
+    text_offset (where each token starts in the choice's text)."""
+    if c.seq.sampling.logprobs is None:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, scored in scored_tokens(c):
+        text = gen.token_text(token)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(scored[0] if scored else None)
+        out["top_logprobs"].append({gen.token_text(t): lp for t, lp in scored[1]} if scored else None)
+        out["text_offset"].append(offset)
+        offset += len(gen.tokenizer.decode([token]))
+    return out
+
+
+def chat_logprobs(gen: Generation, c: Choice) -> dict | None:
+    """OpenAI's chat shape: content[] of {token, logprob, bytes, top_logprobs[] of {token, logprob, bytes}}."""
+    if c.seq.sampling.logprobs is None:
+        return None
+
+    def entry(token: int, lp: float) -> dict:
+        return {"token": gen.token_text(token), "logprob": lp, "bytes": list(gen.tokenizer.decode_bytes([token]))}
+
+    return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, alp) for a, alp in alts]}
+                        for t, (lp, alts) in zip(c.seq.tokens, c.seq.logprobs)], "refusal": None}
 
 
 def chat_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: str | None) -> dict:
@@ -42,7 +81,8 @@ def chat_chunk(rid: str, gen: Generation, choice: Choice, delta: str, reason: st
 def chat_body(rid: str, gen: Generation) -> dict:
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": gen.served.label,
             "choices": [cited(c, {"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
-                                  "finish_reason": c.finish_reason, "logprobs": None}) for c in gen.choices],
+                                  "finish_reason": c.finish_reason, "logprobs": chat_logprobs(gen, c)})
+                        for c in gen.choices],
             "usage": gen.usage()}
 
 

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as OpenAI documents; choice i samples with seed + i
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat allows 20)
 CHAT_STOP = "\nUser:"
 CHAT_TEMPLATE = """A system (or developer) message opens the text; each turn is one line; the model continues
 after the final "Assistant:", and stops where it would start the user's next turn ("\\nUser:"):
@@ -42,8 +43,7 @@ class ApiError(Exception):
 
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options"}
 # Fields we do not implement, accepted only at the value that means "off".
-NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logprobs": (None, False),
-           "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1), "logit_bias": (None, {}),
+NEUTRAL = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "best_of": (None, 1), "logit_bias": (None, {}),
            "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
            "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None, False, True)}
 
@@ -104,24 +104,54 @@ class GenerationRequest(BaseModel):
         return self
 
 
+def _logprobs_unstreamed(self: GenerationRequest, asked: bool) -> None:
+    if asked and self.stream:
+        raise param_error("stream", "logprobs and echo are returned with the whole response; "
+                                    "leave out stream, or logprobs and echo")
+
+
 class CompletionRequest(GenerationRequest):
     prompt: Any = Field(...)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt(cls, v: Any) -> list[str]:
-        prompts = [v] if isinstance(v, str) else v
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise param_error("prompt", "prompt must be a string or a non-empty list of strings "
-                                        f"(token-id prompts are not supported); got {_short(v)}")
-        for i, p in enumerate(prompts):
-            _check_text(p, "prompt" if isinstance(v, str) else f"prompt[{i}]")
-        return prompts
+    def _prompt(cls, v: Any) -> list[str | list[int]]:
+        """A string, a list of strings, a list of token ids, or a list of such lists (OpenAI's four forms)."""
+        if isinstance(v, str) or (isinstance(v, list) and v and all(_is_id(t) for t in v)):
+            v = [v]
+        if not isinstance(v, list) or not v or not all(
+                isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(t) for t in p)) for p in v):
+            raise param_error("prompt", "prompt must be a string, a list of strings, a non-empty list of token ids, "
+                                        f"or a list of such lists; got {_short(v)}")
+        for i, p in enumerate(v):
+            if isinstance(p, str):
+                _check_text(p, "prompt" if len(v) == 1 else f"prompt[{i}]")
+        return v
+
+    @model_validator(mode="after")
+    def _streamed(self) -> CompletionRequest:
+        _logprobs_unstreamed(self, self.logprobs is not None or self.echo)
+        return self
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
 class ChatRequest(GenerationRequest):
     messages: Any = Field(...)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise param_error("top_logprobs", "top_logprobs needs logprobs: true")
+        _logprobs_unstreamed(self, self.logprobs)
+        return self
 
     @field_validator("messages", mode="before")
     @classmethod
