@@ -205,6 +205,7 @@ def source_model_id(version) -> str | None:
     return rest if rest.startswith("m-") and "/" not in rest else None
 
 
+@contextlib.contextmanager
 def _global_tracking_uri(uri: str):
     """MLflow's SQL registry store resolves a `models:/<model_id>` source through the process-wide tracking
     URI, not the client's: with a SQLite client on another store it fails ("Logged model ... not found").
