@@ -29,11 +29,12 @@ install: $(STAMP)
 # Two workers (`-n auto` on bigger machines), whole modules each (the modules that drive the service stack
 # go to one worker together: tests/conftest.py): while one waits on a server or a subprocess, the other
 # computes. The 15 slowest tests print at the end: a test over 60 s says in a comment why it cannot be cheaper.
+DURATIONS ?= 15  # the slowest tests printed at the end; DURATIONS=0 prints every one (bench/suite_durations.py sums them)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=$(DURATIONS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=15 -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=$(DURATIONS) -m "not slow"
 
 # llama.cpp / GGUF (docs/formats.md): llama-cpp-python, built from its sdist (PyPI has no wheel: 6.5 min on two cores),
 # and llama.cpp's converter, which ships only inside that sdist, unpacked into $(VENV)/llama.cpp. Not part of

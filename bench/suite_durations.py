@@ -1,6 +1,6 @@
 """Where the test suite's time goes: pytest's `--durations=0` lines summed per module.
 
-    PYTEST_ADDOPTS=--durations=0 make test 2>&1 | tee suite.log
+    make test DURATIONS=0 2>&1 | tee suite.log
     python bench/suite_durations.py suite.log
 
 Prints a Markdown table, longest module first: its setup + call + teardown seconds, its number of tests and its

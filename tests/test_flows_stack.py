@@ -126,7 +126,7 @@ def test_make_demo_exits_non_zero_when_the_flow_run_fails(stack):
                           env={**stack.env, "VENV": str(BIN.parent)}, capture_output=True, text=True, timeout=300)
     assert demo.returncode != 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert re.search(r"finished Failed", demo.stdout), demo.stdout[-3000:]
-    assert "steps (0)" in demo.stdout + demo.stderr
+    assert "train.steps = 0" in demo.stdout + demo.stderr  # the trainer's own check, run by the flow up front
     assert "gptmini promote --list" not in demo.stdout  # nothing after the failed run
 
 
