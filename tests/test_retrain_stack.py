@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+
+from gptmini import registry
 
 BIN = Path(sys.executable).parent
 # A 300-id BPE: trained on day one's corpus, read with again by the continued runs.
@@ -36,10 +37,7 @@ def follow(stack, deployment: str, **params) -> str:
 
 
 def production(mc):
-    try:
-        return mc.get_model_version_by_alias("gptmini", "production")
-    except MlflowException:
-        return None
+    return registry.version_by_alias(mc, registry.PRODUCTION, "gptmini")
 
 
 def new_text(topic: str) -> str:
