@@ -402,6 +402,11 @@ class ExpertParallel:
 
     def __init__(self, group: Any, ep: int, tp_mesh: Any = None):
         self.group, self.ep, self.tp_mesh = group, ep, tp_mesh
+        # Eager under torch.compile, as torchtitan leaves them: the split sizes are read on the host, so dynamo
+        # would break its graph there anyway and recompile for every new set of sizes. Wrapped here, not with a
+        # decorator: torch.compiler.disable imports dynamo (seconds), which no run without EP needs.
+        self.dispatch = torch.compiler.disable(self._dispatch)
+        self.combine = torch.compiler.disable(self._combine)
 
     def local(self, w: torch.Tensor) -> torch.Tensor:
         return w.to_local()  # apply_ep made every expert weight a DTensor (hasattr would not trace under dynamo)
@@ -423,10 +428,7 @@ class ExpertParallel:
         return DTensor.from_local(weights, self.tp_mesh, [Replicate()], run_check=False).to_local(
             grad_placements=[Partial()])
 
-    # Eager under torch.compile, as torchtitan leaves them: the split sizes are read on the host, so dynamo would
-    # break its graph there anyway and recompile for every new set of sizes.
-    @torch.compiler.disable
-    def dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    def _dispatch(self, xs: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
         if self.group is None:  # experts split over tp alone: every rank holds every expert
@@ -445,8 +447,7 @@ class ExpertParallel:
                           + [torch.zeros(0, dtype=torch.long)]).to(xs.device)
         return ys[order], received.sum(0), (order, send, recv)
 
-    @torch.compiler.disable
-    def combine(self, ys: torch.Tensor, route: tuple | None) -> torch.Tensor:
+    def _combine(self, ys: torch.Tensor, route: tuple | None) -> torch.Tensor:
         from torch.distributed._functional_collectives import all_to_all_single_autograd
 
         if route is None:

@@ -16,7 +16,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,7 @@ class Run:
     nbytes: torch.Tensor  # UTF-8 bytes of each token id, for bits per byte
     tokenizer_file: Path | None  # a trained tokenizer's file, saved with every checkpoint and weights folder
     precision: str  # what the training step's matmuls run in: train.precision resolved for this device
+    plotted_at: float = field(default_factory=time.monotonic)  # when plots/ was last drawn (or the run began)
 
     def say(self, *parts: Any) -> None:
         if self.env.is_main:
@@ -399,6 +400,9 @@ def log_train(run: Run, tracker: Tracker, rec: dict[str, Any]) -> None:
         )
 
 
+PLOT_EVERY_S = 30.0
+
+
 def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None:
     """Periodic evaluations take eval_batches per rank; the final one the whole val split. A new best
     val loss exports checkpoints/best/."""
@@ -415,9 +419,12 @@ def validate(run: Run, tracker: Tracker, final: bool) -> dict[str, float] | None
         run.state.best_val_loss, run.state.best_step = result["val_loss"], step
         run.state.best = {"step": step, **result}
         export_weights(run, run.dir / "checkpoints" / "best", {"step": step, **result})
-    if run.env.is_main:
+    # Drawing and uploading the plots costs about a second and a half: refreshed at most every PLOT_EVERY_S, and
+    # by `finish` at the end, so short runs are not slowed by them.
+    if run.env.is_main and not final and time.monotonic() - run.plotted_at >= PLOT_EVERY_S:
         for png in metrics.plot(run.log.read(), run.dir / "plots"):
             tracker.log_artifact(png, "plots")
+        run.plotted_at = time.monotonic()
     return result
 
 
