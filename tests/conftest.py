@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from filelock import FileLock
+
+# One intra-op thread in every test process and everything it starts (trainers, servers, CLIs), unless the
+# caller chose: `make test` runs a worker per core, and their subprocesses beside them, so a second OpenMP thread
+# only spins against another process (the gate test: 71 s with two threads on the loaded machine, 22 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads once)
+from filelock import FileLock  # noqa: E402
 
 from gptmini.config import model_preset
 from gptmini.data.prepare import PrepareConfig, prepare

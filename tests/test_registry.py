@@ -1,6 +1,6 @@
 """The MLflow registry on a real SQLite store: versions, aliases, the champion/challenger gate, loading.
 
-Two real tiny models on real shards of the embedded corpus: `worse` (random init) and `better` (trained a
+Two real tiny models on real shards of the embedded corpus (the 300-id BPE): `worse` (random init) and `better` (trained a
 few steps), so the gate's comparison is a real evaluation, not a number we made up.
 """
 from __future__ import annotations
@@ -27,13 +27,21 @@ from gptmini.weights import save_pretrained  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def weights(prepared_shards, tiny_weights, tmp_path_factory):
-    """{'worse': the tiny preset at its random init, 'better': that model after 10 AdamW steps on the train
-    split}: folders of save_pretrained."""
+def weights(small_shards, tmp_path_factory):
+    """{'worse': the tiny preset on the 300-id BPE at its random init (seed 0), 'better': that model after 10
+    AdamW steps on the train split}: folders of save_pretrained, each carrying its tokenizer."""
+    from gptmini.config import model_preset
+    from gptmini.data.prepare import read_manifest
+    from gptmini.model import GPTOSSMini
+    from gptmini.tokenizer import BPE_FILE
+
     root = tmp_path_factory.mktemp("weights")
-    model, _ = load_model(tiny_weights)
+    manifest = read_manifest(small_shards)
+    torch.manual_seed(0)
+    model = GPTOSSMini(model_preset("tiny", tokenizer=manifest["tokenizer"], vocab_size=manifest["vocab_size"]))
+    save_pretrained(model, root / "worse", tokenizer_file=small_shards / BPE_FILE)
     model.train()
-    windows = SlidingWindowDataset(TokenShards.open(prepared_shards, "train"), 32, 32)
+    windows = SlidingWindowDataset(TokenShards.open(small_shards, "train"), 32, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for step in range(10):
         x, y = windows.batch(np.arange(step * 4, step * 4 + 4))
@@ -41,8 +49,8 @@ def weights(prepared_shards, tiny_weights, tmp_path_factory):
         loss.backward()
         opt.step()
         opt.zero_grad()
-    save_pretrained(model, root / "better")
-    return {"worse": tiny_weights, "better": root / "better"}
+    save_pretrained(model, root / "better", tokenizer_file=small_shards / BPE_FILE)
+    return {"worse": root / "worse", "better": root / "better"}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,7 @@ def test_version_traces_back_to_its_run_and_data_and_leaves_the_run_open(store, 
 def test_pyfunc_model_runs_our_generation_for_any_prompt_length(store, weights):
     _, mv = register(store, weights["better"])
     model = mlflow.pyfunc.load_model(f"models:/gptmini/{mv.version}")
-    short, long = "def", "The Python interpreter reads a file and " * 8  # 2 and ~70 tokens
+    short, long = "def", "The Python interpreter reads a file and " * 3  # 2 and 85 of the 300-id BPE's tokens
     greedy = {"max_new_tokens": 5, "temperature": 0.0}
     outputs = model.predict([short, long], params=greedy)
     assert len(outputs) == 2 and all(isinstance(o, str) and o for o in outputs)
@@ -106,22 +114,22 @@ def test_pyfunc_quantize_param_runs_the_int8_model_of_the_same_version(store, we
     assert int8 == [generate_text(quantize.apply(local, "int8"), tok, "The Python interpreter", **greedy)]
 
 
-def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prepared_shards):
+def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, small_shards):
     mc, _ = store
-    losses = {k: evaluate_weights(w, prepared_shards)["val_bpb"] for k, w in weights.items()}
+    losses = {k: evaluate_weights(w, small_shards)["val_bpb"] for k, w in weights.items()}
     assert losses["better"] < losses["worse"]
 
     _, v1 = register(store, weights["worse"])
-    first = gate.champion_challenger(mc, v1.version, weights["worse"], losses["worse"], prepared_shards)
+    first = gate.champion_challenger(mc, v1.version, weights["worse"], losses["worse"], small_shards)
     assert first.promote and "no production" in first.reason
 
     _, v2 = register(store, weights["better"])
-    better = gate.champion_challenger(mc, v2.version, weights["better"], losses["better"], prepared_shards)
+    better = gate.champion_challenger(mc, v2.version, weights["better"], losses["better"], small_shards)
     assert better.promote and better.champion_version == str(v1.version)
     assert better.champion_val_bpb == pytest.approx(losses["worse"])
 
     _, v3 = register(store, weights["worse"])
-    worse = gate.champion_challenger(mc, v3.version, weights["worse"], losses["worse"], prepared_shards)
+    worse = gate.champion_challenger(mc, v3.version, weights["worse"], losses["worse"], small_shards)
     assert not worse.promote
     aliases = {k: str(v) for k, v in mc.get_registered_model("gptmini").aliases.items()}
     assert aliases["production"] == aliases["champion"] == str(v2.version)
@@ -130,13 +138,13 @@ def test_gate_promotes_a_better_version_and_not_a_worse_one(store, weights, prep
     assert mc.get_model_version("gptmini", v2.version).tags["gate.decision"] == "promoted"
 
 
-def test_a_version_is_compared_with_the_champion_on_the_same_validation_tokens(store, weights, prepared_shards):
+def test_a_version_is_compared_with_the_champion_on_the_same_validation_tokens(store, weights, small_shards):
     """What `promote-model` with a data_dir asks: a registered version against production, neither loss given."""
     mc, _ = store
     _, champion = register(store, weights["worse"])
     _, challenger = register(store, weights["better"])
-    decision = gate.against_champion(mc, challenger.version, weights["better"], prepared_shards, champion)
-    losses = {k: evaluate_weights(w, prepared_shards)["val_bpb"] for k, w in weights.items()}
+    decision = gate.against_champion(mc, challenger.version, weights["better"], small_shards, champion)
+    losses = {k: evaluate_weights(w, small_shards)["val_bpb"] for k, w in weights.items()}
     assert decision.promote and decision.champion_version == str(champion.version)
     assert decision.challenger_val_bpb == pytest.approx(losses["better"])
     assert decision.champion_val_bpb == pytest.approx(losses["worse"])
