@@ -1,6 +1,6 @@
-"""Is bf16 autocast or torch.compile free speed for CPU training? The demo preset's step and evaluation, timed
-four ways (fp32 or bf16 autocast, eager or compiled the way `--train.compile true` compiles: block by block),
-on real batches of a `gptmini prepare` folder.
+"""Is bf16 autocast or torch.compile free speed for CPU training? The demo preset's step and evaluation (or
+another --preset's), timed four ways (fp32 or bf16 autocast, eager or compiled the way `--train.compile true`
+compiles: block by block), on real batches of a `gptmini prepare` folder.
 
     python bench/bench_cpu_train.py --data-dir data/python-docs --out bench/results/cpu_train.json
 
@@ -38,16 +38,17 @@ VARIANTS = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("
 
 
 class Variant:
-    """One way to run the demo model: its own model, optimizer and loaders, all seeded alike."""
+    """One way to run the preset's model: its own model, optimizer and loaders, all seeded alike."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name, (self.precision, compiled) = name, VARIANTS[name]
         manifest = read_manifest(args.data_dir)
-        preset = PRESETS["demo"]
+        preset = PRESETS[args.preset]
         torch.manual_seed(0)
-        self.model = GPTOSSMini(model_preset("demo", tokenizer=manifest["tokenizer"], vocab_size=manifest["vocab_size"]))
+        self.model = GPTOSSMini(model_preset(args.preset, tokenizer=manifest["tokenizer"],
+                                             vocab_size=manifest["vocab_size"]))
         self.train_step = train_step(self.model, CPU, "blocks" if compiled else "off", precision=self.precision,
-                                     cfg=from_preset("demo"))
+                                     cfg=from_preset(args.preset))
         self.step_tokens = preset["data"]["seq_len"] * preset["data"]["batch_size"]
         self.train, self.val = build_loaders(args.data_dir, preset["data"]["seq_len"],
                                              batch_size=preset["data"]["batch_size"], seed=0,
@@ -83,6 +84,8 @@ class Variant:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="a `gptmini prepare` folder")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
+                   help="the `gptmini train --preset` whose model, batch and optimizer are timed")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the compile happens here)")

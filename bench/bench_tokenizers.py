@@ -3,15 +3,15 @@
     python bench/bench_tokenizers.py --budget 150 --out bench/results/tokenizers.json
     python bench/bench_tokenizers.py --runs cl100k_base "cl100k_base --train.precision bf16"   # any train flags
 
-For each tokenizer: `gptmini prepare` the demo corpus with it, time a short calibration run of the demo preset
-(the model takes the data's vocabulary, so only the embedding and the output layer change), then train for as
-many steps as fit in --budget seconds, so every run's cosine schedule ends at the budget (a run whose
-summary.json is in --work already is reused). Each run's only
-evaluation is its final one, over every val window; the val split holds the same text for every tokenizer, so
-bits per byte compare. Reported: val bits per byte, tokens/s and bytes/s of training (bytes: the UTF-8 bytes
-of the text a token covers, on average over the val split), the steps and the training seconds they took, and
-a sample from the final weights (same prompt, seed and sampling for every tokenizer). Everything runs through
-the `gptmini` command line, as a user would run it.
+For each tokenizer: `gptmini prepare` the corpus (--source) with it, time a short calibration run of the demo
+preset (--preset; the model takes the data's vocabulary, so only the embedding and the output layer change), then
+train for as many steps as fit in --budget seconds, so every run's cosine schedule ends at the budget (a data
+folder or a run whose summary.json is in --work already is reused). Each run's only evaluation is its final one,
+over every val window; the val split holds the same text for every tokenizer, so bits per byte compare.
+Reported: val bits per byte, tokens/s and bytes/s of training (bytes: the UTF-8 bytes of the text a token covers,
+on average over the val split), the steps and the training seconds they took, and a sample from the final weights
+(same prompt, seed and sampling for every tokenizer). Everything runs through the `gptmini` command line, as a
+user would run it.
 """
 from __future__ import annotations
 
@@ -52,6 +52,8 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
     tokenizer, *extra = spec.split()
     tag = tokenizer.replace(":", "")
     label = "-".join([tag, *(a.lstrip("-").replace(".", "_") for a in extra)])
+    if args.preset != "demo":  # a run of another preset is another run
+        label += f"-{args.preset}"
     data = work / f"data-{tag}"
     prepare_s = None  # None: the folder was prepared by an earlier invocation with the same --work
     if not (data / "manifest.json").exists():
@@ -59,8 +61,8 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
         gptmini("prepare", args.source, "--out", str(data), "--tokenizer", tokenizer)
         prepare_s = time.perf_counter() - t
     manifest = json.loads((data / "manifest.json").read_text())
-    demo = PRESETS["demo"]
-    step_tokens = demo["data"]["seq_len"] * demo["data"]["batch_size"]
+    preset = PRESETS[args.preset]
+    step_tokens = preset["data"]["seq_len"] * preset["data"]["batch_size"]
     quiet = ["--train.eval_every", "100000", "--train.ckpt_every", "100000"]
 
     run = work / f"run-{label}"
@@ -68,12 +70,12 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
         wall_s = None
     else:
         cal = work / f"calibrate-{label}"
-        gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(cal), "--steps",
+        gptmini("train", "--preset", args.preset, "--data-dir", str(data), "--out", str(cal), "--steps",
                 str(args.calibrate), "--train.log_every", "10", *quiet, *extra)
         _, rate = train_seconds(cal, 10, step_tokens)
         steps = max(1, int(args.budget * rate / step_tokens))
         t = time.perf_counter()
-        gptmini("train", "--preset", "demo", "--data-dir", str(data), "--out", str(run), "--steps", str(steps),
+        gptmini("train", "--preset", args.preset, "--data-dir", str(data), "--out", str(run), "--steps", str(steps),
                 "--train.log_every", "10", *quiet, *extra)
         wall_s = time.perf_counter() - t
     summary = ending.read(run)
@@ -99,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="one per run: a --tokenizer value, then any `gptmini train` flags, in one quoted string")
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per tokenizer")
     p.add_argument("--calibrate", type=int, default=30, help="steps of the calibration run")
-    p.add_argument("--source", default="embedded:python-docs")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS),
+                   help="the `gptmini train --preset` of every run (its model and batch; the vocabulary comes from the data)")
+    p.add_argument("--source", default="embedded:python-docs", help="the corpus, as `gptmini prepare` takes it")
     p.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--work", default="runs/bench-tokenizers", help="data and runs go here")
     p.add_argument("--out", default="bench/results/tokenizers.json")

@@ -129,23 +129,28 @@ def test_nanogpt_baseline_counts_the_flops_behind_the_published_mfu():
         assert subject.build().flops_per_token(1024) == 854_654_976
 
 
-# Over 60 s: each CPU bench runs as the user runs it, in its own process (torch and the model imported,
-# a BPE prepared, a few steps timed); fewer benches would leave a documented command unchecked.
+# Each CPU bench runs as the user runs it, in its own processes (`gptmini prepare`, `train` and `generate`), at the
+# tiny preset on every fifth topic of the embedded corpus (each run's final evaluation reads all its val windows).
 def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
     """bench_tokenizers (prepare with a trained BPE, calibrate, train to a budget, sample) and bench_cpu_train
-    (fp32 and bf16 timed in turn) as BENCHMARKS.md runs them, at a size that takes seconds."""
+    (fp32 and bf16 timed in turn) as BENCHMARKS.md runs them, on the tiny preset and a small corpus."""
     import bench_cpu_train
     import bench_tokenizers
+    from pydoc_data import topics
 
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics)[::5]))
     work, out = tmp_path / "work", tmp_path / "tokenizers.json"
-    assert bench_tokenizers.main(["--runs", "bpe:300", "--budget", "2", "--calibrate", "10", "--sample-tokens", "5",
-                                  "--work", str(work), "--out", str(out)]) == 0
+    assert bench_tokenizers.main(["--runs", "bpe:300", "--preset", "tiny", "--source", str(corpus), "--budget", "1",
+                                  "--calibrate", "10", "--sample-tokens", "5", "--work", str(work),
+                                  "--out", str(out)]) == 0
     (r,) = json.loads(out.read_text())["results"]
     assert r["vocab_size"] == 384 and r["name"].startswith("bpe-300-") and r["steps"] >= 1  # 300 ids padded to 128s
+    assert r["n_params"] < 1e6  # the tiny preset's model, not the demo's
     assert r["val_bytes"] > 0 and 0 < r["val_bpb"] < 10 and r["sample"].startswith("The Python interpreter")
     timed = tmp_path / "cpu_train.json"
-    assert bench_cpu_train.main(["--data-dir", str(work / "data-bpe300"), "--variants", "fp32,bf16", "--steps", "2",
-                                 "--warmup", "1", "--eval-batches", "1", "--eval-repeats", "1",
+    assert bench_cpu_train.main(["--data-dir", str(work / "data-bpe300"), "--preset", "tiny", "--variants", "fp32,bf16",
+                                 "--steps", "2", "--warmup", "1", "--eval-batches", "1", "--eval-repeats", "1",
                                  "--out", str(timed)]) == 0
     results = json.loads(timed.read_text())["results"]
     assert [v["variant"] for v in results] == ["fp32", "bf16"] and all(v["step_s"] > 0 for v in results)
