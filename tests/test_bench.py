@@ -34,7 +34,7 @@ def run_bench(tmp_path: Path, *extra: str) -> dict:
 
 def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
     results = run_bench(tmp_path, "--sections", "ceilings,train,dense,baseline,decode", "--peak-tflops", "0.5",
-                        "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
+                        "--ceiling-repeats", "1", "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
     train = {r["name"]: r for r in results["train"]}
     assert set(train) == {"tiny", "tiny-dense", "nanogpt-match"}
     cfg = model_preset("tiny", vocab_size=512)
