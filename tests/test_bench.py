@@ -154,6 +154,8 @@ def test_cpu_training_benches_run_end_to_end_on_a_small_bpe(tmp_path):
                                  "--out", str(timed)]) == 0
     results = json.loads(timed.read_text())["results"]
     assert [v["variant"] for v in results] == ["fp32", "bf16"] and all(v["step_s"] > 0 for v in results)
+    for v in results:  # the tiny preset's step (32 x 4 tokens) and one val batch of 4 windows of its 128
+        assert v["tokens_per_s"] == pytest.approx(32 * 4 / v["step_s"]) and v["eval_tokens"] == 4 * 128
     assert results[0]["losses"][0] == pytest.approx(results[1]["losses"][0], rel=1e-2)  # same init, same batch
 
 
