@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per tokenizer")
     p.add_argument("--calibrate", type=int, default=30, help="steps of the calibration run")
     p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="the `gptmini train --preset` of every run (its model and batch; the vocabulary comes from the data)")
+                   help="the `gptmini train --preset` of every run (its model and batch; the vocabulary comes from "
+                        "the data)")
     p.add_argument("--source", default="embedded:python-docs", help="the corpus, as `gptmini prepare` takes it")
     p.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--work", default="runs/bench-tokenizers", help="data and runs go here")
