@@ -66,6 +66,16 @@ class TokenShards:
         return np.concatenate(parts)
 
 
+def _uint32_view(column) -> np.ndarray:
+    """A zero-copy numpy view of a null-free uint32 column (a pyarrow Array: its data buffer, at the column's
+    offset). `Array.to_numpy` does the same but imports pandas first, a second of every trainer's start."""
+    import pyarrow as pa
+
+    if column.null_count:
+        raise pa.ArrowInvalid(f"{column.null_count} null token(s)")
+    return np.frombuffer(column.buffers()[1], dtype=np.uint32, count=len(column), offset=column.offset * 4)
+
+
 def _open_shard(data_dir: Path, shard: dict, n_vocab: int, verify: bool) -> list[np.ndarray]:
     import pyarrow as pa
 
@@ -85,7 +95,7 @@ def _open_shard(data_dir: Path, shard: dict, n_vocab: int, verify: bool) -> list
         schema = reader.schema
         if schema.names != ["tokens"] or schema.field(0).type != pa.uint32():
             raise DataError(f"shard {name} holds {schema}, not one uint32 column `tokens`; {rerun}")
-        segments = [reader.get_batch(i).column(0).to_numpy(zero_copy_only=True) for i in range(reader.num_record_batches)]
+        segments = [_uint32_view(reader.get_batch(i).column(0)) for i in range(reader.num_record_batches)]
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"shard {name} is not a readable Arrow IPC file ({exc}); {rerun}") from exc
     if (n := sum(len(s) for s in segments)) != shard["tokens"]:
