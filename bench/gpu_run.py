@@ -42,10 +42,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# The driver makes no CUDA call: a CUDA context in it would hold GPU memory the slices need.
+# The driver makes no CUDA call: a CUDA context in it would hold GPU memory the slices need. Nor does it import
+# bench/common.py (torch and the trainer, 3-4 s on a CPU) at the top: each slice's process imports this module
+# first, and a slice that fails at its start, or needs less, should not pay for it.
 from gptmini.files import write_atomic, write_json
-
-from common import environment as bench_environment, fmt, md_table  # bench/ is on sys.path as this runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PROG = "bench/gpu_run.py"
@@ -241,6 +241,8 @@ def child(name: str, argv: list[str]) -> None:
 def environment() -> dict:
     """Versions, the source that ran, and the GPU's identity and state (`nvidia-smi -q`, read only)."""
     import torch
+
+    from common import environment as bench_environment  # bench/ is on sys.path as this runs
 
     env = bench_environment(torch.device("cuda") if torch.cuda.is_available() else None,
                             cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
@@ -470,6 +472,8 @@ def headline(name: str, data: dict | None) -> str:
     """The numbers a reader looks for first: tokens/s, MFU, peak GiB, decode tokens/s."""
     if not data:
         return ""
+    from common import fmt
+
     if name == "env":
         return f"{data.get('gpu') or 'no GPU'}, torch {data.get('torch')}, CUDA {data.get('cuda')}"
     if name == "int8":
@@ -500,6 +504,8 @@ def headline(name: str, data: dict | None) -> str:
 
 
 def summary(records: list[Record], args) -> str:
+    from common import md_table
+
     title = f"## gpu_run ({'dry run, CPU, tiny sizes: not performance figures' if args.dry_run else 'GPU'})"
     rows = [[c.replace("|", "/").replace("\n", " ") for c in (r.name, r.status, f"{r.seconds:.1f}", r.headline)]
             for r in records]
