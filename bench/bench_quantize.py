@@ -11,7 +11,7 @@ built in each child); the val loss is over the first --val-batches windows of th
 
 The bound: at batch 1 decode must read every weight it uses once per token, so tokens/s <= copy bandwidth /
 bytes read per token (all matmul weights, less the experts a token does not visit, less an untied
-embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy, counted as bytes read
+embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy (--bandwidth-mib), counted as bytes read
 plus bytes written. --profile prints the ops that take a batch-1 decode's time, which explain the gap.
 """
 from __future__ import annotations
@@ -162,6 +162,8 @@ def main() -> None:
     p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--bandwidth-mib", type=int, default=512,
+                   help="the copy that measures memory bandwidth, the bound's roof (smaller: a rougher roof)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--data", type=Path, help="prepared shards (default: the embedded corpus, prepared once)")
     p.add_argument("--json")
@@ -177,7 +179,7 @@ def main() -> None:
 
         args.data = Path(tempfile.mkdtemp()) / "python-docs"
         prepare(PrepareConfig(sources=["embedded:python-docs"], out=args.data, workers=1))
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth = copy_bandwidth(args.device, args.bandwidth_mib)
     rows = []
     for preset in args.preset.split(","):
         weights = None

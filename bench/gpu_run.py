@@ -24,6 +24,7 @@ Every slice is a plain command line (status.json records it), so any one can be 
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,14 +118,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default 0: no limit)")
     p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS",
                    help="override one slice's timeout (repeatable)")
+    p.add_argument("--start", choices=["spawn", "fork"], default=None,
+                   help="how each slice's process starts: spawn, a fresh interpreter (the GPU run's, and its "
+                        "default), or fork, from the driver once it has imported torch and the trainer, sparing "
+                        "each slice seconds of imports on a CPU (--dry-run only, and its default)")
     p.add_argument("--fail", default=os.environ.get("GPU_RUN_FAIL", ""), metavar="SLICE[,SLICE]",
                    help="make these slices' processes raise at their start (default $GPU_RUN_FAIL): tests the "
                         "handling of a failure")
+    p.add_argument("--hang", default=os.environ.get("GPU_RUN_HANG", ""), metavar="SLICE[,SLICE]",
+                   help="make these slices' processes sleep at their start until their timeout kills them (default "
+                        "$GPU_RUN_HANG): tests the handling of a hang")
     args = p.parse_args(argv)
     if args.out_dir is None:
         p.error("no output folder: pass --out-dir DIR (bash bench/gpu_run.sh DIR) or set $OUT")
     args.only = names(p, args.only, "--only")
     args.fail = names(p, args.fail, "--fail")
+    args.hang = names(p, args.hang, "--hang")
     timeouts = {}
     for item in args.timeout:
         name, _, seconds = item.partition("=")
@@ -134,6 +144,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if name not in BY_NAME or timeouts[name] <= 0:
             p.error(f"--timeout {item!r}: the slice must be one of {','.join(BY_NAME)} and the seconds positive")
     args.timeout = timeouts
+    if args.start is None:
+        args.start = "fork" if args.dry_run else "spawn"
+    if args.start == "fork" and not args.dry_run:
+        p.error("--start fork is for --dry-run only: on the GPU each slice starts as a fresh interpreter, so that "
+                "no state of the driver's reaches it")
     if args.deadline is None:
         args.deadline = DRY_RUN_DEADLINE_S if args.dry_run else float("inf")
     if args.max_files < 0 or args.max_file_mib < 0 or args.deadline <= 0:
@@ -177,8 +192,11 @@ def slice_argv(name: str, args: argparse.Namespace, out: Path, profile_dir: Path
             "t2048": ["--sections", "train", "--seq", "64", "--batch", "1"],
             "parallel": ["--sections", "parallel", "--steps", "1", "--warmup", "0"],  # five models: the plumbing
         }
-        kernels = ["--device", "cpu", "--preset", "tiny"]
-        int8 = ["--device", "cpu", "--preset", "tiny", "--dtypes", "int8", "--batch", "1", "--new-tokens", "4"]
+        # No Inductor: on a CPU it generates C++, not the GPU's Triton (tests/test_moe_kernels.py compiles the
+        # grouped kernel with it), and a cold cache costs half a minute here.
+        kernels = ["--device", "cpu", "--preset", "tiny", "--repeats", "1", "--backend", "aot_eager"]
+        int8 = ["--device", "cpu", "--preset", "tiny", "--dtypes", "int8", "--batch", "1", "--new-tokens", "4",
+                "--bandwidth-mib", "8"]
     else:
         model = ["--device", "cuda", "--preset", "seed", "--compile", "model", "--seq", "1024",
                  "--batch", str(args.batch)]
@@ -216,7 +234,7 @@ def slice_argv(name: str, args: argparse.Namespace, out: Path, profile_dir: Path
 
 
 def slice_env(name: str, args: argparse.Namespace) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", GPU_RUN_FAIL=",".join(args.fail))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GPU_RUN_FAIL=",".join(args.fail), GPU_RUN_HANG=",".join(args.hang))
     if name == "train":  # the compiled step must not break or recompile; the log says if it does
         env["TORCH_LOGS"] = "graph_breaks,recompiles"
     return env
@@ -227,6 +245,10 @@ def child(name: str, argv: list[str]) -> None:
     `python SCRIPT ARGS...` would."""
     if name in os.environ.get("GPU_RUN_FAIL", "").split(","):
         raise RuntimeError(f"slice {name!r} failed on purpose (GPU_RUN_FAIL={os.environ['GPU_RUN_FAIL']})")
+    if name in os.environ.get("GPU_RUN_HANG", "").split(","):
+        print(f"slice {name!r} hangs on purpose (GPU_RUN_HANG={os.environ['GPU_RUN_HANG']})", flush=True)
+        while True:
+            time.sleep(60)
     if argv[0] == "env":
         write_json(argv[2], environment())
         return
@@ -315,6 +337,8 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.start == "fork":
+        preload(args, scratch)
     mode = "dry run on CPU" if args.dry_run else "GPU"
     print(f"[gpu_run] {mode}: {','.join(args.only)} into {out}, deadline "
           f"{f'{args.deadline:.0f} s' if math.isfinite(args.deadline) else 'none'}", flush=True)
@@ -348,6 +372,19 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any(r.bad for r in records) or interrupted else 0
 
 
+def preload(args: argparse.Namespace, scratch: Path) -> None:
+    """Before the first fork: import what the slices' scripts import (torch, the trainer, dynamo, which AdamW's
+    constructor imports), once, and freeze the driver's objects out of the garbage collector, whose full
+    collections (bench_gpu's between models) would otherwise walk them in every slice."""
+    import torch._dynamo  # noqa: F401
+
+    for name in args.only:
+        argv = slice_argv(name, args, scratch / "preload.json", scratch)
+        if isinstance(argv, list) and argv[0].endswith(".py"):
+            importlib.import_module(Path(argv[0]).stem)  # bench/ is on sys.path as this runs
+    gc.freeze()
+
+
 def run_slice(s: Slice, args: argparse.Namespace, scratch: Path, deadline: float) -> tuple[Record, dict | None, str]:
     json_out, profile_dir = scratch / f"{s.name}.json", scratch / f"{s.name}-profile"
     argv = slice_argv(s.name, args, json_out, profile_dir)
@@ -364,9 +401,12 @@ def run_slice(s: Slice, args: argparse.Namespace, scratch: Path, deadline: float
     t0 = time.monotonic()
     with open(stdout, "wb") as so, open(stderr, "wb") as se:
         # A session of its own: the timeout kills the slice's whole process group, compile workers included.
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", s.name, *argv], cwd=ROOT,
-                                stdin=subprocess.DEVNULL, stdout=so, stderr=se, env=slice_env(s.name, args),
-                                start_new_session=True)
+        if args.start == "fork":
+            proc = Forked(s.name, argv, slice_env(s.name, args), so.fileno(), se.fileno())
+        else:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", s.name, *argv],
+                                    cwd=ROOT, stdin=subprocess.DEVNULL, stdout=so, stderr=se,
+                                    env=slice_env(s.name, args), start_new_session=True)
         try:
             record.rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -388,7 +428,59 @@ def run_slice(s: Slice, args: argparse.Namespace, scratch: Path, deadline: float
     return record, data, log
 
 
-def kill_group(proc: subprocess.Popen) -> None:
+class Forked:
+    """A slice forked from the driver (--start fork, the dry run's default): `child` runs in a process of its own,
+    in a session of its own, with its output in the slice's files, as the fresh interpreter of --start spawn would
+    run it, without importing torch again. The handle waits like a Popen's, a negative rc for a signal."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], stdout: int, stderr: int):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid, self.returncode = os.fork(), None
+        if self.pid == 0:  # the slice: never returns into the driver
+            code = 1
+            try:
+                os.setsid()
+                for sig in (signal.SIGTERM, signal.SIGINT):  # the driver's handlers raise Interrupted
+                    signal.signal(sig, signal.SIG_DFL)
+                stdin = os.open(os.devnull, os.O_RDONLY)
+                for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+                    os.dup2(fd, target)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)  # line by line, as PYTHONUNBUFFERED would
+                sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+                os.environ.clear()
+                os.environ.update(env)
+                os.chdir(ROOT)
+                main(["--child", name, *argv])
+                code = 0
+            except SystemExit as e:  # what the interpreter makes of sys.exit(...)
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, int | None):
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+                os._exit(code)
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if end is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= end:
+                raise subprocess.TimeoutExpired(f"slice process {self.pid}", timeout)
+            else:
+                time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        return self.returncode
+
+
+def kill_group(proc: subprocess.Popen | Forked) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:  # the group is already empty
@@ -447,7 +539,7 @@ def publish(out: Path, results: dict[str, dict], records: list[Record], logs: li
         alone = sum(s.file == file for s in SLICES) == 1  # a file of one slice holds that slice's JSON as it is
         write_json(out / file, next(iter(by_slice.values())) if alone else by_slice)
     write_json(out / "status.json", {
-        "dry_run": args.dry_run, "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
+        "dry_run": args.dry_run, "start": args.start, "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
         "limits": {"max_files": args.max_files, "max_file_mib": args.max_file_mib}, "argv": sys.argv,
         "exit_policy": "0: every slice ok or skipped; 1: a slice failed or timed out; 2: the run itself broke",
         "slices": [vars(r) for r in records]})

@@ -55,6 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens of one step for the ceilings (default: 32768 on cuda, 256 on cpu)")
     p.add_argument("--seq", type=int, default=None, help="sequence length of the graph-break and sync checks")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per ceiling; the median is kept")
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend of the grouped check's compiled run (default inductor, the GPU "
+                        "run's); the dry run on CPU passes aot_eager: dynamo's full graph and AOT autograd's "
+                        "backward without Inductor's code, which on a CPU is C++, not the GPU's Triton")
     p.add_argument("--only", default=",".join(CHECKS), help=f"comma list from {','.join(CHECKS)}")
     p.add_argument("--out", type=Path, required=True, help="the JSON, rewritten after every check")
     args = p.parse_args(argv)
@@ -87,8 +91,9 @@ def starved_input(moe: MoE, tokens: int, device: torch.device, seed: int = 1) ->
     return x
 
 
-def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int) -> dict:
-    """The grouped kernel, eager and compiled, against the fp32 loop: output and all five gradients."""
+def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int, backend: str = "inductor") -> dict:
+    """The grouped kernel, eager and compiled (by `backend`), against the fp32 loop: output and all five
+    gradients."""
     if not cfg.is_moe:
         return {"status": "skipped", "detail": "the preset is dense"}
     torch.manual_seed(0)
@@ -110,10 +115,10 @@ def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int) -> dict:
         return y.detach().float(), load, {k: g.detach().clone() for k, g in grads.items()}
 
     y_ref, load, g_ref = run(moe, "looped", bf16=False)
-    result: dict = {"tokens": tokens, "load": load.tolist(),
+    result: dict = {"tokens": tokens, "backend": backend, "load": load.tolist(),
                     "uneven": bool((load % 8 != 0).any()), "empty_expert": bool((load == 0).any())}
     failures = []
-    for name, module in (("eager", moe), ("compiled", torch.compile(moe, fullgraph=True))):
+    for name, module in (("eager", moe), ("compiled", torch.compile(moe, fullgraph=True, backend=backend))):
         t0 = time.perf_counter()
         y, _, grads = run(module, "grouped", bf16=True)
         errors = {"output": relative_error(y, y_ref), **{f"grad {k}": relative_error(grads[k], g) for k, g in g_ref.items()}}
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     seq = args.seq or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 32)
     report = {**environment(device, device=str(device), cuda=torch.version.cuda), "preset": args.preset, "checks": {}}
     runs = {
-        "grouped": lambda: check_grouped(cfg, device, tokens=1021 if device.type == "cuda" else 29),
+        "grouped": lambda: check_grouped(cfg, device, tokens=1021 if device.type == "cuda" else 29,
+                                         backend=args.backend),
         "ceilings": lambda: check_ceilings(cfg, device, tokens, args.repeats),
         "sdpa": lambda: check_sdpa(cfg, device, seq, args.repeats),
         "graph_breaks": lambda: check_graph_breaks(cfg, device, seq),
