@@ -11,7 +11,7 @@ deadline (--deadline) bounds the run; the optional slices at the end start only 
 OUT_DIR receives these files and nothing else, each rewritten as soon as a slice ends, so a run cut short keeps
 what finished: env.json, kernels.json, bench.json (bench_gpu.py's slices by name, train profiles as text),
 extra.json (int8, vllm), status.json (per slice: status, seconds, command, stderr tail, headline), log.txt
-(every slice's output tails) and summary.md, the table that prints last: 8 files, flat, with plain names. Where
+(every slice's output tails) and summary.md, the table that prints last: 7 files, flat, with plain names. Where
 the machine returns only so much (--max-files, --max-file-mib), each slice's JSON is capped to fit and the run
 checks its own output against those limits.
 
@@ -112,7 +112,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"seconds after which no slice starts and the optional ones only if their budget fits "
                         f"(default: none; {DRY_RUN_DEADLINE_S:.0f} with --dry-run)")
     p.add_argument("--max-files", type=int, default=0,
-                   help="the most files the machine returns from OUT_DIR (default 0: no limit; the run writes 8)")
+                   help=f"the most files the machine returns from OUT_DIR (default 0: no limit; the run writes "
+                        f"{len(FILES)})")
     p.add_argument("--max-file-mib", type=float, default=0,
                    help="the largest file it returns, in MiB: each slice's JSON is capped to an eighth of it "
                         "(default 0: no limit)")

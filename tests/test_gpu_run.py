@@ -2,8 +2,11 @@
 slice that fails or passes its timeout recorded while the later ones still run, the output within what a lent
 GPU returns, and all of it without the packages the GPU machine lacks.
 
-One dry run serves every test here: every slice runs at tiny sizes, the kernel checks on CPU included; the
-baseline slice is made to fail and the accum2 slice to time out. No timing assertions: on CPU at tiny sizes the figures mean nothing.
+One dry run serves most tests here: every slice runs at tiny sizes, the kernel checks on CPU included, each
+slice forked from the driver (--start fork: torch is imported once); the baseline slice is made to fail and the
+accum2 slice to hang until its timeout. A second, short run starts its slices as the GPU run does, each a fresh
+interpreter (--start spawn), with a failure and a hang before the slice that still runs. No timing assertions: on
+CPU at tiny sizes the figures mean nothing.
 """
 from __future__ import annotations
 
@@ -50,15 +53,36 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
     return dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(folder))
 
 
-# Over 60 s: every slice of the GPU run in its own process, the kernel checks included, once for the module.
-@pytest.fixture(scope="module")
-def dry_run(tmp_path_factory, blocked_env, small_shards) -> DryRun:
-    out = tmp_path_factory.mktemp("gpu_run") / "out"
-    cmd = ["bash", "bench/gpu_run.sh", str(out), "--dry-run", "--data-dir", str(small_shards),
-           "--fail", FAILED, "--timeout", f"{TIMED_OUT}=0.5", "--max-files", "8", "--max-file-mib", "16"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=blocked_env, capture_output=True, text=True, timeout=600)
+def gpu_run_sh(out: Path, env: dict[str, str], *args: str) -> DryRun:
+    proc = subprocess.run(["bash", "bench/gpu_run.sh", str(out), "--dry-run", "--fail", FAILED, "--hang", TIMED_OUT,
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert (out / "status.json").is_file(), proc.stdout + proc.stderr
     return DryRun(proc, out, json.loads((out / "status.json").read_text()))
+
+
+# About 20 s: every slice of the GPU run in its own process, the kernel checks included, once for the module.
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory, blocked_env, small_shards) -> DryRun:
+    return gpu_run_sh(tmp_path_factory.mktemp("gpu_run") / "out", blocked_env, "--data-dir", str(small_shards),
+                      "--timeout", f"{TIMED_OUT}=0.5", "--max-files", "8", "--max-file-mib", "16")
+
+
+def test_on_the_gpu_path_each_slice_is_a_fresh_interpreter_that_fails_or_hangs_alone(tmp_path, blocked_env):
+    run = gpu_run_sh(tmp_path / "out", blocked_env, "--start", "spawn", "--only", f"{FAILED},{TIMED_OUT},env",
+                     "--timeout", f"{TIMED_OUT}=1")
+    assert run.proc.returncode == 1 and run.status["start"] == "spawn", run.proc.stdout + run.proc.stderr
+    assert [(r["name"], r["status"]) for r in run.status["slices"]] == [
+        (FAILED, "failed rc=1"), (TIMED_OUT, "timeout after 1 s"), ("env", "ok")]
+    assert f"slice '{FAILED}' failed on purpose" in run.slice(FAILED)["stderr_tail"]
+    assert run.slice("env")["command"].startswith("python env --out ")
+    env = json.loads((run.out / "env.json").read_text())  # a fresh interpreter: the blocks hold there too
+    assert env["modules"]["mlflow"] is None and env["modules"]["torch"] and env["source_sha256"]
+
+
+def test_forking_the_slices_is_for_the_dry_run_only(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        gpu_run.main(["--out-dir", str(tmp_path), "--start", "fork"])
+    assert exit.value.code == 2 and "--start fork is for --dry-run only" in capsys.readouterr().err
 
 
 def test_the_packages_the_gpu_machine_lacks_are_blocked_in_the_dry_run(blocked_env):
@@ -74,6 +98,7 @@ def test_the_packages_the_gpu_machine_lacks_are_blocked_in_the_dry_run(blocked_e
 
 def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dry_run):
     assert dry_run.proc.returncode == 1, dry_run.proc.stdout + dry_run.proc.stderr  # a slice failed: non-zero
+    assert dry_run.status["start"] == "fork"
     failed = dry_run.slice(FAILED)
     assert failed["status"] == "failed rc=1" and f"slice '{FAILED}' failed on purpose" in failed["stderr_tail"]
     others = [r for r in dry_run.status["slices"] if r["name"] not in (FAILED, TIMED_OUT)]
@@ -104,7 +129,8 @@ def test_a_slice_past_its_timeout_is_killed_and_the_later_slices_still_run(dry_r
     assert timed_out["status"] == "timeout after 0.5 s" and timed_out["seconds"] < 30
     later = list(gpu_run.BY_NAME)[list(gpu_run.BY_NAME).index(TIMED_OUT) + 1:]
     assert later and all(dry_run.slice(n)["status"] == "ok" for n in later)
-    assert f"### {TIMED_OUT}: timeout after 0.5 s" in (dry_run.out / "log.txt").read_text()
+    log = (dry_run.out / "log.txt").read_text()
+    assert f"### {TIMED_OUT}: timeout after 0.5 s" in log and f"slice '{TIMED_OUT}' hangs on purpose" in log
 
 
 def test_the_output_fits_what_a_lent_gpu_returns(dry_run):
