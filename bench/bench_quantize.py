@@ -11,8 +11,9 @@ built in each child); the val loss is over the first --val-batches windows of th
 
 The bound: at batch 1 decode must read every weight it uses once per token, so tokens/s <= copy bandwidth /
 bytes read per token (all matmul weights, less the experts a token does not visit, less an untied
-embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy (--bandwidth-mib), counted as bytes read
-plus bytes written. --profile prints the ops that take a batch-1 decode's time, which explain the gap.
+embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy (--bandwidth-mib), counted
+as bytes read plus bytes written. --profile prints the ops that take a batch-1 decode's time, which explain the
+gap.
 """
 from __future__ import annotations
 

@@ -7,13 +7,15 @@
 The slices run in order of value, each in its own process group under its own timeout: one that fails, hits a
 device assert or hangs costs only itself, and a timeout kills its whole group (compile workers included). A
 deadline (--deadline) bounds the run; the optional slices at the end start only if their budget still fits.
+Each slice's process is a fresh interpreter (--start spawn); a dry run forks them from the driver once it has
+imported torch (--start fork), which on a CPU saves seconds of imports per slice.
 
 OUT_DIR receives these files and nothing else, each rewritten as soon as a slice ends, so a run cut short keeps
 what finished: env.json, kernels.json, bench.json (bench_gpu.py's slices by name, train profiles as text),
-extra.json (int8, vllm), status.json (per slice: status, seconds, command, stderr tail, headline), log.txt
-(every slice's output tails) and summary.md, the table that prints last: 7 files, flat, with plain names. Where
-the machine returns only so much (--max-files, --max-file-mib), each slice's JSON is capped to fit and the run
-checks its own output against those limits.
+extra.json (int8, vllm), status.json (how the slices started; per slice: status, seconds, command, stderr
+tail, headline), log.txt (every slice's output tails) and summary.md, the table that prints last: 7 files, flat,
+with plain names. Where the machine returns only so much (--max-files, --max-file-mib), each slice's JSON is
+capped to fit and the run checks its own output against those limits.
 
 Exit status: 0 when every slice ran ok or was skipped, 1 when a slice failed or timed out (every other slice
 still ran), 2 when the run itself could not go on (a bad argument, a foreign file in OUT_DIR, output over
@@ -540,7 +542,8 @@ def publish(out: Path, results: dict[str, dict], records: list[Record], logs: li
         alone = sum(s.file == file for s in SLICES) == 1  # a file of one slice holds that slice's JSON as it is
         write_json(out / file, next(iter(by_slice.values())) if alone else by_slice)
     write_json(out / "status.json", {
-        "dry_run": args.dry_run, "start": args.start, "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
+        "dry_run": args.dry_run, "start": args.start,
+        "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
         "limits": {"max_files": args.max_files, "max_file_mib": args.max_file_mib}, "argv": sys.argv,
         "exit_policy": "0: every slice ok or skipped; 1: a slice failed or timed out; 2: the run itself broke",
         "slices": [vars(r) for r in records]})
