@@ -39,3 +39,21 @@ def test_an_unfinished_run_says_what_happened_and_whether_a_retry_helps(summary,
 def test_a_completed_run_is_its_summary():
     summary = {"status": ending.COMPLETED, "steps": 2}
     assert ending.outcome(summary, True, "torchrun exited with code 0") is summary
+
+
+@pytest.mark.parametrize("summary, state, code, says", [
+    ({"status": ending.COMPLETED, "steps": 2}, "COMPLETED", 0, ""),
+    ({"status": ending.COMPLETED, "steps": 2}, "CANCELLED", 1, "the Slurm job ended CANCELLED"),
+    ({"status": ending.PREEMPTED, "steps": 1}, "PREEMPTED", 1, "run the same command again"),
+    (None, "NODE_FAIL", 1, "the Slurm job ended NODE_FAIL"),
+    ({"status": ending.BAD_CONFIG, "error": "ConfigError: --lr"}, "FAILED", 2, "rejected its configuration"),
+])
+def test_gptmini_launch_exits_0_only_when_the_job_and_the_trainer_completed(summary, state, code, says, tmp_path,
+                                                                           capsys):
+    from gptmini.cli import run
+    from gptmini.cli.launch import job_ended
+
+    if summary is not None:
+        ending.write(tmp_path, summary)
+    assert run("gptmini launch", lambda: job_ended(tmp_path, state)) == code
+    assert says in capsys.readouterr().err

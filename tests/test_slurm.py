@@ -9,16 +9,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from slurm_cluster import NODES, SlurmCluster, slurm_cluster_fixture  # noqa: F401  (the fixture)
-from test_flows import TINY, stack  # noqa: F401  (the session's Prefect and MLflow servers, for in-process flows)
+from test_flows import TINY, flow_run_logs, stack  # noqa: F401  (the session's Prefect and MLflow servers, for in-process flows)
 
 from gptmini import registry
 from gptmini.checkpoint import list_checkpoints, read_json
+from gptmini.launch.slurm import SlurmOptions
 
 pytestmark = [pytest.mark.slow]
 
@@ -98,33 +100,10 @@ def checkpointed(run_dir: Path, step: int) -> bool:
     return any(p.name == f"step_{step:08d}" for p in list_checkpoints(run_dir)) if run_dir.is_dir() else False
 
 
-# Over 60 s: slurmctld holds a requeued job before it starts again, and the job runs twice across two nodes.
-def test_launch_requeued_job_resumes_from_its_checkpoint(slurm_cluster: SlurmCluster, small_shards, tmp_path):
-    """`--requeue`: Slurm requeues the job mid-training (as after a node failure); the same script runs again,
-    resumes from the last checkpoint, and the command exits 0 once the job completes."""
-    out = tmp_path / "run"
-    proc = launch(slurm_cluster, small_shards, out, 8, "--requeue")
-    try:
-        job = running_job(slurm_cluster)
-        slurm_cluster.wait_for(lambda: checkpointed(out, 2) or proc.poll() is not None, "the checkpoint at step 2",
-                               240)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert slurm_cluster.run("scontrol", "requeue", job).returncode == 0
-        # slurmctld holds a requeued job for 120 s (its begin time); an admin's release, so the test doesn't wait.
-        slurm_cluster.wait_job(job, {"PENDING"}, timeout=60)
-        assert slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
-        text, _ = proc.communicate(timeout=400)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, text[-3000:]
-    assert "restart 1" in text and "resumed from" in text, text[-3000:]
-    summary = read_json(out / "summary.json")
-    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 2
-    assert slurm_cluster.job(job)["NodeList"] == "n[1-2]"
-
-
 def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, small_shards, tmp_path):
-    proc = launch(slurm_cluster, small_shards, tmp_path / "run", 10_000)
+    """SIGTERM unwinds `gptmini launch slurm` through its follower, which scancels the job. The job it queued
+    carries `--requeue` (the requeued job resuming is the flow test's)."""
+    proc = launch(slurm_cluster, small_shards, tmp_path / "run", 10_000, "--requeue")
     try:
         job = running_job(slurm_cluster)
         proc.send_signal(signal.SIGTERM)
@@ -132,64 +111,103 @@ def test_killing_the_launcher_scancels_its_job(slurm_cluster: SlurmCluster, smal
     finally:
         proc.kill()
     assert proc.returncode != 0
-    assert slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)["JobState"] == "CANCELLED"
+    ended = slurm_cluster.wait_job(job, {"CANCELLED"}, timeout=60)
+    assert ended["JobState"] == "CANCELLED" and ended["Requeue"] == "1"
 
 
-def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, small_shards, tmp_path):
-    proc = launch(slurm_cluster, small_shards, tmp_path / "run", 2, "--partition", "nope")
-    text, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2, text
-    assert "sbatch refused" in text and "nope" in text and "Traceback" not in text
+def test_a_job_sbatch_refuses_is_a_usage_error(slurm_cluster: SlurmCluster, small_shards, tmp_path, monkeypatch,
+                                               capsys):
+    """`gptmini launch slurm` run in this process (its exit code and stderr are the console script's)."""
+    from gptmini.cli import main
+
+    monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+    code = main(["launch", "slurm", "--nodes", "2", "--partition", "nope", "--", *TRAIN, "--steps", "2",
+                 "--data-dir", str(small_shards), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "sbatch refused" in err and "nope" in err
 
 
-# Over 60 s: the one two-node flow run of the suite (4 ranks on a 2-D mesh), scancelled, retried and resumed.
+def requeue(cluster: SlurmCluster, job: str) -> None:
+    """`scontrol requeue`, as after a node failure; then an admin's release of the requeued job, since
+    slurmctld holds it for 120 s (its begin time) before it may start again."""
+    assert cluster.run("scontrol", "requeue", job).returncode == 0
+    cluster.wait_job(job, {"PENDING"}, timeout=60)
+    assert cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+
+
+def requeue_then_scancel(cluster: SlurmCluster, runs: Path, flow_done: threading.Event) -> str | None:
+    """Requeue the flow's job once it has checkpointed step 2, and scancel it once its second start has
+    checkpointed a step of its own. Returns the job's id, or None if the flow ended first."""
+    def soon(condition: Callable[[], bool], what: str) -> bool:
+        cluster.wait_for(lambda: flow_done.is_set() or condition(), what, 300)
+        return not flow_done.is_set()
+
+    if not soon(lambda: any(checkpointed(run, 2) for run in runs.glob("*")), "the checkpoint at step 2"):
+        return None
+    job = running_job(cluster)
+    requeue(cluster, job)
+    before = checkpoints(runs)  # the requeued job's last one is written: its processes have exited
+    if not soon(lambda: checkpoints(runs) - before, "a checkpoint of the requeued job"):
+        return None
+    cluster.run("scancel", job)
+    return job
+
+
+def checkpoints(runs: Path) -> set[Path]:
+    return {p for run in runs.glob("*") for p in list_checkpoints(run)}
+
+
+def resumed_at(text: str) -> int:
+    """The step the first resumption in `text` started from."""
+    found = re.search(r"resumed from \S+ at step (\d+)", text)
+    assert found, text[-3000:]
+    return int(found.group(1))
+
+
+# Over 60 s: the one two-node flow run of the suite (4 ranks on a 2-D mesh); one training is both requeued and
+# scancelled, so it starts three jobs' worth of torchrun agents and ranks.
 @pytest.mark.dist
-def test_flow_on_slurm_spans_both_nodes_and_a_scancelled_job_is_retried_and_resumes(slurm_cluster, stack,
-                                                                                    monkeypatch):
+def test_flow_on_slurm_spans_both_nodes_a_requeued_job_resumes_and_a_scancelled_one_is_retried_and_resumes(
+        slurm_cluster, stack, monkeypatch):
     """train-gpt with launcher='slurm' over 2 nodes of 2 ranks on a 2-D mesh (FSDP across the nodes, the
-    experts split over each node's pair by EP): the job is scancelled once it has checkpointed step 2;
-    the train task fails as retryable, its retry submits a new job that resumes there, and the flow
-    registers a version."""
+    experts split over each node's pair by EP), with slurm.requeue: the job is requeued once it has
+    checkpointed step 2 (as after a node failure) and starts again from its checkpoint; it is scancelled once
+    that second start has checkpointed, the train task fails as retryable, its retry submits a new job that
+    resumes there, and the flow registers a version."""
+    from flows import tasks
     from flows.train_gpt import train_gpt
 
     monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])  # the flow's sbatch reaches our cluster
+    monkeypatch.setattr(tasks, "train", tasks.train.with_options(retry_delay_seconds=0))  # no 10 s pause to wait out
     runs = Path(os.environ["GPTMINI_STATE"]) / "runs"
-    cancelled: list[str] = []
-    stop = threading.Event()
-
-    def scancel_once() -> None:
-        while not stop.is_set() and not cancelled:
-            jobs = slurm_cluster.run("squeue", "-h", "-t", "RUNNING", "-o", "%i", timeout=20).stdout.split()
-            if jobs and any(checkpointed(run, 2) for run in runs.glob("*")):
-                slurm_cluster.run("scancel", jobs[0])
-                cancelled.append(jobs[0])
-            time.sleep(0.3)
-
-    watcher = threading.Thread(target=scancel_once, daemon=True)
-    watcher.start()
-    try:
-        state = train_gpt(**{**TINY, "steps": 8}, launcher="slurm", nnodes=2, nproc=2, parallel="fsdp+ep:2",
-                          train_retries=1, model_name="slurm",
-                          extra_args=["--train.ckpt_every", "2", "--train.log_every", "1"], return_state=True)
-    finally:
-        stop.set()
-        watcher.join()
-    assert cancelled, "the job finished before it could be cancelled"
+    flow_done = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        interrupted = pool.submit(requeue_then_scancel, slurm_cluster, runs, flow_done)
+        try:
+            state = train_gpt(**{**TINY, "steps": 12}, launcher="slurm", nnodes=2, nproc=2, parallel="fsdp+ep:2",
+                              slurm=SlurmOptions(requeue=True), train_retries=1, model_name="slurm",
+                              extra_args=["--train.ckpt_every", "2", "--train.log_every", "1"], return_state=True)
+        finally:
+            flow_done.set()
+        job = interrupted.result()
+    assert job, "the job finished before it could be requeued and scancelled"
     assert state.is_completed(), state.message
     result = state.result()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    text = "\n".join(log.message for log in logs)
+    text = "\n".join(flow_run_logs(state.state_details.flow_run_id))
     jobs = re.findall(r"submitted Slurm job (\d+)", text)
-    assert len(jobs) == 2 and jobs[0] == cancelled[0], text[-3000:]
-    assert "Slurm job ended CANCELLED" in text and "resumed from" in text
+    assert len(jobs) == 2 and jobs[0] == job, text[-3000:]
+    first, retried = text.split(f"submitted Slurm job {jobs[1]}")
+    # The requeued job ran the same script again (Slurm's restart count), resuming from its checkpoint.
+    assert "(restart 0)" in first and "(restart 1)" in first and slurm_cluster.job(job)["Restarts"] == "1"
+    requeued_at = resumed_at(first.split("(restart 1)")[1])
+    assert requeued_at >= 2 and "Slurm job ended CANCELLED" in first
+    # The retry's job resumed from a checkpoint the requeued job wrote after its own resumption.
+    assert resumed_at(retried) > requeued_at
     assert re.search(r"^0: ", text, re.M) and re.search(r"^1: ", text, re.M)  # srun --label: a task per node
     assert all(slurm_cluster.job(job)["NodeList"] == "n[1-2]" for job in jobs)
     summary = read_json(Path(result["run_dir"]) / "summary.json")
-    assert summary["status"] == "completed" and summary["steps"] == 8 and summary["world_size"] == 4
+    assert summary["status"] == "completed" and summary["steps"] == 12 and summary["world_size"] == 4
     assert summary["mesh"] == "fsdp 2 x ep 2"
     assert registry.client(stack).get_model_version("slurm", result["version"]).run_id == result["mlflow_run_id"]
 
@@ -214,7 +232,7 @@ def test_cancelling_the_flow_run_scancels_its_job(slurm_cluster: SlurmCluster, s
 
 
 def test_the_batch_script_carries_every_slurm_option(tmp_path):
-    from gptmini.launch.slurm import SlurmOptions, batch_script
+    from gptmini.launch.slurm import batch_script
 
     options = SlurmOptions(partition="gpu", account="ml", time_limit="04:00:00", gpus_per_node=8,
                            sbatch_lines=["--qos=high", "--signal=TERM@120"], requeue=True)

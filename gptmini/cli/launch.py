@@ -59,6 +59,12 @@ def launch_slurm(args: argparse.Namespace) -> int:
                              on_submit=lambda job: print(f"submitted Slurm job {job} ({script})", flush=True))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return job_ended(run_dir, state)
+
+
+def job_ended(run_dir: Path, state: str) -> int:
+    """0 when the job COMPLETED and the trainer's summary says so; a UserError (exit 2) when the trainer
+    refused its configuration or data; else a Failure (exit 1) that says how the job ended."""
     try:
         ending.outcome(ending.read(run_dir), state == COMPLETED, f"the Slurm job ended {state}")
     except ending.TrainingFailed as exc:
