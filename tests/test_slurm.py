@@ -161,7 +161,7 @@ def checkpoints(runs: Path) -> set[Path]:
 def resumed_at(text: str) -> int:
     """The step the first resumption in `text` started from."""
     found = re.search(r"resumed from \S+ at step (\d+)", text)
-    assert found, text[-3000:]
+    assert found, f"no resumption in:\n{text[-3000:]}"
     return int(found.group(1))
 
 
