@@ -1,6 +1,8 @@
 """The two-node Slurm cluster of tests/slurm_cluster.py (jobs span both emulated nodes, scancel reaches them,
 stopping a cluster leaves none of its daemons or job processes behind), and the Slurm launcher on it:
-`gptmini launch slurm` and the train-gpt flow with launcher='slurm' train the tiny preset across both nodes."""
+`gptmini launch slurm` queues a job and scancels it when killed, and the train-gpt flow with launcher='slurm'
+trains the tiny preset across both nodes through a requeue and a scancel. How `gptmini launch` exits once its
+job ended is tests/test_ending.py's; what the batch script holds is the last test here."""
 from __future__ import annotations
 
 import os
@@ -72,7 +74,7 @@ def test_stop_leaves_no_daemon_or_job_process_and_spares_another_cluster(
 
 
 BIN = Path(sys.executable).parent
-# The tiny preset as the reference runs train it (tests/train_helpers.py): a checkpoint every 2 steps to resume from.
+# The tiny preset as the reference runs train it (tests/train_helpers.py).
 TRAIN = ["--preset", "tiny", "--parallel", "ddp", "--seq-len", "16", "--batch-size", "2", "--train.log_every", "1",
          "--train.ckpt_every", "2", "--train.eval_every", "4", "--train.eval_batches", "1"]
 
