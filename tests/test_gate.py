@@ -86,12 +86,28 @@ def test_a_clearly_better_model_is_promoted(models, sums, small_shards):
     assert decision.difference == c.difference and decision.standard_error == c.standard_error
 
 
-def test_the_same_model_trained_with_another_seed_is_not_promoted_either_way(sums):
-    for challenger, champion in (("seed1", "seed0"), ("seed0", "seed1")):
-        c = versus(sums, challenger, champion)
+def test_a_difference_within_two_standard_errors_is_not_promoted_and_beyond_it_is(sums):
+    """The threshold itself, on a real model's per-piece sums: a challenger that is better on some pieces and
+    worse on others, by a shift of 1.9 standard errors, stays out; shifted by 2.1, it is promoted.
+
+    Another seed is not a noise control: two tiny models trained with different seeds differ on this val
+    text by up to 10 standard errors, a real difference the gate is right to see."""
+    nats, nbytes, _ = sums["seed0"]
+    wobble = np.where(np.arange(len(nats)) % 2 == 0, 1.0, -1.0) * 0.05 * nats
+    level = versus({"a": (nats - wobble, nbytes), "b": (nats, nbytes)}, "a", "b")
+    assert level.standard_error > 0
+    for shift, promoted in ((0.0, False), (1.9, False), (2.1, True)):
+        # Bits taken from every piece in proportion to its bytes, so that the difference is `shift` standard
+        # errors; the spread around it, and so the standard error, is unchanged.
+        lower = (shift * level.standard_error - level.difference) * math.log(2) * nbytes
+        c = versus({"a": (nats - wobble - lower, nbytes), "b": (nats, nbytes)}, "a", "b")
+        assert c.difference == pytest.approx(shift * level.standard_error)
+        assert c.standard_error == pytest.approx(level.standard_error)
         decision = gate.decide("2", c.challenger_val_bpb, "1", c, 0.0)
-        assert not decision.promote, decision.reason
-        assert "not better beyond noise" in decision.reason
+        assert decision.promote == promoted, decision.reason
+        assert ("not better beyond noise" in decision.reason) != promoted
+        reverse = versus({"a": (nats, nbytes), "b": (nats - wobble - lower, nbytes)}, "a", "b")
+        assert not gate.decide("2", reverse.challenger_val_bpb, "1", reverse, 0.0).promote
 
 
 def test_a_copy_of_the_champion_is_not_promoted(sums):
