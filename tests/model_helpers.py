@@ -1,10 +1,16 @@
-"""Small models for the model, generation and HF tests: configs and weights that make mistakes show."""
+"""Small models for the model, generation, gate and HF tests: configs and weights that make mistakes show."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from gptmini.config import model_preset
+from gptmini.data.loader import SlidingWindowDataset, TokenShards
 from gptmini.model import GPTOSSMini, ModelConfig
+from gptmini.tokenizer import get_tokenizer
+from gptmini.weights import save_pretrained
 
 SEED_CONFIG = {
     "vocab_size": 50304,
@@ -40,3 +46,22 @@ def sharp_model(config: ModelConfig, seed: int = 0, std: float = 0.2) -> GPTOSSM
                 p.normal_(0.0, std)
     return model.eval()
 
+
+
+def trained(data_dir: Path, out: Path, steps: int, seed: int, **overrides) -> Path:
+    """The tiny preset after `steps` AdamW steps on the train split of `data_dir`, init and batch order drawn
+    from `seed`, saved with its tokenizer to `out`. 40 steps on the 300-id BPE shards take about a second and
+    give a model whose next token depends on its context."""
+    torch.manual_seed(seed)
+    manifest = TokenShards.open(data_dir, "train").manifest
+    vocab = {"vocab_size": manifest["vocab_size"], "tokenizer": manifest["tokenizer"]}
+    model = GPTOSSMini(model_preset("tiny", **vocab, **overrides))
+    windows = SlidingWindowDataset(TokenShards.open(data_dir, "train"), 32, 32)
+    order = np.random.default_rng(seed).permutation(len(windows))
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(steps):
+        _, loss = model(*windows.batch(order[step * 8 : step * 8 + 8]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return save_pretrained(model, out, tokenizer_file=get_tokenizer(vocab["tokenizer"], data_dir).file)

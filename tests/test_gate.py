@@ -18,27 +18,9 @@ from gptmini.data.prepare import PrepareConfig, prepare
 from gptmini.evaluate import piece_sums
 from gptmini.model import GPTOSSMini
 from gptmini.tokenizer import get_tokenizer, padded_vocab_size
-from gptmini.weights import save_pretrained
+from model_helpers import trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def trained(data_dir, out, steps: int, seed: int, **overrides):
-    """The tiny preset after `steps` AdamW steps on the train split, init and batch order drawn from `seed`."""
-    torch.manual_seed(seed)
-    manifest_tok = TokenShards.open(data_dir, "train").manifest
-    vocab = {"vocab_size": manifest_tok["vocab_size"], "tokenizer": manifest_tok["tokenizer"]}
-    model = GPTOSSMini(model_preset("tiny", **vocab, **overrides))
-    windows = SlidingWindowDataset(TokenShards.open(data_dir, "train"), 32, 32)
-    order = np.random.default_rng(seed).permutation(len(windows))
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
-    for step in range(steps):
-        _, loss = model(*windows.batch(order[step * 8 : step * 8 + 8]))
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    tok = get_tokenizer(vocab["tokenizer"], data_dir)
-    return save_pretrained(model, out, tokenizer_file=tok.file)
 
 
 @pytest.fixture(scope="module")
