@@ -341,7 +341,11 @@ def stand_in(monkeypatch):
     launches: list[list[str]] = []
     endings: list = []
 
+    real = tasks.run_streaming
+
     def run_streaming(cmd, env, keep=60):
+        if "gptmini.train" not in cmd:  # the data tasks' `gptmini prepare` runs for real
+            return real(cmd, env)
         run_dir = Path(cmd[cmd.index("--out") + 1])
         assert run_dir.is_dir(), "the trainer records its ending only in a run folder that exists"
         assert not (run_dir / "summary.json").exists(), "an earlier attempt's ending was left for this one"
@@ -365,6 +369,21 @@ def test_a_bad_configuration_or_bad_data_is_not_retried(stack, stand_in, tmp_pat
     message = str(state.result(raise_on_failure=False))
     assert ENDINGS[kind][0][0]["error"] in message
     assert ("rejected its configuration" if kind == "bad config" else "training data is unusable") in message
+
+
+def test_a_training_that_fails_fails_the_flow_and_ends_its_mlflow_run_failed(stack, stand_in):
+    """The whole flow, with the trainer's ending written by the stand-in: bad data is not retried, the flow
+    run fails, and its on_failure hook ends the MLflow run the flow opened FAILED (not left RUNNING)."""
+    from flows.train_gpt import train_gpt
+
+    endings, launches = stand_in
+    endings += ENDINGS["bad data"]
+    state = train_gpt(**TINY, model_name=NAME, return_state=True)
+    assert state.is_failed() and len(launches) == 1
+    assert "training data is unusable" in str(state.result(raise_on_failure=False))
+    run = mlflow_run_for(registry.client(stack), state.state_details.flow_run_id)
+    assert run.info.status == "FAILED"
+    assert "train" in task_states(state.state_details.flow_run_id)
 
 
 @pytest.mark.parametrize("kind", ["preempted", "killed", "out of memory", "failed"])
