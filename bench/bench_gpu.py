@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import random
 import statistics
@@ -36,6 +35,7 @@ from gptmini.device import DEVICES, PEAK_FLOPS, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
 from gptmini.generate import stream
+from gptmini.loss import LossFn, chunked, next_token
 from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini import parallel
 
@@ -57,7 +57,7 @@ class Subject:
     name: str
     build: Callable[[], nn.Module]
     vocab_size: int
-    forward_kwargs: dict = field(default_factory=dict)  # e.g. return_logits=False (--chunked-loss)
+    loss: LossFn = next_token  # --chunked-loss: gptmini.loss.chunked
 
 
 @dataclass
@@ -151,7 +151,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="micro-batches per optimizer step (the trainer's grad_accum): amortises AdamW and clipping")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
     p.add_argument("--chunked-loss", action="store_true",
-                   help="gptmini models compute the loss over chunks of tokens (model(x, y, return_logits=False)): "
+                   help="gptmini models compute the loss over chunks of tokens (gptmini.loss.chunked): "
                         "the (B, T, vocab) logits never exist whole; the baseline keeps its plain loss")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
     p.add_argument("--dense-d-ff", type=int, default=None,
@@ -202,7 +202,7 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> Subject:
     return Subject(f"{name}+chunked-ce" if chunked_loss else name, lambda: GPTOSSMini(cfg), cfg.vocab_size,
-                   {"return_logits": False} if chunked_loss else {})
+                   chunked if chunked_loss else next_token)
 
 
 def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
@@ -220,7 +220,9 @@ def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
             parallel.apply_ep(model, mesh[layout[:2]])
         return model
 
-    return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)
+    # The TP plan shards the head over the vocabulary: the loss is loss_parallel's, never the chunked one.
+    loss = next_token if layout == "tp1" else subject.loss
+    return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build, loss=loss)
 
 
 def plan_text(cfg: ModelConfig, name: str, seqs: list[int], tokens_per_step: int, peak_tflops: float) -> str:
@@ -259,11 +261,8 @@ def baseline_subject(kind: str, cfg: ModelConfig, block_size: int, dropout: floa
 
 def subject_step(model: nn.Module, subject: Subject, args: argparse.Namespace, device: torch.device,
                  grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The trainer's own step on the subject, compiled as --compile says; --chunked-loss's forward flag is
-    bound to the model, since the trainer calls it as model(x, y)."""
-    if subject.forward_kwargs:
-        model.forward = functools.partial(model.forward, **subject.forward_kwargs)
-    return train_step(model, device, args.compile, args.compile_mode, grad_accum)
+    """The trainer's own step on the subject, with its loss, compiled as --compile says."""
+    return train_step(model, device, args.compile, args.compile_mode, grad_accum, loss_fn=subject.loss)
 
 
 def release(device: torch.device) -> None:

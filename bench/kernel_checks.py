@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from gptmini.config import model_preset
 from gptmini.device import DEVICES, autocast, matmul_dtype, pick_device
 from gptmini.files import write_json
+from gptmini.loss import next_token
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 
 from bench_gpu import time_grouped_gemm
@@ -208,7 +209,7 @@ def check_graph_breaks(cfg: ModelConfig, device: torch.device, seq: int) -> dict
     model = model_for(cfg, device)
     idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
     with autocast(device, "bf16"):  # the GPU's precision; the grouped kernel compiles for bf16 only
-        explained = torch._dynamo.explain(model)(idx, idx)
+        explained = torch._dynamo.explain(next_token)(model, idx, idx)  # forward and the loss: one graph
     reasons = [str(r.reason).splitlines()[0][:300] for r in explained.break_reasons]
     result = {"expert_kernel": model.layers[0].feed_forward.kernel if cfg.is_moe else None,
               "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "reasons": reasons[:10]}

@@ -33,6 +33,7 @@ from gptmini.errors import UserError
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.ending import COMPLETED, PREEMPTED
 from gptmini.files import write_atomic
+from gptmini.loss import LossFn, balance_loss, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
 from gptmini.retrain import check_parent, model_dict
@@ -303,8 +304,9 @@ def resume(run: Run, path: Path) -> dict[str, Any] | None:
 # The step, logging, evaluation and checkpoints
 
 
-def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) on the device."""
+def train_step(run: Run, lr: float, loss_fn: LossFn = next_token) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches, each scored by `loss_fn` plus the MoE balance term;
+    returns (mean loss, grad norm) on the device."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     micro = [run.train_loader.next_batch() for _ in range(run.cfg.train.grad_accum)]
@@ -315,9 +317,9 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         weight = y.numel() / step_tokens
         with (parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.precision),
               parallel.loss_context(run.model)):
-            _, loss = run.model(x, y)
-            (loss * weight).backward()
-        step_loss += parallel.local(loss.detach()) * weight
+            mean = loss_fn(run.model, x, y) + balance_loss(run.raw_model)
+            (mean * weight).backward()
+        step_loss += parallel.local(mean.detach()) * weight
     parallel.sync_expert_grads(run.model, run.env)
     grad_norm = parallel.clip_grad_norm(run.model, run.cfg.optim.grad_clip or math.inf)
     run.optimizer.step()
