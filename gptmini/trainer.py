@@ -188,13 +188,13 @@ def unigram_entropy(segments: list[np.ndarray]) -> float:
 
 
 def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | None]:
-    """Build the run on prepared data (`cfg.data.data_dir`), resumed from its last checkpoint when asked.
-    Returns it with the RNG state to restore just before the first step (None for a fresh run, or one resumed
-    at another world size)."""
+    """Build the run on prepared data (`cfg.data.data_dir`, whose tokenizer the config's model names:
+    `gptmini train` sees to it), resumed from its last checkpoint when asked. Returns it with the RNG state to
+    restore just before the first step (None for a fresh run, or one resumed at another world size)."""
     t_start = time.time()
     resume_from = resume_point(cfg)
     set_deterministic(cfg.train.deterministic)
-    tokenizer = data_tokenizer(cfg, env)
+    tokenizer = data_tokenizer(cfg)
     try:
         check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
@@ -264,16 +264,12 @@ def start_run(cfg: Config, env: parallel.DistEnv, raw_model: GPTOSSMini, train_l
     return run, rng
 
 
-def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
-    """The tokenizer the shards were written with, which the model takes: a preset names cl100k_base, but data
-    prepared with `--tokenizer bpe:8192` needs an 8192-row embedding, not 100352."""
-    manifest = read_manifest(cfg.data.data_dir)
-    if manifest["tokenizer"] != cfg.model.tokenizer:
-        if env.is_main:
-            print(f"note: {cfg.data.data_dir} is tokenized with {manifest['tokenizer']} ({manifest['n_vocab']} ids), "
-                  f"not {cfg.model.tokenizer}: the model takes its tokenizer and vocab_size={manifest['vocab_size']}",
-                  flush=True)
-        cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
+def data_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of the shards, which must be the model's: its ids index the embedding."""
+    written_with = read_manifest(cfg.data.data_dir)["tokenizer"]
+    if written_with != cfg.model.tokenizer:
+        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}, but {cfg.data.data_dir} is tokenized with "
+                          f"{written_with!r}; set model.tokenizer (and vocab_size) to the data's, as `gptmini train` does")
     return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
 
 
