@@ -41,7 +41,6 @@ from gptmini import parallel
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
 from common import Timer, environment, fmt, md_table, median_seconds, train_step
-from moe_gemms import GroupedGemm, grouped_gemms
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
@@ -430,19 +429,14 @@ def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Cal
     return prefill, loop
 
 
-def time_grouped_gemm(g: GroupedGemm, device: torch.device, dtype: torch.dtype, groups: int, repeats: int) -> float:
-    """Median seconds of one `torch._grouped_mm` at g's shapes and layouts, over `groups` equal groups."""
-    a, b, offs = g.operands(device, dtype, groups)
-    return median_seconds(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
-
-
 def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
     """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
-    seed step's three GEMM shapes (attention-free), so a profile can say how far each is from its ceiling:
-    the experts as one dense GEMM and every grouped GEMM of their forward and backward, and the output head.
-    n is the tokens of one training step (first --batch x first --seq). Random inputs, never zeros."""
+    seed step's GEMM shapes (attention-free), so a profile can say how far each is from its ceiling: the
+    experts as one dense GEMM, and the output head; the experts' grouped GEMMs at the model's own layouts are
+    bench/kernel_checks.py's `ceilings`. n is the tokens of one training step (first --batch x first --seq).
+    Random inputs, never zeros."""
     square = 8192 if device.type == "cuda" else 512
-    d, f, E, k, V = cfg.d_model, cfg.d_ff, max(cfg.num_experts, 1), cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
+    d, f, k, V = cfg.d_model, cfg.d_ff, cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
     name_dtype = str(dtype).removeprefix("torch.")
     runs = []
 
@@ -455,17 +449,6 @@ def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) 
     gemm("matmul (square)", square, square, square)
     gemm("experts w1 as one dense GEMM", n * k, d, f)
     gemm("output head", n, d, V)
-    # Every grouped GEMM of the MoE step (forward, input and weight gradients) with the operands' layouts as
-    # the model passes them: the layout selects the kernel (bench/moe_gemms.py).
-    for g in grouped_gemms(cfg, n) if hasattr(torch, "_grouped_mm") else []:
-        run = CeilingRun(f"experts {g.role} via torch._grouped_mm ({E} equal groups, x{g.count} per layer)", g.layout,
-                         name_dtype)
-        try:
-            t = time_grouped_gemm(g, device, dtype, E, args.ceiling_repeats)
-            run.ms, run.tflops = t * 1e3, g.flops / t / 1e12
-        except RuntimeError as e:  # the op's dtype/device support differs across torch versions
-            run.status = f"unsupported here: {str(e).splitlines()[0]}"
-        runs.append(run)
     elements = (1 << 28) if device.type == "cuda" else (1 << 22)
     x = torch.randn(elements, device=device)
     t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)

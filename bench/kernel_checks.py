@@ -36,7 +36,6 @@ from gptmini.files import write_json
 from gptmini.loss import next_token
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 
-from bench_gpu import time_grouped_gemm
 from common import environment, median_seconds, train_step
 from moe_gemms import grouped_gemms
 
@@ -141,7 +140,7 @@ def check_ceilings(cfg: ModelConfig, device: torch.device, tokens: int, repeats:
     for g in grouped_gemms(cfg, tokens):
         row = {"role": g.role, "layout": g.layout, "per_layer": g.count}
         try:
-            ms = time_grouped_gemm(g, device, dtype, cfg.num_experts, repeats) * 1e3
+            ms = g.seconds(device, dtype, cfg.num_experts, repeats) * 1e3
             row.update(ms=round(ms, 4), tflops=round(g.flops / ms / 1e9, 2), status="ok")
             total_ms += ms * g.count
             total_flops += g.flops * g.count

@@ -1,6 +1,6 @@
 """CPU checks that fail where the CUDA expert path would: no torch.cuda call inside forward, the grouped kernel
 compiled fullgraph under bf16 with uneven and empty groups, no recompile when routing changes, the static
-decoder in one graph, and the bench's grouped-GEMM ceilings at the model's own layouts."""
+decoder in one graph, and the kernel checks' grouped-GEMM ceilings at the model's own layouts."""
 from __future__ import annotations
 
 import sys
@@ -173,12 +173,8 @@ def test_the_bench_ceilings_use_the_models_grouped_gemm_layouts():
         assert offs[-1] == (a.shape[0] if b.dim() == 3 else a.shape[1])
         assert torch._grouped_mm(a, b, offs=offs).shape == g.out_shape
 
-    import bench_gpu
-
-    args = bench_gpu.parse_args(["--device", "cpu", "--ceiling-repeats", "1"])
-    runs = bench_gpu.bench_ceilings(cfg, 50, args, torch.device("cpu"), torch.float32)
-    timed = {r.shape for r in runs if "torch._grouped_mm" in r.name and r.status == "ok"}
-    assert timed == {g.layout for g in recorded}
+    result = kernel_checks.check_ceilings(cfg, torch.device("cpu"), 50, repeats=1)
+    assert result["status"] == "ok" and {r["layout"] for r in result["gemms"]} == {g.layout for g in recorded}
 
 
 def test_grouped_and_looped_kernels_agree_through_the_whole_model():
