@@ -49,7 +49,7 @@ def generate_tokens_per_s(model: GPTOSSMini, batch: int, prompt_len: int, new: i
     return batch * new / elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo")
     p.add_argument("--batch", type=int, default=8)
@@ -63,7 +63,7 @@ def main() -> None:
                    help="only the cached decode, on the decode layout, importing no more of the library than that")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     new = args.new_tokens or (128 if args.decode_only else 256)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
