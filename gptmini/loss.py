@@ -42,9 +42,6 @@ def chunked(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return chunked_cross_entropy(h.flatten(0, 1), model.output.weight, y.reshape(-1))
 
 
-LOSSES: dict[str, LossFn] = {"next_token": next_token, "chunked": chunked}
-
-
 def balance_loss(model: nn.Module) -> Tensor | float:
     """aux_loss_coef × the last forward's MoE load-balancing loss, which training adds to the loss; 0 for a
     dense model, a model of another class, or in eval mode."""
