@@ -31,7 +31,7 @@ from gptmini.hf import export_hf  # noqa: E402
 from gptmini.model import GPTOSSMini  # noqa: E402
 from gptmini.tokenizer import get_tokenizer  # noqa: E402
 
-from common import environment  # noqa: E402
+from common import environment, md_table  # noqa: E402
 
 
 def best_time(fn, repeats: int = 2) -> float:
@@ -92,11 +92,9 @@ def main() -> None:
                      "decode_b1_tokens_per_s": round(new / best_time(lambda: llama_cpp_greedy(llm, prompt, new)), 1),
                      "agree": agree})
         del llm
-    print("| engine | dtype | convert s | GGUF MiB | decode b1 tok/s | greedy tokens equal |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['engine']} | {r['dtype']} | {r['convert_s'] or '-'} | {r['file_mib'] or '-'} | "
-              f"{r['decode_b1_tokens_per_s']} | {r['agree']}/{new} |")
+    print(md_table(["engine", "dtype", "convert s", "GGUF MiB", "decode b1 tok/s", "greedy tokens equal"],
+                   [[r["engine"], r["dtype"], r["convert_s"] or "-", r["file_mib"] or "-", r["decode_b1_tokens_per_s"],
+                     f"{r['agree']}/{new}"] for r in rows], "llrrrr"))
     meta = environment(preset=args.preset, threads=args.threads, new_tokens=new, llama_cpp_python=llama_cpp.__version__)
     print(json.dumps(meta))
     if args.json:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import random
 import statistics
@@ -36,12 +35,12 @@ from gptmini.device import DEVICES, PEAK_FLOPS, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
 from gptmini.generate import stream
+from gptmini.loss import LossFn, chunked, next_token
 from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini import parallel
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
 from common import Timer, environment, fmt, md_table, median_seconds, train_step
-from moe_gemms import GroupedGemm, grouped_gemms
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
@@ -57,7 +56,7 @@ class Subject:
     name: str
     build: Callable[[], nn.Module]
     vocab_size: int
-    forward_kwargs: dict = field(default_factory=dict)  # e.g. return_logits=False (--chunked-loss)
+    loss: LossFn = next_token  # --chunked-loss: gptmini.loss.chunked
 
 
 @dataclass
@@ -151,7 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="micro-batches per optimizer step (the trainer's grad_accum): amortises AdamW and clipping")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
     p.add_argument("--chunked-loss", action="store_true",
-                   help="gptmini models compute the loss over chunks of tokens (model(x, y, return_logits=False)): "
+                   help="gptmini models compute the loss over chunks of tokens (gptmini.loss.chunked): "
                         "the (B, T, vocab) logits never exist whole; the baseline keeps its plain loss")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
     p.add_argument("--dense-d-ff", type=int, default=None,
@@ -202,7 +201,7 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> Subject:
     return Subject(f"{name}+chunked-ce" if chunked_loss else name, lambda: GPTOSSMini(cfg), cfg.vocab_size,
-                   {"return_logits": False} if chunked_loss else {})
+                   chunked if chunked_loss else next_token)
 
 
 def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
@@ -220,7 +219,9 @@ def degree_one(subject: Subject, layout: str, device: torch.device) -> Subject:
             parallel.apply_ep(model, mesh[layout[:2]])
         return model
 
-    return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build)
+    # The TP plan shards the head over the vocabulary: the loss is loss_parallel's, never the chunked one.
+    loss = next_token if layout == "tp1" else subject.loss
+    return dataclasses.replace(subject, name=f"{subject.name}+{layout}", build=build, loss=loss)
 
 
 def plan_text(cfg: ModelConfig, name: str, seqs: list[int], tokens_per_step: int, peak_tflops: float) -> str:
@@ -259,11 +260,8 @@ def baseline_subject(kind: str, cfg: ModelConfig, block_size: int, dropout: floa
 
 def subject_step(model: nn.Module, subject: Subject, args: argparse.Namespace, device: torch.device,
                  grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The trainer's own step on the subject, compiled as --compile says; --chunked-loss's forward flag is
-    bound to the model, since the trainer calls it as model(x, y)."""
-    if subject.forward_kwargs:
-        model.forward = functools.partial(model.forward, **subject.forward_kwargs)
-    return train_step(model, device, args.compile, args.compile_mode, grad_accum)
+    """The trainer's own step on the subject, with its loss, compiled as --compile says."""
+    return train_step(model, device, args.compile, args.compile_mode, grad_accum, loss_fn=subject.loss)
 
 
 def release(device: torch.device) -> None:
@@ -431,19 +429,14 @@ def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Cal
     return prefill, loop
 
 
-def time_grouped_gemm(g: GroupedGemm, device: torch.device, dtype: torch.dtype, groups: int, repeats: int) -> float:
-    """Median seconds of one `torch._grouped_mm` at g's shapes and layouts, over `groups` equal groups."""
-    a, b, offs = g.operands(device, dtype, groups)
-    return median_seconds(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
-
-
 def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
     """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
-    seed step's three GEMM shapes (attention-free), so a profile can say how far each is from its ceiling:
-    the experts as one dense GEMM and every grouped GEMM of their forward and backward, and the output head.
-    n is the tokens of one training step (first --batch x first --seq). Random inputs, never zeros."""
+    seed step's GEMM shapes (attention-free), so a profile can say how far each is from its ceiling: the
+    experts as one dense GEMM, and the output head; the experts' grouped GEMMs at the model's own layouts are
+    bench/kernel_checks.py's `ceilings`. n is the tokens of one training step (first --batch x first --seq).
+    Random inputs, never zeros."""
     square = 8192 if device.type == "cuda" else 512
-    d, f, E, k, V = cfg.d_model, cfg.d_ff, max(cfg.num_experts, 1), cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
+    d, f, k, V = cfg.d_model, cfg.d_ff, cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
     name_dtype = str(dtype).removeprefix("torch.")
     runs = []
 
@@ -456,17 +449,6 @@ def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) 
     gemm("matmul (square)", square, square, square)
     gemm("experts w1 as one dense GEMM", n * k, d, f)
     gemm("output head", n, d, V)
-    # Every grouped GEMM of the MoE step (forward, input and weight gradients) with the operands' layouts as
-    # the model passes them: the layout selects the kernel (bench/moe_gemms.py).
-    for g in grouped_gemms(cfg, n) if hasattr(torch, "_grouped_mm") else []:
-        run = CeilingRun(f"experts {g.role} via torch._grouped_mm ({E} equal groups, x{g.count} per layer)", g.layout,
-                         name_dtype)
-        try:
-            t = time_grouped_gemm(g, device, dtype, E, args.ceiling_repeats)
-            run.ms, run.tflops = t * 1e3, g.flops / t / 1e12
-        except RuntimeError as e:  # the op's dtype/device support differs across torch versions
-            run.status = f"unsupported here: {str(e).splitlines()[0]}"
-        runs.append(run)
     elements = (1 << 28) if device.type == "cuda" else (1 << 22)
     x = torch.randn(elements, device=device)
     t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)

@@ -37,7 +37,7 @@ from gptmini.files import write_json
 from gptmini.gate import paired
 from gptmini.retrain import continue_steps
 
-from common import environment
+from common import environment, fmt, md_table
 
 
 def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
@@ -152,14 +152,12 @@ def main() -> None:
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,
            "results": results}
     write_json(a.json, out)
-    print(f"\n| run | steps | wall s | val bpb (all) | new | old | forgetting | vs scratch (s.e.) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        vs = r.get("vs_scratch")
-        new = "-" if r["val_bpb_new"] is None else f"{r['val_bpb_new']:.4f}"
-        print(f"| {name} | {r['steps']} | {r['wall_s']:.0f} | {r['val_bpb']:.4f} | {new} | "
-              f"{r['val_bpb_old']:.4f} | {r['forgetting_bpb']:+.4f} | "
-              + (f"{vs['difference']:+.4f} ({vs['standard_error']:.4f})" if vs else "-") + " |")
+    print("\n" + md_table(
+        ["run", "steps", "wall s", "val bpb (all)", "new", "old", "forgetting", "vs scratch (s.e.)"],
+        [[name, r["steps"], fmt(r["wall_s"], ".0f"), fmt(r["val_bpb"], ".4f"), fmt(r["val_bpb_new"], ".4f"),
+          fmt(r["val_bpb_old"], ".4f"), fmt(r["forgetting_bpb"], "+.4f"),
+          f"{vs['difference']:+.4f} ({vs['standard_error']:.4f})" if (vs := r.get("vs_scratch")) else "-"]
+         for name, r in results.items()], "l" * 8))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from gptmini import trainer
 from gptmini.config import Config
 from gptmini.device import matmul_dtype
 from gptmini.files import git_commit
+from gptmini.loss import LossFn, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer
 from gptmini.parallel import DistEnv, compile_model
@@ -103,16 +104,18 @@ class FixedBatch:
 
 
 def train_step(model: nn.Module, device: torch.device, compile: str = "off", compile_mode: str = "default",
-               grad_accum: int = 1, precision: str = "auto", cfg: Config | None = None
-               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+               grad_accum: int = 1, precision: str = "auto", cfg: Config | None = None,
+               loss_fn: LossFn = next_token) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`step(x, y)`: `gptmini.trainer.train_step` itself (grad_accum micro-batches under the trainer's
     autocast, clipping, the AdamW of `cfg.optim`, default `OptimConfig`'s) on `model`, compiled as `compile`
-    says. It returns the loss tensor unread, so nothing waits on the device."""
+    says, scored by `loss_fn`. It returns the loss tensor unread, so nothing waits on the device."""
     cfg = copy.deepcopy(cfg) if cfg is not None else Config()
     cfg.train.grad_accum, cfg.train.precision = grad_accum, precision
     if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
         model.set_expert_kernel(compute_dtype=matmul_dtype(device, precision))
-    compiled = compile_model(model, compile, compile_mode)
+    if compile == "model":  # the whole forward and the loss in one graph: compile the loss, which runs forward
+        loss_fn = torch.compile(loss_fn, **({} if compile_mode == "default" else {"mode": compile_mode}))
+    compiled = compile_model(model, "off" if compile == "model" else compile, compile_mode)
     loader = FixedBatch()
     run = trainer.Run(cfg, DistEnv(0, 0, 1, device), Path("."), model, compiled,
                       build_optimizer(compiled, cfg.optim), loader, None, None, trainer.TrainState(), time.time(),
@@ -120,6 +123,6 @@ def train_step(model: nn.Module, device: torch.device, compile: str = "off", com
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loader.batch = (x, y)
-        return trainer.train_step(run, cfg.optim.lr)[0]
+        return trainer.train_step(run, cfg.optim.lr, loss_fn)[0]
 
     return step

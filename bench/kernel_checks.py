@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from gptmini.config import model_preset
 from gptmini.device import DEVICES, autocast, matmul_dtype, pick_device
 from gptmini.files import write_json
+from gptmini.loss import next_token
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 
-from bench_gpu import time_grouped_gemm
 from common import environment, median_seconds, train_step
 from moe_gemms import grouped_gemms
 
@@ -140,7 +140,7 @@ def check_ceilings(cfg: ModelConfig, device: torch.device, tokens: int, repeats:
     for g in grouped_gemms(cfg, tokens):
         row = {"role": g.role, "layout": g.layout, "per_layer": g.count}
         try:
-            ms = time_grouped_gemm(g, device, dtype, cfg.num_experts, repeats) * 1e3
+            ms = g.seconds(device, dtype, cfg.num_experts, repeats) * 1e3
             row.update(ms=round(ms, 4), tflops=round(g.flops / ms / 1e9, 2), status="ok")
             total_ms += ms * g.count
             total_flops += g.flops * g.count
@@ -208,7 +208,7 @@ def check_graph_breaks(cfg: ModelConfig, device: torch.device, seq: int) -> dict
     model = model_for(cfg, device)
     idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
     with autocast(device, "bf16"):  # the GPU's precision; the grouped kernel compiles for bf16 only
-        explained = torch._dynamo.explain(model)(idx, idx)
+        explained = torch._dynamo.explain(next_token)(model, idx, idx)  # forward and the loss: one graph
     reasons = [str(r.reason).splitlines()[0][:300] for r in explained.break_reasons]
     result = {"expert_kernel": model.layers[0].feed_forward.kernel if cfg.is_moe else None,
               "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "reasons": reasons[:10]}

@@ -4,8 +4,8 @@ torch._grouped_mm picks its kernel from the operands' layouts: the model hands i
 major per expert) in the forward, and autograd hands it transposed activations for the weight gradients. A
 ceiling timed on a row-major weight measures another kernel. So the operands here are not described by hand:
 `grouped_gemms` runs the model's own MoE forward and backward under FakeTensorMode (no memory, any size, a few
-seconds at the seed's 32k tokens) and records every `_grouped_mm` call. The bench's ceilings and
-bench/kernel_checks.py build their operands from these records; tests/test_moe_kernels.py checks them against
+seconds at the seed's 32k tokens) and records every `_grouped_mm` call. bench/kernel_checks.py's ceilings
+build their operands from these records; tests/test_moe_kernels.py checks them against
 a real run's.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptmini.model import MoE, ModelConfig
+
+from common import median_seconds
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class GroupedGemm:
         offs = torch.arange(1, groups + 1, device=device, dtype=torch.int32) * (jagged // groups)
         offs[-1] = jagged
         return a, b, offs
+
+    def seconds(self, device: torch.device, dtype: torch.dtype, groups: int, repeats: int) -> float:
+        """Median seconds of one `torch._grouped_mm` at these shapes and layouts, over `groups` equal groups."""
+        a, b, offs = self.operands(device, dtype, groups)
+        return median_seconds(lambda: torch._grouped_mm(a, b, offs=offs), device, repeats)
 
 
 def describe(shape: tuple[int, ...], stride: tuple[int, ...]) -> str:

@@ -15,6 +15,8 @@ from gptmini.config import model_preset
 from gptmini.engine import Batch, Sampling, Sequence
 from gptmini.model import GPTOSSMini
 
+from common import md_table
+
 
 def profile(model: GPTOSSMini, rows: int, steps: int) -> dict[str, float]:
     """Self CPU microseconds per decode step, by op."""
@@ -42,10 +44,9 @@ def main() -> None:
     model = quantize.apply(GPTOSSMini(model_preset(args.preset)).eval(), "none")  # as gptmini serve loads it
     a, b = profile(model, args.rows_a, args.steps), profile(model, args.rows_b, args.steps)
     ops = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0), b.get(k, 0)))[:12]
-    print(f"| op | {args.rows_a} rows, us/step | {args.rows_b} row(s), us/step |\n|---|---:|---:|")
-    for op in ops:
-        print(f"| {op} | {a.get(op, 0):.0f} | {b.get(op, 0):.0f} |")
-    print(f"| total | {sum(a.values()):.0f} | {sum(b.values()):.0f} |")
+    rows = [[op, f"{a.get(op, 0):.0f}", f"{b.get(op, 0):.0f}"] for op in ops]
+    print(md_table(["op", f"{args.rows_a} rows, us/step", f"{args.rows_b} row(s), us/step"],
+                   rows + [["total", f"{sum(a.values()):.0f}", f"{sum(b.values()):.0f}"]]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from gptmini.data.loader import PieceWindows, TokenShards, piece_bounds
 from gptmini.data.prepare import new_ranges, read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import autocast
+from gptmini.loss import token_losses
 from gptmini.tokenizer import Tokenizer, get_tokenizer
 
 LN2 = math.log(2)
@@ -53,7 +54,7 @@ def token_nats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     """(B, T) nats of each target y given the tokens x up to it (0 where y == -1): what every measure sums.
     A served model's log-probabilities (`gptmini serve`'s logprobs) are their negatives."""
     with autocast(x.device), parallel.loss_context(model):
-        _, losses = model(x, y, reduction="none")  # (B, T), 0 where y == -1
+        losses = token_losses(parallel.unwrap(model), x, y)  # (B, T), 0 where y == -1
     return parallel.full(losses)  # a DTensor under tensor parallelism
 
 

@@ -474,67 +474,6 @@ class Block(nn.Module):
         return x + self.drop(self.feed_forward(self.ffn_norm(x))), None, None
 
 
-def chunked_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Mean cross-entropy of the logits h @ weight.T against targets (-1 ignored), as F.cross_entropy on fp32
-    logits gives, computed over chunks of rows so that the (N, vocab) fp32 logits never exist whole (at
-    32k tokens and a 100k vocabulary one fp32 copy is 12 GiB, and the plain path holds several).
-    h (N, d), weight (vocab, d), targets (N,). The default chunk keeps a chunk's fp32 logits near 512 MiB."""
-    chunk_size = chunk_size or max(1, 2**27 // weight.size(0))
-    return _ChunkedCrossEntropy.apply(h, weight, targets, chunk_size)
-
-
-def token_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """Each row's cross-entropy (N,), 0 where the target is -1, over chunks of rows as chunked_cross_entropy;
-    for evaluation, which sums losses per window and per byte (no gradient)."""
-    chunk_size = chunk_size or max(1, 2**27 // weight.size(0))
-    dtype = compute_dtype(h)
-    w = weight.to(dtype)
-    out = torch.empty(h.size(0), device=h.device)
-    for s in range(0, h.size(0), chunk_size):
-        t = targets[s : s + chunk_size]
-        logits = (h[s : s + chunk_size].to(dtype) @ w.T).float()  # (n, vocab)
-        loss = logits.logsumexp(dim=-1) - logits.gather(1, t.clamp(min=0)[:, None])[:, 0]
-        out[s : s + chunk_size] = loss * (t != -1)
-    return out
-
-
-class _ChunkedCrossEntropy(torch.autograd.Function):
-    """The loss is the graph's last node, so its gradients are formed in the forward pass, chunk by chunk,
-    while each chunk's logits exist; backward only scales them by the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-        dtype = compute_dtype(h)  # autocast's when on, as nn.Linear would run the head; logits upcast to fp32
-        h_all, w = h.to(dtype), weight.to(dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.zeros_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        total = torch.zeros((), device=h.device)
-        for s in range(0, h.size(0), chunk_size):
-            hc, t = h_all[s : s + chunk_size], targets[s : s + chunk_size]
-            valid = (t != -1)[:, None]  # (n, 1)
-            t = t.clamp(min=0)[:, None]  # (n, 1)
-            logits = (hc @ w.T).float()  # (n, vocab)
-            lse = logits.logsumexp(dim=-1, keepdim=True)  # (n, 1)
-            total += ((lse - logits.gather(1, t)) * valid).sum()
-            if need_grad:
-                g = logits.sub_(lse).exp_()  # softmax, in the logits' memory
-                g.scatter_add_(1, t, -torch.ones_like(lse))  # d(loss)/d(logits) = softmax - one_hot(target)
-                g = (g * valid).to(dtype)
-                grad_h[s : s + chunk_size] = g @ w
-                grad_w += (g.T @ hc).float()
-        count = (targets != -1).sum()
-        ctx.save_for_backward(grad_h, grad_w, count)
-        ctx.weight_dtype = weight.dtype
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, Tensor, None, None]:
-        grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count
-        return grad_h * scale.to(grad_h.dtype), (grad_w * scale).to(ctx.weight_dtype), None, None
-
-
 class GPTOSSMini(nn.Module):
     """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig(...))` (named presets: `gptmini.config.model_preset`).
 
@@ -558,9 +497,6 @@ class GPTOSSMini(nn.Module):
         self.last_aux_loss: Tensor = torch.zeros(())
         self.last_expert_load: Tensor | None = None
         self.expert_choice: tuple[str, torch.dtype | None] = ("auto", None)
-        # Set by tensor parallelism, where the output layer gives vocab-sharded logits: losses then come from
-        # the logits (F.cross_entropy, under torch's loss_parallel), never from the chunked head.
-        self.vocab_parallel = False
         self.reset_parameters()
 
     def _apply(self, fn, recurse: bool = True):
@@ -624,40 +560,10 @@ class GPTOSSMini(nn.Module):
         self.last_expert_load = torch.stack(load).sum(0) if load else None
         return self.norm(x)
 
-    def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        *,
-        cache: KVCache | None = None,
-        return_logits: bool = True,
-        reduction: str = "mean",
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """idx (B, T) token ids; targets (B, T) with -1 ignored; `cache` serves generation (`hidden`).
-        `return_logits=False` (with targets) computes the loss over chunks of tokens and returns (None, loss):
-        the (B, T, vocab) logits never exist whole (chunked_cross_entropy; same loss and gradients).
-        `reduction="none"` (with targets, no gradient) returns (None, each token's loss (B, T)), 0 where the
-        target is -1."""
-        cfg = self.config
-        B, T = idx.shape
-        x = self.hidden(idx, cache)
-        if targets is not None and reduction == "none" and self.vocab_parallel:
-            logits = self.output(x).float()
-            return None, F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1,
-                                         reduction="none").view(B, T)
-        if targets is not None and reduction == "none":
-            return None, token_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1)).view(B, T)
-        if targets is not None and not return_logits and not self.vocab_parallel:
-            logits = None
-            loss = chunked_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))
-        else:
-            logits = self.output(x)
-            if targets is None:
-                return logits, None
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if self.training and cfg.is_moe:
-            loss = loss + cfg.aux_loss_coef * self.last_aux_loss
-        return logits, loss
+    def forward(self, idx: Tensor, *, cache: KVCache | None = None) -> Tensor:
+        """Logits (B, T, vocab) of tokens idx (B, T), at the positions `hidden` says. Losses are computed from
+        them, or from `hidden` and `output`, by the caller (`gptmini.loss`)."""
+        return self.output(self.hidden(idx, cache))
 
     @torch.no_grad()
     def decode_layout(self) -> GPTOSSMini:

@@ -239,7 +239,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def compile_model(model: nn.Module, how: str = "blocks", mode: str = "default", backend: str = "inductor") -> nn.Module:
     """torch.compile before wrapping (torchtitan's order). `blocks` compiles each block on its own (regional
     compilation: identical blocks share one graph, so compile time stops growing with depth, and FSDP's hooks
-    stay outside the graphs); `model` compiles the whole model, head and loss included; `off` does nothing."""
+    stay outside the graphs); `model` compiles the whole forward, head included; `off` does nothing."""
     kwargs = {"backend": backend} | ({} if mode == "default" else {"mode": mode})
     if how == "model":
         return torch.compile(model, **kwargs)

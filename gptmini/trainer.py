@@ -33,6 +33,7 @@ from gptmini.errors import UserError
 from gptmini.evaluate import evaluate, token_bytes
 from gptmini.ending import COMPLETED, PREEMPTED
 from gptmini.files import write_atomic
+from gptmini.loss import LossFn, balance_loss, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
 from gptmini.retrain import check_parent, model_dict
@@ -187,13 +188,13 @@ def unigram_entropy(segments: list[np.ndarray]) -> float:
 
 
 def setup(cfg: Config, env: parallel.DistEnv) -> tuple[Run, dict[str, Any] | None]:
-    """Build the run on prepared data (`cfg.data.data_dir`), resumed from its last checkpoint when asked.
-    Returns it with the RNG state to restore just before the first step (None for a fresh run, or one resumed
-    at another world size)."""
+    """Build the run on prepared data (`cfg.data.data_dir`, whose tokenizer the config's model names:
+    `gptmini train` sees to it), resumed from its last checkpoint when asked. Returns it with the RNG state to
+    restore just before the first step (None for a fresh run, or one resumed at another world size)."""
     t_start = time.time()
     resume_from = resume_point(cfg)
     set_deterministic(cfg.train.deterministic)
-    tokenizer = data_tokenizer(cfg, env)
+    tokenizer = data_tokenizer(cfg)
     try:
         check_vocab(cfg.model.vocab_size, tokenizer)
     except UserError as exc:
@@ -263,16 +264,12 @@ def start_run(cfg: Config, env: parallel.DistEnv, raw_model: GPTOSSMini, train_l
     return run, rng
 
 
-def data_tokenizer(cfg: Config, env: parallel.DistEnv) -> Tokenizer:
-    """The tokenizer the shards were written with, which the model takes: a preset names cl100k_base, but data
-    prepared with `--tokenizer bpe:8192` needs an 8192-row embedding, not 100352."""
-    manifest = read_manifest(cfg.data.data_dir)
-    if manifest["tokenizer"] != cfg.model.tokenizer:
-        if env.is_main:
-            print(f"note: {cfg.data.data_dir} is tokenized with {manifest['tokenizer']} ({manifest['n_vocab']} ids), "
-                  f"not {cfg.model.tokenizer}: the model takes its tokenizer and vocab_size={manifest['vocab_size']}",
-                  flush=True)
-        cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
+def data_tokenizer(cfg: Config) -> Tokenizer:
+    """The tokenizer of the shards, which must be the model's: its ids index the embedding."""
+    written_with = read_manifest(cfg.data.data_dir)["tokenizer"]
+    if written_with != cfg.model.tokenizer:
+        raise ConfigError(f"model.tokenizer = {cfg.model.tokenizer!r}, but {cfg.data.data_dir} is tokenized with "
+                          f"{written_with!r}; set model.tokenizer (and vocab_size) to the data's, as `gptmini train` does")
     return get_tokenizer(cfg.model.tokenizer, cfg.data.data_dir)
 
 
@@ -303,8 +300,9 @@ def resume(run: Run, path: Path) -> dict[str, Any] | None:
 # The step, logging, evaluation and checkpoints
 
 
-def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over grad_accum micro-batches; returns (mean loss, grad norm) on the device."""
+def train_step(run: Run, lr: float, loss_fn: LossFn = next_token) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over grad_accum micro-batches, each scored by `loss_fn` plus the MoE balance term;
+    returns (mean loss, grad norm) on the device."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     micro = [run.train_loader.next_batch() for _ in range(run.cfg.train.grad_accum)]
@@ -315,9 +313,9 @@ def train_step(run: Run, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         weight = y.numel() / step_tokens
         with (parallel.grad_sync(run.model, enabled=i == len(micro) - 1), autocast(run.env.device, run.precision),
               parallel.loss_context(run.model)):
-            _, loss = run.model(x, y)
-            (loss * weight).backward()
-        step_loss += parallel.local(loss.detach()) * weight
+            mean = loss_fn(run.model, x, y) + balance_loss(run.raw_model)
+            (mean * weight).backward()
+        step_loss += parallel.local(mean.detach()) * weight
     parallel.sync_expert_grads(run.model, run.env)
     grad_norm = parallel.clip_grad_norm(run.model, run.cfg.optim.grad_clip or math.inf)
     run.optimizer.step()

@@ -8,6 +8,7 @@ import torch
 
 from gptmini.config import model_preset
 from gptmini.data.loader import SlidingWindowDataset, TokenShards
+from gptmini.loss import balance_loss, next_token
 from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini.tokenizer import get_tokenizer
 from gptmini.weights import save_pretrained
@@ -60,7 +61,8 @@ def trained(data_dir: Path, out: Path, steps: int, seed: int, **overrides) -> Pa
     order = np.random.default_rng(seed).permutation(len(windows))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for step in range(steps):
-        _, loss = model(*windows.batch(order[step * 8 : step * 8 + 8]))
+        x, y = windows.batch(order[step * 8 : step * 8 + 8])
+        loss = next_token(model, x, y) + balance_loss(model)  # as the trainer scores a step
         loss.backward()
         opt.step()
         opt.zero_grad()

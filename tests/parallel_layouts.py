@@ -80,7 +80,8 @@ def build(model: str) -> GPTOSSMini:
 
 def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module) -> SimpleNamespace:
     cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=ACCUM), optim=OPTIM)
-    return SimpleNamespace(cfg=cfg, env=env, model=net, optimizer=build_optimizer(net, OPTIM),
+    return SimpleNamespace(cfg=cfg, env=env, model=net, raw_model=parallel.unwrap(net),
+                           optimizer=build_optimizer(net, OPTIM),
                            train_loader=Batches(batches(model), env.data_rank, env.data_world),
                            state=TrainState(), precision="fp32")
 

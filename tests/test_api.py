@@ -112,7 +112,7 @@ def test_generate_greedy_equals_a_full_recompute_argmax_loop():
     prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(0))
     seq = prompt
     for _ in range(12):
-        logits, _ = model(seq)
+        logits = model(seq)
         seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     out = model.generate(prompt, max_new_tokens=12, temperature=0.0)
     assert out.shape == (2, 7 + 12)

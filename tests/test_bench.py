@@ -172,3 +172,16 @@ def test_suite_durations_sums_each_modules_phases(tmp_path, capsys):
     assert rows[3].startswith("| tests/test_a.py | 15 | 33% | 2 | 12 s setup test_x")
     log.write_text("no durations here\n")
     assert suite_durations.main([str(log)]) == 2
+
+
+def test_the_decode_comparison_imports_only_the_model_and_generate(capsys):
+    """BENCHMARKS.md runs `bench_model.py --decode-only` against an older tree on PYTHONPATH: it must not
+    need the trainer or the losses, which an older tree may not have."""
+    code = ("import sys; sys.path.insert(0, 'bench'); import bench_model; bench_model.main(['--decode-only', "
+            "'--preset', 'tiny', '--gen-batch', '1,2', '--new-tokens', '3', '--prompt-len', '4']); "
+            "print(sorted(m for m in sys.modules if m in ('common', 'gptmini.trainer', 'gptmini.loss')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "b1 " in lines[0] and "b2 " in lines[0] and "tok/s" in lines[0]
+    assert lines[-1] == "[]"

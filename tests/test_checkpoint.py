@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gptmini import checkpoint, config, weights
+from gptmini.loss import balance_loss, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.parallel import DistEnv
 from gptmini.optim import build_optimizer
@@ -29,7 +30,7 @@ def trained(steps: int = 2) -> tuple[GPTOSSMini, torch.optim.Optimizer]:
     opt = build_optimizer(model, config.OptimConfig(lr=1e-2))
     for _ in range(steps):
         x = torch.randint(0, 512, (2, 8))
-        _, loss = model(x, x)
+        loss = next_token(model, x, x) + balance_loss(model)
         loss.backward()
         opt.step()
         opt.zero_grad()

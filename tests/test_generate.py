@@ -65,7 +65,7 @@ def test_temperature_zero_is_greedy_argmax():
     seq = x
     for _ in range(6):
         with torch.no_grad():
-            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, seq)
 
 

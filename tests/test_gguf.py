@@ -109,7 +109,7 @@ def llama_cpp_logits(gguf: Path, ids: list[int]) -> np.ndarray:
 
 @torch.no_grad()
 def our_logits(model: GPTOSSMini, ids: list[int]) -> np.ndarray:
-    return model(torch.tensor([ids]))[0][0].numpy()
+    return model(torch.tensor([ids]))[0].numpy()
 
 
 def llama_cpp_greedy(llm: llama_cpp.Llama, ids: list[int], new: int, allowed: np.ndarray, eos: int) -> list[int]:

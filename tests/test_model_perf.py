@@ -1,11 +1,12 @@
-"""Performance paths of the model compute the same function as the plain ones, on CPU."""
+"""The losses' performance paths compute the same function as the plain ones, on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from gptmini.config import model_preset
-from gptmini.model import GPTOSSMini, chunked_cross_entropy
+from gptmini.loss import chunked, chunked_cross_entropy, next_token, token_losses
+from gptmini.model import GPTOSSMini
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -19,14 +20,13 @@ def test_chunked_loss_equals_full_logits_loss_and_its_gradients(tie):
     x = torch.randint(0, 1000, (3, 40))
     y = torch.randint(0, 1000, (3, 40))
     y[0, :7] = -1  # ignored targets count in neither path
-    _, full = model(x, y)
+    full = next_token(model, x, y)
     full.backward()
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    logits, chunked = model(x, y, return_logits=False)
-    chunked.backward()
-    assert logits is None
-    torch.testing.assert_close(chunked, full, rtol=1e-6, atol=1e-6)
+    lean = chunked(model, x, y)
+    lean.backward()
+    torch.testing.assert_close(lean, full, rtol=1e-6, atol=1e-6)
     got = grads(model)
     assert got.keys() == expected.keys()
     for name in expected:
@@ -55,3 +55,13 @@ def test_chunk_size_does_not_change_the_loss():
     losses = [chunked_cross_entropy(h, w, t, chunk_size=c) for c in (1, 7, 256, 257, 1000)]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0])
+
+
+def test_token_losses_equal_the_logits_cross_entropy_per_token():
+    torch.manual_seed(0)
+    model = GPTOSSMini(model_preset("tiny", vocab_size=1000)).eval()
+    x, y = torch.randint(0, 1000, (3, 40)), torch.randint(0, 1000, (3, 40))
+    y[1, 5:9] = -1
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x).transpose(1, 2), y, ignore_index=-1, reduction="none")
+        torch.testing.assert_close(token_losses(model, x, y), expected, rtol=1e-5, atol=1e-6)

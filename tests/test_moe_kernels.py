@@ -1,6 +1,6 @@
 """CPU checks that fail where the CUDA expert path would: no torch.cuda call inside forward, the grouped kernel
 compiled fullgraph under bf16 with uneven and empty groups, no recompile when routing changes, the static
-decoder in one graph, and the bench's grouped-GEMM ceilings at the model's own layouts."""
+decoder in one graph, and the kernel checks' grouped-GEMM ceilings at the model's own layouts."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from gptmini.config import OptimConfig
 from gptmini.device import matmul_dtype
+from gptmini.loss import balance_loss, cross_entropy
 from gptmini.model import GPTOSSMini, MoE, expert_kernel
 from gptmini.optim import build_optimizer
 
@@ -74,7 +75,7 @@ def test_the_forward_and_backward_call_no_torch_cuda_function(kernel):
         assert x.is_cuda
         sys.setprofile(watch)
         try:
-            _, loss = model(x, x)
+            loss = cross_entropy(model(x), x) + balance_loss(model)
             loss.backward()
         finally:
             sys.setprofile(None)
@@ -129,7 +130,7 @@ def test_training_steps_whose_routing_changes_do_not_recompile(no_recompile):
     for step in range(3):
         x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(step))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(x, x)
+            loss = cross_entropy(model(x), x) + balance_loss(model)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -172,12 +173,8 @@ def test_the_bench_ceilings_use_the_models_grouped_gemm_layouts():
         assert offs[-1] == (a.shape[0] if b.dim() == 3 else a.shape[1])
         assert torch._grouped_mm(a, b, offs=offs).shape == g.out_shape
 
-    import bench_gpu
-
-    args = bench_gpu.parse_args(["--device", "cpu", "--ceiling-repeats", "1"])
-    runs = bench_gpu.bench_ceilings(cfg, 50, args, torch.device("cpu"), torch.float32)
-    timed = {r.shape for r in runs if "torch._grouped_mm" in r.name and r.status == "ok"}
-    assert timed == {g.layout for g in recorded}
+    result = kernel_checks.check_ceilings(cfg, torch.device("cpu"), 50, repeats=1)
+    assert result["status"] == "ok" and {r["layout"] for r in result["gemms"]} == {g.layout for g in recorded}
 
 
 def test_grouped_and_looped_kernels_agree_through_the_whole_model():
@@ -186,7 +183,7 @@ def test_grouped_and_looped_kernels_agree_through_the_whole_model():
     losses = []
     for kernel in ("looped", "grouped"):
         model.set_expert_kernel(kernel)
-        _, loss = model(x, x)
+        loss = cross_entropy(model(x), x) + balance_loss(model)
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 

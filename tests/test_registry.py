@@ -23,6 +23,7 @@ from gptmini.cli.promote import main as promote_main  # noqa: E402
 from gptmini.data.loader import SlidingWindowDataset, TokenShards  # noqa: E402
 from gptmini.evaluate import evaluate_weights  # noqa: E402
 from gptmini.generate import generate_text  # noqa: E402
+from gptmini.loss import balance_loss, next_token  # noqa: E402
 from gptmini.weights import save_pretrained  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def weights(small_shards, tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     for step in range(10):
         x, y = windows.batch(np.arange(step * 4, step * 4 + 4))
-        _, loss = model(x, y)
+        loss = next_token(model, x, y) + balance_loss(model)
         loss.backward()
         opt.step()
         opt.zero_grad()

@@ -24,6 +24,7 @@ import torch
 
 from gptmini import checkpoint, config, parallel, weights
 from gptmini.data.sources import DataError
+from gptmini.loss import cross_entropy
 from gptmini.redact import redact
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def real_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPTOSSMini(cfg.model)
     opt = build_optimizer(model, cfg.optim)
-    _, loss = model(torch.randint(0, 1000, (1, 8)), torch.randint(0, 1000, (1, 8)))
+    loss = cross_entropy(model(torch.randint(0, 1000, (1, 8))), torch.randint(0, 1000, (1, 8)))
     loss.backward()
     opt.step()
     env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))

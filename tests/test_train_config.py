@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from gptmini import config, parallel, trainer
-from gptmini.cli.train import parse_args
+from gptmini.cli.train import parse_args, take_data_tokenizer
 from gptmini.config import ConfigError
+from gptmini.data.prepare import read_manifest
 from gptmini.device import autocast, native_bf16
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer, get_lr
@@ -130,3 +131,20 @@ def test_bf16_runs_the_step_under_autocast_where_the_cpu_has_bf16_units(capsys):
         with autocast(env.device, precision):
             assert torch.is_autocast_enabled("cpu") is on
     assert config.PRESETS["demo"]["train"]["precision"] == "bf16"
+
+
+def test_the_cli_gives_the_model_the_tokenizer_its_data_was_written_with(small_shards, capsys):
+    """A preset names cl100k_base; shards written with a trained BPE decide the model's tokenizer and
+    vocab_size before the trainer sees the config."""
+    cfg = parse_args(["--preset", "tiny", "--data-dir", str(small_shards)])
+    manifest = read_manifest(small_shards)
+    assert cfg.model.tokenizer != manifest["tokenizer"]
+    take_data_tokenizer(cfg, parallel.DistEnv(0, 0, 1, torch.device("cpu")))
+    assert (cfg.model.tokenizer, cfg.model.vocab_size) == (manifest["tokenizer"], manifest["vocab_size"])
+    assert "the model takes its tokenizer" in capsys.readouterr().out
+
+
+def test_the_trainer_refuses_a_config_whose_tokenizer_is_not_its_datas(small_shards, tmp_path):
+    cfg = parse_args(["--preset", "tiny", "--data-dir", str(small_shards), "--out", str(tmp_path / "run")])
+    with pytest.raises(ConfigError, match="is tokenized with"):
+        trainer.setup(cfg, parallel.DistEnv(0, 0, 1, torch.device("cpu")))

@@ -17,7 +17,7 @@ from typing import Any
 from gptmini import ending, parallel, registry, tracking, trainer
 from gptmini.cli import run
 from gptmini.config import PRESETS, SECTIONS, Config, ConfigError, load, section_types, to_toml
-from gptmini.data.prepare import PrepareConfig, prepare
+from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
 from gptmini.errors import Failure, UserError
 
 # Short spellings for the flags people type most (the flow passes these too).
@@ -129,6 +129,7 @@ def train(argv: list[str]) -> int:
     die_with_launcher()
     try:
         prepare_sources(cfg, env)
+        take_data_tokenizer(cfg, env)
         result = trainer.train(cfg, env, preempt, tracking.open_tracker)
     finally:
         preempt.restore()
@@ -147,6 +148,19 @@ def prepare_sources(cfg: Config, env: parallel.DistEnv) -> None:
         prepare(PrepareConfig(sources=list(cfg.data.sources), out=Path(cfg.data.data_dir),
                               tokenizer=cfg.model.tokenizer))
     parallel.barrier()
+
+
+def take_data_tokenizer(cfg: Config, env: parallel.DistEnv) -> None:
+    """The model takes the tokenizer the shards were written with: a preset names cl100k_base, but data
+    prepared with `--tokenizer bpe:8192` needs an 8192-row embedding, not 100352. The trainer is then given a
+    config that agrees with its data."""
+    manifest = read_manifest(cfg.data.data_dir)
+    if manifest["tokenizer"] != cfg.model.tokenizer:
+        if env.is_main:
+            print(f"note: {cfg.data.data_dir} is tokenized with {manifest['tokenizer']} ({manifest['n_vocab']} ids), "
+                  f"not {cfg.model.tokenizer}: the model takes its tokenizer and vocab_size={manifest['vocab_size']}",
+                  flush=True)
+        cfg.model.tokenizer, cfg.model.vocab_size = manifest["tokenizer"], manifest["vocab_size"]
 
 
 def main(argv: list[str] | None = None) -> int:
