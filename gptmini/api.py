@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gptmini import checkpoint, generate, registry, trainer, weights
+from gptmini import checkpoint, generate, loss, registry, trainer, weights
 from gptmini.config import Config, ConfigError, apply_overrides, from_preset, section_types, validate
 from gptmini.data.loader import BatchStream, TokenShards, WindowLoader, window_loaders
 from gptmini.data.prepare import read_manifest
@@ -33,13 +33,24 @@ from gptmini.data.sources import DataError
 from gptmini.device import pick_device
 from gptmini.errors import UserError
 from gptmini.metrics import curves_png
-from gptmini.model import GPTOSSMini as Model
+from gptmini.model import GPTOSSMini as Model, KVCache
 from gptmini.parallel import DistEnv
 from gptmini.tokenizer import Tokenizer, check_vocab
 
 
 class GPTOSSMini(Model):
     """`GPTOSSMini(**seed_config)` or `GPTOSSMini(ModelConfig(...))`, with `generate` and `from_pretrained`."""
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, *,
+                cache: KVCache | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (B, T, vocab) of idx (B, T); given targets (B, T), -1 ignored, `(logits, loss)` as nanoGPT's
+        `logits, loss = model(x, y)`: the mean cross-entropy, plus the MoE load-balancing term in training mode,
+        which is what `gptmini train` minimises. The library's callers pass no targets and choose their loss in
+        `gptmini.loss`."""
+        logits = super().forward(idx, cache=cache)
+        if targets is None:
+            return logits
+        return logits, loss.cross_entropy(logits, targets) + loss.balance_loss(self)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int = 50, temperature: float = 1.0,

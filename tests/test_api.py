@@ -105,6 +105,23 @@ def test_trainer_records_the_tokenizer_it_trains_with(small, tmp_path):
     assert model.config.tokenizer == tokenizer.name  # what its checkpoints' config.json will say
 
 
+def test_model_called_with_targets_returns_logits_and_the_training_loss():
+    """`logits, loss = model(x, y)`, as docs/python-api.md (and nanoGPT) write it: the cross-entropy plus, in
+    training mode, the MoE balance term; without targets, the logits alone."""
+    from gptmini.loss import balance_loss, cross_entropy
+
+    model = GPTOSSMini(sharp_model(tiny()).config)
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 8, 256) and torch.equal(logits, model(x))
+    assert float(balance_loss(model)) > 0  # training mode, MoE: the term is there to be counted
+    assert loss.item() == pytest.approx((cross_entropy(logits, y) + balance_loss(model)).item(), rel=1e-6)
+    loss.backward()
+    assert model.tok_embeddings.weight.grad is not None
+    model.eval()
+    assert model(x, y)[1].item() == pytest.approx(cross_entropy(model(x), y).item(), rel=1e-6)
+
+
 def test_generate_greedy_equals_a_full_recompute_argmax_loop():
     model = GPTOSSMini(tiny())
     model.load_state_dict(sharp_model(tiny()).state_dict())
