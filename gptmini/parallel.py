@@ -205,6 +205,7 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
     if dims.dp_replicate > 1:
         meshes["hsdp"] = root["dp_replicate", "fsdp"]  # a 2-D mesh has to be sliced from the root
+        meshes["expert_hsdp"] = root["dp_replicate", "dp_shard"]
     return meshes
 
 
@@ -269,6 +270,8 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
         experts = set(expert_params(model)) if dims.ep * dims.tp > 1 else set()
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
+            if experts_sharded(dims):
+                shard_experts(block, env, mp)
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts or None)
     elif dims.dp_replicate > 1 or (parallel == "ddp" and env.world_size == 1):  # one rank: the DDP code path
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -480,11 +483,43 @@ def apply_ep(model: nn.Module, mesh: Any) -> None:
             m.expert_parallel = dispatcher
 
 
+def experts_sharded(dims: MeshDims) -> bool:
+    """Whether FSDP shards the experts (`shard_experts`): they are DTensors (ep or tp > 1) with dp_shard copies."""
+    return dims.ep * dims.tp > 1 and dims.dp_shard > 1
+
+
+def shard_experts(block: nn.Module, env: DistEnv, mp: Any) -> None:
+    """FSDP over the copies of each expert shard, as torchtitan's `dp_shard_mod_ep`: the experts of a rank's ep
+    (and tp) group are the same on its dp_shard ranks, so they are split once more over dp_shard (with HSDP,
+    replicated over dp_replicate too). Each rank then holds 1/(dp_shard x ep x tp) of the experts, gathers its
+    ep group's share for the MoE's forward and backward, and reduce-scatters their gradients, where they were
+    whole on every copy and all-reduced.
+
+    The block is already sharded (its experts left out), so this unit, applied inside it afterwards, takes the
+    experts only; the router stays with the block's unit, on the mesh of the dense weights. The gradients are
+    divided by every data rank (the loss is each rank's mean, and the experts' gradients already sum what the
+    ep group's tokens sent them), not by the dp_shard ranks FSDP reduces over; ranks whose experts no token
+    reached still join the reduce-scatter with zeros."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    dims = env.dims
+    mesh = env.mesh["expert_hsdp" if dims.dp_replicate > 1 else "dp_shard"]
+    for moe in (m for m in block.modules() if isinstance(m, MoE)):
+        # Whole experts per rank where the dp_shard ranks can share the ep group's evenly; else every expert's
+        # hidden units are split (FSDP would pad the expert index, and a rank would gather padding).
+        dim = 0 if (moe.num_experts // dims.ep) % dims.dp_shard == 0 else 1
+        fully_shard(moe, mesh=mesh, mp_policy=mp, shard_placement_fn=lambda p, d=dim: Shard(d),
+                    ignored_params=set(moe.gate.parameters()))
+        moe.set_gradient_divide_factor(float(dims.data))
+        moe.set_reduce_scatter_unused_params(True)
+
+
 def sync_expert_grads(model: nn.Module, env: DistEnv) -> None:
     """Each rank's expert gradients sum what every rank's tokens sent them (the all-to-all's backward); the
     loss is the mean over the data ranks, so divide by their number, and sum over the copies of each shard
-    (dp_replicate x dp_shard)."""
-    if env.dims.ep * env.dims.tp == 1:
+    (dp_replicate). With dp_shard copies FSDP does both (`shard_experts`)."""
+    if env.dims.ep * env.dims.tp == 1 or experts_sharded(env.dims):
         return
     group = env.mesh["expert_dp"].get_group() if env.dims.dp_replicate * env.dims.dp_shard > 1 else None
     for w in expert_params(model):

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2 tp2-moe ...
     torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 ep2xtp2 ddp2xep2 ...
+    torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR fsdp2xep2   # named layouts only
 
 Each layout trains a tiny dense or MoE model in float64, from the same init, on the same global batches,
 with the trainer's own `train_step` (accumulation, expert-gradient sync, clipping, AdamW) and
@@ -45,13 +46,14 @@ LAYOUTS = {
         "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2)),
         "tp2-moe": ("moe", MeshDims(tp=2))},
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
-        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2))},
+        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2)),
+        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2))},
 }
 # Compiled as `--compile --train.compile_backend eager` compiles (each block, before wrapping): dynamo traces
 # the TP plan, the MoE's sequence layouts and its experts split by tp, and the losses must still be one
 # process's. (EP's dispatch and combine run eagerly under compile; compiling ep2 as well adds about 15 s.)
 COMPILED = {"tp2-moe"}
-CHECKPOINTED = ("tp2", "ep2", "tp2-moe")  # a training checkpoint after step CKPT_STEP
+CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
 
 
 def batches(model: str) -> torch.Tensor:
@@ -163,6 +165,11 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
               "collectives": comm_counts(mode), "payload_bytes": mode.payload, "seconds": time.perf_counter() - t0,
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+    if model == "moe":
+        # The share of every expert weight this rank holds between steps (FSDP's shard of its ep/tp shard).
+        experts = parallel.expert_params(run.model)
+        result["expert_share"] = (sum(parallel.local(w).numel() for w in experts)
+                                  / sum(w.numel() for w in experts))
     if dims.tp > 1:
         # Sequence parallelism leaves the norms' gradients partial on each rank, and the replicated router sums
         # its gradient from partial expert outputs; after the steps their weights must still be the same on
@@ -183,7 +190,9 @@ def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
-    results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()}
+    only = sys.argv[2:]  # layout names to run, all of the world size's by default
+    results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()
+               if not only or name in only}
     if torch.distributed.get_rank() == 0:
         (out / f"layouts-{world}.json").write_text(json.dumps(results, indent=1))
     torch.distributed.barrier()
