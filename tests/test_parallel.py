@@ -1,6 +1,6 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled),
-EP 2, FSDP 2 x TP 2, FSDP 2 x EP 2, EP 2 x TP 2 and HSDP (DDP 2 x EP 2: FSDP over the ep pair, replicated
-across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches
+EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 and HSDP (DDP 2 x EP 2: FSDP over the ep pair,
+replicated across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches
 (tests/parallel_layouts.py runs the layouts of a world size one after another in its process group and writes
 their losses, grad norms and collectives).
 
@@ -70,7 +70,7 @@ def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, wo
 
 @pytest.mark.slow
 @pytest.mark.dist
-@pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2", "tp2-moe", "ep2xtp2"])
+@pytest.mark.parametrize("name", ["tp2", "fsdp2xtp2", "tp2-moe", "ep2xtp2", "fsdp2xtp2-moe"])
 def test_norm_and_router_weights_stay_identical_across_tp_ranks(layouts, name):
     assert layouts[name]["replicas_agree"]
 
@@ -81,7 +81,8 @@ def test_norm_and_router_weights_stay_identical_across_tp_ranks(layouts, name):
 # sequence around attention and feed-forward (5 of each per block and micro-batch); EP adds 2 all-to-alls of
 # tokens and 1 of counts per MoE layer and micro-batch, forward, and 2 backward. TP on an MoE adds one
 # all-reduce per MoE layer and micro-batch (the routing weights' gradient); HSDP one all-reduce per FSDP unit
-# over the replicas.
+# over the replicas. Experts split by ep or tp and FSDP-sharded over dp_shard are one more FSDP unit per MoE
+# layer: 2 gathers per micro-batch and 1 reduce-scatter per step each, where their 3 tensors were all-reduced.
 COLLECTIVES = {
     "ddp2": {"broadcast_": 1, "allreduce_": 2},
     "fsdp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_reduce": 1, "allreduce_": 1},
@@ -92,14 +93,16 @@ COLLECTIVES = {
             "all_reduce": 2, "allreduce_": 9},
     "fsdp2xtp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
                   "reduce_scatter_tensor": 20, "all_reduce": 13, "allreduce_": 1},
-    "fsdp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
-                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 15},
+    "fsdp2xep2": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
+                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 9},
     "tp2-moe": {"all_gather_into_tensor": 20, "reduce_scatter_tensor": 20, "all_reduce": 31, "allreduce_": 1},
     "ep2xtp2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
                 "reduce_scatter_tensor": 20, "alltoall_base_": 4, "all_to_all_single": 16, "all_reduce": 20,
                 "allreduce_": 9},
     "ddp2xep2": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "alltoall_base_": 4,
                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 18},
+    "fsdp2xtp2-moe": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "all_gather_into_tensor": 20,
+                      "reduce_scatter_tensor": 20, "all_reduce": 20, "allreduce_": 9},
 }
 
 
@@ -112,10 +115,21 @@ def test_collectives_per_step_are_the_designs(layouts, world, name):
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.parametrize("world,name", [(w, n) for w, n in LAYOUTS if pl.LAYOUTS[w][n][0] == "moe"])
+def test_each_rank_holds_its_share_of_the_experts(layouts, world, name):
+    """Every copy of an expert shard is FSDP-sharded: a rank holds 1/(dp_shard x ep x tp) of the experts, and DDP
+    replicas hold whole copies."""
+    dims = pl.LAYOUTS[world][name][1]
+    assert layouts[name]["expert_share"] == 1 / (dims.dp_shard * dims.ep * dims.tp)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("name", pl.CHECKPOINTED)
 def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
-    """The step-2 DCP checkpoint of a 2-rank tp or ep run (an MoE's experts split by tp too), loaded into a plain model and optimizer (no process
-    group), trains step 3 to the loss and grad norm the 2-rank run logged."""
+    """The step-2 DCP checkpoint of a tp, ep or FSDP x ep run (an MoE's experts split by tp, or by ep and FSDP),
+    loaded into a plain model and optimizer (no process group), trains step 3 to the loss and grad norm the run
+    logged."""
     got = layouts[name]
     env = parallel.DistEnv(0, 0, 1, torch.device("cpu"))
     model = pl.build(got["model"])
