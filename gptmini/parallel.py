@@ -191,7 +191,8 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     """The one place the mesh is made: its four dimensions by name, and the flattened views `fsdp` (dp_shard x
     ep: what FSDP shards the dense weights over; EP borrows its ranks for data, as in torchtitan), `data`
     (every rank with its own batch), `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)
-    and, with replicas, `hsdp` (dp_replicate x fsdp); `experts`, what the experts' weights are sharded over:
+    and, with replicas, `hsdp` (dp_replicate x fsdp) and `expert_hsdp` (dp_replicate x dp_shard, 2-D: the
+    experts' HSDP mesh); `experts`, what the experts' weights are sharded over:
     ep (the expert index), tp (each expert's hidden units), or both. Kept here rather than sliced again from
     the root mesh, which torch is deprecating for flattened dimensions."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -463,8 +464,9 @@ class ExpertParallel:
 def apply_ep(model: nn.Module, mesh: Any) -> None:
     """Shard each MoE's experts over `mesh` (build_mesh's `experts`: ep, tp or the 2-D ep x tp) as DTensors, so
     checkpoints hold the full expert set and reshard to any mesh, and route its tokens through ExpertParallel.
-    FSDP leaves the experts alone (ignored_params): `sync_expert_grads` reduces their gradients over the copies
-    of each shard."""
+    The block's FSDP unit leaves the experts out (ignored_params): with dp_shard copies of each shard, FSDP
+    shards them in a unit of their own (`shard_experts`); else `sync_expert_grads` reduces their gradients over
+    the DDP replicas."""
     from torch.distributed.tensor import DTensor, Shard
 
     names = mesh.mesh_dim_names
@@ -512,6 +514,9 @@ def shard_experts(block: nn.Module, env: DistEnv, mp: Any) -> None:
         fully_shard(moe, mesh=mesh, mp_policy=mp, shard_placement_fn=lambda p, d=dim: Shard(d),
                     ignored_params=set(moe.gate.parameters()))
         moe.set_gradient_divide_factor(float(dims.data))
+        # A divide factor other than the group's size is NCCL's PREMUL_SUM in fp32/bf16, which gloo refuses:
+        # on CPU, sum and divide after (what FSDP does for float64 anyway).
+        moe.set_force_sum_reduction_for_comms(env.device.type != "cuda")
         moe.set_reduce_scatter_unused_params(True)
 
 
