@@ -1,6 +1,7 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled),
-EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 and HSDP (DDP 2 x EP 2: FSDP over the ep pair,
-replicated across the pairs), with gradient accumulation and clipping, on CPU with gloo, in two torchrun launches
+EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2, HSDP (DDP 2 x EP 2: FSDP over the ep pair,
+replicated across the pairs) and DDP 2 x FSDP 2 x EP 2 (the experts HSDP-sharded), with gradient accumulation
+and clipping, on CPU with gloo, in three torchrun launches (2, 4 and 8 ranks)
 (tests/parallel_layouts.py runs the layouts of a world size one after another in its process group and writes
 their losses, grad norms and collectives).
 
@@ -103,6 +104,8 @@ COLLECTIVES = {
                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 18},
     "fsdp2xtp2-moe": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "all_gather_into_tensor": 20,
                       "reduce_scatter_tensor": 20, "all_reduce": 20, "allreduce_": 9},
+    "ddp2xfsdp2xep2": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
+                       "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 14},
 }
 
 
