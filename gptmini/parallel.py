@@ -329,7 +329,19 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         # Both plans shard the table over the vocabulary (dim 0), so one DTensor serves both; parallelize_module
         # made two, which would train apart.
         model.output.weight = model.tok_embeddings.weight
+    model.tok_embeddings.register_forward_hook(_settle_collective)
     model.vocab_parallel = True
+
+
+def _settle_collective(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The embedding's output is its reduce-scatter's pending result (an AsyncCollectiveTensor). Passed as such
+    into a block compiled with AOTAutograd (the aot_eager and inductor backends), its gradient comes back a plain
+    tensor where the reduce-scatter's backward expects a DTensor, and backward fails ("'Tensor' object has no
+    attribute '_local_tensor'", torch 2.13; pytorch/pytorch#179506 fixes it in AOTAutograd). A copy is a plain
+    tensor with the same autograd history; it costs one sequence shard of activations per forward."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
 
 
 def moe_sequence_layouts(moe: MoE, tp_mesh: Any) -> None:

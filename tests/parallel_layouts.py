@@ -51,10 +51,11 @@ LAYOUTS = {
         "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2))},
     8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2))},
 }
-# Compiled as `--compile --train.compile_backend eager` compiles (each block, before wrapping): dynamo traces
-# the TP plan, the MoE's sequence layouts and its experts split by tp, and the losses must still be one
-# process's. (EP's dispatch and combine run eagerly under compile; compiling ep2 as well adds about 15 s.)
-COMPILED = {"tp2-moe"}
+# Compiled as `--compile` compiles (each block, before wrapping), with the backend named: dynamo traces the TP
+# plan, the MoE's sequence layouts and its experts split by tp (eager: dynamo alone); inductor also takes the
+# graphs through AOTAutograd and generates C++ for them (it needs a C++ compiler), with EP's dispatch and
+# combine left eager between them. The losses must still be one process's.
+COMPILED = {"tp2-moe": "eager", "ep2xtp2": "inductor"}
 CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
 
 
@@ -150,7 +151,8 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     net = build(model)
     torch._dynamo.utils.counters.clear()
     if name in COMPILED:
-        parallel.compile_model(net, "blocks", backend="eager")
+        torch._dynamo.reset()  # a layout compiled before would count against this one's recompile limit
+        parallel.compile_model(net, "blocks", backend=COMPILED[name])
     net = parallel.wrap(net, "ddp" if dims.dp_replicate > 1 else "fsdp", env)
     run = run_for(model, env, net)
     losses, norms = [], []
