@@ -52,10 +52,11 @@ LAYOUTS = {
     8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2))},
 }
 # Compiled as `--compile` compiles (each block, before wrapping), with the backend named: dynamo traces the TP
-# plan, the MoE's sequence layouts and its experts split by tp (eager: dynamo alone); inductor also takes the
-# graphs through AOTAutograd and generates C++ for them (it needs a C++ compiler), with EP's dispatch and
-# combine left eager between them. The losses must still be one process's.
-COMPILED = {"tp2-moe": "eager", "ep2xtp2": "inductor"}
+# plan, the MoE's sequence layouts and its experts split by tp, and AOTAutograd takes the graphs (aot_eager;
+# without FSDP, whose hooks hand the blocks plain inputs, TP's embedding output enters the first block as a
+# pending collective: parallel._settle_collective); inductor also generates C++ for them (it needs a C++
+# compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
+COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
 CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
 
 

@@ -1,5 +1,5 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled with
-dynamo's eager backend), EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 (compiled with inductor),
+the aot_eager backend), EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 (compiled with inductor),
 HSDP (DDP 2 x EP 2: FSDP over the ep pair,
 replicated across the pairs) and DDP 2 x FSDP 2 x EP 2 (the experts HSDP-sharded), with gradient accumulation
 and clipping, on CPU with gloo, in three torchrun launches (2, 4 and 8 ranks)
