@@ -48,7 +48,7 @@ LAYOUTS = {
         "tp2-moe": ("moe", MeshDims(tp=2))},
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
         "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2)),
-        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2))},
+        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2)), "ep2xtp2-bf16": ("moe", MeshDims(ep=2, tp=2))},
     8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2))},
 }
 # Compiled as `--compile` compiles (each block, before wrapping), with the backend named: dynamo traces the TP
@@ -57,6 +57,9 @@ LAYOUTS = {
 # pending collective: parallel._settle_collective); inductor also generates C++ for them (it needs a C++
 # compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
 COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
+# bf16 autocast over fp32 weights, as `--train.precision bf16` trains (on a CPU with bf16 units, or CUDA),
+# against one process in bf16 too; every other layout is float64 without autocast.
+PRECISION = {"ep2xtp2-bf16": "bf16"}
 CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
 
 
@@ -79,16 +82,17 @@ class Batches:
         return w[:, :-1], w[:, 1:]
 
 
-def build(model: str) -> GPTOSSMini:
+def build(model: str, precision: str = "fp32") -> GPTOSSMini:
     torch.manual_seed(0)
-    return GPTOSSMini(MODELS[model]).double()
+    net = GPTOSSMini(MODELS[model])
+    return net.float() if precision == "bf16" else net.double()  # autocast leaves float64 alone
 
 
-def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module) -> SimpleNamespace:
+def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module, precision: str = "fp32") -> SimpleNamespace:
     cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=ACCUM), optim=OPTIM)
     return SimpleNamespace(cfg=cfg, env=env, model=net, optimizer=build_optimizer(net, OPTIM),
                            train_loader=Batches(batches(model), env.data_rank, env.data_world),
-                           state=TrainState(), precision="fp32")
+                           state=TrainState(), precision=precision)
 
 
 def step(run: SimpleNamespace) -> tuple[float, float]:
@@ -97,9 +101,9 @@ def step(run: SimpleNamespace) -> tuple[float, float]:
     return loss.item() / run.env.data_world, float(parallel.local(norm))
 
 
-def one_process(model: str) -> dict[str, list[float]]:
+def one_process(model: str, precision: str = "fp32") -> dict[str, list[float]]:
     """The reference: the whole batch in this process, no process group."""
-    run = run_for(model, parallel.DistEnv(0, 0, 1, torch.device("cpu")), build(model))
+    run = run_for(model, parallel.DistEnv(0, 0, 1, torch.device("cpu")), build(model, precision), precision)
     losses, norms = zip(*(step(run) for _ in range(STEPS)))
     return {"loss": list(losses), "grad_norm": list(norms)}
 
@@ -149,13 +153,14 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     rank = int(os.environ["RANK"])
     device = torch.device("cpu")
     env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
-    net = build(model)
+    precision = PRECISION.get(name, "fp32")
+    net = build(model, precision)
     torch._dynamo.utils.counters.clear()
     if name in COMPILED:
         torch._dynamo.reset()  # a layout compiled before would count against this one's recompile limit
         parallel.compile_model(net, "blocks", backend=COMPILED[name])
     net = parallel.wrap(net, "ddp" if dims.dp_replicate > 1 else "fsdp", env)
-    run = run_for(model, env, net)
+    run = run_for(model, env, net, precision)
     losses, norms = [], []
     for i in range(STEPS):
         # The last step's collectives are counted: dynamo compiles nothing while a dispatch mode (CommDebugMode)
@@ -167,7 +172,7 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
         if run.state.step == CKPT_STEP and name in CHECKPOINTED:
             checkpoint.save_checkpoint(out / name, run.state.step, net, run.optimizer, trainer_state={},
                                        rank_state={}, config_json="{}", config_toml="", env=env, keep_last=1)
-    result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
+    result = {"model": model, "precision": precision, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
               "collectives": comm_counts(mode), "payload_bytes": mode.payload, "seconds": time.perf_counter() - t0,
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if model == "moe":
