@@ -12,8 +12,10 @@ and the step's loss is summed in float32, so layouts that reduce in another orde
 loss taken over one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by
 1e-4 or more. EP 2 x TP 2 also trains under bf16 autocast (fp32 weights, `--train.precision bf16`) against one
 process under it: losses within 1e-3 and grad norms within 2e-2 relative (measured: 4.5e-5 and 5.5e-3; bf16
-keeps 8 bits, and the layouts round their partial sums at different points), which catches a gradient off by a
-factor or a rank's missing share, not the 1e-4 shifts the float64 layouts catch.
+keeps 8 bits, and the layouts round their partial sums at different points, which moves the weights apart
+step by step), and step 1's grad norm, taken from identical weights, within 5e-4 (measured: 5.6e-5; the
+experts' gradients left undivided by the data ranks move it 1.2e-3). That proves bf16 runs through the layout,
+not the 1e-6 agreement the float64 layouts prove.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from gptmini.errors import UserError
 from gptmini.parallel import MeshDims, mesh_args, mesh_dims
 
 REL = 1e-6
-BF16_REL = {"loss": 1e-3, "grad_norm": 2e-2}
+BF16_REL = {"loss": 1e-3, "grad_norm": 2e-2, "first_grad_norm": 5e-4}
 BIN = Path(sys.executable).parent
 LAYOUTS = [(world, name) for world, names in pl.LAYOUTS.items() for name in names]
 
@@ -74,6 +76,8 @@ def test_layout_gives_one_process_losses_and_grad_norms(layouts, one_process, wo
     rel = BF16_REL if got["precision"] == "bf16" else {"loss": REL, "grad_norm": REL}
     assert close(got["loss"], want["loss"], rel["loss"]), (got["loss"], want["loss"])
     assert close(got["grad_norm"], want["grad_norm"], rel["grad_norm"]), (got["grad_norm"], want["grad_norm"])
+    if got["precision"] == "bf16":
+        assert close(got["grad_norm"][:1], want["grad_norm"][:1], rel["first_grad_norm"]), (got, want)
     assert (got["graphs"] > 0) == (name in pl.COMPILED)  # dynamo traced the blocks the layout compiled
 
 
