@@ -337,9 +337,8 @@ def _settle_collective(module: nn.Module, args: tuple, out: torch.Tensor) -> tor
     """The embedding's output is its reduce-scatter's pending result (an AsyncCollectiveTensor). Passed as such
     into a block compiled with AOTAutograd (the aot_eager and inductor backends), its gradient comes back a plain
     tensor where the reduce-scatter's backward expects a DTensor, and backward fails ("'Tensor' object has no
-    attribute '_local_tensor'", torch 2.13; pytorch/pytorch#179506 proposes unwrapping such inputs in AOTAutograd).
-    A copy is a plain tensor with the same autograd history; it costs one sequence shard of activations per
-    forward."""
+    attribute '_local_tensor'", torch 2.13, whose AOTAutograd does not unwrap such inputs). A copy is a plain
+    tensor with the same autograd history; it costs one sequence shard of activations per forward."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
 
     return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
