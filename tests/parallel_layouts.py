@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2 tp2-moe ...
     torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 ep2xtp2 ddp2xep2 ...
-    torchrun --standalone --nproc-per-node 8 tests/parallel_layouts.py OUT_DIR   # ddp2xfsdp2xep2
+    torchrun --standalone --nproc-per-node 8 tests/parallel_layouts.py OUT_DIR   # ddp2xfsdp2xep2 fsdp2xep4
     torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR fsdp2xep2   # named layouts only
 
 Each layout trains a tiny dense or MoE model in float64, from the same init, on the same global batches,
@@ -49,7 +49,8 @@ LAYOUTS = {
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
         "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2)),
         "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2)), "ep2xtp2-bf16": ("moe", MeshDims(ep=2, tp=2))},
-    8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2))},
+    8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2)),
+        "fsdp2xep4": ("moe", MeshDims(dp_shard=2, ep=4))},
 }
 # Compiled as `--compile` compiles (each block, before wrapping), with the backend named: dynamo traces the TP
 # plan, the MoE's sequence layouts and its experts split by tp, and AOTAutograd takes the graphs (aot_eager;

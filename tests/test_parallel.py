@@ -1,8 +1,8 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled with
 the aot_eager backend), EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 (compiled with inductor),
 HSDP (DDP 2 x EP 2: FSDP over the ep pair,
-replicated across the pairs) and DDP 2 x FSDP 2 x EP 2 (the experts HSDP-sharded), with gradient accumulation
-and clipping, on CPU with gloo, in three torchrun launches (2, 4 and 8 ranks)
+replicated across the pairs), DDP 2 x FSDP 2 x EP 2 (the experts HSDP-sharded) and FSDP 2 x EP 4 (one expert
+per ep rank, so FSDP splits its hidden units), with gradient accumulation and clipping, on CPU with gloo, in three torchrun launches (2, 4 and 8 ranks)
 (tests/parallel_layouts.py runs the layouts of a world size one after another in its process group and writes
 their losses, grad norms and collectives).
 
@@ -121,6 +121,8 @@ COLLECTIVES = {
                      "allreduce_": 9},
     "ddp2xfsdp2xep2": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
                        "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 14},
+    "fsdp2xep4": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
+                  "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 9},
 }
 
 
