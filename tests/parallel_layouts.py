@@ -48,7 +48,8 @@ LAYOUTS = {
         "tp2-moe": ("moe", MeshDims(tp=2))},
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
         "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2)),
-        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2)), "ep2xtp2-bf16": ("moe", MeshDims(ep=2, tp=2))},
+        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2)), "ep2xtp2-bf16": ("moe", MeshDims(ep=2, tp=2)),
+        "fsdp2xep2-bf16": ("moe", MeshDims(dp_shard=2, ep=2))},
     8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2)),
         "fsdp2xep4": ("moe", MeshDims(dp_shard=2, ep=4))},
 }
@@ -59,8 +60,9 @@ LAYOUTS = {
 # compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
 COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
 # bf16 autocast over fp32 weights, as `--train.precision bf16` trains (on a CPU with bf16 units, or CUDA),
-# against one process in bf16 too; every other layout is float64 without autocast.
-PRECISION = {"ep2xtp2-bf16": "bf16"}
+# against one process in bf16 too (FSDP then reduces the experts' gradients in fp32, where float64 takes another
+# path); every other layout is float64 without autocast.
+PRECISION = {"ep2xtp2-bf16": "bf16", "fsdp2xep2-bf16": "bf16"}
 CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
 
 

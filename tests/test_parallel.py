@@ -10,7 +10,7 @@ Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router com
 and the step's loss is summed in float32, so layouts that reduce in another order differ by float32 ulps
 (measured: at most 2.3e-7 relative, under TP on the MoE; 1.7e-7 for EP 2 x TP 2 compiled by inductor); a rank that reads another rank's windows, a balance
 loss taken over one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by
-1e-4 or more. EP 2 x TP 2 also trains under bf16 autocast (fp32 weights, `--train.precision bf16`) against one
+1e-4 or more. EP 2 x TP 2 and FSDP 2 x EP 2 also train under bf16 autocast (fp32 weights, `--train.precision bf16`) against one
 process under it: losses within 1e-3 and grad norms within 2e-2 relative (measured: 4.5e-5 and 5.5e-3; bf16
 keeps 8 bits, and the layouts round their partial sums at different points, which moves the weights apart
 step by step), and step 1's grad norm, taken from identical weights, within 5e-4 (measured: 5.6e-5; the
@@ -119,6 +119,8 @@ COLLECTIVES = {
     "ep2xtp2-bf16": {"_allgather_base_": 10, "_reduce_scatter_base_": 3, "all_gather_into_tensor": 20,
                      "reduce_scatter_tensor": 20, "alltoall_base_": 4, "all_to_all_single": 16, "all_reduce": 20,
                      "allreduce_": 9},
+    "fsdp2xep2-bf16": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
+                       "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 9},
     "ddp2xfsdp2xep2": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
                        "all_to_all_single": 16, "all_reduce": 2, "allreduce_": 14},
     "fsdp2xep4": {"_allgather_base_": 18, "_reduce_scatter_base_": 5, "alltoall_base_": 4,
