@@ -63,7 +63,7 @@ COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
 # against one process in bf16 too (FSDP then reduces the experts' gradients in fp32, where float64 takes another
 # path); every other layout is float64 without autocast.
 PRECISION = {"ep2xtp2-bf16": "bf16", "fsdp2xep2-bf16": "bf16"}
-CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2")  # a training checkpoint after step CKPT_STEP
+CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2", "fsdp2xep4")  # a training checkpoint after step CKPT_STEP
 
 
 def batches(model: str) -> torch.Tensor:

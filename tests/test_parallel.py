@@ -149,7 +149,8 @@ def test_each_rank_holds_its_share_of_the_experts(layouts, world, name):
 @pytest.mark.dist
 @pytest.mark.parametrize("name", pl.CHECKPOINTED)
 def test_checkpoint_written_under_a_mesh_resumes_in_one_process(layouts, name):
-    """The step-2 DCP checkpoint of a tp, ep or FSDP x ep run (an MoE's experts split by tp, or by ep and FSDP),
+    """The step-2 DCP checkpoint of a tp, ep or FSDP x ep run (an MoE's experts split by tp, or by ep and FSDP on
+    the expert index or, one expert per ep rank, its hidden units),
     loaded into a plain model and optimizer (no process group), trains step 3 to the loss and grad norm the run
     logged."""
     got = layouts[name]
