@@ -191,7 +191,8 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     """The one place the mesh is made: its four dimensions by name, and the flattened views `fsdp` (dp_shard x
     ep: what FSDP shards the dense weights over; EP borrows its ranks for data, as in torchtitan), `data`
     (every rank with its own batch), `expert_dp` (dp_replicate x dp_shard: the copies of one expert shard)
-    and, with replicas, `hsdp` (dp_replicate x fsdp); `experts`, what the experts' weights are sharded over:
+    and, with replicas, `hsdp` (dp_replicate x fsdp) and `expert_hsdp` (dp_replicate x dp_shard, 2-D: the
+    experts' HSDP mesh); `experts`, what the experts' weights are sharded over:
     ep (the expert index), tp (each expert's hidden units), or both. Kept here rather than sliced again from
     the root mesh, which torch is deprecating for flattened dimensions."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -205,6 +206,7 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
     if dims.dp_replicate > 1:
         meshes["hsdp"] = root["dp_replicate", "fsdp"]  # a 2-D mesh has to be sliced from the root
+        meshes["expert_hsdp"] = root["dp_replicate", "dp_shard"]
     return meshes
 
 
@@ -269,6 +271,8 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
         experts = set(expert_params(model)) if dims.ep * dims.tp > 1 else set()
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=experts & set(block.parameters()) or None)
+            if experts_sharded(dims):
+                shard_experts(block, env, mp)
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=experts or None)
     elif dims.dp_replicate > 1 or (parallel == "ddp" and env.world_size == 1):  # one rank: the DDP code path
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -325,7 +329,19 @@ def apply_tp(model: nn.Module, tp_mesh: Any) -> None:
         # Both plans shard the table over the vocabulary (dim 0), so one DTensor serves both; parallelize_module
         # made two, which would train apart.
         model.output.weight = model.tok_embeddings.weight
+    model.tok_embeddings.register_forward_hook(_settle_collective)
     model.vocab_parallel = True
+
+
+def _settle_collective(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """The embedding's output is its reduce-scatter's pending result (an AsyncCollectiveTensor). Passed as such
+    into a block compiled with AOTAutograd (the aot_eager and inductor backends), its gradient comes back a plain
+    tensor where the reduce-scatter's backward expects a DTensor, and backward fails ("'Tensor' object has no
+    attribute '_local_tensor'", torch 2.13, whose AOTAutograd does not unwrap such inputs). A copy is a plain
+    tensor with the same autograd history; it costs one sequence shard of activations per forward."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return out.clone() if isinstance(out, AsyncCollectiveTensor) else out
 
 
 def moe_sequence_layouts(moe: MoE, tp_mesh: Any) -> None:
@@ -460,8 +476,9 @@ class ExpertParallel:
 def apply_ep(model: nn.Module, mesh: Any) -> None:
     """Shard each MoE's experts over `mesh` (build_mesh's `experts`: ep, tp or the 2-D ep x tp) as DTensors, so
     checkpoints hold the full expert set and reshard to any mesh, and route its tokens through ExpertParallel.
-    FSDP leaves the experts alone (ignored_params): `sync_expert_grads` reduces their gradients over the copies
-    of each shard."""
+    The block's FSDP unit leaves the experts out (ignored_params): with dp_shard copies of each shard, FSDP
+    shards them in a unit of their own (`shard_experts`); else `sync_expert_grads` reduces their gradients over
+    the DDP replicas."""
     from torch.distributed.tensor import DTensor, Shard
 
     names = mesh.mesh_dim_names
@@ -480,11 +497,46 @@ def apply_ep(model: nn.Module, mesh: Any) -> None:
             m.expert_parallel = dispatcher
 
 
+def experts_sharded(dims: MeshDims) -> bool:
+    """Whether FSDP shards the experts (`shard_experts`): they are DTensors (ep or tp > 1) with dp_shard copies."""
+    return dims.ep * dims.tp > 1 and dims.dp_shard > 1
+
+
+def shard_experts(block: nn.Module, env: DistEnv, mp: Any) -> None:
+    """FSDP over the copies of each expert shard, as torchtitan's `dp_shard_mod_ep`: the experts of a rank's ep
+    (and tp) group are the same on its dp_shard ranks, so they are split once more over dp_shard (with HSDP,
+    replicated over dp_replicate too). Each rank then holds 1/(dp_shard x ep x tp) of the experts, gathers its
+    ep group's share for the MoE's forward and backward, and reduce-scatters their gradients, where they were
+    whole on every copy and all-reduced.
+
+    The block is already sharded (its experts left out), so this unit, applied inside it afterwards, takes the
+    experts only; the router stays with the block's unit, on the mesh of the dense weights. The gradients are
+    divided by every data rank (the loss is each rank's mean, and the experts' gradients already sum what the
+    ep group's tokens sent them), not by the dp_shard ranks FSDP reduces over; ranks whose experts no token
+    reached still join the reduce-scatter with zeros."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    dims = env.dims
+    mesh = env.mesh["expert_hsdp" if dims.dp_replicate > 1 else "dp_shard"]
+    for moe in (m for m in block.modules() if isinstance(m, MoE)):
+        # Whole experts per rank where the dp_shard ranks can share the ep group's evenly; else every expert's
+        # hidden units are split (FSDP would pad the expert index, and a rank would gather padding).
+        dim = 0 if (moe.num_experts // dims.ep) % dims.dp_shard == 0 else 1
+        fully_shard(moe, mesh=mesh, mp_policy=mp, shard_placement_fn=lambda p, d=dim: Shard(d),
+                    ignored_params=set(moe.gate.parameters()))
+        moe.set_gradient_divide_factor(float(dims.data))
+        # A divide factor other than the group's size is NCCL's PREMUL_SUM in fp32/bf16, which gloo refuses:
+        # on CPU, sum and divide after (what FSDP does for float64 anyway).
+        moe.set_force_sum_reduction_for_comms(env.device.type != "cuda")
+        moe.set_reduce_scatter_unused_params(True)
+
+
 def sync_expert_grads(model: nn.Module, env: DistEnv) -> None:
     """Each rank's expert gradients sum what every rank's tokens sent them (the all-to-all's backward); the
     loss is the mean over the data ranks, so divide by their number, and sum over the copies of each shard
-    (dp_replicate x dp_shard)."""
-    if env.dims.ep * env.dims.tp == 1:
+    (dp_replicate). With dp_shard copies FSDP does both (`shard_experts`)."""
+    if env.dims.ep * env.dims.tp == 1 or experts_sharded(env.dims):
         return
     group = env.mesh["expert_dp"].get_group() if env.dims.dp_replicate * env.dims.dp_shard > 1 else None
     for w in expert_params(model):

@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc-per-node 2 tests/parallel_layouts.py OUT_DIR   # ddp2 fsdp2 tp2 ep2 tp2-moe ...
     torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR   # fsdp2xtp2 ep2xtp2 ddp2xep2 ...
+    torchrun --standalone --nproc-per-node 8 tests/parallel_layouts.py OUT_DIR   # ddp2xfsdp2xep2 fsdp2xep4
+    torchrun --standalone --nproc-per-node 4 tests/parallel_layouts.py OUT_DIR fsdp2xep2   # named layouts only
 
 Each layout trains a tiny dense or MoE model in float64, from the same init, on the same global batches,
 with the trainer's own `train_step` (accumulation, expert-gradient sync, clipping, AdamW) and
@@ -45,13 +47,23 @@ LAYOUTS = {
         "fsdp2-moe": ("moe", MeshDims(dp_shard=2)), "ep2": ("moe", MeshDims(ep=2)),
         "tp2-moe": ("moe", MeshDims(tp=2))},
     4: {"fsdp2xtp2": ("dense", MeshDims(dp_shard=2, tp=2)), "fsdp2xep2": ("moe", MeshDims(dp_shard=2, ep=2)),
-        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2))},
+        "ep2xtp2": ("moe", MeshDims(ep=2, tp=2)), "ddp2xep2": ("moe", MeshDims(dp_replicate=2, ep=2)),
+        "fsdp2xtp2-moe": ("moe", MeshDims(dp_shard=2, tp=2)), "ep2xtp2-bf16": ("moe", MeshDims(ep=2, tp=2)),
+        "fsdp2xep2-bf16": ("moe", MeshDims(dp_shard=2, ep=2))},
+    8: {"ddp2xfsdp2xep2": ("moe", MeshDims(dp_replicate=2, dp_shard=2, ep=2)),
+        "fsdp2xep4": ("moe", MeshDims(dp_shard=2, ep=4))},
 }
-# Compiled as `--compile --train.compile_backend eager` compiles (each block, before wrapping): dynamo traces
-# the TP plan, the MoE's sequence layouts and its experts split by tp, and the losses must still be one
-# process's. (EP's dispatch and combine run eagerly under compile; compiling ep2 as well adds about 15 s.)
-COMPILED = {"tp2-moe"}
-CHECKPOINTED = ("tp2", "ep2", "tp2-moe")  # a training checkpoint after step CKPT_STEP
+# Compiled as `--compile` compiles (each block, before wrapping), with the backend named: dynamo traces the TP
+# plan, the MoE's sequence layouts and its experts split by tp, and AOTAutograd takes the graphs (aot_eager;
+# without FSDP, whose hooks hand the blocks plain inputs, TP's embedding output enters the first block as a
+# pending collective: parallel._settle_collective); inductor also generates C++ for them (it needs a C++
+# compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
+COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
+# bf16 autocast over fp32 weights, as `--train.precision bf16` trains (on a CPU with bf16 units, or CUDA),
+# against one process in bf16 too (FSDP then reduces the experts' gradients in fp32, where float64 takes another
+# path); every other layout is float64 without autocast.
+PRECISION = {"ep2xtp2-bf16": "bf16", "fsdp2xep2-bf16": "bf16"}
+CHECKPOINTED = ("tp2", "ep2", "tp2-moe", "fsdp2xep2", "fsdp2xep4")  # a training checkpoint after step CKPT_STEP
 
 
 def batches(model: str) -> torch.Tensor:
@@ -73,17 +85,18 @@ class Batches:
         return w[:, :-1], w[:, 1:]
 
 
-def build(model: str) -> GPTOSSMini:
+def build(model: str, precision: str = "fp32") -> GPTOSSMini:
     torch.manual_seed(0)
-    return GPTOSSMini(MODELS[model]).double()
+    net = GPTOSSMini(MODELS[model])
+    return net.float() if precision == "bf16" else net.double()  # autocast leaves float64 alone
 
 
-def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module) -> SimpleNamespace:
+def run_for(model: str, env: parallel.DistEnv, net: torch.nn.Module, precision: str = "fp32") -> SimpleNamespace:
     cfg = SimpleNamespace(train=SimpleNamespace(grad_accum=ACCUM), optim=OPTIM)
     return SimpleNamespace(cfg=cfg, env=env, model=net, raw_model=parallel.unwrap(net),
                            optimizer=build_optimizer(net, OPTIM),
                            train_loader=Batches(batches(model), env.data_rank, env.data_world),
-                           state=TrainState(), precision="fp32")
+                           state=TrainState(), precision=precision)
 
 
 def step(run: SimpleNamespace) -> tuple[float, float]:
@@ -92,9 +105,9 @@ def step(run: SimpleNamespace) -> tuple[float, float]:
     return loss.item() / run.env.data_world, float(parallel.local(norm))
 
 
-def one_process(model: str) -> dict[str, list[float]]:
+def one_process(model: str, precision: str = "fp32") -> dict[str, list[float]]:
     """The reference: the whole batch in this process, no process group."""
-    run = run_for(model, parallel.DistEnv(0, 0, 1, torch.device("cpu")), build(model))
+    run = run_for(model, parallel.DistEnv(0, 0, 1, torch.device("cpu")), build(model, precision), precision)
     losses, norms = zip(*(step(run) for _ in range(STEPS)))
     return {"loss": list(losses), "grad_norm": list(norms)}
 
@@ -144,12 +157,14 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
     rank = int(os.environ["RANK"])
     device = torch.device("cpu")
     env = parallel.DistEnv(rank, rank, dims.world, device, dims, parallel.build_mesh(dims, device))
-    net = build(model)
+    precision = PRECISION.get(name, "fp32")
+    net = build(model, precision)
     torch._dynamo.utils.counters.clear()
     if name in COMPILED:
-        parallel.compile_model(net, "blocks", backend="eager")
+        torch._dynamo.reset()  # a layout compiled before would count against this one's recompile limit
+        parallel.compile_model(net, "blocks", backend=COMPILED[name])
     net = parallel.wrap(net, "ddp" if dims.dp_replicate > 1 else "fsdp", env)
-    run = run_for(model, env, net)
+    run = run_for(model, env, net, precision)
     losses, norms = [], []
     for i in range(STEPS):
         # The last step's collectives are counted: dynamo compiles nothing while a dispatch mode (CommDebugMode)
@@ -161,9 +176,14 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
         if run.state.step == CKPT_STEP and name in CHECKPOINTED:
             checkpoint.save_checkpoint(out / name, run.state.step, net, run.optimizer, trainer_state={},
                                        rank_state={}, config_json="{}", config_toml="", env=env, keep_last=1)
-    result = {"model": model, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
+    result = {"model": model, "precision": precision, "mesh": dims.describe(), "loss": losses, "grad_norm": norms,
               "collectives": comm_counts(mode), "payload_bytes": mode.payload, "seconds": time.perf_counter() - t0,
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+    if model == "moe":
+        # The share of every expert weight this rank holds between steps (FSDP's shard of its ep/tp shard).
+        experts = parallel.expert_params(run.model)
+        result["expert_share"] = (sum(parallel.local(w).numel() for w in experts)
+                                  / sum(w.numel() for w in experts))
     if dims.tp > 1:
         # Sequence parallelism leaves the norms' gradients partial on each rank, and the replicated router sums
         # its gradient from partial expert outputs; after the steps their weights must still be the same on
@@ -184,7 +204,9 @@ def main() -> None:
     out = Path(sys.argv[1])
     torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
-    results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()}
+    only = sys.argv[2:]  # layout names to run, all of the world size's by default
+    results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()
+               if not only or name in only}
     if torch.distributed.get_rank() == 0:
         (out / f"layouts-{world}.json").write_text(json.dumps(results, indent=1))
     torch.distributed.barrier()
