@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -103,6 +104,14 @@ def test_index_update_reads_only_new_inputs_and_ranks_as_a_fresh_build(corpus, t
     shrunk = build_index(tmp_path / "data")
     assert (shrunk.added_inputs, shrunk.removed_inputs) == (0, 1)
     assert not any(d.endswith("a.txt") for d, _, _ in all_passages(Index.of(tmp_path / "data")))
+    # The stored word counts that pick a query's words are those of a fresh build, after growing and shrinking.
+    fresh = shutil.copytree(tmp_path / "data", tmp_path / "fresh-shrunk")
+    build_index(fresh, force=True)
+    assert word_counts(Index.of(tmp_path / "data")) == word_counts(Index.of(fresh))
+
+
+def word_counts(index: Index) -> list[tuple]:
+    return index._db().execute("SELECT term, documents FROM terms ORDER BY term").fetchall()
 
 
 def test_planted_passage_is_retrieved_first_with_its_document_and_offset(corpus):
@@ -110,6 +119,46 @@ def test_planted_passage_is_retrieved_first_with_its_document_and_offset(corpus)
     [best] = Index.of(data).search("quokka zyzzyva marmoset velvet", 1)
     assert PLANTED[4:] in best.text and best.document.endswith("planted.txt") and best.source == str(src)
     assert (src / "planted.txt").read_text()[best.offset:].startswith(best.text)
+
+
+def test_a_query_keeps_its_rarest_words_within_the_postings_budget(corpus):
+    index = Index.of(corpus[1])
+    counts = dict(word_counts(index))
+    query = "Decorator attribute quokka_zyzzyva, marmoset! unknownword"
+    assert retrieval.words(query) == ["decorator", "attribute", "quokka", "zyzzyva", "marmoset", "unknownword"]
+    # The three planted words are in one passage each; the common ones in most passages.
+    assert [counts[w] for w in ("quokka", "zyzzyva", "marmoset")] == [1, 1, 1] and counts["decorator"] > 10
+    assert index.match(query, max_postings=3) == '"marmoset" OR "quokka" OR "zyzzyva"'
+    assert index.match(query, max_postings=2) == '"marmoset" OR "quokka"'
+    rarest = min(("decorator", "attribute"), key=lambda w: (counts[w], w))
+    assert index.match("decorator attribute", max_postings=1) == f'"{rarest}"'  # one, even over the budget
+    assert index.match(query).count(" OR ") == 4 and index.match("unknownword") == ""
+
+
+def test_an_index_of_the_first_format_counts_words_from_fts5(corpus, tmp_path):
+    """A version registered before the `terms` table existed still serves, with the same queries."""
+    first = shutil.copyfile(Index.of(corpus[1]).path, tmp_path / "index.sqlite")
+    with sqlite3.connect(first) as db:
+        db.execute("DROP TABLE terms")
+    query = "Decorator attribute quokka zyzzyva marmoset"
+    for budget in (2, 50, 10_000):
+        assert Index(first).match(query, budget) == Index.of(corpus[1]).match(query, budget)
+
+
+def test_search_equals_bm25_over_every_match_with_ties_and_exclusion(corpus):
+    """The top k are those of ranking every match in one query, the planted passage's document excluded or not:
+    the documents repeat 29 words, so BM25 ties abound."""
+    index = Index.of(corpus[1])
+    db = index._db()
+    for query in ["loop class method", "decorator attribute iterator", "quokka python", "zyzzyva"]:
+        for k in (1, 5, 50):
+            for exclude in (None, index.search(query, 1)[0].document):
+                expected = db.execute(
+                    "SELECT p.rowid, -bm25(fts) FROM fts JOIN passages p ON p.rowid = fts.rowid WHERE fts MATCH ? "
+                    "AND p.document IS NOT ? ORDER BY bm25(fts), p.document, p.offset LIMIT ?",
+                    (index.match(query), exclude, k)).fetchall()
+                assert [(p.id, p.score) for p in index.search(query, k, exclude)] == \
+                       [(f"p{r[0]}", r[1]) for r in expected], (query, k, exclude)
 
 
 @pytest.fixture(scope="module")
