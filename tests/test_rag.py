@@ -276,6 +276,32 @@ def test_vector_store_search_and_a_cited_completion_through_the_openai_client(co
         assert "citations" not in off.choices[0].model_extra
         assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="completions"') == 1
         assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="vector_store_search"') == 1
+        # retrieval.stride: the server runs `rag.generate`'s loop, retrieving before every 3 new tokens.
+        searches = []
+
+        class Counted:
+            def search(self, *args):
+                searches.append(args)
+                return index.search(*args)
+
+        index = Index.of(data)
+        expected = rag.generate(Counted(), tok, [tok.eot_token] + tok.encode(prompt), 8, rag.model_complete(model, tok),
+                                model.config.max_seq_len, rag.RagOptions(k=2, stride=3))
+        assert len(searches) == 3 and len(expected.ids) == 8
+        for stream in (False, True):
+            reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0,
+                                              stream=stream, extra_body={"retrieval": {"k": 2, "stride": 3}})
+            chunks = list(reply) if stream else [reply]
+            assert "".join(c.choices[0].text for c in chunks) == tok.decode(expected.ids)
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert [c["id"] for c in chunks[-1].choices[0].model_extra["citations"]] == \
+                   [p.id for p in expected.citations]
+        assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="completions"') == 1 + 2 * 3
+        # A stop string longer than a stride (the first 4 tokens' text) still stops the choice.
+        whole, stop = tok.decode(expected.ids), tok.decode(expected.ids[:4])
+        reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
+                                          extra_body={"retrieval": {"k": 2, "stride": 3}})
+        assert (reply.choices[0].text, reply.choices[0].finish_reason) == (whole[:whole.index(stop)], "stop")
     finally:
         server.stop()
 
