@@ -303,6 +303,11 @@ class Index:
             raise DataError(f"{data_dir} has no retrieval index; run `gptmini index {data_dir}` first")
         return cls(Path(data_dir) / entry["file"], entry["sha256"])
 
+    @classmethod
+    def open(cls, path: str | Path) -> Index:
+        """A prepared folder's index, or an index file."""
+        return cls.of(path) if Path(path).is_dir() else cls(path)
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
