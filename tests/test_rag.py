@@ -110,6 +110,29 @@ def test_index_update_reads_only_new_inputs_and_ranks_as_a_fresh_build(corpus, t
     assert word_counts(Index.of(tmp_path / "data")) == word_counts(Index.of(fresh))
 
 
+def test_a_grown_corpus_prepared_since_a_parent_manifest_updates_the_parent_index(corpus, tmp_path, capsys):
+    """As the retrain flow lays it out: the parent's manifest.json with its index beside it, in another folder
+    than the new dataset's. Only the new input is read, and the index ranks as a fresh build."""
+    src, data = corpus
+    shutil.copytree(src, tmp_path / "src")
+    prepare(tmp_path / "src", tmp_path / "data")  # the same source as the grown one: its inputs keep their names
+    parent = tmp_path / "parents" / "gptmini-v1"
+    parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "data" / "manifest.json", parent)
+    shutil.copy(Index.of(tmp_path / "data").path, parent)
+    write_corpus(tmp_path / "src", ["c.txt"])
+    capsys.readouterr()
+    prepare(tmp_path / "src", tmp_path / "grown", "--since", str(parent / "manifest.json"))
+    assert "from 4 input(s)" in (out := capsys.readouterr().out) and "; read 1 input(s), removed 0" in out
+    fresh = shutil.copytree(tmp_path / "grown", tmp_path / "fresh")
+    assert build_index(fresh, force=True).added_inputs == 4
+    grown, fresh = Index.of(tmp_path / "grown"), Index.of(fresh)
+    assert word_counts(grown) == word_counts(fresh) and all_passages(grown) == all_passages(fresh)
+    for query in ["loop class method", "decorator attribute iterator", PLANTED]:
+        assert [(p.document, p.offset, p.score) for p in grown.search(query, 5)] == \
+               [(p.document, p.offset, p.score) for p in fresh.search(query, 5)]
+
+
 def word_counts(index: Index) -> list[tuple]:
     return index._db().execute("SELECT term, documents FROM terms ORDER BY term").fetchall()
 
