@@ -316,10 +316,10 @@ class Index:
             db.execute(VOCAB)
         return db
 
-    def match(self, text: str, max_postings: int = MAX_POSTINGS) -> str:
+    def match(self, text: str, max_postings: int | None = MAX_POSTINGS) -> str:
         """The FTS5 MATCH expression for free text: its rarest words, OR-ed, as many as hold `max_postings`
-        passages in all (at least one; ties by the word), so a query scores a bounded number of passages. Words
-        in no passage are left out; "" when none is left."""
+        passages in all (at least one; ties by the word; None: every word), so a query scores a bounded number
+        of passages. Words in no passage are left out; "" when none is left."""
         db, counts = self._db(), {}
         for w in words(text):
             row = db.execute(self._documents_sql, (w,)).fetchone()
@@ -327,18 +327,19 @@ class Index:
                 counts[w] = row[1]
         kept, total = [], 0
         for w in sorted(counts, key=lambda w: (counts[w], w)):
-            if kept and total + counts[w] > max_postings:
+            if kept and max_postings is not None and total + counts[w] > max_postings:
                 break
             kept.append(w)
             total += counts[w]
         return " OR ".join(f'"{w}"' for w in kept)
 
-    def search(self, query: str, k: int = 1, exclude_document: str | None = None) -> list[Passage]:
-        """The k best passages for `query` by BM25 (ties by document and offset, so an updated index ranks
-        as one built anew), none of `exclude_document`."""
+    def search(self, query: str, k: int = 1, exclude_document: str | None = None,
+               max_postings: int | None = MAX_POSTINGS) -> list[Passage]:
+        """The k best passages for `query` by BM25 over its words that `match` keeps (ties by document and
+        offset, so an updated index ranks as one built anew), none of `exclude_document`."""
         if not 1 <= k <= MAX_K:
             raise UserError(f"k={k} is out of range; use 1 to {MAX_K}")
-        expr = self.match(query)
+        expr = self.match(query, max_postings)
         if not expr:
             return []
         # FTS5 ranks alone, and only the best n rows are joined to their passages (joining every match took
