@@ -105,7 +105,7 @@ def test_the_incoming_folder_is_a_source_only_when_it_holds_text(tmp_path):
     assert incoming_sources(str(folder)) == [str(folder.resolve())]
 
 
-@pytest.mark.slow  # an MLflow store and a registered version: about 25 s
+@pytest.mark.slow  # an MLflow store and a registered version
 def test_the_parent_manifest_arrives_with_the_parent_index_beside_it(tmp_path, small_shards, tiny_weights,
                                                                       monkeypatch):
     """What `prepare --since` reads to update the parent's index rather than index the grown corpus anew."""
@@ -125,6 +125,6 @@ def test_the_parent_manifest_arrives_with_the_parent_index_beside_it(tmp_path, s
     mc.log_artifact(run, str(data / "manifest.json"), "data")
     mc.log_artifact(run, str(data / entry["file"]), "retrieval")
     version = registry.log_model_version(mc, run, tiny_weights, registry.index_tags(run, entry)).version
-    manifest = Path(parent_manifest(str(version), registry.MODEL_NAME, str(tmp_path / "state")))
+    manifest = Path(parent_manifest.fn(str(version), registry.MODEL_NAME, str(tmp_path / "state")))  # the task's body
     assert manifest.read_bytes() == (data / "manifest.json").read_bytes()
     assert (manifest.parent / entry["file"]).read_bytes() == (data / entry["file"]).read_bytes()
