@@ -212,7 +212,11 @@ class Strided:
                 if self.seq.cancelled:
                     return []
                 time.sleep(0.05)
-        self.segment_done.wait()
+        # A sequence cancelled while it waits in the queue never reports: the client's leaving is seen here.
+        while not self.segment_done.wait(0.5):
+            if self.seq.cancelled:
+                self.segment.cancel()
+                return []
         return self.segment.tokens
 
     def _segment_event(self, delta: str, reason: str | None) -> None:
