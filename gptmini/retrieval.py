@@ -7,11 +7,12 @@ tokens, so a passage, an end-of-text and a prompt fit the demo model's 256 posit
 prepends passages of about 100 words). A passage knows its document, its character offset there, its source
 and the input it was read from.
 
-Why SQLite FTS5, of the three retrievers measured (BENCHMARKS.md, "Which retriever for the index?"): bm25s
-and tantivy answer a query faster and store less, but FTS5 is in the standard library, writes the same bytes
-for the same rows (so the file can be named by its sha256; tantivy's segment files are named at random), and
-adds and removes rows (bm25s rebuilds its whole matrix), so a grown corpus reads only its new inputs. BM25's
-statistics are computed at query time, so an index updated in place ranks as one built anew.
+Why SQLite FTS5, of the three retrievers measured (BENCHMARKS.md, "Which retriever for the index, and how
+fast is its query?"): bm25s answers faster, and bm25s and tantivy store less, but FTS5 is in the standard
+library, writes the same bytes for the same rows (so the file can be named by its sha256; tantivy's segment
+files are named at random), and adds and removes rows (bm25s rebuilds its whole matrix), so a grown corpus
+reads only its new inputs. BM25's statistics are computed at query time, so an index updated in place ranks
+as one built anew.
 
 A query's cost in FTS5 is the passages it scores: every passage that holds any OR-ed word. So a query keeps
 only its rarest words, as many as fit `MAX_POSTINGS` passages in all (their document frequencies are stored
