@@ -325,6 +325,13 @@ def test_vector_store_search_and_a_cited_completion_through_the_openai_client(co
         reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
                                           extra_body={"retrieval": {"k": 2, "stride": 3}})
         assert (reply.choices[0].text, reply.choices[0].finish_reason) == (whole[:whole.index(stop)], "stop")
+        # Chat, with n choices: each runs its own loop, and each cites what it read.
+        chat = client.chat.completions.create(model="gptmini", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=6, n=2, temperature=0,
+                                              extra_body={"retrieval": {"k": 1, "stride": 2}})
+        assert len({c.message.content for c in chat.choices}) == 1  # greedy: the same text twice
+        assert all(c.model_extra["citations"] and c.finish_reason for c in chat.choices)
+        assert 0 < chat.usage.completion_tokens <= 2 * 6
     finally:
         server.stop()
 
