@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -184,12 +185,22 @@ def incoming_sources(folder: str) -> list[str]:
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)
 def parent_manifest(version: str, model_name: str, data_root: str) -> str:
     """The data manifest a registered version was trained on (its run's `data/manifest.json` artifact), as a
-    local file: what the new dataset marks its new documents against."""
+    local file: what the new dataset marks its new documents against; its index, if it has one, beside it."""
     mc = registry.client(tracking_uri())
     mv = registry.get_version(mc, version, model_name)
     dest = Path(data_root) / "parents" / f"{model_name}-v{version}"
     dest.mkdir(parents=True, exist_ok=True)
-    return str(Path(mc.download_artifacts(mv.run_id, "data/manifest.json", str(dest))))
+    manifest = Path(mc.download_artifacts(mv.run_id, "data/manifest.json", str(dest)))
+    # The version's retrieval index beside its manifest: `gptmini prepare --since` then updates it with the new
+    # inputs instead of reading the whole grown corpus again.
+    index = registry.resolve_index(f"models:/{model_name}/{version}", tracking_uri())
+    if index is not None and not (dest / index.name).exists():
+        try:
+            os.link(index, dest / index.name)  # the registry cache's file is never written again
+        except OSError:  # another filesystem
+            with files.atomic_path(dest / index.name) as tmp:
+                shutil.copyfile(index, tmp)
+    return str(manifest)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_io)

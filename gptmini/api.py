@@ -1,6 +1,7 @@
 """The Python API: what `from gptmini import GPTOSSMini, GPTTrainer` gives a notebook (docs/python-api.md).
 
-`GPTOSSMini` here is the model of `gptmini.model` plus `generate` and `from_pretrained`. It is a subclass
+`GPTOSSMini` here is the model of `gptmini.model` plus `generate`, `generate_with_retrieval` and
+`from_pretrained`. It is a subclass
 rather than methods on the model because both belong to layers above it: `generate` is the library's one
 decode loop and sampler (`gptmini.generate`), `from_pretrained` is the one loader (`weights.load_model`)
 and the registry's `models:/` resolution, and gptmini/model.py imports nothing but torch. The subclass adds
@@ -25,16 +26,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gptmini import checkpoint, generate, loss, registry, trainer, weights
+from gptmini import checkpoint, generate, loss, rag, registry, trainer, weights
 from gptmini.config import Config, ConfigError, apply_overrides, from_preset, section_types, validate
 from gptmini.data.loader import BatchStream, TokenShards, WindowLoader, window_loaders
 from gptmini.data.prepare import read_manifest
 from gptmini.data.sources import DataError
 from gptmini.device import pick_device
+from gptmini.engine import prompt_ids
 from gptmini.errors import UserError
 from gptmini.metrics import curves_png
 from gptmini.model import GPTOSSMini as Model, KVCache
 from gptmini.parallel import DistEnv
+from gptmini.retrieval import Index, Passage
 from gptmini.tokenizer import Tokenizer, check_vocab
 
 
@@ -62,6 +65,22 @@ class GPTOSSMini(Model):
         return generate.generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, eos_token_id=eos_token_id, generator=generator)
 
+    @torch.no_grad()
+    def generate_with_retrieval(self, prompt: str, tokenizer: Tokenizer, index: Index | str | Path,
+                                max_new_tokens: int = 50, k: int = 1, stride: int | None = None,
+                                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                                generator: torch.Generator | None = None) -> tuple[str, list[Passage]]:
+        """(continuation, passages read) of `prompt` after the `k` passages of `index` that best match its last
+        32 tokens, retrieved again every `stride` new tokens (In-Context RALM; docs/rag.md). `index` is an
+        `Index`, a prepared folder, an index file, or a `models:/` URI (that version's own index). This is
+        `gptmini.rag.generate`, the loop of `gptmini generate --rag` and of the server."""
+        opts = rag.RagOptions(k=k, stride=stride)
+        rag.check_options(opts)
+        complete = rag.model_complete(self, tokenizer, temperature, top_k, top_p, generator)
+        result = rag.generate(open_index(index), tokenizer, prompt_ids(tokenizer, prompt), max_new_tokens, complete,
+                              self.config.max_seq_len, opts)
+        return tokenizer.decode([t for t in result.ids if t != tokenizer.eot_token]), result.citations
+
     @classmethod
     def from_pretrained(cls, path_or_uri: str | Path, device: str | torch.device = "cpu",
                         tracking_uri: str | None = None) -> tuple[GPTOSSMini, Tokenizer]:
@@ -73,6 +92,20 @@ class GPTOSSMini(Model):
         source = str(path_or_uri)
         path = registry.resolve_model_uri(source, tracking_uri) if source.startswith("models:/") else source
         return weights.load_model(path, device, cls)
+
+
+def open_index(index: Index | str | Path, tracking_uri: str | None = None) -> Index:
+    """An `Index`, from a prepared folder, an index file, or a registry version's `models:/` URI."""
+    if isinstance(index, Index):
+        return index
+    source = str(index)
+    if not source.startswith("models:/"):
+        return Index.open(source)
+    found = registry.resolve_index(source, tracking_uri)
+    if found is None:
+        raise UserError(f"{source} carries no retrieval index; pass a prepared folder indexed by "
+                        "`gptmini index DATA_DIR`")
+    return Index(found)
 
 
 # GPTTrainer's keyword settings: any field of the data, optim and train sections, by its own name.

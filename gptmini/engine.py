@@ -411,6 +411,8 @@ class Engine:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue})")
             for seq in seqs:
                 seq.text = TextStream(self.tokenizer, seq.sampling.stop)
+                if seq.generator is not None:  # a generation in parts (retrieval's stride) keeps one stream
+                    continue
                 seq.generator = torch.Generator(device=self.device)
                 if seq.sampling.seed is None:
                     seq.generator.seed()

@@ -7,12 +7,18 @@ tokens, so a passage, an end-of-text and a prompt fit the demo model's 256 posit
 prepends passages of about 100 words). A passage knows its document, its character offset there, its source
 and the input it was read from.
 
-Why SQLite FTS5, of the three retrievers measured (BENCHMARKS.md, "Which retriever for the index?"): bm25s
-and tantivy answer a query faster and store less, but FTS5 is in the standard library, writes the same bytes
-for the same rows (so the file can be named by its sha256; tantivy's segment files are named at random), and
-adds and removes rows (bm25s rebuilds its whole matrix), so a grown corpus reads only its new inputs. BM25's
-statistics are computed at query time, so an index updated in place ranks as one built anew. Its queries are
-fast on the demo corpus (13 ms) but not at 200 MB (6 s: every OR-ed common word matches most passages).
+Why SQLite FTS5, of the three retrievers measured (BENCHMARKS.md, "Which retriever for the index, and how
+fast is its query?"): bm25s answers faster, and bm25s and tantivy store less, but FTS5 is in the standard
+library, writes the same bytes for the same rows (so the file can be named by its sha256; tantivy's segment
+files are named at random), and adds and removes rows (bm25s rebuilds its whole matrix), so a grown corpus
+reads only its new inputs. BM25's statistics are computed at query time, so an index updated in place ranks
+as one built anew.
+
+A query's cost in FTS5 is the passages it scores: every passage that holds any OR-ed word. So a query keeps
+only its rarest words, as many as fit `MAX_POSTINGS` passages in all (their document frequencies are stored
+in the `terms` table), and ranks with BM25 over those. A common word's BM25 weight is near 0, so on a small
+corpus, where every word fits, nothing is dropped; on a 200 MB one, where all of a query's words would make
+FTS5 score most passages, this took a query from seconds to tens of milliseconds (BENCHMARKS.md).
 
 The index is content-addressed like the shards: `index-<sha12>.sqlite` in the prepared folder, its sha256 in
 the manifest's `index` entry, written under a temporary name and renamed, and the manifest replaced last.
@@ -28,6 +34,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +45,11 @@ from gptmini.errors import UserError
 from gptmini.files import commit, sha256_file, write_atomic
 from gptmini.tokenizer import Tokenizer
 
-FORMAT = "gptmini-index/1"
+FORMAT = "gptmini-index/2"
 PASSAGE_CHARS = 512
 QUERY_TOKENS = 32  # In-Context RALM queries with the last 32 tokens of the prefix
 MAX_K = 50  # OpenAI's vector-store search returns 1 to 50 results
+MAX_POSTINGS = 20_000  # passages one query may score; see `Index.match`
 RETRIEVER = "sqlite-fts5-bm25"
 
 
@@ -132,7 +140,11 @@ CREATE TABLE inputs(input TEXT PRIMARY KEY, sha256 TEXT, source TEXT, passages I
 CREATE TABLE passages(rowid INTEGER PRIMARY KEY, input TEXT, document TEXT, offset INTEGER, source TEXT, text TEXT);
 CREATE INDEX passages_input ON passages(input);
 CREATE VIRTUAL TABLE fts USING fts5(text, content='passages', content_rowid='rowid');
+CREATE TABLE terms(term TEXT PRIMARY KEY, documents INTEGER) WITHOUT ROWID;
 """
+# fts5vocab counts a word's passages by reading its whole posting list (2 ms for a common word at 200 MB):
+# the counts are stored instead, refreshed whenever the passages change.
+VOCAB = "CREATE VIRTUAL TABLE IF NOT EXISTS temp.vocab USING fts5vocab(main, fts, 'row')"
 
 
 def _insert(db: sqlite3.Connection, source: str, ident: str, sha: str, rows: Iterable[tuple[str, int, str]]) -> int:
@@ -149,6 +161,16 @@ def _remove(db: sqlite3.Connection, ident: str) -> None:
     db.execute("INSERT INTO fts(fts, rowid, text) SELECT 'delete', rowid, text FROM passages WHERE input = ?", (ident,))
     db.execute("DELETE FROM passages WHERE input = ?", (ident,))
     db.execute("DELETE FROM inputs WHERE input = ?", (ident,))
+
+
+def finish(db: sqlite3.Connection) -> None:
+    """After passages were added or removed: merge FTS5's segments, count each word's passages again, and
+    rewrite the file so that the same rows in the same order give the same bytes."""
+    db.execute("INSERT INTO fts(fts) VALUES ('optimize')")  # one b-tree per term: faster queries
+    db.execute(VOCAB)
+    db.execute("DELETE FROM terms")
+    db.execute("INSERT INTO terms SELECT term, doc FROM temp.vocab")
+    db.execute("VACUUM")
 
 
 @dataclass
@@ -221,8 +243,7 @@ def build_index(data_dir: str | Path, passage_chars: int = PASSAGE_CHARS, force:
         db.execute("COMMIT")
         n = db.execute("SELECT count(*) FROM passages").fetchone()[0]
         if added or gone:
-            db.execute("INSERT INTO fts(fts) VALUES ('optimize')")  # one b-tree per term: faster queries
-            db.execute("VACUUM")  # the same rows in the same order give the same bytes
+            finish(db)
         db.close()
         if n == 0:
             raise DataError(f"the train split of {data_dir} holds no text to index; prepare a corpus with text")
@@ -251,13 +272,12 @@ def index_path(data_dir: str | Path) -> Path | None:
 
 # Searching
 
-WORD = re.compile(r"\w+")
 
-
-def match_query(text: str, max_terms: int = 64) -> str:
-    """An FTS5 MATCH expression for free text: its distinct words, each quoted, OR-ed (BM25 ranks them)."""
-    words = list(dict.fromkeys(w.lower() for w in WORD.findall(text)))[:max_terms]
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+def words(text: str) -> list[str]:
+    """The distinct words of free text as FTS5's unicode61 tokenizer cuts them: runs of letters and digits
+    (`_` separates), lowercased, diacritics removed."""
+    folded = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+    return list(dict.fromkeys(re.findall(r"[^\W_]+", folded)))
 
 
 class Index:
@@ -272,6 +292,10 @@ class Index:
         self._local = threading.local()
         self.passages = self._db().execute("SELECT count(*) FROM passages").fetchone()[0]
         self.meta = dict(self._db().execute("SELECT key, value FROM meta"))
+        # An index of the first format, registered with an earlier version, has no `terms` table.
+        stored = self._db().execute("SELECT 1 FROM sqlite_schema WHERE name = 'terms'").fetchone()
+        self._documents_sql = ("SELECT term, documents FROM terms" if stored else "SELECT term, doc FROM temp.vocab") \
+            + " WHERE term = ?"
 
     @classmethod
     def of(cls, data_dir: str | Path) -> Index:
@@ -280,26 +304,59 @@ class Index:
             raise DataError(f"{data_dir} has no retrieval index; run `gptmini index {data_dir}` first")
         return cls(Path(data_dir) / entry["file"], entry["sha256"])
 
+    @classmethod
+    def open(cls, path: str | Path) -> Index:
+        """A prepared folder's index, or an index file."""
+        return cls.of(path) if Path(path).is_dir() else cls(path)
+
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
             db = self._local.db = sqlite3.connect(f"file:{self.path}?mode=ro&immutable=1", uri=True,
                                                   check_same_thread=False)
+            db.execute(VOCAB)
         return db
 
-    def search(self, query: str, k: int = 1, exclude_document: str | None = None) -> list[Passage]:
-        """The k best passages for `query` by BM25 (ties by document and offset, so an updated index ranks
-        as one built anew), none of `exclude_document`."""
+    def match(self, text: str, max_postings: int | None = MAX_POSTINGS) -> str:
+        """The FTS5 MATCH expression for free text: its rarest words, OR-ed, as many as hold `max_postings`
+        passages in all (at least one; ties by the word; None: every word), so a query scores a bounded number
+        of passages. Words in no passage are left out; "" when none is left."""
+        db, counts = self._db(), {}
+        for w in words(text):
+            row = db.execute(self._documents_sql, (w,)).fetchone()
+            if row:
+                counts[w] = row[1]
+        kept, total = [], 0
+        for w in sorted(counts, key=lambda w: (counts[w], w)):
+            if kept and max_postings is not None and total + counts[w] > max_postings:
+                break
+            kept.append(w)
+            total += counts[w]
+        return " OR ".join(f'"{w}"' for w in kept)
+
+    def search(self, query: str, k: int = 1, exclude_document: str | None = None,
+               max_postings: int | None = MAX_POSTINGS) -> list[Passage]:
+        """The k best passages for `query` by BM25 over its words that `match` keeps (ties by document and
+        offset, so an updated index ranks as one built anew), none of `exclude_document`."""
         if not 1 <= k <= MAX_K:
             raise UserError(f"k={k} is out of range; use 1 to {MAX_K}")
-        expr = match_query(query)
+        expr = self.match(query, max_postings)
         if not expr:
             return []
-        rows = self._db().execute(
-            "SELECT p.rowid, p.document, p.offset, p.source, p.text, -bm25(fts) AS score FROM fts "
-            "JOIN passages p ON p.rowid = fts.rowid WHERE fts MATCH ? AND p.document IS NOT ? "
-            "ORDER BY bm25(fts), p.document, p.offset LIMIT ?", (expr, exclude_document, k)).fetchall()
-        return [Passage(f"p{r[0]}", r[1], r[2], r[3], r[4], float(r[5])) for r in rows]
+        # FTS5 ranks alone, and only the best n rows are joined to their passages (joining every match took
+        # half the time). n grows until the k-th kept row scores strictly better than the worst of the n, so
+        # no row left out could tie with it or be excluded into the top k.
+        n = k + 1
+        while True:
+            rows = self._db().execute(
+                "SELECT p.rowid, p.document, p.offset, p.source, p.text, -r.score FROM (SELECT rowid, bm25(fts) "
+                "AS score FROM fts WHERE fts MATCH ? ORDER BY score LIMIT ?) r JOIN passages p ON p.rowid = r.rowid",
+                (expr, n)).fetchall()
+            kept = sorted((r for r in rows if r[1] != exclude_document), key=lambda r: (-r[5], r[1], r[2]))
+            if len(rows) < n or (len(kept) >= k and kept[k - 1][5] > min(r[5] for r in rows)):
+                break
+            n *= 4
+        return [Passage(f"p{r[0]}", r[1], r[2], r[3], r[4], float(r[5])) for r in kept[:k]]
 
     def documents(self) -> dict[str, int]:
         """Passages per document."""

@@ -2,6 +2,7 @@
 through the library's decode loop, loading, and the trainer that is `gptmini train`'s recipe in this process."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from gptmini import GPTOSSMini, GPTTrainer, SlidingWindowDataset, api
+from gptmini import GPTOSSMini, GPTTrainer, SlidingWindowDataset, api, rag
 from gptmini.cli.train import parse_args
 from gptmini.config import PRESETS
 from gptmini.data.prepare import read_manifest
+from gptmini.errors import UserError
 from gptmini.metrics import read_metrics
+from gptmini.retrieval import Index, build_index
 from gptmini.tokenizer import Tokenizer, get_tokenizer
 from model_helpers import sharp_model, tiny
 from train_helpers import COMMON, STEPS
@@ -135,6 +138,28 @@ def test_generate_greedy_equals_a_full_recompute_argmax_loop():
     assert out.shape == (2, 7 + 12)
     assert torch.equal(out, seq)
     assert len(set(seq[0, 7:].tolist())) > 2  # sharp weights: the continuation is not one repeated token
+
+
+def test_generate_with_retrieval_is_the_rag_loop_and_cites_what_it_read(small, tmp_path):
+    data, tokenizer = small
+    data = shutil.copytree(data, tmp_path / "data")
+    build_index(data)
+    model = GPTOSSMini(**tiny_config(tokenizer))
+    model.load_state_dict(sharp_model(model.config).state_dict())
+    model.eval()
+    prompt = "The with statement calls the context manager"
+    text, cited = model.generate_with_retrieval(prompt, tokenizer, data, max_new_tokens=9, k=2, stride=3,
+                                                temperature=0)
+    index = Index.of(data)
+    expected = rag.generate(index, tokenizer, [tokenizer.eot_token] + tokenizer.encode(prompt), 9,
+                            rag.model_complete(model, tokenizer), model.config.max_seq_len, rag.RagOptions(2, 3))
+    assert text == tokenizer.decode(expected.ids) and len(expected.ids) == 9
+    assert [p.id for p in cited] == [p.id for p in expected.citations]
+    assert cited[:2] == index.search(prompt, 2)  # the first retrieval: the prompt's best passages
+    assert model.generate_with_retrieval(prompt, tokenizer, index, max_new_tokens=9, k=2, stride=3,
+                                         temperature=0) == (text, cited)  # an Index, or its folder
+    with pytest.raises(UserError, match="retrieval k=0 is out of range; use 1 to 50"):
+        model.generate_with_retrieval(prompt, tokenizer, index, k=0)
 
 
 def test_from_pretrained_loads_a_weights_folder_as_the_api_model(tiny_weights):

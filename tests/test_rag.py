@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 from pathlib import Path
 
 import httpx
@@ -103,6 +104,37 @@ def test_index_update_reads_only_new_inputs_and_ranks_as_a_fresh_build(corpus, t
     shrunk = build_index(tmp_path / "data")
     assert (shrunk.added_inputs, shrunk.removed_inputs) == (0, 1)
     assert not any(d.endswith("a.txt") for d, _, _ in all_passages(Index.of(tmp_path / "data")))
+    # The stored word counts that pick a query's words are those of a fresh build, after growing and shrinking.
+    fresh = shutil.copytree(tmp_path / "data", tmp_path / "fresh-shrunk")
+    build_index(fresh, force=True)
+    assert word_counts(Index.of(tmp_path / "data")) == word_counts(Index.of(fresh))
+
+
+def test_a_grown_corpus_prepared_since_a_parent_manifest_updates_the_parent_index(corpus, tmp_path, capsys):
+    """As the retrain flow lays it out: the parent's manifest.json with its index beside it, in another folder
+    than the new dataset's. Only the new input is read, and the index ranks as a fresh build."""
+    src, data = corpus
+    shutil.copytree(src, tmp_path / "src")
+    prepare(tmp_path / "src", tmp_path / "data")  # the same source as the grown one: its inputs keep their names
+    parent = tmp_path / "parents" / "gptmini-v1"
+    parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "data" / "manifest.json", parent)
+    shutil.copy(Index.of(tmp_path / "data").path, parent)
+    write_corpus(tmp_path / "src", ["c.txt"])
+    capsys.readouterr()
+    prepare(tmp_path / "src", tmp_path / "grown", "--since", str(parent / "manifest.json"))
+    assert "from 4 input(s)" in (out := capsys.readouterr().out) and "; read 1 input(s), removed 0" in out
+    fresh = shutil.copytree(tmp_path / "grown", tmp_path / "fresh")
+    assert build_index(fresh, force=True).added_inputs == 4
+    grown, fresh = Index.of(tmp_path / "grown"), Index.of(fresh)
+    assert word_counts(grown) == word_counts(fresh) and all_passages(grown) == all_passages(fresh)
+    for query in ["loop class method", "decorator attribute iterator", PLANTED]:
+        assert [(p.document, p.offset, p.score) for p in grown.search(query, 5)] == \
+               [(p.document, p.offset, p.score) for p in fresh.search(query, 5)]
+
+
+def word_counts(index: Index) -> list[tuple]:
+    return index._db().execute("SELECT term, documents FROM terms ORDER BY term").fetchall()
 
 
 def test_planted_passage_is_retrieved_first_with_its_document_and_offset(corpus):
@@ -110,6 +142,46 @@ def test_planted_passage_is_retrieved_first_with_its_document_and_offset(corpus)
     [best] = Index.of(data).search("quokka zyzzyva marmoset velvet", 1)
     assert PLANTED[4:] in best.text and best.document.endswith("planted.txt") and best.source == str(src)
     assert (src / "planted.txt").read_text()[best.offset:].startswith(best.text)
+
+
+def test_a_query_keeps_its_rarest_words_within_the_postings_budget(corpus):
+    index = Index.of(corpus[1])
+    counts = dict(word_counts(index))
+    query = "Decorator attribute quokka_zyzzyva, marmoset! unknownword"
+    assert retrieval.words(query) == ["decorator", "attribute", "quokka", "zyzzyva", "marmoset", "unknownword"]
+    # The three planted words are in one passage each; the common ones in most passages.
+    assert [counts[w] for w in ("quokka", "zyzzyva", "marmoset")] == [1, 1, 1] and counts["decorator"] > 10
+    assert index.match(query, max_postings=3) == '"marmoset" OR "quokka" OR "zyzzyva"'
+    assert index.match(query, max_postings=2) == '"marmoset" OR "quokka"'
+    rarest = min(("decorator", "attribute"), key=lambda w: (counts[w], w))
+    assert index.match("decorator attribute", max_postings=1) == f'"{rarest}"'  # one, even over the budget
+    assert index.match(query).count(" OR ") == 4 and index.match("unknownword") == ""
+
+
+def test_an_index_of_the_first_format_counts_words_from_fts5(corpus, tmp_path):
+    """A version registered before the `terms` table existed still serves, with the same queries."""
+    first = shutil.copyfile(Index.of(corpus[1]).path, tmp_path / "index.sqlite")
+    with sqlite3.connect(first) as db:
+        db.execute("DROP TABLE terms")
+    query = "Decorator attribute quokka zyzzyva marmoset"
+    for budget in (2, 50, 10_000):
+        assert Index(first).match(query, budget) == Index.of(corpus[1]).match(query, budget)
+
+
+def test_search_equals_bm25_over_every_match_with_ties_and_exclusion(corpus):
+    """The top k are those of ranking every match in one query, the planted passage's document excluded or not:
+    the documents repeat 29 words, so BM25 ties abound."""
+    index = Index.of(corpus[1])
+    db = index._db()
+    for query in ["loop class method", "decorator attribute iterator", "quokka python", "zyzzyva"]:
+        for k in (1, 5, 50):
+            for exclude in (None, index.search(query, 1)[0].document):
+                expected = db.execute(
+                    "SELECT p.rowid, -bm25(fts) FROM fts JOIN passages p ON p.rowid = fts.rowid WHERE fts MATCH ? "
+                    "AND p.document IS NOT ? ORDER BY bm25(fts), p.document, p.offset LIMIT ?",
+                    (index.match(query), exclude, k)).fetchall()
+                assert [(p.id, p.score) for p in index.search(query, k, exclude)] == \
+                       [(f"p{r[0]}", r[1]) for r in expected], (query, k, exclude)
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +299,39 @@ def test_vector_store_search_and_a_cited_completion_through_the_openai_client(co
         assert "citations" not in off.choices[0].model_extra
         assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="completions"') == 1
         assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="vector_store_search"') == 1
+        # retrieval.stride: the server runs `rag.generate`'s loop, retrieving before every 3 new tokens.
+        searches = []
+
+        class Counted:
+            def search(self, *args):
+                searches.append(args)
+                return index.search(*args)
+
+        index = Index.of(data)
+        expected = rag.generate(Counted(), tok, [tok.eot_token] + tok.encode(prompt), 8, rag.model_complete(model, tok),
+                                model.config.max_seq_len, rag.RagOptions(k=2, stride=3))
+        assert len(searches) == 3 and len(expected.ids) == 8
+        for stream in (False, True):
+            reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0,
+                                              stream=stream, extra_body={"retrieval": {"k": 2, "stride": 3}})
+            chunks = list(reply) if stream else [reply]
+            assert "".join(c.choices[0].text for c in chunks) == tok.decode(expected.ids)
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert [c["id"] for c in chunks[-1].choices[0].model_extra["citations"]] == \
+                   [p.id for p in expected.citations]
+        assert server.metric("gptmini_retrieval_latency_seconds_count", 'endpoint="completions"') == 1 + 2 * 3
+        # A stop string longer than a stride (the first 4 tokens' text) still stops the choice.
+        whole, stop = tok.decode(expected.ids), tok.decode(expected.ids[:4])
+        reply = client.completions.create(model="gptmini", prompt=prompt, max_tokens=8, temperature=0, stop=[stop],
+                                          extra_body={"retrieval": {"k": 2, "stride": 3}})
+        assert (reply.choices[0].text, reply.choices[0].finish_reason) == (whole[:whole.index(stop)], "stop")
+        # Chat, with n choices: each runs its own loop, and each cites what it read.
+        chat = client.chat.completions.create(model="gptmini", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=6, n=2, temperature=0,
+                                              extra_body={"retrieval": {"k": 1, "stride": 2}})
+        assert len({c.message.content for c in chat.choices}) == 1  # greedy: the same text twice
+        assert all(c.model_extra["citations"] and c.finish_reason for c in chat.choices)
+        assert 0 < chat.usage.completion_tokens <= 2 * 6
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@ how replay mixes batches, and a gate that will not promote a model that forgot."
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,28 @@ def test_the_incoming_folder_is_a_source_only_when_it_holds_text(tmp_path):
     assert incoming_sources(str(folder)) == []  # nothing prepare reads
     (folder / "new.txt").write_text("new text")
     assert incoming_sources(str(folder)) == [str(folder.resolve())]
+
+
+@pytest.mark.slow  # an MLflow store and a registered version
+def test_the_parent_manifest_arrives_with_the_parent_index_beside_it(tmp_path, small_shards, tiny_weights,
+                                                                      monkeypatch):
+    """What `prepare --since` reads to update the parent's index rather than index the grown corpus anew."""
+    import shutil
+
+    from flows.tasks import parent_manifest
+    from gptmini import registry
+    from gptmini.retrieval import build_index
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    data = shutil.copytree(small_shards, tmp_path / "data")
+    entry = build_index(data).entry
+    mc = registry.client()
+    experiment = mc.create_experiment("retrain", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = mc.create_run(experiment).info.run_id
+    mc.log_artifact(run, str(data / "manifest.json"), "data")
+    mc.log_artifact(run, str(data / entry["file"]), "retrieval")
+    version = registry.log_model_version(mc, run, tiny_weights, registry.index_tags(run, entry)).version
+    manifest = Path(parent_manifest.fn(str(version), registry.MODEL_NAME, str(tmp_path / "state")))  # the task's body
+    assert manifest.read_bytes() == (data / "manifest.json").read_bytes()
+    assert (manifest.parent / entry["file"]).read_bytes() == (data / entry["file"]).read_bytes()

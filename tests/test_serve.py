@@ -268,10 +268,18 @@ USER = {"messages": [{"role": "user", "content": "Hi"}]}
 # The error contract: every way a body fails to parse, and each field's range, on each endpoint. Each row is
 # (path, body, status, param, what the message must say).
 BAD = [
-    # Retrieval (this server has no index; tests/test_serve_rag.py has one)
+    # Retrieval (this server has no index; tests/test_rag.py starts one that has)
     (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 0}}, 400, "retrieval.k", "retrieval.k=0 is out of range; use 1 to 50"),
     (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 51}}, 400, "retrieval.k", "use 1 to 50"),
     (COMPLETIONS, {"prompt": "x", "retrieval": True}, 400, "retrieval", "serves without retrieval"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"stride": 0}}, 400, "retrieval.stride",
+     "retrieval.stride=0 is out of range; use 1 to 4096, or leave it out to retrieve once"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 1, "stride": 4097}}, 400, "retrieval.stride", "use 1 to 4096"),
+    (CHAT, {**USER, "retrieval": {"stride": "8"}}, 400, "retrieval.stride", "retrieval.stride='8' is out of range"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"stride": 8}, "logprobs": 1}, 400, "retrieval.stride",
+     "cannot be combined with logprobs"),
+    (COMPLETIONS, {"prompt": "x", "retrieval": {"k": 1, "top": 2}}, 400, "retrieval",
+     "retrieval.top is not a retrieval option; use k and stride"),
     ("/v1/vector_stores/vs_nope/search", {"query": "x"}, 404, "vector_store_id", "no retrieval index"),
     ("/v1/vector_stores/vs_nope/search", {"query": ""}, 400, "query", "query must be a non-empty string"),
     ("/v1/vector_stores/vs_nope/search", {"query": "x", "max_num_results": 51}, 400, "max_num_results",

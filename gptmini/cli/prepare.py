@@ -75,8 +75,10 @@ def summary(res: Result, out: Path) -> str:
 def prepare_and_index(cfg: PrepareConfig, index: bool) -> None:
     print(summary(prepare(cfg), cfg.out))
     if index:
-        since = cfg.since if cfg.since and Path(cfg.since).is_dir() else None
-        print(index_summary(build_index(cfg.out, base=since, text_field=cfg.text_field), cfg.out))
+        # The earlier dataset's index (in its folder, or beside its manifest.json) is updated with the new
+        # inputs rather than all of them read again.
+        base = None if cfg.since is None else cfg.since if Path(cfg.since).is_dir() else Path(cfg.since).parent
+        print(index_summary(build_index(cfg.out, base=base, text_field=cfg.text_field), cfg.out))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -46,8 +45,7 @@ def retrieval_options(args: argparse.Namespace) -> RagOptions:
 def load_index(args: argparse.Namespace, data_dir: str | None = None) -> Index:
     """The index `--index` names; else the registry version's (`--model`); else that of `data_dir`."""
     if args.index:
-        path = Path(args.index)
-        return Index.of(path) if path.is_dir() else Index(path)
+        return Index.open(args.index)
     if args.model:
         found = resolve_index(args.model)
         if found is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from gptmini.engine import EngineClosed, QueueFull, Sampling, Sequence, prompt_ids
 from gptmini.server.host import ModelHost
-from gptmini.server.retrieval import check_available, request_k, with_passages
+from gptmini.server.retrieval import Strided, check_available, request_options, with_passages
 from gptmini.server.schema import ApiError, GenerationRequest
 from gptmini.tokenizer import Tokenizer
 
@@ -51,10 +51,15 @@ class Generation:
                            param="prompt" if len(prompts) > 1 else "n", code="invalid_value")
         self.tokenizer = tok = self.served.engine.tokenizer
         context = self.served.engine.max_seq_len
-        k = check_available(self.served, body.retrieval, request_k(body.retrieval, host.config.retrieval_k))
+        opts = request_options(body.retrieval, host.config.retrieval_k)
+        if opts and opts.stride and logprobs is not None:
+            raise ApiError(400, "retrieval.stride cannot be combined with logprobs: each stride reads a new context; "
+                                "leave out one of them", param="retrieval.stride", code="invalid_value")
+        opts = check_available(self.served, body.retrieval, opts)
         ids = [prompt_ids(tok, p) if isinstance(p, str) else checked_ids(tok, p) for p in prompts]
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.choices: list[Choice] = []
+        self.strided: list[Strided] = []  # choices that retrieve again every stride tokens
         self.prompt_tokens = 0
         self.last_event: float | None = None
         for p, prompt in enumerate(ids):
@@ -68,8 +73,9 @@ class Generation:
                                code="context_length_exceeded")
             own = len(prompt)  # before any retrieved passage goes in front
             citations = None
-            if k:
-                prompt, citations = with_passages(self.served, prompt, context - max_tokens, k, host.metrics, endpoint)
+            if opts and not opts.stride:
+                prompt, citations = with_passages(self.served, prompt, context - max_tokens, opts.k, host.metrics,
+                                                  endpoint)
             self.prompt_tokens += len(prompt) * body.n
             for i in range(body.n):
                 sampling = Sampling(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
@@ -78,7 +84,12 @@ class Generation:
                                     stop=tuple(body.stop) + extra_stop, ignore_eos=body.ignore_eos,
                                     logprobs=logprobs, echo=echo and logprobs is not None)
                 index = len(self.choices)
-                choice = Choice(Sequence(prompt, sampling, self._emitter(index)), index, citations=citations)
+                if opts and opts.stride:
+                    run = Strided(prompt, sampling, opts, self._emitter(index), host.metrics, endpoint)
+                    self.strided.append(run)
+                    choice = Choice(run.seq, index, citations=run.citations)
+                else:
+                    choice = Choice(Sequence(prompt, sampling, self._emitter(index)), index, citations=citations)
                 if echo:
                     text = prompts[p]
                     choice.echo = text if isinstance(text, str) else tok.decode(text)
@@ -100,10 +111,14 @@ class Generation:
         return emit
 
     def submit(self) -> None:
-        seqs = [c.seq for c in self.choices]
+        strided = {id(run.seq) for run in self.strided}
+        seqs = [c.seq for c in self.choices if id(c.seq) not in strided]
         for _ in range(3):  # a swap can close the engine between require() and here: take the new one
             try:
-                self.served.engine.submit(seqs)
+                if seqs:
+                    self.served.engine.submit(seqs)
+                for run in self.strided:
+                    run.start(self.served)
                 return
             except EngineClosed:
                 self.served = self.host.require(None)

@@ -5,7 +5,8 @@
 
 A completion or chat request reads the best passages of the training text before its prompt with
 `"retrieval": {"k": 2}` (or `true`: k = 1, or the server's --retrieval K), and `"retrieval": false` turns off a
-server's default. The response's choices carry `citations`: passage id, document, offset, source, score. We
+server's default. `"retrieval": {"k": 1, "stride": 16}` retrieves again every 16 new tokens, with `rag.generate`,
+the loop of `gptmini generate --rag`. The response's choices carry `citations`: passage id, document, offset, source, score. We
 chose a field of our own over OpenAI's `file_search` tool: that tool belongs to the Responses and Assistants
 APIs, where the model decides to call it; a base model calls no tools, and Chat Completions has no such tool.
 
@@ -14,17 +15,25 @@ another index; the served model's stable id (e.g. `gptmini`) names the current s
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
+import torch
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict
 
-from gptmini.rag import RagOptions, retrieve
+from gptmini.engine import Emit, Engine, QueueFull, Sampling, Sequence, TextStream
+from gptmini.rag import MAX_STRIDE, RagOptions, generate, retrieve
 from gptmini.retrieval import MAX_K, Index, Passage
 from gptmini.server.host import ModelHost, Served
 from gptmini.server.metrics import Metrics
 from gptmini.server.schema import ApiError
+
+log = logging.getLogger("gptmini.server")
 
 
 def store_id(index: Index) -> str:
@@ -103,28 +112,26 @@ def add_routes(app: FastAPI, host: ModelHost, authorized: list[Depends]) -> None
                 "data": [search_result(p) for p in found], "has_more": False, "next_page": None}
 
 
-def request_k(value: Any, default_k: int) -> int:
-    """Passages per prompt from a request's `retrieval` field: absent is the server's default, false is 0."""
-    if value is None:
-        return default_k
-    if value is True or value is False:
-        return int(value) and max(default_k, 1)
+def request_options(value: Any, default_k: int) -> RagOptions | None:
+    """A request's `retrieval` field: absent is the server's default (--retrieval K), false is off (None)."""
+    if value is None or value is True or value is False:
+        k = default_k if value is None else int(value) and max(default_k, 1)
+        return RagOptions(k=k) if k else None
     if isinstance(value, dict):
         extra = set(value) - {"k", "stride"}
         if extra:
-            raise ApiError(400, f"retrieval.{sorted(extra)[0][:40]} is not a retrieval option; use k", param="retrieval",
-                           code="invalid_value")
-        if value.get("stride") is not None:
-            raise ApiError(400, "retrieval.stride is not supported by gptmini serve: it retrieves once, before the "
-                                "first token (`gptmini generate --rag --rag-stride N` retrieves again); leave it out",
-                           param="retrieval.stride", code="invalid_value")
-        k = value.get("k", max(default_k, 1))
+            raise ApiError(400, f"retrieval.{sorted(extra)[0][:40]} is not a retrieval option; use k and stride",
+                           param="retrieval", code="invalid_value")
+        k, stride = value.get("k", max(default_k, 1)), value.get("stride")
         if type(k) is not int or not 1 <= k <= MAX_K:
             raise ApiError(400, f"retrieval.k={k!r:.20} is out of range; use 1 to {MAX_K}", param="retrieval.k",
                            code="invalid_value")
-        return k
-    raise ApiError(400, f"retrieval must be true, false or {{\"k\": N}}; got {value!r:.40}", param="retrieval",
-                   code="invalid_value")
+        if stride is not None and (type(stride) is not int or not 1 <= stride <= MAX_STRIDE):
+            raise ApiError(400, f"retrieval.stride={stride!r:.20} is out of range; use 1 to {MAX_STRIDE}, or leave "
+                                "it out to retrieve once", param="retrieval.stride", code="invalid_value")
+        return RagOptions(k=k, stride=stride)
+    raise ApiError(400, f"retrieval must be true, false or {{\"k\": N, \"stride\": S}}; got {value!r:.40}",
+                   param="retrieval", code="invalid_value")
 
 
 def with_passages(served: Served, prompt: list[int], budget: int, k: int, metrics: Metrics,
@@ -137,11 +144,111 @@ def with_passages(served: Served, prompt: list[int], budget: int, k: int, metric
     return context, [citation(p) for p in found]
 
 
-def check_available(served: Served, value: Any, k: int) -> int:
-    """0 when retrieval is off; a request that asks for it from a version without an index is told so."""
-    if k and served.index is None:
+class TimedIndex:
+    """An index whose searches are observed in /metrics."""
+
+    def __init__(self, index: Index, observe: Callable[[float], None]):
+        self.index, self.observe = index, observe
+
+    def search(self, *args) -> list[Passage]:
+        started = time.perf_counter()
+        found = self.index.search(*args)
+        self.observe(time.perf_counter() - started)
+        return found
+
+
+class Strided:
+    """One choice of a request with `retrieval.stride`: `rag.generate` (the loop `gptmini generate --rag`
+    runs) on a thread of its own, each stride's tokens one Sequence on the engine, so it is batched with every
+    other request. `seq` is the whole choice (its tokens, finish reason and cancellation); its text is cut by
+    one TextStream across the strides, so a stop string or a character may span two of them."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, opts: RagOptions, emit: Emit, metrics: Metrics,
+                 endpoint: str):
+        self.seq = Sequence(prompt, sampling)
+        self.opts, self.emit, self.citations = opts, emit, []
+        self.observe = metrics.retrieval.labels(endpoint).observe
+        self.ended: tuple[str, str] | None = None  # (finish reason, last text) once a stop or an error is seen
+        self.segment: Sequence | None = None
+        self.segment_done = threading.Event()
+        self.pushed = 0  # of the segment's tokens, those taken into the choice
+
+    def start(self, served: Served) -> None:
+        threading.Thread(target=self._run, args=(served,), name="retrieval-stride", daemon=True).start()
+
+    def _run(self, served: Served) -> None:
+        engine, s = served.engine, self.seq.sampling
+        self.text, self.eot = TextStream(engine.tokenizer, s.stop), engine.tokenizer.eot_token
+        self.generator = torch.Generator(device=engine.device)  # one stream of samples across the strides
+        if s.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(s.seed)
+        try:
+            found = generate(TimedIndex(served.index, self.observe), engine.tokenizer, self.seq.prompt, s.max_tokens,
+                             lambda context, n: self._complete(engine, context, n), engine.max_seq_len,
+                             self.opts).citations
+        except Exception as exc:  # a swap closed the engine, or a bug: this choice fails, the server goes on
+            log.exception("a generation with retrieval.stride failed")
+            found, self.ended = [], ("error", f"generation failed: {type(exc).__name__}: {exc}")
+        self.citations.extend(citation(p) for p in found)  # before the last event, which sends them
+        reason, delta = self.ended or ("length" if len(self.seq.tokens) >= s.max_tokens else "stop",
+                                       self.text.flush())
+        self.seq.finish_reason = reason
+        self.emit(delta, reason)
+
+    def _complete(self, engine: Engine, context: list[int], n: int) -> list[int]:
+        if self.ended or self.seq.cancelled:
+            return []  # fewer than n: `rag.generate` stops
+        s = self.seq.sampling
+        self.segment = Sequence(context, replace(s, max_tokens=n, stop=(), seed=None), self._segment_event)
+        self.segment.generator, self.pushed = self.generator, 0
+        self.segment_done.clear()
+        while True:
+            try:
+                engine.submit([self.segment])
+                break
+            except QueueFull:
+                if self.seq.cancelled:
+                    return []
+                time.sleep(0.05)
+        # A sequence cancelled while it waits in the queue never reports: the client's leaving is seen here.
+        while not self.segment_done.wait(0.5):
+            if self.seq.cancelled:
+                self.segment.cancel()
+                return []
+        return self.segment.tokens
+
+    def _segment_event(self, delta: str, reason: str | None) -> None:
+        """On the engine's thread: the segment's new tokens go into the choice's text."""
+        seg = self.segment
+        for token in seg.tokens[self.pushed:]:
+            if self.ended:
+                break
+            self.seq.tokens.append(token)
+            if token == self.eot and not self.seq.sampling.ignore_eos:
+                self.ended = ("stop", self.text.flush())
+                break
+            text, stopped = self.text.push(token)
+            if stopped:
+                self.ended = ("stop", text)
+            elif text:
+                self.emit(text, None)
+        self.pushed = len(seg.tokens)
+        if reason == "error":
+            self.ended = ("error", delta)
+        if reason is None and (self.ended or self.seq.cancelled):
+            seg.cancel()  # a cancelled sequence is dropped without a last event
+            reason = "cancelled"
+        if reason is not None:
+            self.segment_done.set()
+
+
+def check_available(served: Served, value: Any, opts: RagOptions | None) -> RagOptions | None:
+    """None when retrieval is off; a request that asks for it from a version without an index is told so."""
+    if opts and served.index is None:
         if value is not None:
             raise ApiError(400, f"{served.label} has no retrieval index: it serves without retrieval; leave out "
                                 "`retrieval`", param="retrieval", code="retrieval_unavailable")
-        return 0  # the server's default, for a version that has none
-    return k
+        return None  # the server's default, for a version that has none
+    return opts
