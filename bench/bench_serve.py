@@ -1,15 +1,18 @@
 """Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
-(--prefill-chunk, one mode per size given), the same without it (each prompt prefilled whole, the default), and one request at a time
-(--max-batch 1), in one run.
+(--prefill-chunk, one mode per size given), the same without it (each prompt prefilled whole, the default),
+and one request at a time (--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
-        [--requests-per-client 3] [--max-tokens 64] [--prompt-tokens 8,180] [--prefill-chunk 64,128]
+        [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 64,128]
         [--modes chunked,whole-prompt,one-at-a-time] [--threads N] [--device auto] [--out bench/results/serve.json]
 
 Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
 each send --requests-per-client streaming completions back to back (temperature 0, ignore_eos, so every
-request generates exactly --max-tokens tokens). Prompts have mixed lengths: client i's prompt is about the
-i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. All times are
+request generates exactly the tokens it asks for). Prompts have mixed lengths: client i's prompt is about the
+i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. Give --max-tokens
+several lengths (e.g. 16,32,48) so requests also end at different steps: with one length, whole-prompt
+prefill falls into lockstep rounds (every request ends in the same step, and the next ones are all prefilled
+in a step where nothing is decoding), which hides the stall that chunked prefill is for. All times are
 the client's: TTFT runs from sending the request to its first non-empty text chunk; per-token latency is the
 gap between consecutive text chunks of a request (a chunk holds one token's text, or several when a token ends
 mid-character, so the gap then covers them all); aggregate tok/s is the usage chunks' completion_tokens over
@@ -110,14 +113,14 @@ def stream_one(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> di
     return {"start": start, "arrivals": arrivals, "end": time.perf_counter(), "tokens": tokens}
 
 
-def client(url: str, index: int, requests: int, max_tokens: int, prompt_tokens: int) -> list[dict]:
+def client(url: str, index: int, requests: int, max_tokens: list[int], prompt_tokens: int) -> list[dict]:
     # " loop" is one cl100k token: the prompt is about prompt_tokens tokens long.
     prompt = f"Client {index} asks: what does the interpreter do with a for" + " loop" * max(0, prompt_tokens - 12)
     with httpx.Client(timeout=None) as http:
-        return [stream_one(http, url, prompt, max_tokens) for _ in range(requests)]
+        return [stream_one(http, url, prompt, max_tokens[(index + j) % len(max_tokens)]) for j in range(requests)]
 
 
-def run_clients(url: str, clients: int, requests: int, max_tokens: int, prompt_tokens: list[int]) -> list[dict]:
+def run_clients(url: str, clients: int, requests: int, max_tokens: list[int], prompt_tokens: list[int]) -> list[dict]:
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, url, i, requests, max_tokens, prompt_tokens[i % len(prompt_tokens)])
                    for i in range(clients)]
@@ -199,7 +202,9 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, help="serve this weights or run folder instead")
     p.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", default="64",
+                   help="comma-separated tokens per request, cycled over each client's requests (client i starts at "
+                        "the i-th), so requests end at different steps as real answers do")
     p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
     p.add_argument("--prefill-chunk", default="64",
                    help="comma-separated --prefill-chunk sizes; the chunked mode runs once for each")
@@ -212,6 +217,7 @@ def main() -> None:
     args.clients = [int(c) for c in args.clients.split(",")]
     args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
     args.prefill_chunk = [int(n) for n in args.prefill_chunk.split(",")]
+    args.max_tokens = [int(n) for n in args.max_tokens.split(",")]
     if any(n < 1 for n in args.prefill_chunk):
         p.error(f"--prefill-chunk {args.prefill_chunk}: each size must be >= 1 (whole-prompt is the mode with 0)")
     modes = args.modes.split(",")
