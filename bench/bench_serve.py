@@ -42,8 +42,8 @@ from gptmini.weights import save_pretrained
 
 from common import environment, md_table
 
-# mode -> (--max-batch, --prefill-chunk); None: one run for each of --prefill-chunk's sizes. With retrieval, every request first
-# reads its best passage (the server's --index and --retrieval 1).
+# mode -> (--max-batch, --prefill-chunk); None: one run for each of --prefill-chunk's sizes. With retrieval,
+# every request first reads its best passage (the server's --index and --retrieval 1).
 MODES = {"chunked": (16, None), "whole-prompt": (16, 0), "one-at-a-time": (1, 0), "continuous+retrieval": (16, 0)}
 DEFAULT_MODES = "chunked,whole-prompt,one-at-a-time"  # continuous+retrieval needs --index
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
@@ -247,7 +247,8 @@ def main() -> None:
         print(f"{name}: {value}x")
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk, "load_average_start": load_at_start, "load_average_end": os.getloadavg(),
+            "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk,
+            "load_average_start": load_at_start, "load_average_end": os.getloadavg(),
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
             **environment()}
     print(json.dumps(meta))
