@@ -7,7 +7,8 @@ A step: drop the sequences whose client went away, prefill waiting prompts into 
 forward over all running rows. Each prompt is prefilled alone, so it sees exactly what it would see alone.
 With `prefill_chunk` > 0 a step prefills at most that many prompt tokens (one chunk of one prompt after the
 other), so a long prompt no longer stalls the running streams for its whole length (Sarathi, Agrawal et al.,
-2023; vLLM's chunked prefill); 0 prefills every admitted prompt whole before the step's decode. Each
+2023; vLLM's chunked prefill); the step's first chunk runs in the decode's forward (Sarathi's piggybacking),
+which spares it a forward of its own. 0 prefills every admitted prompt whole before the step's decode. Each
 sequence samples from its own row with its own parameters and its own generator, so its tokens do not depend
 on what else is in the batch.
 
@@ -270,8 +271,8 @@ class Batch:
             # The decode rows must each hold a sampled token: not a prompt that came in earlier in this step.
             if self.decoded or started or not (self.running and self.use_cache) or seq.sampling.echo:
                 self._prefill(seq, n, started)
-            else:
-                self._decode_with_chunk(seq, n, started)
+            else:  # and nothing more this step: another chunk would pay a forward of its own, a step's spike
+                return self._decode_with_chunk(seq, n, started)
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:

@@ -170,8 +170,9 @@ class KVCache:
 
     Before each forward one call says what it computes: `prefill(row)` the next T tokens of one row's
     sequence (a (1, T) input: its whole prompt, or a chunk of it after the chunks already in), `decode(n)` one
-    token for each of rows 0..n-1 (an (n, 1) input), `at(positions)` every row at the same positions held on
-    the device (for graph capture: no host sync, same shapes every step).
+    token for each of rows 0..n-1 (an (n, 1) input), `mixed(n)` both at once (a (1, n + T) input: rows
+    0..n-1's next tokens, then a chunk of row n's prompt), `at(positions)` every row at the same positions held
+    on the device (for graph capture: no host sync, same shapes every step).
 
     Position p of a row lives in column p % size; with a sliding window, size is the window and each row is
     a ring buffer, and `pos` records which position each column holds, so masks need no reordering. Running
