@@ -204,6 +204,32 @@ def test_chunked_prefill_interleaves_decode_steps_and_gives_the_same_greedy_toke
     assert chunked.chunks_in_decode == 6 and unchunked.chunks_in_decode == 0
 
 
+def test_with_sequences_running_a_step_prefills_one_chunk_in_its_decode_forward(tok):
+    """Two short prompts arrive while one streams, with budget for both: one rides in this step's decode
+    forward and the other waits for the next step, rather than paying a forward of its own in this one."""
+    model = model_of()
+    prompts = [[tok.eot_token] + tok.encode(p) for p in PROMPTS[:3]]
+    batch = Batch(model, 3, prefill_chunk=64)
+    seqs = [Sequence(p, Sampling(max_tokens=8, temperature=0)) for p in prompts]
+    waiting = deque(seqs[:1])
+    take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+    batch.step(take)
+    waiting.extend(seqs[1:])
+    batch.step(take)
+    assert (len(batch.running), len(waiting), batch.chunks_in_decode) == (2, 1, 1)
+    batch.step(take)
+    assert (len(batch.running), len(waiting), batch.chunks_in_decode) == (3, 0, 2)
+    while not all(s.finish_reason for s in seqs):
+        batch.step(take)
+    alone = [Sequence(p, Sampling(max_tokens=8, temperature=0)) for p in prompts]
+    for seq in alone:
+        one = Batch(model, 1)
+        queue = deque([seq])
+        while not seq.finish_reason:
+            one.step(lambda k: [queue.popleft() for _ in range(min(k, len(queue)))])
+    assert [s.tokens for s in seqs] == [s.tokens for s in alone]
+
+
 def test_prompts_that_arrive_together_are_prefilled_before_any_of_them_decodes(tok):
     """Two prompts enter one empty batch in the same step: the second's chunk cannot ride in a decode forward,
     since the first has no token to decode yet; both then give their whole-prompt tokens."""
