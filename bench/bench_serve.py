@@ -1,9 +1,10 @@
 """Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
-(--prefill-chunk, one mode per size given), the same without it (each prompt prefilled whole, the default),
+(--prefill-chunk, one mode per size given; the server's default is 128), the same without it (each prompt
+prefilled whole),
 and one request at a time (--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
-        [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 64,128]
+        [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 96,128]
         [--modes chunked,whole-prompt,one-at-a-time] [--threads N] [--device auto] [--out bench/results/serve.json]
 
 Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
@@ -206,7 +207,7 @@ def main() -> None:
                    help="comma-separated tokens per request, cycled over each client's requests (client i starts at "
                         "the i-th), so requests end at different steps as real answers do")
     p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
-    p.add_argument("--prefill-chunk", default="64",
+    p.add_argument("--prefill-chunk", default="128",
                    help="comma-separated --prefill-chunk sizes; the chunked mode runs once for each")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
