@@ -1,7 +1,6 @@
 """Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
 (--prefill-chunk, one mode per size given; the server's default is 128), the same without it (each prompt
-prefilled whole),
-and one request at a time (--max-batch 1), in one run.
+prefilled whole) and one request at a time (--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
         [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 96,128]
