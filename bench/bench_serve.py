@@ -1,5 +1,5 @@
 """Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
-(--prefill-chunk, one mode per size given; the server's default is 128), the same without it (each prompt
+(--prefill-chunk, one mode per size given; the server's default is 96), the same without it (each prompt
 prefilled whole) and one request at a time (--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
@@ -206,7 +206,7 @@ def main() -> None:
                    help="comma-separated tokens per request, cycled over each client's requests (client i starts at "
                         "the i-th), so requests end at different steps as real answers do")
     p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
-    p.add_argument("--prefill-chunk", default="128",
+    p.add_argument("--prefill-chunk", default="96",
                    help="comma-separated --prefill-chunk sizes; the chunked mode runs once for each")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")

@@ -5,10 +5,11 @@ al., 2022; vLLM's scheduler). `gptmini.generate` is a Batch of the caller's prom
 
 A step: drop the sequences whose client went away, prefill waiting prompts into free rows, then one decode
 forward over all running rows. Each prompt is prefilled alone, so it sees exactly what it would see alone.
-With `prefill_chunk` > 0 a step prefills at most that many prompt tokens (one chunk of one prompt after the
-other), so a long prompt no longer stalls the running streams for its whole length (Sarathi, Agrawal et al.,
-2023; vLLM's chunked prefill); the step's first chunk runs in the decode's forward (Sarathi's piggybacking),
-which spares it a forward of its own. 0 prefills every admitted prompt whole before the step's decode. Each
+With `prefill_chunk` > 0 a step prefills at most that many prompt tokens, so a long prompt no longer stalls
+the running streams for its whole length (Sarathi, Agrawal et al., 2023; vLLM's chunked prefill): while
+sequences are running, one chunk of one prompt, in the decode's forward (Sarathi's piggybacking: a chunk in a
+forward of its own cost more per token, and a second one per step made the step's cost jump); with none
+running, prompt after prompt up to the budget. 0 prefills every admitted prompt whole before the step's decode. Each
 sequence samples from its own row with its own parameters and its own generator, so its tokens do not depend
 on what else is in the batch.
 

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
-    p.add_argument("--prefill-chunk", type=int, default=128,
+    p.add_argument("--prefill-chunk", type=int, default=96,
                    help="prompt tokens prefilled per decode step, in the decode's forward, so a long prompt does "
                         "not stall the running streams; 0 prefills each prompt whole (BENCHMARKS.md)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
