@@ -10,8 +10,8 @@ the running streams for its whole length (Sarathi, Agrawal et al., 2023; vLLM's 
 sequences are running, one chunk of one prompt, in the decode's forward (Sarathi's piggybacking: a chunk in a
 forward of its own cost more per token, and a second one per step made the step's cost jump); with none
 running, prompt after prompt up to the budget. 0 prefills every admitted prompt whole before the step's
-decode. Each sequence samples from its own row with its own parameters and its own generator, so its tokens do not depend
-on what else is in the batch.
+decode. Each sequence samples from its own row with its own parameters and its own generator, so its tokens
+do not depend on what else is in the batch.
 
 The engine knows nothing of HTTP: a Sequence reports through its `emit(delta, finish_reason)` callback, called
 on the engine's thread (the server hands it on to its event loop).
