@@ -1,15 +1,18 @@
 """Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
-(--prefill-chunk), the same without it (each prompt prefilled whole, the default), and one request at a time
-(--max-batch 1), in one run.
+(--prefill-chunk, one mode per size given; the server's default is 96), the same without it (each prompt
+prefilled whole) and one request at a time (--max-batch 1), in one run.
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
-        [--requests-per-client 3] [--max-tokens 64] [--prompt-tokens 8,180] [--prefill-chunk 64]
+        [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 96,128]
         [--modes chunked,whole-prompt,one-at-a-time] [--threads N] [--device auto] [--out bench/results/serve.json]
 
 Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
 each send --requests-per-client streaming completions back to back (temperature 0, ignore_eos, so every
-request generates exactly --max-tokens tokens). Prompts have mixed lengths: client i's prompt is about the
-i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. All times are
+request generates exactly the tokens it asks for). Prompts have mixed lengths: client i's prompt is about the
+i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. Give --max-tokens
+several lengths (e.g. 16,32,48) so requests also end at different steps: with one length, whole-prompt
+prefill falls into lockstep rounds (every request ends in the same step, and the next ones are all prefilled
+in a step where nothing is decoding), which hides the stall that chunked prefill is for. All times are
 the client's: TTFT runs from sending the request to its first non-empty text chunk; per-token latency is the
 gap between consecutive text chunks of a request (a chunk holds one token's text, or several when a token ends
 mid-character, so the gap then covers them all); aggregate tok/s is the usage chunks' completion_tokens over
@@ -39,8 +42,8 @@ from gptmini.weights import save_pretrained
 
 from common import environment, md_table
 
-# mode -> (--max-batch, --prefill-chunk); None takes --prefill-chunk's value. With retrieval, every request first
-# reads its best passage (the server's --index and --retrieval 1).
+# mode -> (--max-batch, --prefill-chunk); None: one run for each of --prefill-chunk's sizes. With retrieval,
+# every request first reads its best passage (the server's --index and --retrieval 1).
 MODES = {"chunked": (16, None), "whole-prompt": (16, 0), "one-at-a-time": (1, 0), "continuous+retrieval": (16, 0)}
 DEFAULT_MODES = "chunked,whole-prompt,one-at-a-time"  # continuous+retrieval needs --index
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
@@ -110,14 +113,14 @@ def stream_one(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> di
     return {"start": start, "arrivals": arrivals, "end": time.perf_counter(), "tokens": tokens}
 
 
-def client(url: str, index: int, requests: int, max_tokens: int, prompt_tokens: int) -> list[dict]:
+def client(url: str, index: int, requests: int, max_tokens: list[int], prompt_tokens: int) -> list[dict]:
     # " loop" is one cl100k token: the prompt is about prompt_tokens tokens long.
     prompt = f"Client {index} asks: what does the interpreter do with a for" + " loop" * max(0, prompt_tokens - 12)
     with httpx.Client(timeout=None) as http:
-        return [stream_one(http, url, prompt, max_tokens) for _ in range(requests)]
+        return [stream_one(http, url, prompt, max_tokens[(index + j) % len(max_tokens)]) for j in range(requests)]
 
 
-def run_clients(url: str, clients: int, requests: int, max_tokens: int, prompt_tokens: list[int]) -> list[dict]:
+def run_clients(url: str, clients: int, requests: int, max_tokens: list[int], prompt_tokens: list[int]) -> list[dict]:
     with ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client, url, i, requests, max_tokens, prompt_tokens[i % len(prompt_tokens)])
                    for i in range(clients)]
@@ -128,24 +131,27 @@ def ms(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else float("nan")
 
 
-def summarize(mode: str, clients: int, records: list[dict]) -> dict:
+def summarize(mode: str, max_batch: int, clients: int, records: list[dict]) -> dict:
     wall = max(r["end"] for r in records) - min(r["start"] for r in records)
     ttft = [r["arrivals"][0] - r["start"] for r in records if r["arrivals"]]
     gaps = [b - a for r in records for a, b in zip(r["arrivals"], r["arrivals"][1:])]
     tokens = sum(r["tokens"] for r in records)
-    return {"mode": mode, "max_batch": MODES[mode][0], "clients": clients, "requests": len(records), "tokens": tokens,
+    return {"mode": mode, "max_batch": max_batch, "clients": clients, "requests": len(records), "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
             "requests_per_s": round(len(records) / wall, 2),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
             "per_token_p50_ms": ms(gaps, 50), "per_token_p99_ms": ms(gaps, 99)}
 
 
-def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) -> list[dict]:
+def bench_mode(mode: str, chunk: int, folder: Path, args: argparse.Namespace, logs: Path) -> list[dict]:
+    """One server: `mode` of MODES, run with --prefill-chunk `chunk`."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    max_batch, chunk = MODES[mode]
+    max_batch = MODES[mode][0]
     extra = ("--index", str(args.index), "--retrieval", "1") if mode.endswith("+retrieval") else ()
-    cmd = serve_command(folder, port, max_batch, args.prefill_chunk if chunk is None else chunk, args.device, extra)
+    cmd = serve_command(folder, port, max_batch, chunk, args.device, extra)
+    if mode == "chunked":
+        mode = f"chunked-{chunk}"
     log = logs / f"serve-{mode}.log"
     proc = start_server(cmd, args.threads, log)
     try:
@@ -154,7 +160,7 @@ def bench_mode(mode: str, folder: Path, args: argparse.Namespace, logs: Path) ->
         rows = []
         for c in args.clients:
             records = run_clients(url, c, args.requests_per_client, args.max_tokens, args.prompt_tokens)
-            rows.append(summarize(mode, c, records))
+            rows.append(summarize(mode, max_batch, c, records))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         stop_server(proc)
@@ -174,16 +180,17 @@ def ratios(rows: list[dict]) -> dict:
     out = {}
     p99 = {(r["mode"], r["clients"]): r["per_token_p99_ms"] / r["per_token_p50_ms"] for r in rows}
     lo, hi = clients[0], clients[-1]
-    for mode in ("chunked", "whole-prompt"):
+    chunked = sorted({r["mode"] for r in rows if r["mode"].startswith("chunked-")})
+    for mode in (*chunked, "whole-prompt"):
         if (mode, lo) in tps and (mode, hi) in tps and hi != lo:
             # The goal on a 2-core CPU with the demo model: >= 5x from 1 to 16 clients.
             out[f"{mode}_{hi}_over_{lo}_clients"] = round(tps[mode, hi] / tps[mode, lo], 2)
     for c in clients:
-        for mode in ("chunked", "whole-prompt"):
+        for mode in (*chunked, "whole-prompt"):
             if (mode, c) in p99:  # the goal: per-token p99 <= 2x p50
                 out[f"{mode}_p99_over_p50_{c}_clients"] = round(p99[mode, c], 2)
-        for a, b in (("chunked", "whole-prompt"), ("chunked", "one-at-a-time"), ("whole-prompt", "one-at-a-time"),
-                     ("continuous+retrieval", "whole-prompt")):
+        pairs = [(m, other) for m in chunked for other in ("whole-prompt", "one-at-a-time")]
+        for a, b in (*pairs, ("whole-prompt", "one-at-a-time"), ("continuous+retrieval", "whole-prompt")):
             if (a, c) in tps and (b, c) in tps:
                 out[f"{a}_over_{b}_{c}_clients"] = round(tps[a, c] / tps[b, c], 2)
     return out
@@ -195,9 +202,12 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, help="serve this weights or run folder instead")
     p.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", default="64",
+                   help="comma-separated tokens per request, cycled over each client's requests (client i starts at "
+                        "the i-th), so requests end at different steps as real answers do")
     p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
-    p.add_argument("--prefill-chunk", type=int, default=64, help="the chunked mode's --prefill-chunk")
+    p.add_argument("--prefill-chunk", default="96",
+                   help="comma-separated --prefill-chunk sizes; the chunked mode runs once for each")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's, all cores)")
@@ -206,6 +216,10 @@ def main() -> None:
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
+    args.prefill_chunk = [int(n) for n in args.prefill_chunk.split(",")]
+    args.max_tokens = [int(n) for n in args.max_tokens.split(",")]
+    if any(n < 1 for n in args.prefill_chunk):
+        p.error(f"--prefill-chunk {args.prefill_chunk}: each size must be >= 1 (whole-prompt is the mode with 0)")
     modes = args.modes.split(",")
     if unknown := set(modes) - set(MODES):
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
@@ -222,7 +236,10 @@ def main() -> None:
             params, folder = model.num_params(), Path(tmp) / args.preset
             save_pretrained(model, folder)
             del model
-        rows = [row for mode in modes for row in bench_mode(mode, folder, args, Path(tmp))]
+        load_at_start = os.getloadavg()
+        runs = [(mode, chunk) for mode in modes
+                for chunk in (args.prefill_chunk if mode == "chunked" else [MODES[mode][1]])]
+        rows = [row for mode, chunk in runs for row in bench_mode(mode, chunk, folder, args, Path(tmp))]
 
     print(table(rows))
     result_ratios = ratios(rows)
@@ -230,7 +247,8 @@ def main() -> None:
         print(f"{name}: {value}x")
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
-            "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk, "load_average": os.getloadavg(),
+            "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk,
+            "load_average_start": load_at_start, "load_average_end": os.getloadavg(),
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
             **environment()}
     print(json.dumps(meta))

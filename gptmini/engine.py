@@ -5,11 +5,13 @@ al., 2022; vLLM's scheduler). `gptmini.generate` is a Batch of the caller's prom
 
 A step: drop the sequences whose client went away, prefill waiting prompts into free rows, then one decode
 forward over all running rows. Each prompt is prefilled alone, so it sees exactly what it would see alone.
-With `prefill_chunk` > 0 a step prefills at most that many prompt tokens (one chunk of one prompt after the
-other), so a long prompt no longer stalls the running streams for its whole length (Sarathi, Agrawal et al.,
-2023; vLLM's chunked prefill); 0 prefills every admitted prompt whole before the step's decode. Each
-sequence samples from its own row with its own parameters and its own generator, so its tokens do not depend
-on what else is in the batch.
+With `prefill_chunk` > 0 a step prefills at most that many prompt tokens, so a long prompt no longer stalls
+the running streams for its whole length (Sarathi, Agrawal et al., 2023; vLLM's chunked prefill): while
+sequences are running, one chunk of one prompt, in the decode's forward (Sarathi's piggybacking: a chunk in a
+forward of its own cost more per token, and a second one per step made the step's cost jump); with none
+running, prompt after prompt up to the budget. 0 prefills every admitted prompt whole before the step's
+decode. Each sequence samples from its own row with its own parameters and its own generator, so its tokens
+do not depend on what else is in the batch.
 
 The engine knows nothing of HTTP: a Sequence reports through its `emit(delta, finish_reason)` callback, called
 on the engine's thread (the server hands it on to its event loop).
@@ -200,7 +202,8 @@ class Batch:
     sampling must never pick; `max_len` is the longest sequence a row holds (the cache's length). Without
     `use_cache` every step recomputes each sequence from its first token (the reference the cache is tested
     against). Counters: `decode_steps`, `peak_occupancy` (the most rows one decode step advanced),
-    `prefill_chunks`, and `decode_steps_mid_prefill`: decode steps taken while a prompt was part-way in.
+    `prefill_chunks`, `decode_steps_mid_prefill` (decode steps taken while a prompt was part-way in) and
+    `chunks_in_decode` (prompt chunks computed in a decode step's forward rather than in one of their own).
     """
 
     def __init__(self, model: GPTOSSMini, rows: int, *, eot: int | None = None, allowed: Tensor | None = None,
@@ -214,6 +217,7 @@ class Batch:
         self.prefilling: Sequence | None = None  # lives in row len(running)
         self.admitted: list[Sequence] = []  # taken from the queue, not yet prefilled
         self.decode_steps = self.peak_occupancy = self.prefill_chunks = self.decode_steps_mid_prefill = 0
+        self.chunks_in_decode = 0
 
     @property
     def occupancy(self) -> int:
@@ -230,6 +234,7 @@ class Batch:
         if self.prefilling is not None and self.prefilling.cancelled:
             self.prefilling = None
         started: list[tuple[Sequence, Tensor]] = []  # prompts now in, with their last position's hidden state
+        self.decoded = not decode  # whether this step's decode has run (or is not to run)
         if self.prefill_chunk:
             self._prefill_chunks(take, started)
         else:
@@ -240,7 +245,7 @@ class Batch:
                     self._prefill(seq, len(seq.prompt), started)
         if started:
             self._start(started)
-        if self.running and decode:
+        if self.running and not self.decoded:
             self._decode()
 
     def abandon(self) -> list[Sequence]:
@@ -264,7 +269,11 @@ class Batch:
             seq = self.prefilling
             n = min(budget, len(seq.prompt) - seq.prefilled)
             budget -= n
-            self._prefill(seq, n, started)
+            # The decode rows must each hold a sampled token: not a prompt that came in earlier in this step.
+            if self.decoded or started or not (self.running and self.use_cache) or seq.sampling.echo:
+                self._prefill(seq, n, started)
+            else:  # and nothing more this step: another chunk would pay a forward of its own, a step's spike
+                return self._decode_with_chunk(seq, n, started)
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
@@ -289,6 +298,31 @@ class Batch:
                 self.prefilling = None
             self.running.append(seq)
             started.append((seq, last))
+
+    @torch.inference_mode()
+    def _decode_with_chunk(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
+        """The step's decode and the next n tokens of seq's prompt (in row len(running)) in one forward: the
+        chunk's tokens ride in the decode's matmuls instead of paying a forward of their own (Sarathi)."""
+        rows, start = len(self.running), seq.prefilled
+        if start == 0:
+            self.cache.reset(rows)
+        self.cache.mixed(rows)
+        ids = [s.tokens[-1] for s in self.running] + seq.prompt[start : start + n]
+        h = self.model.hidden(torch.tensor([ids], device=self.device), self.cache)[0]  # (rows + n, d)
+        seq.prefilled += n
+        self.decoded = True
+        self.prefill_chunks += 1
+        self.chunks_in_decode += 1
+        self.decode_steps += 1
+        self.decode_steps_mid_prefill += seq.prefilled < len(seq.prompt)
+        self.peak_occupancy = max(self.peak_occupancy, rows)
+        decoding = list(self.running)
+        if seq.prefilled == len(seq.prompt):
+            self.prefilling = None
+            self.running.append(seq)
+            started.append((seq, h[-1:]))
+        self._advance(decoding, self.model.output(h[:rows]))
+        self._retire([i for i, s in enumerate(self.running) if s.finish_reason or s.cancelled])
 
     @torch.inference_mode()
     def _start(self, started: list[tuple[Sequence, Tensor]]) -> None:

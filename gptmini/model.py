@@ -170,8 +170,9 @@ class KVCache:
 
     Before each forward one call says what it computes: `prefill(row)` the next T tokens of one row's
     sequence (a (1, T) input: its whole prompt, or a chunk of it after the chunks already in), `decode(n)` one
-    token for each of rows 0..n-1 (an (n, 1) input), `at(positions)` every row at the same positions held on
-    the device (for graph capture: no host sync, same shapes every step).
+    token for each of rows 0..n-1 (an (n, 1) input), `mixed(n)` both at once (a (1, n + T) input: rows
+    0..n-1's next tokens, then a chunk of row n's prompt), `at(positions)` every row at the same positions held
+    on the device (for graph capture: no host sync, same shapes every step).
 
     Position p of a row lives in column p % size; with a sliding window, size is the window and each row is
     a ring buffer, and `pos` records which position each column holds, so masks need no reordering. Running
@@ -198,6 +199,17 @@ class KVCache:
     def decode(self, n: int) -> None:
         self.mode, self.rows = "decode", n
 
+    def mixed(self, n: int) -> None:
+        """decode(n) and prefill(n) in one forward: a (1, n + T) input holds rows 0..n-1's next tokens, then
+        the next T tokens of row n's prompt (Sarathi's piggybacking: the chunk rides in the decode's matmuls)."""
+        self.mode, self.rows, self.row = "mixed", n, n
+
+    def use(self, part: str) -> None:
+        """Inside a mixed forward: the next `update` is the decode rows' ("decode") or the chunk's ("prefill")."""
+        self.mode = part
+        if part != "mixed":
+            self.cols, self.index, self.width = self.parts[part]
+
     def at(self, positions: Tensor) -> None:
         self.mode, self.positions = "at", positions
 
@@ -206,8 +218,19 @@ class KVCache:
         self.lengths[row] = 0
 
     def begin(self, T: int) -> tuple[Tensor, Tensor | None]:
-        """Positions (B|1, T) and attention mask of the forward about to run; records where it writes."""
+        """Positions (B|1, T) and attention mask of the forward about to run; records where it writes. A mixed
+        forward's mask is a pair: the decode rows' and the chunk's."""
         device = self.pos.device
+        if self.mode == "mixed":
+            n, self.parts = self.rows, {}
+            for part, t in (("decode", 1), ("prefill", T - self.rows)):
+                self.mode = part
+                qpos, mask = self.begin(t)
+                self.parts[part] = (self.cols, getattr(self, "index", None), self.width, qpos, mask)
+            self.mode = "mixed"
+            (_, _, _, qd, md), (_, _, _, qp, mp) = self.parts["decode"], self.parts["prefill"]
+            self.parts = {k: v[:3] for k, v in self.parts.items()}
+            return torch.cat([qd[:, 0], qp[0]])[None], (md, mp)  # (1, n + T)
         if self.mode == "at":
             cols = torch.arange(self.size, device=device)
             return self.positions[None], (cols[None, :] <= self.positions[:, None])[None, None]  # (1, 1, T, S)
@@ -292,12 +315,32 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None and cache.mode == "mixed":
+            return self.wo(self.mixed(q, k, v, mask, cache))
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         # SDPA picks flash/cuDNN/memory-efficient kernels on GPU; mask=None keeps the flash path open.
         y = sdpa_gqa(q, k, v, mask, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd)
         return self.wo(y)
+
+    def mixed(self, q: Tensor, k: Tensor, v: Tensor, masks: tuple, cache: KVCache) -> Tensor:
+        """Attention of a mixed forward (KVCache.mixed): the first n tokens are n rows' decode tokens, each
+        attending to its own row, the rest one row's prompt chunk."""
+        n, T = cache.rows, q.size(2)
+
+        def rows(t: Tensor) -> Tensor:
+            return t[0, :, :n].transpose(0, 1)[:, :, None]  # (1, h, n, hd) -> (n, h, 1, hd)
+
+        cache.use("decode")
+        kd, vd = cache.update(self.layer, rows(k), rows(v))
+        yd = sdpa_gqa(rows(q), kd, vd, masks[0], 0.0)  # (n, nh, 1, hd)
+        cache.use("prefill")
+        kp, vp = cache.update(self.layer, k[:, :, n:], v[:, :, n:])
+        yp = sdpa_gqa(q[:, :, n:], kp, vp, masks[1], 0.0)  # (1, nh, T - n, hd)
+        cache.use("mixed")
+        y = torch.cat([yd[:, :, 0].transpose(0, 1)[None], yp], dim=2)  # (1, nh, T, hd)
+        return y.transpose(1, 2).reshape(1, T, -1)  # (1, T, nh*hd)
 
 
 def sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:

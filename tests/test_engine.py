@@ -200,3 +200,53 @@ def test_chunked_prefill_interleaves_decode_steps_and_gives_the_same_greedy_toke
     assert chunked_tokens == whole
     assert len(long) == 41 and chunked.decode_steps_mid_prefill == 5 and unchunked.decode_steps_mid_prefill == 0
     assert chunked.prefill_chunks == 1 + 6
+    # Every chunk of the long prompt rode in the decode step's forward; the short prompt, alone, could not.
+    assert chunked.chunks_in_decode == 6 and unchunked.chunks_in_decode == 0
+
+
+def test_with_sequences_running_a_step_prefills_one_chunk_in_its_decode_forward(tok):
+    """Two short prompts arrive while one streams, with budget for both: one rides in this step's decode
+    forward and the other waits for the next step, rather than paying a forward of its own in this one."""
+    model = model_of()
+    prompts = [[tok.eot_token] + tok.encode(p) for p in PROMPTS[:3]]
+    batch = Batch(model, 3, prefill_chunk=64)
+    seqs = [Sequence(p, Sampling(max_tokens=8, temperature=0)) for p in prompts]
+    waiting = deque(seqs[:1])
+    take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+    batch.step(take)
+    waiting.extend(seqs[1:])
+    batch.step(take)
+    assert (len(batch.running), len(waiting), batch.chunks_in_decode) == (2, 1, 1)
+    batch.step(take)
+    assert (len(batch.running), len(waiting), batch.chunks_in_decode) == (3, 0, 2)
+    while not all(s.finish_reason for s in seqs):
+        batch.step(take)
+    alone = [Sequence(p, Sampling(max_tokens=8, temperature=0)) for p in prompts]
+    for seq in alone:
+        one = Batch(model, 1)
+        queue = deque([seq])
+        while not seq.finish_reason:
+            one.step(lambda k: [queue.popleft() for _ in range(min(k, len(queue)))])
+    assert [s.tokens for s in seqs] == [s.tokens for s in alone]
+
+
+def test_prompts_that_arrive_together_are_prefilled_before_any_of_them_decodes(tok):
+    """Two prompts enter one empty batch in the same step: the second's chunk cannot ride in a decode forward,
+    since the first has no token to decode yet; both then give their whole-prompt tokens."""
+    model = model_of()
+    prompts = [[tok.eot_token] + tok.encode("Hello world"), [tok.eot_token] + tok.encode(" ".join(PROMPTS))[:30]]
+
+    def run(chunk: int) -> tuple[list[list[int]], Batch]:
+        batch = Batch(model, 2, prefill_chunk=chunk)
+        seqs = [Sequence(p, Sampling(max_tokens=6, temperature=0)) for p in prompts]
+        waiting = deque(seqs)
+        take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+        batch.step(take)
+        assert all(len(s.tokens) == 2 for s in seqs)  # both in, each with its first token and one decoded
+        while not all(s.finish_reason for s in seqs):
+            batch.step(take)
+        return [s.tokens for s in seqs], batch
+
+    chunked_tokens, chunked = run(64)
+    assert chunked_tokens == run(0)[0]
+    assert chunked.chunks_in_decode == 0 and chunked.prefill_chunks == 2

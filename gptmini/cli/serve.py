@@ -27,9 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
-    p.add_argument("--prefill-chunk", type=int, default=0,
-                   help="prompt tokens prefilled between two decode steps, so a long prompt does not stall the "
-                        "running streams (e.g. 64); 0, the default, prefills each prompt whole (BENCHMARKS.md)")
+    p.add_argument("--prefill-chunk", type=int, default=96,
+                   help="prompt tokens prefilled per decode step, in the decode's forward, so a long prompt does "
+                        "not stall the running streams; 0 prefills each prompt whole (BENCHMARKS.md)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429s")
     p.add_argument("--max-tokens", type=int, default=512, help="the largest max_tokens a request may ask for")
     p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between looks at the alias")

@@ -13,7 +13,7 @@ class ServeConfig:
     port: int = 8000
     served_name: str = "gptmini"  # the model id of a --checkpoint
     max_batch: int = 16
-    prefill_chunk: int = 0  # prompt tokens prefilled per decode step; 0 = each prompt whole
+    prefill_chunk: int = 96  # prompt tokens prefilled per decode step; 0 = each prompt whole
     max_queue: int = 64
     max_tokens: int = 512  # the cap on a request's max_tokens
     poll_interval: float = 10.0
