@@ -273,7 +273,7 @@ class Batch:
             if self.decoded or started or not (self.running and self.use_cache) or seq.sampling.echo:
                 self._prefill(seq, n, started)
             else:  # and nothing more this step: another chunk would pay a forward of its own, a step's spike
-                return self._decode_with_chunk(seq, n, started)
+                return self._decode((seq, n, started))
 
     @torch.inference_mode()
     def _prefill(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
@@ -294,35 +294,15 @@ class Batch:
                                                   seq.sampling.logprobs or 0)
             last = logits[-1:]
         if seq.prefilled == len(seq.prompt):
-            if self.prefilling is seq:
-                self.prefilling = None
-            self.running.append(seq)
-            started.append((seq, last))
+            self._prompt_in(seq, last, started)
 
-    @torch.inference_mode()
-    def _decode_with_chunk(self, seq: Sequence, n: int, started: list[tuple[Sequence, Tensor]]) -> None:
-        """The step's decode and the next n tokens of seq's prompt (in row len(running)) in one forward: the
-        chunk's tokens ride in the decode's matmuls instead of paying a forward of their own (Sarathi)."""
-        rows, start = len(self.running), seq.prefilled
-        if start == 0:
-            self.cache.reset(rows)
-        self.cache.mixed(rows)
-        ids = [s.tokens[-1] for s in self.running] + seq.prompt[start : start + n]
-        h = self.model.hidden(torch.tensor([ids], device=self.device), self.cache)[0]  # (rows + n, d)
-        seq.prefilled += n
-        self.decoded = True
-        self.prefill_chunks += 1
-        self.chunks_in_decode += 1
-        self.decode_steps += 1
-        self.decode_steps_mid_prefill += seq.prefilled < len(seq.prompt)
-        self.peak_occupancy = max(self.peak_occupancy, rows)
-        decoding = list(self.running)
-        if seq.prefilled == len(seq.prompt):
+    def _prompt_in(self, seq: Sequence, last: Tensor, started: list[tuple[Sequence, Tensor]]) -> None:
+        """seq's prompt is all in: it joins the running rows and `started`, with its last position's hidden
+        state (or, with echo, its logits)."""
+        if self.prefilling is seq:
             self.prefilling = None
-            self.running.append(seq)
-            started.append((seq, h[-1:]))
-        self._advance(decoding, self.model.output(h[:rows]))
-        self._retire([i for i, s in enumerate(self.running) if s.finish_reason or s.cancelled])
+        self.running.append(seq)
+        started.append((seq, last))
 
     @torch.inference_mode()
     def _start(self, started: list[tuple[Sequence, Tensor]]) -> None:
@@ -337,18 +317,36 @@ class Batch:
         self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason])
 
     @torch.inference_mode()
-    def _decode(self) -> None:
-        n = len(self.running)
+    def _decode(self, chunk: tuple[Sequence, int, list[tuple[Sequence, Tensor]]] | None = None) -> None:
+        """One token for each running sequence. With `chunk` (seq, k, started), the next k tokens of seq's
+        prompt (in row len(running)) go in the same forward: they ride in the decode's matmuls instead of paying
+        a forward of their own (Sarathi)."""
+        decoding, n = list(self.running), len(self.running)
+        self.decoded = True
         self.decode_steps += 1
-        self.decode_steps_mid_prefill += self.prefilling is not None
         self.peak_occupancy = max(self.peak_occupancy, n)
-        if self.use_cache:
+        if chunk is not None:
+            seq, k, started = chunk
+            start = seq.prefilled
+            if start == 0:
+                self.cache.reset(n)
+            self.cache.mixed(n)
+            ids = [s.tokens[-1] for s in decoding] + seq.prompt[start : start + k]
+            h = self.model.hidden(torch.tensor([ids], device=self.device), self.cache)[0]  # (n + k, d)
+            seq.prefilled += k
+            self.prefill_chunks += 1
+            self.chunks_in_decode += 1
+            if seq.prefilled == len(seq.prompt):
+                self._prompt_in(seq, h[-1:], started)
+            h = h[:n]
+        elif self.use_cache:
             self.cache.decode(n)
-            idx = torch.tensor([seq.tokens[-1:] for seq in self.running], device=self.device)  # (n, 1)
+            idx = torch.tensor([seq.tokens[-1:] for seq in decoding], device=self.device)  # (n, 1)
             h = self.model.hidden(idx, self.cache)[:, -1]
         else:
-            h = torch.cat([self._recompute(row, seq) for row, seq in enumerate(self.running)])
-        self._advance(self.running, self.model.output(h))
+            h = torch.cat([self._recompute(row, seq) for row, seq in enumerate(decoding)])
+        self.decode_steps_mid_prefill += self.prefilling is not None
+        self._advance(decoding, self.model.output(h))
         self._retire([i for i, seq in enumerate(self.running) if seq.finish_reason or seq.cancelled])
 
     def _recompute(self, row: int, seq: Sequence) -> Tensor:
