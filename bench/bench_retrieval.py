@@ -118,19 +118,24 @@ def build_tantivy(passages, folder: Path):
 RETRIEVERS = {"sqlite-fts5": build_fts5, "bm25s": build_bm25s, "tantivy": build_tantivy}
 
 
-def run(name: str, passages, queries, folder: Path) -> dict:
-    t0 = time.perf_counter()
-    path, search = RETRIEVERS[name](passages, folder)
-    build = time.perf_counter() - t0
-    search(queries[0])  # warm
+def latency_ms(search, queries) -> tuple[float, float]:
+    """p50 and p99 milliseconds of `search(q)` over the queries, after one warm-up query."""
+    search(queries[0])
     times = []
     for q in queries:
         t = time.perf_counter()
         search(q)
         times.append(time.perf_counter() - t)
     ms = np.array(times) * 1e3
-    return {"retriever": name, "build_s": build, "bytes": dir_bytes(path), "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99))}
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def run(name: str, passages, queries, folder: Path) -> dict:
+    t0 = time.perf_counter()
+    path, search = RETRIEVERS[name](passages, folder)
+    build = time.perf_counter() - t0
+    p50, p99 = latency_ms(search, queries)
+    return {"retriever": name, "build_s": build, "bytes": dir_bytes(path), "p50_ms": p50, "p99_ms": p99}
 
 
 def main() -> None:

@@ -16,12 +16,11 @@ import os
 import random
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_retrieval import build_fts5, demo_corpus, generated_corpus
+from bench_retrieval import build_fts5, demo_corpus, generated_corpus, latency_ms
 from gptmini import retrieval
 from gptmini.tokenizer import get_tokenizer
 
@@ -47,19 +46,13 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for budget in args.budgets.split(","):
             limit = None if budget == "every" else int(budget)
-            index.search(held_out[0], 1, None, limit)
-            times = []
-            for q in held_out:
-                t = time.perf_counter()
-                index.search(q, 1, None, limit)
-                times.append(time.perf_counter() - t)
+            p50, p99 = latency_ms(lambda q: index.search(q, 1, None, limit), held_out)
             ranked = [[(p.document, p.offset) for p in index.search(q, 5, None, limit)] for _, _, q in known]
             at1 = np.mean([(d, off) in r[:1] for (d, off, _), r in zip(known, ranked)])
             at5 = np.mean([(d, off) in r for (d, off, _), r in zip(known, ranked)])
-            ms = np.array(times) * 1e3
             load = "/".join(f"{x:.1f}" for x in os.getloadavg())
             name = "every word" if limit is None else f"rarest, up to {limit:,} passages"
-            print(f"| {name} | {np.percentile(ms, 50):.1f} | {np.percentile(ms, 99):.1f} | {at1:.2f} | {at5:.2f} "
+            print(f"| {name} | {p50:.1f} | {p99:.1f} | {at1:.2f} | {at5:.2f} "
                   f"| {load} |", flush=True)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
