@@ -39,7 +39,8 @@ def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
     if on is not None and on.type == "cuda":
         props = torch.cuda.get_device_properties(on)
         meta |= {"gpu": props.name, "gpu_memory_gib": props.total_memory / 2**30, "cuda": torch.version.cuda,
-                 "cudnn": torch.backends.cudnn.version(), "sm_count": props.multi_processor_count}
+                 "cudnn": torch.backends.cudnn.version(), "sm_count": props.multi_processor_count,
+                 "capability": f"{props.major}.{props.minor}"}
     return meta | extra
 
 

