@@ -21,7 +21,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -59,129 +59,45 @@ class Subject:
     loss: LossFn = next_token  # --chunked-loss: gptmini.loss.chunked
 
 
-@dataclass
-class TrainRun:
-    name: str
-    seq_len: int
-    batch_size: int
-    status: str = "ok"  # "ok" or "oom"
-    steps: int = 0
-    grad_accum: int = 1
-    tokens_per_s: float | None = None
-    ms_per_step: float | None = None  # per optimizer step (grad_accum micro-batches)
-    flops_per_token: float | None = None
-    tflops: float | None = None
-    mfu: float | None = None
-    mfu_causal: float | None = None
-    peak_mem_gib: float | None = None
-    final_loss: float | None = None
-    params_total: int | None = None
-
-
-@dataclass
-class DecodeRun:
-    name: str
-    path: str  # cache, static or static-graphs (see --decode-paths)
-    batch_size: int
-    prompt_len: int
-    new_tokens: int
-    status: str = "ok"
-    tokens_per_s: float | None = None  # the decode loop: new tokens after the first, over the loop's time
-    ms_per_token: float | None = None
-    prefill_ms: float | None = None  # prompt forward + the first token
-    peak_mem_gib: float | None = None
-
-
-@dataclass
-class LoaderRun:
-    name: str
-    seq_len: int
-    batch_size: int
-    source: str
-    status: str = "ok"
-    steps: int = 0
-    ms_per_step_fixed_batch: float | None = None
-    ms_per_step_with_loader: float | None = None
-    loader_host_ms_per_step: float | None = None  # host time inside next(loader) + the device copy
-    share_end_to_end: float | None = None  # 1 - fixed / with_loader
-    share_host: float | None = None  # loader host time / step time
-
-
-@dataclass
-class CeilingRun:
-    name: str
-    shape: str
-    dtype: str
-    ms: float | None = None  # median over --ceiling-repeats
-    tflops: float | None = None
-    gb_per_s: float | None = None  # copies: bytes read + written over time
-    status: str = "ok"
-
-
-@dataclass
-class Results:
-    meta: dict
-    formula: str
-    ceilings: list[CeilingRun] = field(default_factory=list)
-    train: list[TrainRun] = field(default_factory=list)
-    decode: list[DecodeRun] = field(default_factory=list)
-    loader: list[LoaderRun] = field(default_factory=list)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: cuda if a GPU is visible. Training runs under bf16 autocast on cuda (fp32 on cpu), "
-                        "decode with bf16 weights on cuda (fp32 on cpu), as the trainer and `gptmini generate` do")
+                   help="auto: cuda if a GPU is visible. bf16 autocast and bf16 decode weights on cuda, fp32 on cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "model", "blocks", "off"],
                    help="torch.compile the whole model, each block, or nothing (auto: model on cuda, off on cpu)")
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="override the preset's vocab_size (e.g. 100352 for cl100k_base; the seed preset has GPT-2's 50304)")
+    p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base; seed has 50304)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
     p.add_argument("--seq", default="1024,2048", help="training sequence lengths, comma list")
-    p.add_argument("--batch", default=None, help="training batch sizes, comma list (default: --tokens-per-step / seq)")
+    p.add_argument("--batch", help="training batch sizes, comma list (default: --tokens-per-step / seq)")
     p.add_argument("--tokens-per-step", type=int, default=32768)
-    p.add_argument("--sweep", action="store_true", help="after --batch, keep doubling the batch until OOM or --sweep-max")
+    p.add_argument("--sweep", action="store_true", help="after --batch, double the batch until OOM or --sweep-max")
     p.add_argument("--sweep-max", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step (the trainer's grad_accum): amortises AdamW and clipping")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer state)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer)")
     p.add_argument("--chunked-loss", action="store_true",
-                   help="gptmini models compute the loss over chunks of tokens (gptmini.loss.chunked): "
-                        "the (B, T, vocab) logits never exist whole; the baseline keeps its plain loss")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench uses 0)")
-    p.add_argument("--dense-d-ff", type=int, default=None,
-                   help="d_ff of the dense variant (default: top_k * d_ff, the MoE's active FFN width)")
+                   help="gptmini models take gptmini.loss.chunked (the logits never whole); the baseline does not")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench: 0)")
     p.add_argument("--baseline", default="gpt2", choices=["gpt2", "match"],
-                   help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab (for small runs)")
+                   help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab")
     p.add_argument("--decode-batch", default="1,16", help="decode batch sizes, comma list")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
-    p.add_argument("--decode-paths", default="auto",
-                   help="comma list from cache (gptmini.generate.stream), static (bench/static_decode.py, eager), static-graphs "
-                        "(the same under torch.compile mode=reduce-overhead); auto: all three on cuda, cache,static on cpu")
-    p.add_argument("--data-dir", default=None,
-                   help="token shards for the loader section (default: synthetic text prepared into a temporary folder)")
-    p.add_argument("--loader-seq", type=int, default=None, help="sequence length of the loader section (default: first --seq)")
-    p.add_argument("--ceiling-repeats", type=int, default=20, help="timed repeats per ceiling op; the median is kept")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak for MFU (default: gptmini.device's dense bf16 peak of the GPU by name; none on cpu "
-                        "or an unlisted GPU)")
-    p.add_argument("--out", default="bench-results.json", help="JSON results path (written atomically after each section)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after timing each training config, profile --profile-steps more steps: DIR/<run>.txt (top "
-                        "ops by self device time) and DIR/<run>.trace.json (chrome://tracing, Perfetto)")
+    p.add_argument("--decode-paths", default="auto", help=f"comma list from {','.join(DECODE_PATHS)} (auto: all "
+                   "on cuda, cache,static on cpu)")
+    p.add_argument("--data-dir", help="token shards for the loader section (default: synthetic text, prepared)")
+    p.add_argument("--ceiling-repeats", type=int, default=20, help="timed repeats per ceiling op (the median)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: gptmini.device's, by the GPU's name)")
+    p.add_argument("--out", default="bench-results.json", help="JSON results, rewritten after each measurement")
+    p.add_argument("--profile", metavar="DIR", help="profile each training config after timing it: DIR/<run>.txt "
+                   "(top ops by self device time) and DIR/<run>.trace.json (Perfetto)")
     p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --profile, also write the Chrome trace; --no-profile-trace keeps the text table only "
-                        "(a compiled step's trace runs to hundreds of MB, more than a lent GPU's results may hold)")
+                   help="with --profile, the trace too (a compiled step's runs to hundreds of MB)")
     p.add_argument("--profile-steps", type=int, default=3)
-    p.add_argument("--plan", action="store_true",
-                   help="print the first-principles FLOP and memory account of --preset and its dense twin, then exit")
+    p.add_argument("--plan", action="store_true", help="print the FLOP and memory account of --preset, then exit")
     return p.parse_args(argv)
 
 
@@ -258,12 +174,6 @@ def baseline_subject(kind: str, cfg: ModelConfig, block_size: int, dropout: floa
     return Subject(f"nanogpt-{kind}", lambda: nanogpt_baseline.GPT(bcfg), bcfg.vocab_size)
 
 
-def subject_step(model: nn.Module, subject: Subject, args: argparse.Namespace, device: torch.device,
-                 grad_accum: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The trainer's own step on the subject, with its loss, compiled as --compile says."""
-    return train_step(model, device, args.compile, args.compile_mode, grad_accum, loss_fn=subject.loss)
-
-
 def release(device: torch.device) -> None:
     gc.collect()
     if "torch._dynamo" in sys.modules:  # something compiled: drop its graphs (importing dynamo costs seconds)
@@ -277,116 +187,110 @@ def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def random_batch(vocab: int, batch: int, seq: int, device: torch.device, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    # Random tokens, never zeros: the same work as real text, and no shortcut through a constant batch.
-    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
-    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+def build(subject: Subject, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    with device:  # built in place: no CPU init and copy of a large model
+        return subject.build()
 
 
-def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace,
-                  device: torch.device, peak_tflops: float | None) -> TrainRun:
-    run = TrainRun(name=subject.name, seq_len=seq, batch_size=batch)
+def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
+                  peak_tflops: float | None) -> dict:
+    run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "status": "ok", "steps": args.steps,
+           "grad_accum": args.grad_accum}
     release(device)
     try:
-        _time_training(run, subject, args, device, peak_tflops)
+        run |= _time_training(subject, seq, batch, args, device, peak_tflops)
     except torch.OutOfMemoryError:
-        run.status = "oom"
+        run["status"] = "oom"
     except RuntimeError as e:  # an OOM inside compilation arrives wrapped (BackendCompilerFailed)
         if "out of memory" not in str(e).lower():
             raise
-        run.status = "oom"
+        run["status"] = "oom"
     release(device)  # outside the except block: its traceback no longer pins the step's tensors
     return run
 
 
-def _time_training(run: TrainRun, subject: Subject, args: argparse.Namespace,
-                   device: torch.device, peak_tflops: float | None) -> None:
-    torch.manual_seed(args.seed)
-    with device:  # built in place: no CPU init and copy of a large model
-        model = subject.build()
-    model.train()
-    run.params_total = sum(p.numel() for p in model.parameters())
-    step = subject_step(model, subject, args, device, args.grad_accum)
-    gen = torch.Generator().manual_seed(args.seed)
-    x, y = random_batch(subject.vocab_size, run.batch_size, run.seq_len, device, gen)
+def _time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
+                   peak_tflops: float | None) -> dict:
+    model = build(subject, device).train()
+    step = train_step(model, device, args.compile, args.compile_mode, args.grad_accum, loss_fn=subject.loss)
+    # Random tokens, never zeros: the same work as real text, and no shortcut through a constant batch.
+    tokens = torch.randint(0, subject.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
     for _ in range(args.warmup):
         step(x, y)
     with Timer(device) as timer:
         for _ in range(args.steps):
             loss = step(x, y)
-    run.final_loss = loss.item()  # after the timed region
-    run.steps, run.grad_accum = args.steps, args.grad_accum
-    tokens = run.batch_size * run.seq_len * args.grad_accum * args.steps
-    run.tokens_per_s = tokens / timer.seconds
-    run.ms_per_step = timer.seconds / args.steps * 1e3
-    run.flops_per_token = model.flops_per_token(run.seq_len)
-    run.tflops = run.tokens_per_s * run.flops_per_token / 1e12
+    tokens_per_s = batch * seq * args.grad_accum * args.steps / timer.seconds
+    flops = model.flops_per_token(seq)
+    run = {"tokens_per_s": tokens_per_s, "ms_per_step": timer.seconds / args.steps * 1e3, "flops_per_token": flops,
+           "tflops": tokens_per_s * flops / 1e12, "mfu": None, "mfu_causal": None, "peak_mem_gib": peak_gib(device),
+           "final_loss": loss.item(), "params_total": sum(p.numel() for p in model.parameters())}
     if peak_tflops:
-        run.mfu = run.tflops / peak_tflops
-        run.mfu_causal = run.tokens_per_s * model.flops_per_token(run.seq_len, causal=True) / 1e12 / peak_tflops
-    run.peak_mem_gib = peak_gib(device)
+        run["mfu"] = run["tflops"] / peak_tflops
+        run["mfu_causal"] = tokens_per_s * model.flops_per_token(seq, causal=True) / 1e12 / peak_tflops
     if args.profile:
-        profile_steps(step, x, y, device, Path(args.profile) / f"{run.name}-T{run.seq_len}-B{run.batch_size}",
-                      args.profile_steps, args.profile_trace)
+        profile_steps(step, x, y, device, Path(args.profile) / f"{subject.name}-T{seq}-B{batch}", args)
+    return run
 
 
-def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path, n: int,
-                  trace: bool = True) -> None:
+def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path,
+                  args: argparse.Namespace) -> None:
     """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
     should be judged against, before and after the change. The table is 40 rows whatever the step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(n):
+        for _ in range(args.profile_steps):
             step(x, y)
         if device.type == "cuda":
             torch.cuda.synchronize()
     stem.parent.mkdir(parents=True, exist_ok=True)
-    if trace:
+    if args.profile_trace:
         prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
 
 
-def batches_for(seq: int, args: argparse.Namespace) -> Iterator[int]:
-    """The batch sizes to time at `seq`: --batch (or tokens-per-step / seq), then with --sweep the
-    doubling continues until a step runs out of memory or passes --sweep-max."""
-    listed = int_list(args.batch, "--batch") if args.batch else [max(1, args.tokens_per_step // seq)]
-    yield from listed
-    if args.sweep:
-        b = max(listed) * 2
-        while b <= args.sweep_max:
-            yield b
-            b *= 2
-
-
-def bench_training(subject: Subject, seqs: list[int], args, device, peak_tflops, results: Results,
-                   save: Callable[[], None]) -> None:
+def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None, args, device, peak_tflops,
+                   results: dict, save: Callable[[], None]) -> None:
+    """Each seq at --batch (or --tokens-per-step / seq); with --sweep the batch then doubles until a step runs
+    out of memory or passes --sweep-max."""
     for seq in seqs:
-        for batch in batches_for(seq, args):
+        listed = batches or [max(1, args.tokens_per_step // seq)]
+        sweep = [max(listed) * 2 ** i for i in range(1, 32) if max(listed) * 2 ** i <= args.sweep_max]
+        for batch in listed + (sweep if args.sweep else []):
             run = time_training(subject, seq, batch, args, device, peak_tflops)
-            results.train.append(run)
+            results["train"].append(run)
             save()
-            print(progress_line(run), file=sys.stderr, flush=True)
-            if run.status == "oom":
+            print(f"[bench_gpu] train {run['name']} T={seq} B={batch}: {run['status']} "
+                  f"{fmt(run.get('tokens_per_s'), ',.0f')} tok/s, MFU {fmt(run.get('mfu'), '.1%')}",
+                  file=sys.stderr, flush=True)
+            if run["status"] == "oom":
                 break
 
 
-def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) -> DecodeRun:
+def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) -> dict:
     """Greedy generation with a KV cache. The prefill (prompt + first token) and the decode loop are timed
     apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop. Paths: `cache` is gptmini.generate.stream
     (what `gptmini generate` runs); `static` and `static-graphs` are bench/static_decode.py."""
-    run = DecodeRun(name=subject.name, path=path, batch_size=batch, prompt_len=args.prompt_len,
-                    new_tokens=args.decode_tokens)
     release(device)
-    torch.manual_seed(args.seed)
-    with device:
-        model = subject.build().to(dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
+    model = build(subject, device).to(dtype=dtype).eval()
+    prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len),
+                           generator=torch.Generator().manual_seed(0)).to(device)
     if path == "cache":
-        prefill_fn, loop_fn = stream_decode(model, prompt)
+        def prefill_fn(n: int) -> Iterator:
+            tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+            with torch.inference_mode():
+                next(tokens)
+            return tokens
+
+        def loop_fn(tokens: Iterator) -> None:
+            with torch.inference_mode():
+                for _ in tokens:
+                    pass
     else:
         decoder = StaticDecoder(
             model, batch, args.prompt_len + args.decode_tokens, "reduce-overhead" if path == "static-graphs" else None)
@@ -403,110 +307,81 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
     generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, compilation and graph capture
     prefill, loop = zip(*(generate(args.decode_tokens) for _ in range(args.decode_repeats)))
     steps = args.decode_tokens - 1
-    run.prefill_ms = statistics.median(prefill) * 1e3
-    run.ms_per_token = statistics.median(loop) / steps * 1e3
-    run.tokens_per_s = batch * steps / statistics.median(loop)
-    run.peak_mem_gib = peak_gib(device)
+    run = {"name": subject.name, "path": path, "batch_size": batch, "prompt_len": args.prompt_len,
+           "new_tokens": args.decode_tokens, "status": "ok", "tokens_per_s": batch * steps / statistics.median(loop),
+           "ms_per_token": statistics.median(loop) / steps * 1e3, "prefill_ms": statistics.median(prefill) * 1e3,
+           "peak_mem_gib": peak_gib(device)}
     del model
     release(device)
     return run
 
 
-def stream_decode(model: nn.Module, prompt: torch.Tensor) -> tuple[Callable, Callable]:
-    """gptmini.generate.stream split into its first token (the prefill) and the rest (the decode loop)."""
-
-    def prefill(n: int) -> Iterator:
-        tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
-        with torch.inference_mode():
-            next(tokens)
-        return tokens
-
-    def loop(tokens: Iterator) -> None:
-        with torch.inference_mode():
-            for _ in tokens:
-                pass
-
-    return prefill, loop
-
-
-def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[CeilingRun]:
+def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
     seed step's GEMM shapes (attention-free), so a profile can say how far each is from its ceiling: the
     experts as one dense GEMM, and the output head; the experts' grouped GEMMs at the model's own layouts are
     bench/kernel_checks.py's `ceilings`. n is the tokens of one training step (first --batch x first --seq).
     Random inputs, never zeros."""
     square = 8192 if device.type == "cuda" else 512
-    d, f, k, V = cfg.d_model, cfg.d_ff, cfg.top_k if cfg.is_moe else 1, cfg.vocab_size
-    name_dtype = str(dtype).removeprefix("torch.")
+    k = cfg.top_k if cfg.is_moe else 1
     runs = []
-
-    def gemm(name: str, m: int, kk: int, nn_: int) -> None:
+    for name, m, kk, nn_ in [("matmul (square)", square, square, square),
+                             ("experts w1 as one dense GEMM", n * k, cfg.d_model, cfg.d_ff),
+                             ("output head", n, cfg.d_model, cfg.vocab_size)]:
         a = torch.randn(m, kk, device=device, dtype=dtype)
         b = torch.randn(kk, nn_, device=device, dtype=dtype)
         t = median_seconds(lambda: a @ b, device, args.ceiling_repeats)
-        runs.append(CeilingRun(name, f"{m}x{kk} @ {kk}x{nn_}", name_dtype, t * 1e3, 2 * m * kk * nn_ / t / 1e12))
-
-    gemm("matmul (square)", square, square, square)
-    gemm("experts w1 as one dense GEMM", n * k, d, f)
-    gemm("output head", n, d, V)
+        runs.append({"name": name, "shape": f"{m}x{kk} @ {kk}x{nn_}", "dtype": str(dtype).removeprefix("torch."),
+                     "ms": t * 1e3, "tflops": 2 * m * kk * nn_ / t / 1e12, "gb_per_s": None, "status": "ok"})
     elements = (1 << 28) if device.type == "cuda" else (1 << 22)
     x = torch.randn(elements, device=device)
     t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)
-    runs.append(CeilingRun("copy (clone)", f"{elements * 4 / 2**20:.0f} MiB fp32", "float32", t * 1e3, None, 2 * elements * 4 / t / 1e9))
-    return runs
+    return runs + [{"name": "copy (clone)", "shape": f"{elements * 4 / 2**20:.0f} MiB fp32", "dtype": "float32",
+                    "ms": t * 1e3, "tflops": None, "gb_per_s": 2 * elements * 4 / t / 1e9, "status": "ok"}]
 
 
-def synthetic_shards(folder: Path, n_words: int, seed: int) -> Path:
-    """Synthetic text prepared by gptmini.data.prepare into real shards: the loader path under test is the
-    one training uses, only the words are random. cl100k_base, since it works offline."""
-    rng = random.Random(seed)
-    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
-    src = folder / "synthetic.txt"
-    src.write_text("\n\n".join(" ".join(rng.choices(words, k=400)) for _ in range(max(1, n_words // 400))))
-    out = folder / "shards"
-    prepare(PrepareConfig([str(src)], out, tokenizer="cl100k_base", workers=1, cache_dir=folder / "cache"))
-    return out
-
-
-def time_loader(subject: Subject, seq: int, batch: int, args, device) -> LoaderRun:
+def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
     """The loader's share of a training step. The same step is timed twice: on one batch kept on the
     device, and fed from gptmini.data's train loader (memory-mapped shards, pinned non-blocking copies
     on CUDA). share_end_to_end = 1 - fixed / with_loader is what the loader costs the step;
     share_host is the host time spent in next(loader), which on CUDA overlaps queued device work."""
+    run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "source": f"shards {args.data_dir}",
+           "status": "ok", "steps": args.steps}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data_dir:
-            data_dir, source = Path(args.data_dir), f"shards {args.data_dir}"
-        else:
-            words = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000)
-            source = "synthetic text via gptmini prepare"
+        data_dir = Path(args.data_dir or tmp)
+        if not args.data_dir:
+            # Synthetic text prepared by gptmini.data.prepare into real shards: the loader path under test is the
+            # one training uses, only the words are random. cl100k_base, since it works offline.
+            run["source"] = "synthetic text via gptmini prepare"
+            rng = random.Random(0)
+            words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+            n_docs = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000) // 400
+            (data_dir / "synthetic.txt").write_text("\n\n".join(" ".join(rng.choices(words, k=400))
+                                                                 for _ in range(n_docs)))
             try:
-                data_dir = synthetic_shards(Path(tmp), words, args.seed)
+                prepare(PrepareConfig([str(data_dir / "synthetic.txt")], data_dir / "shards", tokenizer="cl100k_base",
+                                      workers=1, cache_dir=data_dir / "cache"))
             except (ValueError, RuntimeError) as e:  # e.g. no offline tokenizer on this machine
-                return LoaderRun(subject.name, seq, batch, source=source,
-                                 status=f"skipped: could not prepare synthetic shards ({e}); pass --data-dir")
+                return run | {"status": f"skipped: could not prepare synthetic shards ({e}); pass --data-dir"}
+            data_dir = data_dir / "shards"
         n_vocab = read_manifest(data_dir)["n_vocab"]
-        fold = n_vocab > subject.vocab_size
-        if fold:
-            source += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
-        run = LoaderRun(subject.name, seq, batch, source=source)
+        if n_vocab > subject.vocab_size:
+            run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
         release(device)
         try:
-            _time_loader(run, subject, data_dir, fold, args, device)
+            run |= _time_loader(subject, data_dir, seq, batch, n_vocab > subject.vocab_size, args, device)
         except torch.OutOfMemoryError:
-            run.status = "oom"
+            run["status"] = "oom"
         release(device)
     return run
 
 
-def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, args, device) -> None:
-    torch.manual_seed(args.seed)
-    with device:  # built in place: no CPU init and copy of a large model
-        model = subject.build()
-    model.train()
-    step = subject_step(model, subject, args, device)
+def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
+    model = build(subject, device).train()
+    step = train_step(model, device, args.compile, args.compile_mode, loss_fn=subject.loss)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
-        train_loader, _ = build_loaders(data_dir, run.seq_len, batch_size=run.batch_size, seed=args.seed, device=device)
+        train_loader, _ = build_loaders(data_dir, seq, batch_size=batch, seed=0, device=device)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_loader.next_batch()  # as the trainer takes it: pinned, non-blocking copies on CUDA
@@ -527,47 +402,38 @@ def _time_loader(run: LoaderRun, subject: Subject, data_dir: Path, fold: bool, a
             x, y = next_batch()
             host += time.perf_counter() - t0
             step(x, y)
-    run.steps = args.steps
-    run.ms_per_step_fixed_batch = fixed.seconds / args.steps * 1e3
-    run.ms_per_step_with_loader = fed.seconds / args.steps * 1e3
-    run.loader_host_ms_per_step = host / args.steps * 1e3
-    run.share_end_to_end = 1 - fixed.seconds / fed.seconds  # below 0: the difference is within noise
-    run.share_host = host / fed.seconds
+    return {"ms_per_step_fixed_batch": fixed.seconds / args.steps * 1e3,
+            "ms_per_step_with_loader": fed.seconds / args.steps * 1e3,
+            "loader_host_ms_per_step": host / args.steps * 1e3,  # next(loader) and the device copy
+            "share_end_to_end": 1 - fixed.seconds / fed.seconds,  # below 0: the difference is within noise
+            "share_host": host / fed.seconds}
 
 
-def progress_line(run: TrainRun) -> str:
-    return (f"[bench_gpu] train {run.name} T={run.seq_len} B={run.batch_size}: {run.status} "
-            f"{fmt(run.tokens_per_s, ',.0f')} tok/s, MFU {fmt(run.mfu, '.1%')}")
+# Each section's table: (header, key, format); a format right-aligns its column.
+COLUMNS = {
+    "ceilings": [("ceiling", "name", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("ms", "ms", ".3f"),
+                 ("TFLOP/s", "tflops", ".1f"), ("GB/s", "gb_per_s", ",.0f"), ("status", "status", "")],
+    "train": [("model", "name", ""), ("seq", "seq_len", ".0f"), ("batch", "batch_size", ".0f"),
+              ("accum", "grad_accum", ".0f"), ("tok/s", "tokens_per_s", ",.0f"), ("ms/step", "ms_per_step", ".1f"),
+              ("TFLOP/s", "tflops", ".1f"), ("MFU", "mfu", ".1%"), ("MFU causal", "mfu_causal", ".1%"),
+              ("peak GiB", "peak_mem_gib", ".1f"), ("loss", "final_loss", ".3f"), ("status", "status", "")],
+    "decode": [("decode", "name", ""), ("path", "path", ""), ("batch", "batch_size", ".0f"),
+               ("prompt", "prompt_len", ".0f"), ("new", "new_tokens", ".0f"), ("tok/s", "tokens_per_s", ",.1f"),
+               ("ms/token", "ms_per_token", ".2f"), ("prefill ms", "prefill_ms", ".1f"),
+               ("peak GiB", "peak_mem_gib", ".2f"), ("status", "status", "")],
+    "loader": [("loader", "name", ""), ("seq", "seq_len", ".0f"), ("batch", "batch_size", ".0f"),
+               ("ms/step fixed", "ms_per_step_fixed_batch", ".1f"),
+               ("ms/step loader", "ms_per_step_with_loader", ".1f"), ("loader host ms", "loader_host_ms_per_step", ".2f"),
+               ("share (end-to-end)", "share_end_to_end", ".1%"), ("share (host)", "share_host", ".1%"),
+               ("source", "source", ""), ("status", "status", "")],
+}
 
 
-def table(results: Results) -> str:
-    tables = []
-    if results.ceilings:
-        tables.append(md_table(["ceiling", "shape", "dtype", "ms", "TFLOP/s", "GB/s", "status"], [
-            [c.name, c.shape, c.dtype, fmt(c.ms, ".3f"), fmt(c.tflops, ".1f"), fmt(c.gb_per_s, ",.0f"), c.status]
-            for c in results.ceilings], "lllrrrl"))
-    if results.train:
-        tables.append(md_table(
-            ["model", "seq", "batch", "accum", "tok/s", "ms/step", "TFLOP/s", "MFU", "MFU causal", "peak GiB", "loss",
-             "status"],
-            [[r.name, r.seq_len, r.batch_size, r.grad_accum, fmt(r.tokens_per_s, ",.0f"), fmt(r.ms_per_step, ".1f"),
-              fmt(r.tflops, ".1f"), fmt(r.mfu, ".1%"), fmt(r.mfu_causal, ".1%"), fmt(r.peak_mem_gib, ".1f"),
-              fmt(r.final_loss, ".3f"), r.status] for r in results.train], "l" + "r" * 10 + "l"))
-    if results.decode:
-        tables.append(md_table(
-            ["decode", "path", "batch", "prompt", "new", "tok/s", "ms/token", "prefill ms", "peak GiB", "status"],
-            [[d.name, d.path, d.batch_size, d.prompt_len, d.new_tokens, fmt(d.tokens_per_s, ",.1f"),
-              fmt(d.ms_per_token, ".2f"), fmt(d.prefill_ms, ".1f"), fmt(d.peak_mem_gib, ".2f"), d.status]
-             for d in results.decode], "ll" + "r" * 7 + "l"))
-    if results.loader:
-        tables.append(md_table(
-            ["loader", "seq", "batch", "ms/step fixed", "ms/step loader", "loader host ms", "share (end-to-end)",
-             "share (host)", "source", "status"],
-            [[lr.name, lr.seq_len, lr.batch_size, fmt(lr.ms_per_step_fixed_batch, ".1f"),
-              fmt(lr.ms_per_step_with_loader, ".1f"), fmt(lr.loader_host_ms_per_step, ".2f"),
-              fmt(lr.share_end_to_end, ".1%"), fmt(lr.share_host, ".1%"), lr.source, lr.status]
-             for lr in results.loader], "l" + "r" * 7 + "ll"))
-    return "\n\n".join(tables)
+def table(results: dict) -> str:
+    return "\n\n".join(
+        md_table([h for h, _, _ in cols], [[fmt(r.get(k), f) if f else r[k] for _, k, f in cols] for r in results[s]],
+                 "".join("r" if f else "l" for _, _, f in cols))
+        for s, cols in COLUMNS.items() if results[s])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -580,13 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.compile = ("model" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
+    if unknown := sorted(set(sections) - set(SECTIONS)):
         fail(f"unknown --sections {','.join(unknown)}; choose from {','.join(SECTIONS)}")
     seqs = int_list(args.seq, "--seq")
     decode_batches = int_list(args.decode_batch, "--decode-batch")
-    if args.batch:
-        int_list(args.batch, "--batch")
+    batches = int_list(args.batch, "--batch") if args.batch else None
     if args.decode_paths == "auto":
         args.decode_paths = ",".join(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
     decode_paths = [s.strip() for s in args.decode_paths.split(",") if s.strip()]
@@ -601,9 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # an unknown preset (ConfigError) or an invalid override
         fail(f"--preset {args.preset!r}: {e}")
     lengths = seqs + ([args.prompt_len + args.decode_tokens] if "decode" in sections else [])
-    too_long = [s for s in lengths if s > cfg.max_seq_len]
-    if too_long:
-        fail(f"length {max(too_long)} (--seq, or --prompt-len + --decode-tokens) exceeds the "
+    if max(lengths) > cfg.max_seq_len:
+        fail(f"length {max(lengths)} (--seq, or --prompt-len + --decode-tokens) exceeds the "
              f"{args.preset} preset's max_seq_len {cfg.max_seq_len}; pass smaller values")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers (norm stats, loss) on tensor cores
@@ -611,41 +474,37 @@ def main(argv: list[str] | None = None) -> int:
     known_peak = peak_flops(device)
     peak = args.peak_tflops or (known_peak / 1e12 if known_peak else None)  # TFLOP/s
     moe = gptmini_subject(args.preset, cfg, args.chunked_loss)
-    dense_cfg = dataclasses.replace(cfg, num_experts=0, top_k=1, d_ff=args.dense_d_ff or max(1, cfg.top_k) * cfg.d_ff)
+    # The dense twin: the MoE's active FFN width, so the same FLOPs per token and the MFUs isolate routing's cost.
+    dense_cfg = dataclasses.replace(cfg, num_experts=0, top_k=1, d_ff=max(1, cfg.top_k) * cfg.d_ff)
     dense = gptmini_subject(f"{args.preset}-dense", dense_cfg, args.chunked_loss)
     if args.plan:
         plan_peak = peak or PEAK_FLOPS["H100"] / 1e12  # no GPU needed: the H100's figures by default
-        print(plan_text(cfg, args.preset, seqs, args.tokens_per_step, plan_peak))
-        print()
+        print(plan_text(cfg, args.preset, seqs, args.tokens_per_step, plan_peak) + "\n")
         print(plan_text(dense_cfg, f"{args.preset}-dense", seqs, args.tokens_per_step, plan_peak))
         return 0
 
-    results = Results(meta=environment(device, args=vars(args), device=str(device),
-                                       dtype=str(dtype).removeprefix("torch."), peak_tflops=peak), formula=FORMULA)
-    out = Path(args.out)
+    meta = environment(device, args=vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."),
+                       peak_tflops=peak)
+    results = {"meta": meta, "formula": FORMULA, "ceilings": [], "train": [], "decode": [], "loader": []}
+    first_batch = batches[0] if batches else max(1, args.tokens_per_step // seqs[0])
 
     def save() -> None:
-        write_json(out, asdict(results))
+        write_json(args.out, results)
 
     if "ceilings" in sections:
-        first_batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seqs[0])
-        results.ceilings = bench_ceilings(cfg, first_batch * seqs[0], args, device, dtype)
+        results["ceilings"] = bench_ceilings(cfg, first_batch * seqs[0], args, device, dtype)
         save()
-    if "train" in sections:
-        bench_training(moe, seqs, args, device, peak, results, save)
-    if "dense" in sections:
-        bench_training(dense, seqs, args, device, peak, results, save)
-    if "baseline" in sections:
-        bench_training(baseline_subject(args.baseline, cfg, max(seqs), args.dropout), seqs, args, device, peak, results, save)
+    for section, subject in (("train", moe), ("dense", dense),
+                             ("baseline", baseline_subject(args.baseline, cfg, max(seqs), args.dropout))):
+        if section in sections:
+            bench_training(subject, seqs, batches, args, device, peak, results, save)
     if "decode" in sections:
         for path in decode_paths:
             for b in decode_batches:
-                results.decode.append(time_decode(gptmini_subject(args.preset, cfg), path, b, args, device, dtype))
+                results["decode"].append(time_decode(gptmini_subject(args.preset, cfg), path, b, args, device, dtype))
                 save()
     if "loader" in sections:
-        seq = args.loader_seq or seqs[0]
-        batch = int_list(args.batch, "--batch")[0] if args.batch else max(1, args.tokens_per_step // seq)
-        results.loader.append(time_loader(moe, seq, batch, args, device))
+        results["loader"].append(time_loader(moe, seqs[0], first_batch, args, device))
     if "parallel" in sections:
         import torch.distributed as dist
 
@@ -654,11 +513,11 @@ def main(argv: list[str] | None = None) -> int:
                                     rank=0, world_size=1)
         for subject in (moe, degree_one(moe, "ep1", device), degree_one(moe, "tp1", device), dense,
                         degree_one(dense, "tp1", device)):
-            bench_training(subject, seqs[:1], args, device, peak, results, save)
+            bench_training(subject, seqs[:1], batches, args, device, peak, results, save)
     save()
     print(table(results))
-    print(f"\nfull results: {out}  (device {results.meta.get('gpu', device)}, torch {torch.__version__}, "
-          f"dtype {results.meta['dtype']}, compile {args.compile}, peak {peak or 'n/a'} TFLOP/s)")
+    print(f"\nfull results: {args.out}  (device {meta.get('gpu', device)}, torch {torch.__version__}, "
+          f"dtype {meta['dtype']}, compile {args.compile}, peak {peak or 'n/a'} TFLOP/s)")
     return 0
 
 
