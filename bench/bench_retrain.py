@@ -11,7 +11,8 @@ the new text. v1 trains from scratch on the rest (the demo preset). Then, on eve
 Each model is measured on the whole val split, on the new documents' val pieces and on the old ones;
 forgetting is the rise of the old pieces' bits per byte over v1's. Standard errors are those of the paired
 per-piece difference against scratch (gptmini.gate.paired). Training runs as `gptmini train` subprocesses, one
-at a time (`--side-by-side`: two at a time), each with its wall and CPU seconds (the machine may be shared).
+at a time, each with its wall and CPU seconds (the machine may be shared). A run already completed in --out is
+measured again, not trained anew.
 
     OMP_NUM_THREADS=1 python bench/bench_retrain.py --out /tmp/retrain --held-out 0.1 --val-fraction 0.1 --replay 0.25
 """
@@ -21,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -52,30 +54,17 @@ def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
     return old, new
 
 
-def train(jobs: list[tuple[list[str], Path]]) -> list[dict]:
-    """Run `gptmini train` for each (args, log) at the same time; per run, the wall seconds it took, the CPU
-    seconds (user + system) of it and the processes it waited for (os.wait4's rusage of that child alone, so
-    side-by-side runs and other users of the machine do not count), and the load average when it ended."""
-    t0 = time.perf_counter()
-    procs = []
-    for args, log in jobs:
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f,
-                                          stderr=subprocess.STDOUT))
-    done: list[dict | None] = [None] * len(procs)
-    while any(d is None for d in done):
-        for i, p in enumerate(procs):
-            if done[i] is None:
-                pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-                if pid == 0:
-                    continue
-                p.returncode = os.waitstatus_to_exitcode(status)
-                if p.returncode != 0:
-                    raise SystemExit(f"training failed ({p.returncode}); see {jobs[i][1]}")
-                done[i] = {"wall_s": time.perf_counter() - t0, "cpu_s": usage.ru_utime + usage.ru_stime,
-                           "load_avg_at_end": os.getloadavg()}
-        time.sleep(1)
-    return done
+def train(args: list[str], log: Path) -> dict:
+    """`gptmini train ARGS`: the wall seconds it took, its CPU seconds (user + system, of that child alone, so
+    other users of the machine do not count) and the load average when it ended."""
+    t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log, "w") as f:
+        if subprocess.run([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f,
+                          stderr=subprocess.STDOUT).returncode:
+            raise SystemExit(f"training failed; see {log}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"wall_s": time.perf_counter() - t0, "load_avg_at_end": os.getloadavg(),
+            "cpu_s": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime}
 
 
 def measure(run: Path, data: Path, new: torch.Tensor) -> tuple[dict, tuple]:
@@ -95,9 +84,6 @@ def main() -> None:
                     help="steps of the continued runs (default: a third of the from-scratch steps, the goal's budget)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--allow-no-new-val", action="store_true")
-    ap.add_argument("--side-by-side", action="store_true",
-                    help="train the two from-scratch runs together, then the two continued ones (default: one at a "
-                         "time, so each run's wall time is its own)")
     ap.add_argument("--json", type=Path, default=Path("bench/results/retrain.json"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -128,27 +114,15 @@ def main() -> None:
         raise SystemExit(f"the {d2.manifest['since']['new_documents']} held-out documents got no val chunk at "
                          f"--val-fraction {a.val_fraction}: raise --held-out or --val-fraction (or pass "
                          f"--allow-no-new-val to measure the old text only)")
-    results, sums, walls = {}, {}, {}
-    names = list(runs)
-    # One at a time by default; --side-by-side trains the scratch pair together, then the continued pair.
-    groups = [names[:2], names[2:]] if a.side_by_side else [[n] for n in names]
-    for group in groups:
-        jobs = []
-        for name in group:
-            i = names.index(name)
-            args, parent = runs[name]
-            extra = ["--init-from", str(a.out / "run0")] if parent else []
-            if (ending.read(a.out / f"run{i}") or {}).get("status") == ending.COMPLETED:  # measured again only
-                walls[name] = None
-            else:
-                jobs.append((name, [*common, *args, *extra, "--out", str(a.out / f"run{i}")], a.out / f"run{i}.log"))
-        for (name, _, _), took in zip(jobs, train([(args, log) for _, args, log in jobs])):
-            walls[name] = took
-    for i, name in enumerate(names):
+    results, sums = {}, {}
+    for i, (name, (args, parent)) in enumerate(runs.items()):
         run = a.out / f"run{i}"
+        took = {"wall_s": None, "cpu_s": None, "load_avg_at_end": None}
+        if (ending.read(run) or {}).get("status") != ending.COMPLETED:
+            extra = ["--init-from", str(a.out / "run0")] if parent else []
+            took = train([*common, *args, *extra, "--out", str(run)], a.out / f"run{i}.log")
         m, sums[name] = measure(run, data, mask)
         summary = ending.read(run)
-        took = walls[name] or {"wall_s": None, "cpu_s": None, "load_avg_at_end": None}
         results[name] = {**took, "train_wall_s": summary["wall_time_s"],
                          "steps": summary["steps"], "tokens": summary["tokens"], **m}
         print(name, json.dumps(results[name]), flush=True)
@@ -159,7 +133,7 @@ def main() -> None:
         if name != ref:
             c = paired(sums[name][0], sums[ref][0], sums[ref][1])  # difference: scratch - this
             r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
-    out = {**environment(), "side_by_side": a.side_by_side, "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
+    out = {**environment(), "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
            "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
            "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,

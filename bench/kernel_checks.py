@@ -50,22 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--preset", default="seed", help="the model whose shapes are checked (gptmini.config presets)")
-    p.add_argument("--vocab-size", type=int, default=None, help="override the preset's (smaller for the dry run)")
-    p.add_argument("--tokens", type=int, default=None,
-                   help="tokens of one step for the ceilings (default: 32768 on cuda, 256 on cpu)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length of the graph-break and sync checks")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats per ceiling; the median is kept")
     p.add_argument("--backend", default="inductor",
-                   help="torch.compile backend of the grouped check's compiled run (default inductor, the GPU "
-                        "run's); the dry run on CPU passes aot_eager: dynamo's full graph and AOT autograd's "
-                        "backward without Inductor's code, which on a CPU is C++, not the GPU's Triton")
-    p.add_argument("--only", default=",".join(CHECKS), help=f"comma list from {','.join(CHECKS)}")
+                   help="torch.compile backend of the grouped check's compiled run; the dry run on CPU passes "
+                        "aot_eager (dynamo and AOT autograd without Inductor, whose code on a CPU is C++, not Triton)")
     p.add_argument("--out", type=Path, required=True, help="the JSON, rewritten after every check")
-    args = p.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - set(CHECKS))
-    if unknown:
-        p.error(f"--only {','.join(unknown)}: choose from {','.join(CHECKS)}")
-    return args
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -224,10 +214,7 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
     model = model_for(cfg, device)
     trainer_step = train_step(model, device, precision="bf16")  # the trainer's own, under the GPU's precision
     idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
-
-    def step() -> None:
-        trainer_step(idx, idx)
-
+    step = lambda: trainer_step(idx, idx)  # noqa: E731
     step()  # the first step allocates the optimizer's state
     sync(device)
     with warnings.catch_warnings(record=True) as caught:
@@ -239,27 +226,25 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:200]}" for w in caught
              if "synchroniz" in str(w.message)]
-    result = {"syncs": len(syncs), "where": syncs[:10]}
-    return {**result, "status": "failed", "detail": f"{len(syncs)} host syncs in one step"} if syncs else {**result, "status": "ok"}
+    return {"syncs": len(syncs), "where": syncs[:10], "status": "failed" if syncs else "ok",
+            **({"detail": f"{len(syncs)} host syncs in one step"} if syncs else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
-    overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
-    cfg = model_preset(args.preset, **overrides)
-    tokens = args.tokens or (32768 if device.type == "cuda" else 256)
-    seq = args.seq or min(cfg.max_seq_len, 1024 if device.type == "cuda" else 32)
+    cfg = model_preset(args.preset)
+    cuda = device.type == "cuda"
+    tokens, seq = (32768, min(cfg.max_seq_len, 1024)) if cuda else (256, min(cfg.max_seq_len, 32))
     report = {**environment(device, device=str(device), cuda=torch.version.cuda), "preset": args.preset, "checks": {}}
     runs = {
-        "grouped": lambda: check_grouped(cfg, device, tokens=1021 if device.type == "cuda" else 29,
-                                         backend=args.backend),
+        "grouped": lambda: check_grouped(cfg, device, tokens=1021 if cuda else 29, backend=args.backend),
         "ceilings": lambda: check_ceilings(cfg, device, tokens, args.repeats),
         "sdpa": lambda: check_sdpa(cfg, device, seq, args.repeats),
         "graph_breaks": lambda: check_graph_breaks(cfg, device, seq),
         "syncs": lambda: check_syncs(cfg, device, seq),
     }
-    for name in args.only.split(","):
+    for name in CHECKS:
         t0 = time.perf_counter()
         try:
             result = runs[name]()
@@ -272,10 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {result['status']}" + (f" ({result['detail']})" if result.get("detail") else "")
               + f" [{result['seconds']} s]", flush=True)
         torch._dynamo.reset()
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.empty_cache()
-    failed = [n for n, r in report["checks"].items() if r["status"] == "failed"]
-    return 1 if failed else 0
+    return int(any(r["status"] == "failed" for r in report["checks"].values()))
 
 
 if __name__ == "__main__":
