@@ -193,13 +193,11 @@ def build(subject: Subject, device: torch.device) -> nn.Module:
         return subject.build()
 
 
-def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
-                  peak_tflops: float | None) -> dict:
-    run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "status": "ok", "steps": args.steps,
-           "grad_accum": args.grad_accum}
+def measured(run: dict, device: torch.device, measure: Callable[[], dict]) -> dict:
+    """`run` with what `measure` returns, or with status "oom" if it ran out of memory."""
     release(device)
     try:
-        run |= _time_training(subject, seq, batch, args, device, peak_tflops)
+        run |= measure()
     except torch.OutOfMemoryError:
         run["status"] = "oom"
     except RuntimeError as e:  # an OOM inside compilation arrives wrapped (BackendCompilerFailed)
@@ -210,7 +208,7 @@ def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespa
     return run
 
 
-def _time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
+def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
                    peak_tflops: float | None) -> dict:
     model = build(subject, device).train()
     step = train_step(model, device, args.compile, args.compile_mode, args.grad_accum, loss_fn=subject.loss)
@@ -262,7 +260,9 @@ def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None,
         listed = batches or [max(1, args.tokens_per_step // seq)]
         sweep = [max(listed) * 2 ** i for i in range(1, 32) if max(listed) * 2 ** i <= args.sweep_max]
         for batch in listed + (sweep if args.sweep else []):
-            run = time_training(subject, seq, batch, args, device, peak_tflops)
+            run = measured({"name": subject.name, "seq_len": seq, "batch_size": batch, "status": "ok",
+                            "steps": args.steps, "grad_accum": args.grad_accum}, device,
+                           lambda: time_training(subject, seq, batch, args, device, peak_tflops))
             results["train"].append(run)
             save()
             print(f"[bench_gpu] train {run['name']} T={seq} B={batch}: {run['status']} "
@@ -276,7 +276,6 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
     """Greedy generation with a KV cache. The prefill (prompt + first token) and the decode loop are timed
     apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop. Paths: `cache` is gptmini.generate.stream
     (what `gptmini generate` runs); `static` and `static-graphs` are bench/static_decode.py."""
-    release(device)
     model = build(subject, device).to(dtype=dtype).eval()
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
@@ -307,13 +306,8 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
     generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, compilation and graph capture
     prefill, loop = zip(*(generate(args.decode_tokens) for _ in range(args.decode_repeats)))
     steps = args.decode_tokens - 1
-    run = {"name": subject.name, "path": path, "batch_size": batch, "prompt_len": args.prompt_len,
-           "new_tokens": args.decode_tokens, "status": "ok", "tokens_per_s": batch * steps / statistics.median(loop),
-           "ms_per_token": statistics.median(loop) / steps * 1e3, "prefill_ms": statistics.median(prefill) * 1e3,
-           "peak_mem_gib": peak_gib(device)}
-    del model
-    release(device)
-    return run
+    return {"tokens_per_s": batch * steps / statistics.median(loop), "ms_per_token": statistics.median(loop) / steps * 1e3,
+            "prefill_ms": statistics.median(prefill) * 1e3, "peak_mem_gib": peak_gib(device)}
 
 
 def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -367,13 +361,8 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
         n_vocab = read_manifest(data_dir)["n_vocab"]
         if n_vocab > subject.vocab_size:
             run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
-        release(device)
-        try:
-            run |= _time_loader(subject, data_dir, seq, batch, n_vocab > subject.vocab_size, args, device)
-        except torch.OutOfMemoryError:
-            run["status"] = "oom"
-        release(device)
-    return run
+        fold = n_vocab > subject.vocab_size
+        return measured(run, device, lambda: _time_loader(subject, data_dir, seq, batch, fold, args, device))
 
 
 def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
@@ -501,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" in sections:
         for path in decode_paths:
             for b in decode_batches:
-                results["decode"].append(time_decode(gptmini_subject(args.preset, cfg), path, b, args, device, dtype))
+                run = {"name": args.preset, "path": path, "batch_size": b, "prompt_len": args.prompt_len,
+                       "new_tokens": args.decode_tokens, "status": "ok"}
+                subject = gptmini_subject(args.preset, cfg)
+                results["decode"].append(measured(run, device, lambda: time_decode(subject, path, b, args, device,
+                                                                                    dtype)))
                 save()
     if "loader" in sections:
         results["loader"].append(time_loader(moe, seqs[0], first_batch, args, device))
