@@ -55,42 +55,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_command(folder: Path, port: int, max_batch: int, prefill_chunk: int, device: str,
-                  extra: tuple[str, ...] = ()) -> list[str]:
-    gptmini = Path(sys.executable).parent / "gptmini"
-    return [str(gptmini), "serve", "--checkpoint", str(folder), "--port", str(port), "--max-batch", str(max_batch),
-            "--prefill-chunk", str(prefill_chunk), *SERVE_OPTIONS, "--device", device, *extra]
-
-
-def start_server(cmd: list[str], threads: int | None, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+def start_server(folder: Path, port: int, max_batch: int, prefill_chunk: int, args: argparse.Namespace,
+                 extra: tuple[str, ...], log: Path) -> subprocess.Popen:
+    """`gptmini serve` on `port`, once its /ready answers."""
+    cmd = [str(Path(sys.executable).parent / "gptmini"), "serve", "--checkpoint", str(folder), "--port", str(port),
+           "--max-batch", str(max_batch), "--prefill-chunk", str(prefill_chunk), *SERVE_OPTIONS, "--device",
+           args.device, *extra]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     with open(log, "wb") as f:
-        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"gptmini serve exited with {proc.returncode} before it was ready:\n{log.read_text()[-3000:]}")
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    sys.exit(f"gptmini serve was not ready after {timeout:.0f} s; its log:\n{log.read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    proc.kill()
+    sys.exit(f"gptmini serve was not ready (exit code {proc.wait()}); its log:\n{log.read_text()[-3000:]}")
 
 
 def stream_one(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> dict:
@@ -149,13 +132,10 @@ def bench_mode(mode: str, chunk: int, folder: Path, args: argparse.Namespace, lo
     url = f"http://127.0.0.1:{port}"
     max_batch = MODES[mode][0]
     extra = ("--index", str(args.index), "--retrieval", "1") if mode.endswith("+retrieval") else ()
-    cmd = serve_command(folder, port, max_batch, chunk, args.device, extra)
     if mode == "chunked":
         mode = f"chunked-{chunk}"
-    log = logs / f"serve-{mode}.log"
-    proc = start_server(cmd, args.threads, log)
+    proc = start_server(folder, port, max_batch, chunk, args, extra, logs / f"serve-{mode}.log")
     try:
-        wait_ready(url, proc, log)
         run_clients(url, 1, 1, args.max_tokens, args.prompt_tokens)  # warm-up: first-call allocations, lazy imports
         rows = []
         for c in args.clients:
@@ -163,7 +143,12 @@ def bench_mode(mode: str, chunk: int, folder: Path, args: argparse.Namespace, lo
             rows.append(summarize(mode, max_batch, c, records))
             print(json.dumps(rows[-1]), flush=True)
     finally:
-        stop_server(proc)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
     return rows
 
 
