@@ -3,6 +3,7 @@ training step, and the markdown table each one prints. bench/ is on sys.path whe
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import platform
 import statistics
@@ -28,13 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
-    """When, on what and by which code a figure was measured (BENCHMARKS.md asks for all of it); a CUDA
-    device `on` adds the GPU's name, memory and versions."""
+    """When, on what and by which code a figure was measured (BENCHMARKS.md asks for all of it): the git commit,
+    and a digest of gptmini/ and bench/ for a copy without git (the GPU machine's); a CUDA device `on` adds the
+    GPU's name, memory and versions."""
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("gptmini/**/*.py"), *ROOT.glob("bench/*.py")]):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     meta = {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
         "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "git_commit": git_commit(ROOT),
+        "source_sha256": digest.hexdigest(),
     }
     if on is not None and on.type == "cuda":
         props = torch.cuda.get_device_properties(on)

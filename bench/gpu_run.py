@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -293,19 +292,15 @@ def child(name: str, argv: list[str], stdout: str, stderr: str, mode: str) -> No
 
 
 def environment() -> dict:
-    """bench/common.py's, with which optional packages exist, a digest of the code that ran (the machine's copy
-    has no git: gptmini/ and bench/), and the GPU's state from `nvidia-smi -q`, read only."""
+    """bench/common.py's, with which optional packages exist and the GPU's state from `nvidia-smi -q`, read only."""
     import torch
 
     from common import environment as bench_environment  # bench/ is on sys.path as this runs
 
     cuda = torch.cuda.is_available()
-    digest = hashlib.sha256()
-    for path in sorted([*ROOT.glob("gptmini/**/*.py"), *ROOT.glob("bench/*.py")]):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
     env = bench_environment(torch.device("cuda") if cuda else None, cuda=torch.version.cuda, cuda_available=cuda,
-                            modules={m: module_version(m) for m in MODULES}, source_sha256=digest.hexdigest(),
-                            gpu_count=torch.cuda.device_count(), nvidia_smi_q=None)
+                            modules={m: module_version(m) for m in MODULES}, gpu_count=torch.cuda.device_count(),
+                            nvidia_smi_q=None)
     if smi := shutil.which("nvidia-smi"):
         with contextlib.suppress(subprocess.TimeoutExpired):
             q = subprocess.run([smi, "-q"], capture_output=True, text=True, timeout=30)
