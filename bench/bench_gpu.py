@@ -306,7 +306,8 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
     generate(min(8, args.decode_tokens))  # warmup: kernels, allocator, compilation and graph capture
     prefill, loop = zip(*(generate(args.decode_tokens) for _ in range(args.decode_repeats)))
     steps = args.decode_tokens - 1
-    return {"tokens_per_s": batch * steps / statistics.median(loop), "ms_per_token": statistics.median(loop) / steps * 1e3,
+    loop_s = statistics.median(loop)
+    return {"tokens_per_s": batch * steps / loop_s, "ms_per_token": loop_s / steps * 1e3,
             "prefill_ms": statistics.median(prefill) * 1e3, "peak_mem_gib": peak_gib(device)}
 
 
@@ -412,7 +413,8 @@ COLUMNS = {
                ("peak GiB", "peak_mem_gib", ".2f"), ("status", "status", "")],
     "loader": [("loader", "name", ""), ("seq", "seq_len", ".0f"), ("batch", "batch_size", ".0f"),
                ("ms/step fixed", "ms_per_step_fixed_batch", ".1f"),
-               ("ms/step loader", "ms_per_step_with_loader", ".1f"), ("loader host ms", "loader_host_ms_per_step", ".2f"),
+               ("ms/step loader", "ms_per_step_with_loader", ".1f"),
+               ("loader host ms", "loader_host_ms_per_step", ".2f"),
                ("share (end-to-end)", "share_end_to_end", ".1%"), ("share (host)", "share_host", ".1%"),
                ("source", "source", ""), ("status", "status", "")],
 }

@@ -367,7 +367,8 @@ def summary(records: list[Record], args) -> str:
     from common import md_table
 
     title = f"## gpu_run ({'dry run, CPU, tiny sizes: not performance figures' if args.dry_run else 'GPU'})"
-    rows = [[r.name, r.status.replace("|", "/"), f"{r.seconds:.1f}", f"{r.timeout_s or 0:g}"] for r in records]
+    rows = [[r.name, r.status.replace("|", "/"), f"{r.seconds:.1f}", "-" if r.timeout_s is None else f"{r.timeout_s:g}"]
+            for r in records]
     return f"{title}\n\n" + md_table(["slice", "status", "seconds", "timeout s"], rows, "llrr")
 
 
