@@ -257,7 +257,10 @@ def run_slice(name: str, args: argparse.Namespace, scratch: Path, deadline: floa
         record.status = f"failed rc={record.rc}" + (f" ({signal.Signals(-record.rc).name})" if record.rc < 0 else "")
     err_text, out_text = read_tail(stderr), read_tail(stdout)
     record.stderr_tail = err_text[-3000:]
-    data = json.loads(json_out.read_text()) if json_out.is_file() else None  # even if the slice then failed
+    try:  # what the slice wrote, even if it then failed
+        data = json.loads(json_out.read_text()) if json_out.is_file() else None
+    except ValueError as e:  # the bad output costs only its own slice
+        data = {"unreadable": str(e)}
     if data is not None and profile_dir.is_dir():
         data["profiles"] = {p.stem: p.read_text() for p in sorted(profile_dir.glob("*.txt"))}
     log = (f"### {name}: {record.status} after {record.seconds:g} s\n$ {record.command}\n"
