@@ -22,8 +22,7 @@ import ctypes
 import gc
 import json
 import platform
-import subprocess
-import sys
+import multiprocessing
 import tempfile
 from pathlib import Path
 
@@ -116,12 +115,12 @@ def profile_decode(model: GPTOSSMini, device: str) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40)
 
 
-def one(args: argparse.Namespace) -> dict:
-    """One (preset, dtype) in this process."""
-    preset, dtype = args.one.split(":")
+def one(args: argparse.Namespace, preset: str, dtype: str, weights: Path | None, profile: bool) -> dict:
+    """One (preset, dtype), in a fresh process of its own: its resident memory is that model's alone."""
+    torch.set_num_threads(args.threads)
     base = rss_bytes()
-    if args.weights:
-        model = load_model(args.weights)[0].eval().requires_grad_(False)
+    if weights:
+        model = load_model(weights)[0].eval().requires_grad_(False)
     else:
         model = trained_model(preset, 0, None, 0)
     val = None
@@ -148,7 +147,7 @@ def one(args: argparse.Namespace) -> dict:
     result["model_rss_after_decode_mib"] = round((rss_bytes() - base) / 2**20, 1)
     result["weight_mib"] = round(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
                                  / 2**20, 1)
-    if args.profile:
+    if profile:
         result["profile"] = profile_decode(model, args.device)
     return result
 
@@ -168,13 +167,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--data", type=Path, help="prepared shards (default: the embedded corpus, prepared once)")
     p.add_argument("--json")
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--weights", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if args.one:
-        print(json.dumps(one(args)))
-        return
     if args.data is None and args.train_steps:
         from gptmini.data.prepare import PrepareConfig, prepare
 
@@ -188,13 +182,9 @@ def main() -> None:
             weights = Path(tempfile.mkdtemp()) / preset
             save_pretrained(trained_model(preset, args.train_steps, args.data, 64), weights)
         for dtype in args.dtypes.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{preset}:{dtype}", "--batch", args.batch,
-                   "--new-tokens", str(args.new_tokens), "--train-steps", str(args.train_steps),
-                   "--val-batches", str(args.val_batches), "--device", args.device, "--threads", str(args.threads)]
-            cmd += ["--data", str(args.data)] if args.data else []
-            cmd += ["--weights", str(weights)] if weights else []
-            cmd += ["--profile"] if args.profile and preset == "demo" and dtype in ("fp32", "int8", "fp32-rowmajor") else []
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            profile = args.profile and preset == "demo" and dtype in ("fp32", "int8", "fp32-rowmajor")
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                row = pool.apply(one, (args, preset, dtype, weights, profile))
             row["bound_b1_tokens_per_s"] = round(bandwidth / row["bytes_read_per_token"], 1)
             row["b1_fraction_of_bound"] = round(row["decode_b1_tokens_per_s"] / row["bound_b1_tokens_per_s"], 2)
             profile = row.pop("profile", None)
