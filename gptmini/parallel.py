@@ -204,10 +204,15 @@ def build_mesh(dims: MeshDims, device: torch.device) -> dict[str, Any]:
     meshes["fsdp"] = root["dp_shard", "ep"]._flatten("fsdp")
     meshes["data"] = root["dp_replicate", "dp_shard", "ep"]._flatten("data")
     meshes["expert_dp"] = root["dp_replicate", "dp_shard"]._flatten("expert_dp")
-    if dims.dp_replicate > 1:
+    if dims.dp_replicate > 1 and fully_sharded(dims):  # not for plain DDP, which would only see torch's warning
         meshes["hsdp"] = root["dp_replicate", "fsdp"]  # a 2-D mesh has to be sliced from the root
         meshes["expert_hsdp"] = root["dp_replicate", "dp_shard"]
     return meshes
+
+
+def fully_sharded(dims: MeshDims) -> bool:
+    """FSDP wraps the model: weights sharded over dp_shard x ep, or TP's DTensors with replicas (HSDP)."""
+    return dims.dp_shard * dims.ep > 1 or (dims.dp_replicate > 1 and dims.tp > 1)
 
 
 def cleanup() -> None:
@@ -262,7 +267,7 @@ def wrap(model: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     if dims.data > 1:
         set_data_mean(model, env.mesh["data"].get_group())
     # bf16 compute with fp32 gradient reduction on GPU; CPU/gloo keeps fp32 throughout.
-    if dims.dp_shard * dims.ep > 1 or (dims.dp_replicate > 1 and dims.tp > 1):
+    if fully_sharded(dims):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
