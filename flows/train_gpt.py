@@ -182,7 +182,8 @@ def train_gpt(
                                     extra_args=extra_args, init_from=init_from, replay=replay, nproc=nproc * nnodes)
     inputs_key = tasks.shards_key(inputs, tokenizer, val_fraction)
     # Only a run that carries production on skips: one from scratch is an explicit request to train.
-    reason = parent and retrain.skip_reason(parent.tags, parent.version, inputs_key, settings, continuing=True)
+    reason = parent and retrain.skip_reason(parent.tags, parent.version, inputs_key, settings, continuing=True,
+                                            earlier=registry.version_tags(registry.client(uri), model_name))
     if reason and not force:
         get_run_logger().info("nothing to train: %s; force=True trains anyway", reason)
         publish_skip(reason, parent.version, model_name, sources)

@@ -421,6 +421,12 @@ def resolve_index(uri: str, tracking_uri: str | None = None) -> Path | None:
     return resolve_with_index(uri, tracking_uri)[2]
 
 
+def version_tags(mlflow_client, name: str = MODEL_NAME) -> list[tuple[str, dict[str, str]]]:
+    """Every version's number and tags, oldest first."""
+    versions = mlflow_client.search_model_versions(f"name='{name}'")
+    return [(str(mv.version), dict(mv.tags)) for mv in sorted(versions, key=lambda v: int(v.version))]
+
+
 def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
     lines = []
     by_version: dict[str, list[str]] = {}

@@ -60,12 +60,22 @@ def settings_key(**settings: Any) -> str:
 
 
 def skip_reason(production: dict[str, str] | None, version: str | None, inputs_key: str, settings: str,
-                continuing: bool) -> str | None:
+                continuing: bool, earlier: list[tuple[str, dict[str, str]]] = ()) -> str | None:
     """Why a scheduled run has nothing to do, or None. `production`: the production version's tags
     (`data_inputs_key`, `train_settings`). Nothing to do when its dataset had exactly these inputs and either
     this run continues from it (there is no new text to learn) or it was trained with the same settings (a
-    run from scratch would make the same model again)."""
-    if production is None or production.get("data_inputs_key") != inputs_key:
+    run from scratch would make the same model again). `earlier`: the registered versions' numbers and tags;
+    nothing to do either when one of them already continued production on these inputs with these settings and
+    the gate kept production: the same run would only register the same rejected model again, every night."""
+    if production is None:
+        return None
+    if continuing:
+        for number, tags in earlier:
+            if (tags.get("parent_version"), tags.get("data_inputs_key"), tags.get("train_settings")) == \
+                    (str(version), inputs_key, settings):
+                return (f"v{number} already continued production v{version} on this data with these settings and "
+                        f"was not promoted (gate: {tags.get('gate.decision', 'none')})")
+    if production.get("data_inputs_key") != inputs_key:
         return None
     if continuing:
         return f"production v{version} already trained on this data (no new documents since its dataset)"

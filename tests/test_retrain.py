@@ -35,6 +35,18 @@ def test_skip_only_when_production_saw_these_inputs():
     assert skip_reason({}, "1", "k1", "s1", continuing=True) is None  # a version from before lineage tags
 
 
+def test_skip_when_an_earlier_version_already_continued_production_on_these_inputs():
+    """The gate kept production: the same continuation would register the same rejected model every night."""
+    production = {"data_inputs_key": "k0", "train_settings": "s1"}
+    tried = [("4", {"parent_version": "3", "data_inputs_key": "k1", "train_settings": "s1", "gate.decision": "rejected"})]
+    assert skip_reason(production, "3", "k1", "s1", continuing=True, earlier=tried) == \
+        "v4 already continued production v3 on this data with these settings and was not promoted (gate: rejected)"
+    assert skip_reason(production, "3", "k2", "s1", continuing=True, earlier=tried) is None  # new text: train
+    assert skip_reason(production, "3", "k1", "s2", continuing=True, earlier=tried) is None  # other settings
+    assert skip_reason(production, "5", "k1", "s1", continuing=True, earlier=tried) is None  # production moved on
+    assert skip_reason(production, "3", "k1", "s1", continuing=False, earlier=tried) is None  # from scratch
+
+
 def test_a_parent_of_another_shape_or_tokenizer_is_refused_by_name():
     tiny = dataclasses.asdict(model_preset("tiny"))
     check_parent(tiny, {**tiny, "dropout": 0.1}, "cl100k_base", "runs/v1")  # dropout is a training setting
