@@ -1,6 +1,6 @@
 """Every command the documents show is one a user can type as written.
 
-Each shell line in a ```bash block of README.md, BENCHMARKS.md or docs/*.md is split into its simple commands,
+Each shell line in a ```bash block (and each `$ ` line of a ```console transcript) of README.md, BENCHMARKS.md or docs/*.md is split into its simple commands,
 and each goes to the parser of the program it names: `gptmini` subcommands (the train flags through the full
 config resolution, as the trainer does), `torchrun` (torch's own parser, then the module or script it starts),
 the scripts under bench/ and tests/, `make` targets, `prefect deployment run` and `python -m flows.follow`
@@ -67,9 +67,9 @@ class Command:
 
 def shell_lines(text: str) -> list[tuple[str, bool]]:
     lines = []
-    for block in re.findall(r"^```(?:bash|sh)\n(.*?)^```", text, flags=re.M | re.S):
+    for kind, block in re.findall(r"^```(bash|sh|console)\n(.*?)^```", text, flags=re.M | re.S):
         block = re.sub(r"\\\n", " ", block).splitlines()
-        if any(line.startswith("$ ") for line in block):  # a transcript: the prompted lines, not the output
+        if kind == "console":  # a transcript: the prompted lines, not the output
             block = [line[2:] for line in block if line.startswith("$ ")]
         lines += [(line, False) for line in block]
     for span in re.findall(r"`([^`\n]+)`", prose(text)):
