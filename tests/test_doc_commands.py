@@ -1,13 +1,13 @@
 """Every command the documents show is one a user can type as written.
 
-Each shell line in a ```bash block (and each `$ ` line of a ```console transcript) of README.md, BENCHMARKS.md
-or docs/*.md is split into its simple commands, and each goes to the parser of the program it names: `gptmini` subcommands (the train flags through the full
-config resolution, as the trainer does), `torchrun` (torch's own parser, then the module or script it starts),
-the scripts under bench/ and tests/, `make` targets, `prefect deployment run` and `python -m flows.follow`
-(the deployment exists and takes each `--param`), `curl` (the route exists and the JSON body is a valid
-request), `kubectl apply -f` (the files exist). Nothing runs past its argument parsing, except
-`gptmini train --print-config > FILE`, whose file a later line of the same document reads. A program the
-check does not know fails the test, so a new kind of command cannot slip in unchecked.
+Each shell line in a ```bash block (and each `$ ` line of a ```console transcript) of README.md, BENCHMARKS.md or
+docs/*.md is split into its simple commands, and each goes to the parser of the program it names: `gptmini`
+subcommands (the train flags through the full config resolution, as the trainer does), `torchrun` (torch's own
+parser, then the module or script it starts), the scripts under bench/ and tests/, `make` targets, `prefect
+deployment run` and `python -m flows.follow` (the deployment exists and takes each `--param`), `curl` (the route
+exists and the JSON body is a valid request), `kubectl apply -f` (the files exist). Nothing runs past its argument
+parsing, except `gptmini train --print-config > FILE`, whose file a later line of the same document reads. A
+program the check does not know fails the test, so a new kind of command cannot slip in unchecked.
 
 Inline commands in the prose (`gptmini eval --rag`) are often fragments with placeholders: there the
 subcommand and each flag must exist, and a `make` target must be one.
