@@ -20,18 +20,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_gguf import to_gguf  # noqa: E402  (the conversion the tests check, not a second copy of it)
+from gptmini import quantize
+from gptmini.config import model_preset
+from gptmini.files import write_json
+from gptmini.generate import generate
+from gptmini.hf import export_hf
+from gptmini.model import GPTOSSMini
+from gptmini.tokenizer import get_tokenizer
 
-from gptmini import quantize  # noqa: E402
-from gptmini.config import model_preset  # noqa: E402
-from gptmini.files import write_json  # noqa: E402
-from gptmini.generate import generate  # noqa: E402
-from gptmini.hf import export_hf  # noqa: E402
-from gptmini.model import GPTOSSMini  # noqa: E402
-from gptmini.tokenizer import get_tokenizer  # noqa: E402
-
-from common import environment, md_table  # noqa: E402
+from common import environment, md_table
 
 
 def best_time(fn, repeats: int = 2) -> float:
@@ -60,7 +57,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
     args = p.parse_args()
-    import llama_cpp
+    try:
+        import llama_cpp
+    except ImportError:
+        sys.exit("bench_gguf.py: llama-cpp-python is not installed; `make gguf` installs it and llama.cpp's converter")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_gguf import to_gguf  # the conversion the tests check, not a second copy of it
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ which the test resumes in one process. `one_process` is the reference, run by th
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -201,10 +201,18 @@ def layout(name: str, model: str, dims: MeshDims, out: Path) -> dict:
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    names = sorted({name for layouts in LAYOUTS.values() for name in layouts})
+    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N tests/parallel_layouts.py",
+                                description="Every layout of N ranks against one process (N: 2, 4 or 8).")
+    p.add_argument("out", type=Path, help="where layouts-N.json (and the layouts' checkpoints) go")
+    p.add_argument("only", nargs="*", metavar="LAYOUT", help=f"run only these (default: all of N's): {', '.join(names)}")
+    args = p.parse_args()
+    unknown = sorted(set(args.only) - set(names))
+    if unknown:
+        p.error(f"no layout {', '.join(unknown)}: choose from {', '.join(names)}")
+    out, only = args.out, args.only
     torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
-    only = sys.argv[2:]  # layout names to run, all of the world size's by default
     results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()
                if not only or name in only}
     if torch.distributed.get_rank() == 0:
