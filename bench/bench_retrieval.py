@@ -183,7 +183,7 @@ def main() -> None:
     if args.generated_mb:
         demo_text = " ".join(t for _, _, t in demo_passages)
         corpora[f"generated {args.generated_mb} MB"] = generated_corpus(args.generated_mb, demo_text)
-    print(f"| corpus | passages | text MB | retriever | build s | index MB | query p50 ms | query p99 ms | load avg |")
+    print("| corpus | passages | text MB | retriever | build s | index MB | query p50 ms | query p99 ms | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
     rng = random.Random(0)
     for corpus, (passages, val) in corpora.items():

@@ -176,14 +176,14 @@ def train_gpt(
 
     state, uri = tasks.state_dir(), tasks.tracking_uri()
     inputs = tasks.fetch(sources, str(state / "data" / "cache"))
-    parent = (registry.version_by_alias(registry.client(uri), registry.PRODUCTION, model_name)
-              if init_from == "production" else None)
+    mc = registry.client(uri) if init_from == "production" else None
+    parent = registry.version_by_alias(mc, registry.PRODUCTION, model_name) if mc else None
     settings = retrain.settings_key(preset=preset, steps=steps, tokenizer=tokenizer, val_fraction=val_fraction,
                                     extra_args=extra_args, init_from=init_from, replay=replay, nproc=nproc * nnodes)
     inputs_key = tasks.shards_key(inputs, tokenizer, val_fraction)
     # Only a run that carries production on skips: one from scratch is an explicit request to train.
     reason = parent and retrain.skip_reason(parent.tags, parent.version, inputs_key, settings, continuing=True,
-                                            earlier=registry.version_tags(registry.client(uri), model_name))
+                                            earlier=registry.version_tags(mc, model_name))
     if reason and not force:
         get_run_logger().info("nothing to train: %s; force=True trains anyway", reason)
         publish_skip(reason, parent.version, model_name, sources)

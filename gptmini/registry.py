@@ -421,10 +421,14 @@ def resolve_index(uri: str, tracking_uri: str | None = None) -> Path | None:
     return resolve_with_index(uri, tracking_uri)[2]
 
 
+def versions(mlflow_client, name: str = MODEL_NAME) -> list:
+    """Every version of the model, oldest first."""
+    return sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
 def version_tags(mlflow_client, name: str = MODEL_NAME) -> list[tuple[str, dict[str, str]]]:
     """Every version's number and tags, oldest first."""
-    versions = mlflow_client.search_model_versions(f"name='{name}'")
-    return [(str(mv.version), dict(mv.tags)) for mv in sorted(versions, key=lambda v: int(v.version))]
+    return [(str(mv.version), dict(mv.tags)) for mv in versions(mlflow_client, name)]
 
 
 def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
@@ -432,7 +436,7 @@ def list_versions(mlflow_client, name: str = MODEL_NAME) -> list[str]:
     by_version: dict[str, list[str]] = {}
     for alias, version in mlflow_client.get_registered_model(name).aliases.items():
         by_version.setdefault(str(version), []).append(alias)
-    for mv in sorted(mlflow_client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version)):
+    for mv in versions(mlflow_client, name):
         aliases = ",".join(sorted(by_version.get(str(mv.version), []))) or "-"
         parent = f"v{mv.tags['parent_version']}" if mv.tags.get("parent_version") else "-"
         lines.append(f"v{mv.version:<4} aliases={aliases:<32} val_bpb={mv.tags.get('val_bpb', '?'):<10} "

@@ -27,7 +27,8 @@ import re
 import runpy
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,8 @@ PLACEHOLDER = re.compile(r"<|\.\.\.|…")
 class Parsed(Exception):
     """Raised by argparse once it has parsed: the command is checked up to here and goes no further."""
 
-    def __init__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace | None = None):
-        self.parser, self.namespace = parser, namespace
+    def __init__(self, parser: argparse.ArgumentParser):
+        self.parser = parser
 
 
 @dataclass
@@ -59,7 +60,6 @@ class Command:
     document: Path
     inline: bool
     writes: str | None = None  # the file a `> FILE` redirect writes
-    env: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return f"{self.document.relative_to(ROOT)}: {shlex.join(self.words)}"
@@ -91,14 +91,10 @@ def simple_commands(line: str, document: Path, inline: bool) -> list[Command]:
             i += 2
             continue
         if token in SEPARATORS:
-            env = {}
-            while words and (words[0] in KEYWORDS or re.match(r"[A-Za-z_]+=", words[0])):
-                if "=" in words[0]:
-                    key, _, value = words[0].partition("=")
-                    env[key] = value
+            while words and (words[0] in KEYWORDS or re.match(r"[A-Za-z_]+=", words[0])):  # `until`, `X=1 cmd`
                 words.pop(0)
             if words and words[0] not in ENDINGS:
-                commands.append(Command(words, document, inline, writes, env))
+                commands.append(Command(words, document, inline, writes))
             words, writes = [], None
         else:
             words.append(token)
@@ -116,7 +112,8 @@ def parse_only(argv0: str | None = None, argv: list[str] | None = None):
     original = argparse.ArgumentParser.parse_args
 
     def parse_args(self, args=None, namespace=None):
-        raise Parsed(self, original(self, args, namespace))
+        original(self, args, namespace)
+        raise Parsed(self)
 
     err = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
@@ -132,14 +129,14 @@ def parse_only(argv0: str | None = None, argv: list[str] | None = None):
             raise AssertionError(f"exit {exc.code}: {err.getvalue().strip().splitlines()[-1:]}") from None
 
 
-def parsed(run, argv0=None, argv=None) -> Parsed | None:
+def parsed(run, argv0=None, argv=None) -> None:
     try:
         with parse_only(argv0, argv):
             run()
-    except Parsed as done:
-        return done
+    except Parsed:
+        return
     if argv and {"-h", "--help"} & set(argv):
-        return None  # it printed its help and exited 0
+        return  # it printed its help and exited 0
     raise AssertionError("it did not reach its argument parsing")
 
 
@@ -236,6 +233,7 @@ def check_torchrun(words: list[str], command: Command) -> None:
         check_script(args.training_script, args.training_script_args, command)
 
 
+@cache
 def deployments() -> dict[str, object]:
     from flows.prepare_data import prepare_data
     from flows.promote import promote_model
@@ -264,6 +262,17 @@ def check_prefect(words: list[str], command: Command) -> None:
     check_deployment(words[2], follow.parse_params(values, None))
 
 
+@cache
+def server_routes() -> frozenset[str]:
+    return frozenset(re.findall(r'@app\.(?:get|post)\("([^"]+)"', "".join(
+        p.read_text() for p in (ROOT / "gptmini" / "server").glob("*.py"))))
+
+
+@cache
+def make_targets() -> frozenset[str]:
+    return frozenset(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+
+
 def check_curl(words: list[str], command: Command) -> None:
     from gptmini.server.schema import ChatRequest, CompletionRequest
 
@@ -271,8 +280,7 @@ def check_curl(words: list[str], command: Command) -> None:
     port, path = re.match(r"(?:http://)?127\.0\.0\.1:(\d+)(/\S*)", url).groups()
     if port == "5001":
         return  # `mlflow models serve`: MLflow's route
-    routes = set(re.findall(r'@app\.(?:get|post)\("([^"]+)"', "".join(
-        p.read_text() for p in (ROOT / "gptmini" / "server").glob("*.py"))))
+    routes = server_routes()
     assert path in routes, f"no route {path}: the server has {sorted(routes)}"
     if "-d" in words:
         body = json.loads(words[words.index("-d") + 1])
@@ -280,7 +288,7 @@ def check_curl(words: list[str], command: Command) -> None:
 
 
 def check_make(words: list[str], command: Command) -> None:
-    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.M))
+    targets = make_targets()
     wanted = [w for w in words if "=" not in w]
     missing = [w for w in wanted if w not in targets]
     assert not missing, f"no make target {missing}: the targets are {', '.join(sorted(targets))}"
