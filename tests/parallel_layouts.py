@@ -58,7 +58,7 @@ LAYOUTS = {
 # without FSDP, whose hooks hand the blocks plain inputs, TP's embedding output enters the first block as a
 # pending collective: parallel._settle_collective); inductor also generates C++ for them (it needs a C++
 # compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
-COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
+COMPILED = {"tp2-moe": "inductor", "ep2xtp2": "aot_eager"}
 # bf16 autocast over fp32 weights, as `--train.precision bf16` trains (on a CPU with bf16 units, or CUDA),
 # against one process in bf16 too (FSDP then reduces the experts' gradients in fp32, where float64 takes another
 # path); every other layout is float64 without autocast.
@@ -211,6 +211,7 @@ def main() -> None:
     if unknown:
         p.error(f"no layout {', '.join(unknown)}: choose from {', '.join(names)}")
     out, only = args.out, args.only
+    out.mkdir(parents=True, exist_ok=True)
     torch.distributed.init_process_group("gloo")
     world = torch.distributed.get_world_size()
     results = {name: layout(name, model, dims, out) for name, (model, dims) in LAYOUTS[world].items()
