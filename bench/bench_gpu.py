@@ -4,7 +4,8 @@ with a nanoGPT-style dense baseline timed in the same run. The GPU harness; it r
     python bench/bench_gpu.py --device cuda --out bench/results/h100.json
     python bench/bench_gpu.py --device cpu --preset tiny --seq 64 --batch 4 --steps 5 --baseline match
 
-It needs neither Prefect nor MLflow (the GPU machines have neither). Every timed model takes the trainer's
+It needs neither Prefect nor MLflow (the GPU machines have neither). The machine's own ceilings (matmul, copy,
+each GEMM of the step) are bench/kernel_checks.py's `ceilings`. Every timed model takes the trainer's
 own step (`gptmini.trainer.train_step`, through bench/common.py) and counts its FLOPs with its own
 `flops_per_token` (`gptmini.model.training_flops`); MFU's peak is gptmini.device's table unless --peak-tflops
 says.
@@ -14,10 +15,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import random
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ import torch.nn as nn
 
 from gptmini.config import model_preset
 from gptmini.data.loader import build_loaders
-from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
+from gptmini.data.prepare import read_manifest
 from gptmini.device import DEVICES, PEAK_FLOPS, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
@@ -40,14 +39,15 @@ from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini import parallel
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
-from common import Timer, environment, fmt, md_table, median_seconds, train_step
+from common import Timer, environment, fmt, ints, md_table, names, profile, train_step
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
 DECODE_PATHS = ("cache", "static", "static-graphs")
-SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader", "parallel")
+SECTIONS = ("train", "dense", "baseline", "decode", "loader", "parallel")
 FORMULA = ("flops_per_token: each timed model's own (gptmini.model.training_flops: 6 * N_matmul + 12 * L * T * "
            "d_attn); mfu_causal counts 6 * L * T * d_attn, the half a causal flash kernel computes")
+
 
 @dataclass
 class Subject:
@@ -68,12 +68,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
     p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base; seed has 50304)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
-    p.add_argument("--seq", default="1024,2048", help="training sequence lengths, comma list")
-    p.add_argument("--batch", help="training batch sizes, comma list (default: --tokens-per-step / seq)")
+    p.add_argument("--sections", default=",".join(SECTIONS), type=names(*SECTIONS), help="comma list")
+    p.add_argument("--seq", default="1024,2048", type=ints, help="training sequence lengths, comma list")
+    p.add_argument("--batch", type=ints, help="training batch sizes, comma list, each timed until one runs out of "
+                   "memory (default: --tokens-per-step / seq)")
     p.add_argument("--tokens-per-step", type=int, default=32768)
-    p.add_argument("--sweep", action="store_true", help="after --batch, double the batch until OOM or --sweep-max")
-    p.add_argument("--sweep-max", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer)")
@@ -82,14 +81,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench: 0)")
     p.add_argument("--baseline", default="gpt2", choices=["gpt2", "match"],
                    help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab")
-    p.add_argument("--decode-batch", default="1,16", help="decode batch sizes, comma list")
+    p.add_argument("--decode-batch", default="1,16", type=ints, help="decode batch sizes, comma list")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
-    p.add_argument("--decode-paths", default="auto", help=f"comma list from {','.join(DECODE_PATHS)} (auto: all "
-                   "on cuda, cache,static on cpu)")
-    p.add_argument("--data-dir", help="token shards for the loader section (default: synthetic text, prepared)")
-    p.add_argument("--ceiling-repeats", type=int, default=20, help="timed repeats per ceiling op (the median)")
+    p.add_argument("--decode-paths", type=names(*DECODE_PATHS),
+                   help=f"comma list from {','.join(DECODE_PATHS)} (default: all on cuda, cache,static on cpu)")
+    p.add_argument("--data-dir", default="bench/gpu_shards", help="token shards for the loader section "
+                   "(`make gpu-shards`; absent: the section is skipped)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: gptmini.device's, by the GPU's name)")
     p.add_argument("--out", default="bench-results.json", help="JSON results, rewritten after each measurement")
     p.add_argument("--profile", metavar="DIR", help="profile each training config after timing it: DIR/<run>.txt "
@@ -103,16 +102,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def fail(message: str) -> NoReturn:
     raise SystemExit(f"{PROG}: {message}")
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag} {text!r} must be a comma list of integers, e.g. {flag} 1024,2048")
-    if not values or min(values) < 1:
-        fail(f"{flag} {text!r} needs positive integers, e.g. {flag} 1024,2048")
-    return values
 
 
 def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> Subject:
@@ -237,14 +226,7 @@ def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torc
                   args: argparse.Namespace) -> None:
     """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
     should be judged against, before and after the change. The table is 40 rows whatever the step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(args.profile_steps):
-            step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    prof = profile(lambda: step(x, y), args.profile_steps, device)
     stem.parent.mkdir(parents=True, exist_ok=True)
     if args.profile_trace:
         prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
@@ -254,12 +236,9 @@ def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torc
 
 def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None, args, device, peak_tflops,
                    results: dict, save: Callable[[], None]) -> None:
-    """Each seq at --batch (or --tokens-per-step / seq); with --sweep the batch then doubles until a step runs
-    out of memory or passes --sweep-max."""
+    """Each seq at each --batch (or --tokens-per-step / seq), until a batch runs out of memory."""
     for seq in seqs:
-        listed = batches or [max(1, args.tokens_per_step // seq)]
-        sweep = [max(listed) * 2 ** i for i in range(1, 32) if max(listed) * 2 ** i <= args.sweep_max]
-        for batch in listed + (sweep if args.sweep else []):
+        for batch in batches or [max(1, args.tokens_per_step // seq)]:
             run = measured({"name": subject.name, "seq_len": seq, "batch_size": batch, "status": "ok",
                             "steps": args.steps, "grad_accum": args.grad_accum}, device,
                            lambda: time_training(subject, seq, batch, args, device, peak_tflops))
@@ -311,30 +290,6 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
             "prefill_ms": statistics.median(prefill) * 1e3, "peak_mem_gib": peak_gib(device)}
 
 
-def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
-    seed step's GEMM shapes (attention-free), so a profile can say how far each is from its ceiling: the
-    experts as one dense GEMM, and the output head; the experts' grouped GEMMs at the model's own layouts are
-    bench/kernel_checks.py's `ceilings`. n is the tokens of one training step (first --batch x first --seq).
-    Random inputs, never zeros."""
-    square = 8192 if device.type == "cuda" else 512
-    k = cfg.top_k if cfg.is_moe else 1
-    runs = []
-    for name, m, kk, nn_ in [("matmul (square)", square, square, square),
-                             ("experts w1 as one dense GEMM", n * k, cfg.d_model, cfg.d_ff),
-                             ("output head", n, cfg.d_model, cfg.vocab_size)]:
-        a = torch.randn(m, kk, device=device, dtype=dtype)
-        b = torch.randn(kk, nn_, device=device, dtype=dtype)
-        t = median_seconds(lambda: a @ b, device, args.ceiling_repeats)
-        runs.append({"name": name, "shape": f"{m}x{kk} @ {kk}x{nn_}", "dtype": str(dtype).removeprefix("torch."),
-                     "ms": t * 1e3, "tflops": 2 * m * kk * nn_ / t / 1e12, "gb_per_s": None, "status": "ok"})
-    elements = (1 << 28) if device.type == "cuda" else (1 << 22)
-    x = torch.randn(elements, device=device)
-    t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)
-    return runs + [{"name": "copy (clone)", "shape": f"{elements * 4 / 2**20:.0f} MiB fp32", "dtype": "float32",
-                    "ms": t * 1e3, "tflops": None, "gb_per_s": 2 * elements * 4 / t / 1e9, "status": "ok"}]
-
-
 def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
     """The loader's share of a training step. The same step is timed twice: on one batch kept on the
     device, and fed from gptmini.data's train loader (memory-mapped shards, pinned non-blocking copies
@@ -342,28 +297,13 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
     share_host is the host time spent in next(loader), which on CUDA overlaps queued device work."""
     run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "source": f"shards {args.data_dir}",
            "status": "ok", "steps": args.steps}
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir or tmp)
-        if not args.data_dir:
-            # Synthetic text prepared by gptmini.data.prepare into real shards: the loader path under test is the
-            # one training uses, only the words are random. cl100k_base, since it works offline.
-            run["source"] = "synthetic text via gptmini prepare"
-            rng = random.Random(0)
-            words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
-            n_docs = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000) // 400
-            (data_dir / "synthetic.txt").write_text("\n\n".join(" ".join(rng.choices(words, k=400))
-                                                                 for _ in range(n_docs)))
-            try:
-                prepare(PrepareConfig([str(data_dir / "synthetic.txt")], data_dir / "shards", tokenizer="cl100k_base",
-                                      workers=1, cache_dir=data_dir / "cache"))
-            except (ValueError, RuntimeError) as e:  # e.g. no offline tokenizer on this machine
-                return run | {"status": f"skipped: could not prepare synthetic shards ({e}); pass --data-dir"}
-            data_dir = data_dir / "shards"
-        n_vocab = read_manifest(data_dir)["n_vocab"]
-        if n_vocab > subject.vocab_size:
-            run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
-        fold = n_vocab > subject.vocab_size
-        return measured(run, device, lambda: _time_loader(subject, data_dir, seq, batch, fold, args, device))
+    if not (Path(args.data_dir) / "manifest.json").is_file():
+        return run | {"status": f"skipped: no shards in {args.data_dir} (`make gpu-shards`, or pass --data-dir)"}
+    n_vocab = read_manifest(args.data_dir)["n_vocab"]
+    fold = n_vocab > subject.vocab_size
+    if fold:
+        run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
+    return measured(run, device, lambda: _time_loader(subject, Path(args.data_dir), seq, batch, fold, args, device))
 
 
 def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
@@ -401,8 +341,6 @@ def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: b
 
 # Each section's table: (header, key, format); a format right-aligns its column.
 COLUMNS = {
-    "ceilings": [("ceiling", "name", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("ms", "ms", ".3f"),
-                 ("TFLOP/s", "tflops", ".1f"), ("GB/s", "gb_per_s", ",.0f"), ("status", "status", "")],
     "train": [("model", "name", ""), ("seq", "seq_len", ".0f"), ("batch", "batch_size", ".0f"),
               ("accum", "grad_accum", ".0f"), ("tok/s", "tokens_per_s", ",.0f"), ("ms/step", "ms_per_step", ".1f"),
               ("TFLOP/s", "tflops", ".1f"), ("MFU", "mfu", ".1%"), ("MFU causal", "mfu_causal", ".1%"),
@@ -436,20 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     # What autocast computes in (gptmini.device.autocast); decode runs its weights in it.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.compile = ("model" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if unknown := sorted(set(sections) - set(SECTIONS)):
-        fail(f"unknown --sections {','.join(unknown)}; choose from {','.join(SECTIONS)}")
-    seqs = int_list(args.seq, "--seq")
-    decode_batches = int_list(args.decode_batch, "--decode-batch")
-    batches = int_list(args.batch, "--batch") if args.batch else None
-    if args.decode_paths == "auto":
-        args.decode_paths = ",".join(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
-    decode_paths = [s.strip() for s in args.decode_paths.split(",") if s.strip()]
-    if not decode_paths or set(decode_paths) - set(DECODE_PATHS):
-        fail(f"--decode-paths {args.decode_paths!r}: choose from {','.join(DECODE_PATHS)}")
-    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2 or args.grad_accum < 1:
-        fail(f"--steps {args.steps} must be >= 1, --warmup {args.warmup} >= 0, "
-             f"--grad-accum {args.grad_accum} >= 1 and --decode-tokens {args.decode_tokens} >= 2")
+    sections, seqs, batches = args.sections, args.seq, args.batch
+    decode_paths = args.decode_paths or list(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
     try:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         cfg = model_preset(args.preset, dropout=args.dropout, **overrides)
@@ -476,22 +402,19 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = environment(device, args=vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."),
                        peak_tflops=peak)
-    results = {"meta": meta, "formula": FORMULA, "ceilings": [], "train": [], "decode": [], "loader": []}
+    results = {"meta": meta, "formula": FORMULA, "train": [], "decode": [], "loader": []}
     first_batch = batches[0] if batches else max(1, args.tokens_per_step // seqs[0])
 
     def save() -> None:
         write_json(args.out, results)
 
-    if "ceilings" in sections:
-        results["ceilings"] = bench_ceilings(cfg, first_batch * seqs[0], args, device, dtype)
-        save()
     for section, subject in (("train", moe), ("dense", dense),
                              ("baseline", baseline_subject(args.baseline, cfg, max(seqs), args.dropout))):
         if section in sections:
             bench_training(subject, seqs, batches, args, device, peak, results, save)
     if "decode" in sections:
         for path in decode_paths:
-            for b in decode_batches:
+            for b in args.decode_batch:
                 run = {"name": args.preset, "path": path, "batch_size": b, "prompt_len": args.prompt_len,
                        "new_tokens": args.decode_tokens, "status": "ok"}
                 subject = gptmini_subject(args.preset, cfg)

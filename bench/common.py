@@ -1,7 +1,9 @@
-"""What the benchmarks share: the machine and versions a figure was measured on, timing, the trainer's own
-training step, and the markdown table each one prints. bench/ is on sys.path when a bench runs as a script."""
+"""What the benchmarks share: the machine and versions a figure was measured on, timing (a region, greedy decode,
+a profile), the trainer's own training step, comma-list flags and the markdown table each one prints. bench/ is
+on sys.path when a bench runs as a script."""
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import os
@@ -20,6 +22,7 @@ from gptmini import trainer
 from gptmini.config import Config
 from gptmini.device import matmul_dtype
 from gptmini.files import git_commit
+from gptmini.generate import generate
 from gptmini.loss import LossFn, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer
@@ -89,16 +92,63 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3,
-                   warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+def seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3) -> list[float]:
+    """The wall time of each of `repeats` calls of fn (a warm-up is the caller's)."""
     times = []
     for _ in range(repeats):
         with Timer(device) as t:
             fn()
         times.append(t.seconds)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3,
+                   warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(seconds(fn, device, repeats))
+
+
+def decode_tokens_per_s(model: nn.Module, batch: int, prompt_len: int, new: int, device: torch.device | str = "cpu",
+                        use_cache: bool = True) -> float:
+    """Greedy `gptmini.generate` tokens/s from a random prompt: batch * new / the faster of two timed calls
+    (prefill included), after a 4-token warm-up."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    run = lambda n: generate(model, prompt.to(device), n, temperature=0, use_cache=use_cache)  # noqa: E731
+    run(4)
+    return batch * new / min(seconds(lambda: run(new), device, 2))
+
+
+def profile(fn: Callable[[], object], steps: int = 1, device: torch.device | str = "cpu") -> Any:
+    """torch.profiler over `steps` calls of fn (the CPU, and the GPU's kernels on CUDA); read its
+    `key_averages()`."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = torch.device(device).type == "cuda"
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                                record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
+
+
+def ints(text: str) -> list[int]:
+    """argparse type of a comma list of positive integers (`--batch 1,16`)."""
+    values = [int(v) for v in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def names(*allowed: str) -> Callable[[str], list[str]]:
+    """argparse type of a comma list drawn from `allowed` (`--sections train,decode`)."""
+    def parse(text: str) -> list[str]:
+        if unknown := set(values := text.split(",")) - set(allowed):
+            raise argparse.ArgumentTypeError(f"unknown {','.join(sorted(unknown))}; choose from {','.join(allowed)}")
+        return values
+    return parse
 
 
 class FixedBatch:

@@ -6,8 +6,9 @@
 1. grouped: the MoE's grouped kernel (torch._grouped_mm) under bf16 autocast, eager and compiled fullgraph,
    against an fp32 loop over the experts: the output and the gradients of x, the router, w1, w2 and w3, with
    one expert that gets no token and group sizes that are not multiples of 8.
-2. ceilings: every grouped GEMM of an MoE step (forward, input and weight gradients) at the operands' layouts
-   as the model passes them (bench/moe_gemms.py), at one step's tokens: TFLOP/s each.
+2. ceilings: how far each GEMM of a step is from this machine's own: a square matmul and a large copy, the
+   experts' w1 as one dense GEMM and the output head at one step's tokens, and every grouped GEMM of an MoE
+   layer's forward and backward at the operands' layouts as the model and autograd pass them: TFLOP/s each.
 3. sdpa: each SDPA backend (flash, efficient, cuDNN, math) on grouped-query attention, forward and backward,
    against math in fp32: whether it runs, its error and its time.
 4. graph_breaks: torch._dynamo.explain of the model's training forward; expects none.
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gptmini.config import model_preset
 from gptmini.device import DEVICES, autocast, matmul_dtype, pick_device
@@ -37,7 +39,6 @@ from gptmini.loss import next_token
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 
 from common import environment, median_seconds, train_step
-from moe_gemms import grouped_gemms
 
 PROG = "bench/kernel_checks.py"
 CHECKS = ("grouped", "ceilings", "sdpa", "graph_breaks", "syncs")
@@ -122,25 +123,71 @@ def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int, backend: 
     return result
 
 
+class GroupedCalls(TorchDispatchMode):
+    """Every torch._grouped_mm run inside it: (a, b, out, the call), with the operands as they were passed."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ == "_grouped_mm":
+            self.calls.append((args[0], args[1], out, lambda: func(*args, **(kwargs or {}))))
+        return out
+
+
+def layout(t: torch.Tensor) -> str:
+    """'65536x768 row-major', '8x768x3072 col-major': the order of the last two dimensions in memory."""
+    major = "row-major" if t.stride(-1) == 1 else "col-major" if t.stride(-2) == 1 else f"strides {t.stride()}"
+    return f"{'x'.join(map(str, t.shape))} {major}"
+
+
 def check_ceilings(cfg: ModelConfig, device: torch.device, tokens: int, repeats: int) -> dict:
-    if not cfg.is_moe or not hasattr(torch, "_grouped_mm"):
-        return {"status": "skipped", "detail": "dense preset, or no torch._grouped_mm"}
-    dtype = torch.bfloat16
-    rows, total_ms, total_flops = [], 0.0, 0
-    for g in grouped_gemms(cfg, tokens):
-        row = {"role": g.role, "layout": g.layout, "per_layer": g.count}
-        try:
-            ms = g.seconds(device, dtype, cfg.num_experts, repeats) * 1e3
-            row.update(ms=round(ms, 4), tflops=round(g.flops / ms / 1e9, 2), status="ok")
-            total_ms += ms * g.count
-            total_flops += g.flops * g.count
-        except RuntimeError as e:
-            row.update(status=f"failed: {str(e).splitlines()[0]}")
-        rows.append(row)
-    failed = [r["role"] for r in rows if r["status"] != "ok"]
-    return {"status": "failed" if failed else "ok", "tokens": tokens, "gemms": rows,
-            "per_layer_ms": round(total_ms, 3), "per_layer_tflops": round(total_flops / total_ms / 1e9, 2) if total_ms else None,
-            **({"detail": f"failed: {', '.join(failed)}"} if failed else {})}
+    """torch._grouped_mm picks its kernel from its operands' layouts (the forward passes `w.transpose(1, 2)`,
+    autograd transposed activations), so the grouped GEMMs are recorded from the model's own MoE forward and
+    backward and timed as called: a ceiling timed on a row-major weight would time another kernel. Random
+    inputs, never zeros."""
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # the dense rows; the grouped kernel is bf16 only
+    rows = []
+
+    def measure(name: str, shape: str, flops: float, fn, moved: float = 0.0, count: int = 1) -> None:
+        t = median_seconds(fn, device, repeats)
+        rows.append({"name": name, "shape": shape, "count": count, "ms": round(t * 1e3, 4),
+                     "tflops": round(flops / t / 1e12, 2) if flops else None,
+                     "gb_per_s": round(moved / t / 1e9, 1) if moved else None})
+
+    square = 8192 if cuda else 512
+    for name, (m, k, n) in {"matmul (square)": (square, square, square),
+                            "experts w1 as one dense GEMM": (tokens * cfg.top_k, cfg.d_model, cfg.d_ff),
+                            "output head": (tokens, cfg.d_model, cfg.vocab_size)}.items():
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        measure(name, f"{m}x{k} @ {k}x{n}", 2 * m * k * n, lambda: a @ b)
+    x = torch.randn((1 << 28) if cuda else (1 << 22), device=device)
+    measure("copy (clone)", f"{x.numel() * 4 / 2**20:.0f} MiB fp32", 0, x.clone, moved=2 * x.numel() * 4)
+    del a, b, x
+    if cfg.is_moe and hasattr(torch, "_grouped_mm"):
+        moe = MoE(cfg).to(device, torch.bfloat16)
+        moe.kernel = "grouped"
+        x = torch.randn(1, tokens, cfg.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
+        with GroupedCalls() as recorded:
+            moe(x)[0].backward(torch.randn(x.shape, device=device, dtype=torch.bfloat16))
+        w13 = (cfg.num_experts, cfg.d_ff, cfg.d_model)  # w1 and w3 as stored; w2 is (E, D, F)
+        distinct: dict[tuple, list] = {}
+        for i, (a, b, out, call) in enumerate(recorded.calls):
+            if i < 3:  # the forward: w1, w3, then w2
+                role = "w2 fwd" if i == 2 else "w1/w3 fwd"
+            elif b.dim() == 2:  # one output per expert: a weight gradient, grad^T @ input
+                role = "w1/w3 wgrad" if tuple(out.shape) == w13 else "w2 wgrad"
+            else:  # an input gradient: b is the weight as stored
+                role = "w1/w3 dgrad" if tuple(b.shape) == w13 else "w2 dgrad"
+            # 2 * M * K * N over the groups: the rows (or a weight gradient's jagged K) split, the total does not.
+            distinct.setdefault((role, f"{layout(a)} @ {layout(b)}"), [2 * a.shape[0] * a.shape[1] * out.shape[-1],
+                                                                          call, 0])[2] += 1
+        for (role, shape), (flops, call, count) in distinct.items():
+            measure(f"grouped {role}", shape, flops, call, count=count)
+    return {"status": "ok", "tokens": tokens, "rows": rows}
 
 
 def check_sdpa(cfg: ModelConfig, device: torch.device, seq: int, repeats: int) -> dict:
