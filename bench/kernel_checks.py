@@ -41,7 +41,6 @@ from gptmini.model import GPTOSSMini, MoE, ModelConfig
 from common import environment, median_seconds, train_step
 
 PROG = "bench/kernel_checks.py"
-CHECKS = ("grouped", "ceilings", "sdpa", "graph_breaks", "syncs")
 # bf16 keeps 8 bits of mantissa; the grouped kernel in bf16 against an fp32 loop is off by a few ulps of each
 # tensor's scale. A wrong layout, an unwritten row or a lost group is off by the scale itself.
 BF16_TOLERANCE = 0.03
@@ -62,6 +61,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def verdict(result: dict, failures: list[str], why: str = "") -> dict:
+    return result | ({"status": "failed", "detail": why + "; ".join(failures)} if failures else {"status": "ok"})
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -117,10 +120,7 @@ def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int, backend: 
         failures += [f"{name} {k}: {e:.3g}" for k, e in errors.items() if not e <= BF16_TOLERANCE]
     if not (result["uneven"] and result["empty_expert"]):
         failures.append(f"the routing did not give an empty expert and uneven groups: {result['load']}")
-    result["status"] = "failed" if failures else "ok"
-    if failures:
-        result["detail"] = f"over {BF16_TOLERANCE} of the tensor's scale: " + "; ".join(failures)
-    return result
+    return verdict(result, failures, f"over {BF16_TOLERANCE} of the tensor's scale: ")
 
 
 class GroupedCalls(TorchDispatchMode):
@@ -222,13 +222,11 @@ def check_sdpa(cfg: ModelConfig, device: torch.device, seq: int, repeats: int) -
             runs += name != "math"
         except RuntimeError as e:
             backends[name] = {"status": f"unavailable: {str(e).splitlines()[0][:200]}"}
-    bad = [n for n, b in backends.items() if b["status"] == "ok" and b["relative_error"] > BF16_TOLERANCE]
-    result = {"shape_q": list(shape_q), "shape_kv": list(shape_kv), "dtype": str(dtype), "backends": backends}
-    if bad:
-        return {**result, "status": "failed", "detail": f"off the fp32 math result: {', '.join(bad)}"}
-    if device.type == "cuda" and runs == 0:
-        return {**result, "status": "failed", "detail": "no fused backend runs grouped-query attention"}
-    return {**result, "status": "ok"}
+    failures = [f"{n} is off the fp32 math result" for n, b in backends.items()
+                if b["status"] == "ok" and b["relative_error"] > BF16_TOLERANCE]
+    failures += ["no fused backend runs grouped-query attention"] if device.type == "cuda" and runs == 0 else []
+    return verdict({"shape_q": list(shape_q), "shape_kv": list(shape_kv), "dtype": str(dtype), "backends": backends},
+                   failures)
 
 
 def model_for(cfg: ModelConfig, device: torch.device) -> GPTOSSMini:
@@ -247,12 +245,9 @@ def check_graph_breaks(cfg: ModelConfig, device: torch.device, seq: int) -> dict
     with autocast(device, "bf16"):  # the GPU's precision; the grouped kernel compiles for bf16 only
         explained = torch._dynamo.explain(next_token)(model, idx, idx)  # forward and the loss: one graph
     reasons = [str(r.reason).splitlines()[0][:300] for r in explained.break_reasons]
-    result = {"expert_kernel": model.layers[0].feed_forward.kernel if cfg.is_moe else None,
-              "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count, "reasons": reasons[:10]}
-    del model
-    if explained.graph_break_count:
-        return {**result, "status": "failed", "detail": f"{explained.graph_break_count} graph breaks: {reasons[:3]}"}
-    return {**result, "status": "ok"}
+    return verdict({"expert_kernel": model.layers[0].feed_forward.kernel if cfg.is_moe else None,
+                    "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+                    "reasons": reasons[:10]}, reasons[:3], f"{explained.graph_break_count} graph breaks: ")
 
 
 def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
@@ -273,8 +268,7 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0][:200]}" for w in caught
              if "synchroniz" in str(w.message)]
-    return {"syncs": len(syncs), "where": syncs[:10], "status": "failed" if syncs else "ok",
-            **({"detail": f"{len(syncs)} host syncs in one step"} if syncs else {})}
+    return verdict({"syncs": len(syncs), "where": syncs[:10]}, syncs[:3], f"{len(syncs)} host syncs in one step: ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         "graph_breaks": lambda: check_graph_breaks(cfg, device, seq),
         "syncs": lambda: check_syncs(cfg, device, seq),
     }
-    for name in CHECKS:
+    for name, check in runs.items():
         t0 = time.perf_counter()
         try:
-            result = runs[name]()
+            result = check()
         except Exception as e:  # one check's failure is its record; the others still run
             result = {"status": "failed", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                       "traceback": traceback.format_exc(limit=-6)[-3000:]}

@@ -15,19 +15,17 @@ from gptmini.config import model_preset
 from gptmini.engine import Batch, Sampling, Sequence
 from gptmini.model import GPTOSSMini
 
-from common import md_table
+from common import md_table, profile
 
 
-def profile(model: GPTOSSMini, rows: int, steps: int) -> dict[str, float]:
+def step_profile(model: GPTOSSMini, rows: int, steps: int) -> dict[str, float]:
     """Self CPU microseconds per decode step, by op."""
     batch = Batch(model, rows)
     waiting = deque([Sequence(list(range(1, 20)), Sampling(max_tokens=steps + 10, temperature=0))])
     take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
     for _ in range(5):  # the prefill, then warm decode steps
         batch.step(take)
-    with torch.profiler.profile() as prof:
-        for _ in range(steps):
-            batch.step(take)
+    prof = profile(lambda: batch.step(take), steps)
     return {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
 
 
@@ -42,7 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     model = quantize.apply(GPTOSSMini(model_preset(args.preset)).eval(), "none")  # as gptmini serve loads it
-    a, b = profile(model, args.rows_a, args.steps), profile(model, args.rows_b, args.steps)
+    a, b = step_profile(model, args.rows_a, args.steps), step_profile(model, args.rows_b, args.steps)
     ops = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0), b.get(k, 0)))[:12]
     rows = [[op, f"{a.get(op, 0):.0f}", f"{b.get(op, 0):.0f}"] for op in ops]
     print(md_table(["op", f"{args.rows_a} rows, us/step", f"{args.rows_b} row(s), us/step"],
