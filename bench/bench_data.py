@@ -89,27 +89,21 @@ def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> l
             # Every token, and a boundary token per document at least (a document cut into val pieces has more).
             assert res.workers == w and m["train"]["tokens"] + m["val"]["tokens"] >= n_tokens + len(docs)
 
-        fns = {}
-        for threads in sorted({1, *workers}):
-            fns[f"raw encode_ordinary_batch, num_threads={threads}"] = (
-                lambda t=threads: tok.enc.encode_ordinary_batch(docs, num_threads=t))
-        # The tightest single-thread baseline: no thread pool, one call per document.
+        # Raw baselines at each thread count, and the tightest single-thread one: no pool, one call per document.
+        fns = {f"raw encode_ordinary_batch, num_threads={t}": (lambda t=t: tok.enc.encode_ordinary_batch(docs, num_threads=t))
+               for t in sorted({1, *workers})}
         fns["raw [encode_ordinary(d) for d in docs]"] = lambda: [tok.enc.encode_ordinary(d) for d in docs]
-        for w in workers:
-            fns[f"gptmini prepare --workers {w} (files -> verified shards)"] = lambda w=w: run_prepare(w)
+        fns |= {f"gptmini prepare --workers {w} (files -> verified shards)": (lambda w=w: run_prepare(w)) for w in workers}
         best = interleaved_best(repeats, fns)
+    raw = {int(name.rsplit("=", 1)[1]): cpu_and_wall for name, cpu_and_wall in best.items() if "num_threads=" in name}
+    one = next((t for name, (t, _) in best.items() if name.startswith("gptmini prepare --workers 1 ")), None)
     rows = []
     for name, (t, cpu) in best.items():
-        raw = name.startswith("raw")
-        n = int(name.rsplit("=", 1)[1]) if "num_threads=" in name else 1 if raw else int(name.split()[3])
-        rows.append({"what": name, "seconds": t, "cpu_seconds": cpu, "MB/s": n_bytes / t / 1e6,
-                     "tokens/s": n_tokens / t, "workers": n, "raw": raw, "MB": n_bytes / 1e6, "tokens": n_tokens})
-    base = {r["workers"]: r for r in rows if "num_threads" in r["what"]}
-    one = next((r["seconds"] for r in rows if not r["raw"] and r["workers"] == 1), None)
-    for r in rows:
-        r["vs raw (same workers/threads)"] = base[r["workers"]]["seconds"] / r["seconds"]
-        r["cpu vs raw"] = base[r["workers"]]["cpu_seconds"] / r["cpu_seconds"]
-        r["scaling vs prepare 1 process"] = one / r["seconds"] if one and not r["raw"] else None
+        n = int(name.rsplit("=", 1)[1]) if "num_threads=" in name else 1 if name.startswith("raw") else int(name.split()[3])
+        rows.append({"what": name, "seconds": t, "cpu_seconds": cpu, "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t,
+                     "workers": n, "MB": n_bytes / 1e6, "tokens": n_tokens, "vs raw (same workers/threads)": raw[n][0] / t,
+                     "cpu vs raw": raw[n][1] / cpu,
+                     "scaling vs prepare 1 process": one / t if one and name.startswith("gptmini") else None})
     return rows
 
 
@@ -182,12 +176,8 @@ def bench_loader(mb: float, shapes: list[tuple[int, int]], seconds: float) -> li
                     n += 50
                 rows.append({"what": name, "B": batch_size, "T": seq_len, "batches/s": n / elapsed,
                              "tokens/s": n * batch_size * seq_len / elapsed})
-    by_shape = {}
-    for r in rows:
-        by_shape.setdefault((r["B"], r["T"]), {})[r["what"].split()[0]] = r["tokens/s"]
-    for r in rows:
-        r["vs nanoGPT"] = r["tokens/s"] / by_shape[(r["B"], r["T"])]["nanoGPT"]
-    return rows
+    nanogpt = {(r["B"], r["T"]): r["tokens/s"] for r in rows if r["what"].startswith("nanoGPT")}
+    return [r | {"vs nanoGPT": r["tokens/s"] / nanogpt[r["B"], r["T"]]} for r in rows]
 
 
 def main() -> None:
@@ -218,15 +208,11 @@ def main() -> None:
               f"{inc['new_documents']} new documents ({a.new_share:.0%}) prepared --since the first, "
               f"{inc['workers']} workers")
         print(md_table(["run", "inputs tokenized", "M chars tokenized", "wall s", "cpu s"], [
-            [n, r["tokenized_inputs"], f"{r['tokenized_chars'] / 1e6:.2f}", f"{r['seconds']:.1f}",
-             f"{r['cpu_seconds']:.1f}"] for n, r in ((n, inc[n]) for n in ("first", "second"))]))
+            [n, inc[n]["tokenized_inputs"], f"{inc[n]['tokenized_chars'] / 1e6:.2f}", f"{inc[n]['seconds']:.1f}",
+             f"{inc[n]['cpu_seconds']:.1f}"] for n in ("first", "second")]))
         print(f"second/first: tokenized characters {inc['second']['tokenized_chars'] / inc['first']['tokenized_chars']:.4f}, "
               f"wall {inc['wall_ratio']:.3f}, cpu {inc['cpu_ratio']:.3f}")
-        if a.only_incremental:
-            if a.json:
-                write_json(a.json, out)
-            return
-    if not a.skip_prepare:
+    if not a.skip_prepare and not a.only_incremental:
         out["prepare"] = bench_prepare(a.mb, a.doc_kb, a.workers, a.repeats)
         print(f"\nprepare: {a.mb:g} MB of text in {a.doc_kb} KB documents (best of {a.repeats})")
         print(md_table(["", "wall s", "cpu s", "MB/s", "Mtok/s", "vs raw", "cpu/raw", "scaling"], [
@@ -235,12 +221,13 @@ def main() -> None:
              fmt(r["scaling vs prepare 1 process"], ".2f")] for r in out["prepare"]]))
         print("vs raw: raw wall time / this wall time, raw = encode_ordinary_batch with num_threads = workers; "
               "cpu/raw: the same for CPU seconds (less sensitive to other load on the machine)")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    out["loader"] = bench_loader(a.loader_mb, shapes, a.loader_seconds)
-    print(f"\nloader: shuffled B x T batches on CPU, {a.loader_mb:g} MB corpus")
-    print(md_table(["", "B", "T", "batches/s", "Mtok/s", "vs nanoGPT"], [
-        [r["what"], r["B"], r["T"], f"{r['batches/s']:.0f}", f"{r['tokens/s'] / 1e6:.1f}", f"{r['vs nanoGPT']:.2f}"]
-        for r in out["loader"]]))
+    if not a.only_incremental:
+        out["loader"] = bench_loader(a.loader_mb, [tuple(map(int, s.split("x"))) for s in a.shapes.split(",")],
+                                     a.loader_seconds)
+        print(f"\nloader: shuffled B x T batches on CPU, {a.loader_mb:g} MB corpus")
+        print(md_table(["", "B", "T", "batches/s", "Mtok/s", "vs nanoGPT"], [
+            [r["what"], r["B"], r["T"], f"{r['batches/s']:.0f}", f"{r['tokens/s'] / 1e6:.1f}", f"{r['vs nanoGPT']:.2f}"]
+            for r in out["loader"]]))
     if a.json:
         write_json(a.json, out)
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import re
-import shutil
 import sqlite3
 import tempfile
 import time
@@ -34,6 +33,8 @@ from gptmini import retrieval
 from gptmini.data.prepare import SplitRule
 from gptmini.data.sources import Stats, open_source, split_text
 from gptmini.tokenizer import get_tokenizer
+
+from common import md_table
 
 
 def demo_corpus() -> tuple[list[tuple[str, int, str]], list[str]]:
@@ -150,17 +151,17 @@ def budget_table(budgets: list[str], passages, val, n: int, tok) -> None:
     held_out = [tok.decode(tok.encode(v)[:retrieval.QUERY_TOKENS]) for v in val[:n]]
     known = [(d, off, tok.decode(tok.encode(text)[20:20 + retrieval.QUERY_TOKENS]))
              for d, off, text in rng.sample(passages, n)]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-budget-") as folder:
         index = retrieval.Index(build_fts5(passages, Path(folder))[0], sha256="-")
-        print("| words kept | query p50 ms | query p99 ms | known-item recall@1 | recall@5 | load avg |")
-        print("|---|---|---|---|---|---|")
         for budget in budgets:
             limit = None if budget == "every" else int(budget)
             p50, p99 = latency_ms(lambda q: index.search(q, 1, None, limit), held_out)
             ranked = [[(p.document, p.offset) for p in index.search(q, 5, None, limit)] for _, _, q in known]
             at1, at5 = (np.mean([(d, off) in r[:k] for (d, off, _), r in zip(known, ranked)]) for k in (1, 5))
             name = "every word" if limit is None else f"rarest, up to {limit:,} passages"
-            print(f"| {name} | {p50:.1f} | {p99:.1f} | {at1:.2f} | {at5:.2f} | {load_avg()} |", flush=True)
+            rows.append([name, f"{p50:.1f}", f"{p99:.1f}", f"{at1:.2f}", f"{at5:.2f}", load_avg()])
+    print(md_table(["words kept", "query p50 ms", "query p99 ms", "known-item recall@1", "recall@5", "load avg"], rows))
 
 
 def load_avg() -> str:
@@ -183,22 +184,20 @@ def main() -> None:
     if args.generated_mb:
         demo_text = " ".join(t for _, _, t in demo_passages)
         corpora[f"generated {args.generated_mb} MB"] = generated_corpus(args.generated_mb, demo_text)
-    print("| corpus | passages | text MB | retriever | build s | index MB | query p50 ms | query p99 ms | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rng = random.Random(0)
+    rng, rows = random.Random(0), []
     for corpus, (passages, val) in corpora.items():
         queries = [tok.decode(tok.encode(v)[:retrieval.QUERY_TOKENS]) for v in val]
         queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
         rng.shuffle(queries)
         mb = sum(len(t[2]) for t in passages) / 2**20
         for name in args.retrievers.split(","):
-            folder = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
-            try:
-                r = run(name, passages, queries, folder)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            print(f"| {corpus} | {len(passages):,} | {mb:.1f} | {name} | {r['build_s']:.1f} | {r['bytes'] / 2**20:.1f} "
-                  f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {load_avg()} |", flush=True)
+            with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as folder:
+                r = run(name, passages, queries, Path(folder))
+            rows.append([corpus, f"{len(passages):,}", f"{mb:.1f}", name, f"{r['build_s']:.1f}",
+                         f"{r['bytes'] / 2**20:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", load_avg()])
+            print(rows[-1], flush=True)
+    print(md_table(["corpus", "passages", "text MB", "retriever", "build s", "index MB", "query p50 ms", "query p99 ms",
+                    "load avg"], rows, "lrrlrrrrr"))
 
 
 if __name__ == "__main__":
