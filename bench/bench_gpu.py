@@ -1,14 +1,11 @@
-"""Training tokens/s, MFU and peak memory, KV-cache decode tokens/s and the loader's share of step time,
-with a nanoGPT-style dense baseline timed in the same run. The GPU harness; it runs on CPU at small sizes.
+"""Training tokens/s, MFU and peak memory, decode tokens/s and the loader's share of the step, with a
+nanoGPT-style dense baseline timed in the same run (docs/gpu-benchmarks.md: sections, formula, commands).
 
     python bench/bench_gpu.py --device cuda --out bench/results/h100.json
     python bench/bench_gpu.py --device cpu --preset tiny --seq 64 --batch 4 --steps 5 --baseline match
 
-It needs neither Prefect nor MLflow (the GPU machines have neither). The machine's own ceilings (matmul, copy,
-each GEMM of the step) are bench/kernel_checks.py's `ceilings`. Every timed model takes the trainer's
-own step (`gptmini.trainer.train_step`, through bench/common.py) and counts its FLOPs with its own
-`flops_per_token` (`gptmini.model.training_flops`); MFU's peak is gptmini.device's table unless --peak-tflops
-says.
+Every model takes the trainer's own step (bench/common.py) and counts its own FLOPs (`flops_per_token`); MFU's
+peak is gptmini.device's table unless --peak-tflops says. It needs neither Prefect nor MLflow.
 """
 from __future__ import annotations
 
@@ -61,40 +58,35 @@ class Subject:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: cuda if a GPU is visible. bf16 autocast and bf16 decode weights on cuda, fp32 on cpu")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "model", "blocks", "off"],
-                   help="torch.compile the whole model, each block, or nothing (auto: model on cuda, off on cpu)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
-    p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base; seed has 50304)")
+                   help="auto: model on cuda, off on cpu")
+    p.add_argument("--preset", default="seed")
+    p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base)")
     p.add_argument("--sections", default=",".join(SECTIONS), type=names(*SECTIONS), help="comma list")
     p.add_argument("--seq", default="1024,2048", type=ints, help="training sequence lengths, comma list")
-    p.add_argument("--batch", type=ints, help="training batch sizes, comma list, each timed until one runs out of "
-                   "memory (default: --tokens-per-step / seq)")
+    p.add_argument("--batch", type=ints, help="training batch sizes, comma list, until one runs out of memory "
+                   "(default: --tokens-per-step / seq)")
     p.add_argument("--tokens-per-step", type=int, default=32768)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer)")
-    p.add_argument("--chunked-loss", action="store_true",
-                   help="gptmini models take gptmini.loss.chunked (the logits never whole); the baseline does not")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench: 0)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--chunked-loss", action="store_true", help="gptmini models take gptmini.loss.chunked")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--baseline", default="gpt2", choices=["gpt2", "match"],
-                   help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab")
-    p.add_argument("--decode-batch", default="1,16", type=ints, help="decode batch sizes, comma list")
+                   help="gpt2: GPT-2 124M; match: the preset's d_model, layers, heads and vocabulary")
+    p.add_argument("--decode-batch", default="1,16", type=ints, help="comma list")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
-    p.add_argument("--decode-paths", type=names(*DECODE_PATHS),
-                   help=f"comma list from {','.join(DECODE_PATHS)} (default: all on cuda, cache,static on cpu)")
-    p.add_argument("--data-dir", default="bench/gpu_shards", help="token shards for the loader section "
-                   "(`make gpu-shards`; absent: the section is skipped)")
-    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: gptmini.device's, by the GPU's name)")
-    p.add_argument("--out", default="bench-results.json", help="JSON results, rewritten after each measurement")
+    p.add_argument("--decode-repeats", type=int, default=3, help="the median is kept")
+    p.add_argument("--decode-paths", type=names(*DECODE_PATHS), help="comma list (default: all on cuda, "
+                   "cache,static on cpu)")
+    p.add_argument("--data-dir", default="bench/gpu_shards", help="the loader section's shards (`make gpu-shards`)")
+    p.add_argument("--peak-tflops", type=float)
+    p.add_argument("--out", default="bench-results.json", help="JSON, rewritten after each measurement")
     p.add_argument("--profile", metavar="DIR", help="profile each training config after timing it: DIR/<run>.txt "
-                   "(top ops by self device time) and DIR/<run>.trace.json (Perfetto)")
-    p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --profile, the trace too (a compiled step's runs to hundreds of MB)")
+                   "and DIR/<run>.trace.json")
+    p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--plan", action="store_true", help="print the FLOP and memory account of --preset, then exit")
     return p.parse_args(argv)
@@ -200,7 +192,7 @@ def measured(run: dict, device: torch.device, measure: Callable[[], dict]) -> di
 def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
                    peak_tflops: float | None) -> dict:
     model = build(subject, device).train()
-    step = train_step(model, device, args.compile, args.compile_mode, args.grad_accum, loss_fn=subject.loss)
+    step = train_step(model, device, args.compile, args.grad_accum, loss_fn=subject.loss)
     # Random tokens, never zeros: the same work as real text, and no shortcut through a constant batch.
     tokens = torch.randint(0, subject.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
@@ -308,7 +300,7 @@ def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
 
 def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
     model = build(subject, device).train()
-    step = train_step(model, device, args.compile, args.compile_mode, loss_fn=subject.loss)
+    step = train_step(model, device, args.compile, loss_fn=subject.loss)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
         train_loader, _ = build_loaders(data_dir, seq, batch_size=batch, seed=0, device=device)

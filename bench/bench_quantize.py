@@ -9,7 +9,7 @@ RSS before the model was loaded) is that model's alone. The model is the preset 
 --train-steps steps of the trainer's own (bench/common.py) on the embedded corpus (CPython's docs) in the parent
 process and saved, so that its val loss means something and quantization error shows in it (with --train-steps
 0, the random init is built in each child); the val loss is over the first --val-batches windows of the val split.
-Decode is greedy from a 16-token random prompt (bench/common.py's `decode_tokens_per_s`, prefill included).
+Decode is greedy from a 16-token random prompt, prefill included.
 `fp32-rowmajor` is fp32 without `decode_layout`; `fp32-nocache` is fp32 generating without the KV cache (each step
 recomputes the sequence, projecting only the last position to the vocabulary).
 
@@ -39,7 +39,7 @@ from gptmini.generate import generate
 from gptmini.model import GPTOSSMini
 from gptmini.weights import load_model, save_pretrained
 
-from common import decode_tokens_per_s, environment, ints, names, profile, seconds, train_step
+from common import environment, ints, names, profile, seconds, train_step
 
 DTYPES = ("fp32", "bf16", "int8", "fp32-rowmajor", "fp32-nocache")
 
@@ -66,6 +66,14 @@ def bytes_read_per_token(model: GPTOSSMini) -> int:
     idle = experts * (cfg.num_experts - cfg.top_k) // cfg.num_experts if cfg.is_moe else 0
     element = 1 if quantize.is_quantized(model) else model.norm.weight.element_size()
     return total - idle - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model * element)
+
+
+def decode_tokens_per_s(model: GPTOSSMini, batch: int, new: int, device: str, use_cache: bool = True) -> float:
+    """Greedy tokens/s from a 16-token random prompt: batch * new / the faster of two calls, after a warm-up."""
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(0))
+    run = lambda n: generate(model, prompt.to(device), n, temperature=0, use_cache=use_cache)  # noqa: E731
+    run(4)
+    return batch * new / min(seconds(lambda: run(new), device, 2))
 
 
 def trained_model(preset: str, steps: int = 0, data: Path | None = None, seq_len: int = 64) -> GPTOSSMini:
@@ -103,7 +111,7 @@ def one(args: argparse.Namespace, preset: str, dtype: str, weights: Path | None)
     row = {"preset": preset, "dtype": dtype, "bytes_read_per_token": bytes_read_per_token(model), "val_loss": val}
     for b in args.batch:
         row[f"decode_b{b}_tokens_per_s"] = round(decode_tokens_per_s(
-            model, b, 16, args.new_tokens, args.device, use_cache=dtype != "fp32-nocache"), 2)
+            model, b, args.new_tokens, args.device, use_cache=dtype != "fp32-nocache"), 2)
     row |= {"rss_mib": round(rss_bytes() / 2**20, 1),
             "model_rss_mib": round(loaded / 2**20, 1),  # loaded (and quantized), before val loss and decoding
             "model_rss_after_decode_mib": round((rss_bytes() - base) / 2**20, 1),

@@ -1,6 +1,5 @@
-"""What the benchmarks share: the machine and versions a figure was measured on, timing (a region, greedy decode,
-a profile), the trainer's own training step, comma-list flags and the markdown table each one prints. bench/ is
-on sys.path when a bench runs as a script."""
+"""What the benchmarks share: the machine and versions a figure was measured on, timing, profiling, the trainer's
+own training step, comma-list flags and the markdown table each prints. bench/ is on sys.path as a bench runs."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +7,6 @@ import copy
 import hashlib
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +20,6 @@ from gptmini import trainer
 from gptmini.config import Config
 from gptmini.device import matmul_dtype
 from gptmini.files import git_commit
-from gptmini.generate import generate
 from gptmini.loss import LossFn, next_token
 from gptmini.model import GPTOSSMini
 from gptmini.optim import build_optimizer
@@ -102,23 +99,6 @@ def seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeat
     return times
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3,
-                   warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    return statistics.median(seconds(fn, device, repeats))
-
-
-def decode_tokens_per_s(model: nn.Module, batch: int, prompt_len: int, new: int, device: torch.device | str = "cpu",
-                        use_cache: bool = True) -> float:
-    """Greedy `gptmini.generate` tokens/s from a random prompt: batch * new / the faster of two timed calls
-    (prefill included), after a 4-token warm-up."""
-    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    run = lambda n: generate(model, prompt.to(device), n, temperature=0, use_cache=use_cache)  # noqa: E731
-    run(4)
-    return batch * new / min(seconds(lambda: run(new), device, 2))
-
-
 def profile(fn: Callable[[], object], steps: int = 1, device: torch.device | str = "cpu") -> Any:
     """torch.profiler over `steps` calls of fn (the CPU, and the GPU's kernels on CUDA); read its
     `key_averages()`."""
@@ -160,8 +140,8 @@ class FixedBatch:
         return self.batch
 
 
-def train_step(model: nn.Module, device: torch.device, compile: str = "off", compile_mode: str = "default",
-               grad_accum: int = 1, precision: str = "auto", cfg: Config | None = None,
+def train_step(model: nn.Module, device: torch.device, compile: str = "off", grad_accum: int = 1,
+               precision: str = "auto", cfg: Config | None = None,
                loss_fn: LossFn = next_token) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`step(x, y)`: `gptmini.trainer.train_step` itself (grad_accum micro-batches under the trainer's
     autocast, clipping, the AdamW of `cfg.optim`, default `OptimConfig`'s) on `model`, compiled as `compile`
@@ -171,8 +151,8 @@ def train_step(model: nn.Module, device: torch.device, compile: str = "off", com
     if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
         model.set_expert_kernel(compute_dtype=matmul_dtype(device, precision))
     if compile == "model":  # the whole forward and the loss in one graph: compile the loss, which runs forward
-        loss_fn = torch.compile(loss_fn, **({} if compile_mode == "default" else {"mode": compile_mode}))
-    compiled = compile_model(model, "off" if compile == "model" else compile, compile_mode)
+        loss_fn = torch.compile(loss_fn)
+    compiled = compile_model(model, "off" if compile == "model" else compile)
     loader = FixedBatch()
     run = trainer.Run(cfg, DistEnv(0, 0, 1, device), Path("."), model, compiled,
                       build_optimizer(compiled, cfg.optim), loader, None, None, trainer.TrainState(), time.time(),

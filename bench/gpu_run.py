@@ -1,23 +1,11 @@
-"""Everything we want from a GPU, in one command:
+"""Everything we want from a GPU, in one command (docs/gpu-benchmarks.md: the slices, the files, the options):
 
     bash bench/gpu_run.sh OUT_DIR              # on the GPU machine (OUT_DIR defaults to $OUT)
     bash bench/gpu_run.sh OUT_DIR --dry-run    # here: the same slices at tiny sizes on CPU
-    bash bench/gpu_run.sh OUT_DIR --deadline 450   # a machine lent for a limited time
 
-The slices run in order of value, each in a process and session of its own under its own timeout: one that
-fails, hits a device assert or hangs costs only itself, and a timeout kills its whole process group (compile
-workers included). --deadline bounds the run: no slice starts after it, an optional one only if its timeout
-still fits. The GPU run starts each slice as a fresh interpreter (--start spawn); a dry run forks them from the
-driver once it has imported torch (--start fork), which on a CPU saves seconds of imports per slice.
-
-OUT_DIR receives these files and nothing else, each rewritten as soon as a slice ends, so a run cut short keeps
-what finished: env.json, kernels.json, bench.json (bench_gpu.py's slices by name, train profiles as text),
-int8.json, status.json (per slice: status, seconds, timeout, command, stderr tail), log.txt (every slice's
-output tails) and summary.md, the table that prints last.
-
-Exit status: 0 when every slice ran ok or was skipped, 1 when a slice failed or timed out (every other slice
-still ran), 2 when the run itself could not go on (a bad argument, a foreign file in OUT_DIR). Every slice is a
-plain command line (status.json records it), so any one can be re-run by hand.
+Each slice runs in a process and session of its own under its own timeout, so one that fails, asserts or hangs
+costs only itself; every result file is rewritten as each slice ends. Exit status: 0 when every slice was ok
+or skipped, 1 when one failed or timed out, 2 when the run itself could not go on.
 """
 from __future__ import annotations
 
@@ -63,19 +51,16 @@ MODULES = ("torch", "triton", "numpy", "pyarrow", "tiktoken", "safetensors", "to
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", type=Path, default=os.environ.get("OUT") or None,
-                   help="where the result files go (default $OUT); empty, or holding only an earlier run's files")
-    p.add_argument("--dry-run", action="store_true", help="every slice on CPU at tiny sizes: the plumbing, not speed")
-    p.add_argument("--only", default=",".join(TIMEOUTS), help="slices to run, comma list, in that order")
+    p.add_argument("--out-dir", type=Path, default=os.environ.get("OUT") or None, help="default $OUT")
+    p.add_argument("--dry-run", action="store_true", help="every slice on CPU at tiny sizes")
+    p.add_argument("--only", default=",".join(TIMEOUTS), help="slices to run, comma list")
     p.add_argument("--batch", type=int, default=32, help="the training batch at T=1024; train also times twice it")
-    p.add_argument("--data-dir", type=Path, default=ROOT / "bench" / "gpu_shards",
-                   help="prepared shards for the loader slice (`make gpu-shards`; absent: the slice is skipped)")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "bench" / "gpu_shards", help="the loader slice's shards")
     p.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no slice starts")
-    p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS", help="one slice's timeout")
-    p.add_argument("--start", choices=["spawn", "fork"], help="how each slice's process starts (default: spawn; "
-                   "fork with --dry-run, from the driver once it has imported torch)")
-    p.add_argument("--fail", default="", metavar="SLICE[,SLICE]", help="these slices raise at their start (tests)")
-    p.add_argument("--hang", default="", metavar="SLICE[,SLICE]", help="these slices sleep until their timeout (tests)")
+    p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS")
+    p.add_argument("--start", choices=["spawn", "fork"], help="default: spawn; fork with --dry-run")
+    p.add_argument("--fail", default="", metavar="SLICE[,SLICE]", help="these slices raise at their start")
+    p.add_argument("--hang", default="", metavar="SLICE[,SLICE]", help="these slices hang until their timeout")
     args = p.parse_args(argv)
     if args.out_dir is None:
         p.error("no output folder: pass --out-dir DIR (bash bench/gpu_run.sh DIR) or set $OUT")

