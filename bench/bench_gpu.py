@@ -10,6 +10,7 @@ peak is gptmini.device's table unless --peak-tflops says. It needs neither Prefe
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
 import statistics
@@ -244,23 +245,22 @@ def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None,
 
 
 def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) -> dict:
-    """Greedy generation with a KV cache. The prefill (prompt + first token) and the decode loop are timed
-    apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop. Paths: `cache` is gptmini.generate.stream
-    (what `gptmini generate` runs); `static` and `static-graphs` are bench/static_decode.py."""
+    """Greedy generation with a KV cache, the prefill (prompt + first token) and the decode loop timed apart:
+    tokens/s = batch * (new_tokens - 1) / t_loop. `cache` is gptmini.generate.stream (`gptmini generate`'s path);
+    `static` and `static-graphs` are bench/static_decode.py."""
     model = build(subject, device).to(dtype=dtype).eval()
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
     if path == "cache":
         def prefill_fn(n: int) -> Iterator:
-            tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+            tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0)
             with torch.inference_mode():
                 next(tokens)
             return tokens
 
         def loop_fn(tokens: Iterator) -> None:
             with torch.inference_mode():
-                for _ in tokens:
-                    pass
+                collections.deque(tokens, maxlen=0)  # drains the generator
     else:
         decoder = StaticDecoder(
             model, batch, args.prompt_len + args.decode_tokens, "reduce-overhead" if path == "static-graphs" else None)
@@ -282,32 +282,19 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
             "prefill_ms": statistics.median(prefill) * 1e3, "peak_mem_gib": peak_gib(device)}
 
 
-def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
-    """The loader's share of a training step. The same step is timed twice: on one batch kept on the
-    device, and fed from gptmini.data's train loader (memory-mapped shards, pinned non-blocking copies
-    on CUDA). share_end_to_end = 1 - fixed / with_loader is what the loader costs the step;
-    share_host is the host time spent in next(loader), which on CUDA overlaps queued device work."""
-    run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "source": f"shards {args.data_dir}",
-           "status": "ok", "steps": args.steps}
-    if not (Path(args.data_dir) / "manifest.json").is_file():
-        return run | {"status": f"skipped: no shards in {args.data_dir} (`make gpu-shards`, or pass --data-dir)"}
-    n_vocab = read_manifest(args.data_dir)["n_vocab"]
-    fold = n_vocab > subject.vocab_size
-    if fold:
-        run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
-    return measured(run, device, lambda: _time_loader(subject, Path(args.data_dir), seq, batch, fold, args, device))
-
-
-def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
+def time_loader(subject: Subject, seq: int, batch: int, fold: bool, args, device) -> dict:
+    """The same step timed on one batch kept on the device and fed from gptmini.data's train loader:
+    share_end_to_end = 1 - fixed / with_loader is what the loader costs the step; share_host is the host time
+    in next(loader), which on CUDA overlaps queued device work."""
     model = build(subject, device).train()
     step = train_step(model, device, args.compile, loss_fn=subject.loss)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
-        train_loader, _ = build_loaders(data_dir, seq, batch_size=batch, seed=0, device=device)
+        train_loader, _ = build_loaders(args.data_dir, seq, batch_size=batch, seed=0, device=device)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_loader.next_batch()  # as the trainer takes it: pinned, non-blocking copies on CUDA
-        if fold:  # shards from a larger vocabulary than the model's (e.g. cl100k into the seed's 50304)
+        if fold:
             x, y = x.remainder(subject.vocab_size), y.remainder(subject.vocab_size)
         return x, y
 
@@ -414,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     dtype)))
                 save()
     if "loader" in sections:
-        results["loader"].append(time_loader(moe, seqs[0], first_batch, args, device))
+        run = {"name": moe.name, "seq_len": seqs[0], "batch_size": first_batch, "source": f"shards {args.data_dir}",
+               "status": "ok", "steps": args.steps}
+        if not (Path(args.data_dir) / "manifest.json").is_file():
+            run["status"] = f"skipped: no shards in {args.data_dir} (`make gpu-shards`, or pass --data-dir)"
+        else:
+            n_vocab = read_manifest(args.data_dir)["n_vocab"]
+            fold = n_vocab > moe.vocab_size  # e.g. cl100k shards into the seed's 50304
+            if fold:
+                run["source"] += f" (vocab {n_vocab} ids folded into the model's {moe.vocab_size} on device)"
+            run = measured(run, device, lambda: time_loader(moe, seqs[0], first_batch, fold, args, device))
+        results["loader"].append(run)
     if "parallel" in sections:
         import torch.distributed as dist
 

@@ -1,23 +1,17 @@
-"""Decode speed, memory and val loss of fp32, bf16 and int8 weights (gptmini.quantize), with the memory bound, and
-what the KV cache buys (fp32-nocache).
+"""Decode speed, memory and val loss of fp32, bf16 and int8 weights (gptmini.quantize), against the memory bound,
+and what the KV cache buys (fp32-nocache).
 
     .venv/bin/python bench/bench_quantize.py [--preset demo] [--batch 1,16] [--new-tokens 64] [--train-steps 40]
         [--dtypes fp32,bf16,int8] [--profile] [--device cpu] [--json out.json]
 
-Each (preset, dtype) runs in its own process, so resident memory (VmRSS after decoding, less the process's
-RSS before the model was loaded) is that model's alone. The model is the preset at seed 0 trained
---train-steps steps of the trainer's own (bench/common.py) on the embedded corpus (CPython's docs) in the parent
-process and saved, so that its val loss means something and quantization error shows in it (with --train-steps
-0, the random init is built in each child); the val loss is over the first --val-batches windows of the val split.
-Decode is greedy from a 16-token random prompt, prefill included.
-`fp32-rowmajor` is fp32 without `decode_layout`; `fp32-nocache` is fp32 generating without the KV cache (each step
-recomputes the sequence, projecting only the last position to the vocabulary).
-
-The bound: at batch 1 decode must read every weight it uses once per token, so tokens/s <= copy bandwidth /
-bytes read per token (all matmul weights, less the experts a token does not visit, less an untied
-embedding table of which it reads one row). Copy bandwidth is a 512 MiB tensor copy (--bandwidth-mib), counted
-as bytes read plus bytes written. --profile prints the ops that take a batch-1 decode's time, which explain the
-gap.
+Each (preset, dtype) runs in a process of its own, so its resident memory (VmRSS, less the process's before
+loading) is that model's alone. The model is the preset at seed 0 trained --train-steps steps on the embedded
+corpus, so that its val loss (over --val-batches windows) shows quantization error; with 0, the random init.
+Decode is greedy from a 16-token random prompt, prefill included. `fp32-rowmajor` is fp32 without
+`decode_layout`; `fp32-nocache` generates without the KV cache (recomputing the sequence each step, projecting
+only the last position). The bound: batch-1 decode reads each weight it uses once per token, so tokens/s <= copy
+bandwidth (a --bandwidth-mib copy, read + write) / bytes read per token (the matmul weights, less the experts a
+token does not visit and an untied embedding table). --profile prints the ops behind the gap.
 """
 from __future__ import annotations
 

@@ -2,18 +2,13 @@
 
     python bench/static_decode.py   # the ops one decode step dispatches, eager and static
 
-Eager decode is launch-bound (about a thousand dispatched ops, some 700 of them kernels, per token for
-the seed model: run this file, which counts them on CPU for the seed's structure at tiny widths, since the count
-does not depend on them, on the H100's grouped-expert path). Here the KV cache, the position and the mask are fixed-size
-device tensors, and the position advances in place, so every step has the same shapes and the same tensor
-addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA graph) serves every step,
-and no step reads anything back to the host.
-
-It runs the model's own forward (`GPTOSSMini.hidden`) on the library's one KV cache, in its `at(positions)`
-mode: every row writes at positions held on the device, so the arithmetic is the model's. It stays in bench/
-until its CUDA-graph speed is measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window
-and no RoPE scaling (the seed config's case). tests/test_static_decode.py checks it token for token against
-`gptmini.generate` on CPU.
+Eager decode is launch-bound: run as a script, this counts the ops one decode step dispatches, on CPU for the
+seed's structure at tiny widths (the count does not depend on them) on the grouped-expert path. Here the KV
+cache, the position and the mask are fixed-size device tensors and the position advances in place, so every
+step has the same shapes and addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA
+graph) serves every step, and no step reads back to the host. It runs the model's own forward on the library's
+KV cache (`at(positions)` mode); greedy only, prompts of one length, no sliding window or RoPE scaling. It stays
+in bench/ until its CUDA-graph speed is measured.
 """
 from __future__ import annotations
 
@@ -28,9 +23,9 @@ from gptmini.generate import stream
 from gptmini.model import GPTOSSMini, KVCache
 
 # Views, reshapes and allocations: dispatched, but they launch no kernel.
-NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze", "as_strided",
-             "detach", "alias", "permute", "split", "chunk", "unbind", "split_with_sizes", "lift_fresh", "_reshape_alias",
-             "reshape", "empty", "empty_strided", "empty_like"}
+NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze",
+             "as_strided", "detach", "alias", "permute", "split", "chunk", "unbind", "split_with_sizes", "lift_fresh",
+             "_reshape_alias", "reshape", "empty", "empty_strided", "empty_like"}
 
 
 class StaticDecoder:
