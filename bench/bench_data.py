@@ -85,19 +85,23 @@ def bench_prepare(mb: float, workers: list[int], repeats: int) -> list[dict]:
             assert res.workers == w and m["train"]["tokens"] + m["val"]["tokens"] >= n_tokens + len(docs)
 
         # Raw baselines at each thread count, and the tightest single-thread one: no pool, one call per document.
-        fns = {f"raw encode_ordinary_batch, num_threads={t}": (lambda t=t: tok.enc.encode_ordinary_batch(docs, num_threads=t))
-               for t in sorted({1, *workers})}
+        fns = {f"raw encode_ordinary_batch, num_threads={t}":
+               (lambda t=t: tok.enc.encode_ordinary_batch(docs, num_threads=t)) for t in sorted({1, *workers})}
         fns["raw [encode_ordinary(d) for d in docs]"] = lambda: [tok.enc.encode_ordinary(d) for d in docs]
-        fns |= {f"gptmini prepare --workers {w} (files -> verified shards)": (lambda w=w: run_prepare(w)) for w in workers}
+        fns |= {f"gptmini prepare --workers {w} (files -> verified shards)": (lambda w=w: run_prepare(w))
+                for w in workers}
         best = interleaved_best(repeats, fns)
     raw = {int(name.rsplit("=", 1)[1]): cpu_and_wall for name, cpu_and_wall in best.items() if "num_threads=" in name}
     one = next((t for name, (t, _) in best.items() if name.startswith("gptmini prepare --workers 1 ")), None)
     rows = []
     for name, (t, cpu) in best.items():
-        n = int(name.rsplit("=", 1)[1]) if "num_threads=" in name else 1 if name.startswith("raw") else int(name.split()[3])
-        rows.append({"what": name, "seconds": t, "cpu_seconds": cpu, "MB/s": n_bytes / t / 1e6, "tokens/s": n_tokens / t,
-                     "workers": n, "MB": n_bytes / 1e6, "tokens": n_tokens, "vs raw (same workers/threads)": raw[n][0] / t,
-                     "cpu vs raw": raw[n][1] / cpu,
+        if "num_threads=" in name:
+            n = int(name.rsplit("=", 1)[1])
+        else:
+            n = 1 if name.startswith("raw") else int(name.split()[3])
+        rows.append({"what": name, "seconds": t, "cpu_seconds": cpu, "MB/s": n_bytes / t / 1e6,
+                     "tokens/s": n_tokens / t, "workers": n, "MB": n_bytes / 1e6, "tokens": n_tokens,
+                     "vs raw (same workers/threads)": raw[n][0] / t, "cpu vs raw": raw[n][1] / cpu,
                      "scaling vs prepare 1 process": one / t if one and name.startswith("gptmini") else None})
     return rows
 
@@ -127,7 +131,8 @@ def bench_incremental(mb: float, new_share: float, workers: int) -> dict:
             "first": {"seconds": wall1, "cpu_seconds": cpu1, "tokenized_chars": first.text_chars,
                       "tokenized_inputs": first.tokenized_inputs},
             "second": {"seconds": wall2, "cpu_seconds": cpu2, "tokenized_chars": second.text_chars,
-                       "tokenized_inputs": second.tokenized_inputs, "new_inputs": second.manifest["since"]["new_inputs"]},
+                       "tokenized_inputs": second.tokenized_inputs,
+                       "new_inputs": second.manifest["since"]["new_inputs"]},
             "tokenized_share": second.text_chars / (total + second.text_chars),
             "wall_ratio": wall2 / wall1, "cpu_ratio": cpu2 / cpu1}
 
@@ -197,7 +202,8 @@ def main() -> None:
         print(md_table(["run", "inputs tokenized", "M chars tokenized", "wall s", "cpu s"], [
             [n, inc[n]["tokenized_inputs"], f"{inc[n]['tokenized_chars'] / 1e6:.2f}", f"{inc[n]['seconds']:.1f}",
              f"{inc[n]['cpu_seconds']:.1f}"] for n in ("first", "second")]))
-        print(f"second/first: tokenized characters {inc['second']['tokenized_chars'] / inc['first']['tokenized_chars']:.4f}, "
+        share = inc["second"]["tokenized_chars"] / inc["first"]["tokenized_chars"]
+        print(f"second/first: tokenized characters {share:.4f}, "
               f"wall {inc['wall_ratio']:.3f}, cpu {inc['cpu_ratio']:.3f}")
     if not a.only_incremental:
         out["prepare"] = bench_prepare(a.mb, a.workers, a.repeats)

@@ -75,11 +75,11 @@ def main() -> None:
                               verbose=False)
         llama_cpp_greedy(llm, prompt, 4)  # warm-up
         theirs = llama_cpp_greedy(llm, prompt, new)
+        tokens_per_s = new / min(seconds(lambda: llama_cpp_greedy(llm, prompt, new), repeats=2))
         agree = next((i for i, (a, b) in enumerate(zip(reference, theirs)) if a != b), len(theirs))
         rows.append({"engine": "llama.cpp", "dtype": outtype, "convert_s": round(convert_s, 1),
                      "file_mib": round(gguf.stat().st_size / 2**20, 1),
-                     "decode_b1_tokens_per_s": round(new / min(seconds(lambda: llama_cpp_greedy(llm, prompt, new), repeats=2)), 1),
-                     "agree": agree})
+                     "decode_b1_tokens_per_s": round(tokens_per_s, 1), "agree": agree})
         del llm
     print(md_table(["engine", "dtype", "convert s", "GGUF MiB", "decode b1 tok/s", "greedy tokens equal"],
                    [[r["engine"], r["dtype"], r["convert_s"] or "-", r["file_mib"] or "-", r["decode_b1_tokens_per_s"],

@@ -98,7 +98,8 @@ def main() -> None:
     runs = {
         "v1 (scratch on old)": (["--data-dir", str(a.out / "data-v1"), "--steps", str(scratch_steps)], None),
         "scratch on all": (["--data-dir", str(data), "--steps", str(scratch_steps)], None),
-        f"continue + replay {a.replay}": (["--data-dir", str(data), "--steps", str(steps), "--replay", str(a.replay)], "v1"),
+        f"continue + replay {a.replay}": (["--data-dir", str(data), "--steps", str(steps), "--replay", str(a.replay)],
+                                          "v1"),
         "continue, no replay": (["--data-dir", str(data), "--steps", str(steps), "--replay", "0"], "v1"),
     }
     mask = new_pieces(data)
@@ -126,7 +127,8 @@ def main() -> None:
             r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
     out = {**environment(), "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
            "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
-           "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
+           "scratch_steps": scratch_steps, "new_train_tokens": new_train,
+           "new_documents": d2.manifest["since"]["new_documents"],
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,
            "results": results}
     write_json(a.json, out)

@@ -79,7 +79,8 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
     bytes_per_token = final["val_bytes"] / final["val_tokens"]
     sample = gptmini("generate", "--checkpoint", str(run / "final"), "--prompt", PROMPT, "--max-new-tokens",
                      str(args.sample_tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0").strip()
-    return {"run": spec, "tokenizer": tokenizer, "train_args": extra, "name": manifest["tokenizer"], "vocab_size": manifest["vocab_size"],
+    return {"run": spec, "tokenizer": tokenizer, "train_args": extra, "name": manifest["tokenizer"],
+            "vocab_size": manifest["vocab_size"],
             "prepare_s": prepare_s, "train_tokens": manifest["splits"]["train"]["tokens"],
             "val_tokens": final["val_tokens"], "val_bytes": final["val_bytes"], "bytes_per_token": bytes_per_token,
             "n_params": summary["n_params"], "steps": summary["steps"], "tokens": summary["tokens"],

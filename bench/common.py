@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
-    """When, on what and by which code a figure was measured (BENCHMARKS.md asks for all of it): the git commit,
-    and a digest of gptmini/ and bench/ for a copy without git (the GPU machine's); a CUDA device `on` adds the
-    GPU's name, memory and versions."""
+    """When, on what and by which code a figure was measured: the git commit, and a digest of gptmini/ and bench/
+    for a copy without git (the GPU machine's); a CUDA device `on` adds the GPU's name, memory and versions."""
     digest = hashlib.sha256()
     for path in sorted([*ROOT.glob("gptmini/**/*.py"), *ROOT.glob("bench/*.py")]):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -50,8 +49,8 @@ def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
     return meta | extra
 
 
-def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    return "n/a" if value is None else format(value * scale, spec)
+def fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def md_table(header: list[str], rows: list[list[Any]], align: str = "") -> str:
@@ -100,8 +99,7 @@ def seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeat
 
 
 def profile(fn: Callable[[], object], steps: int = 1, device: torch.device | str = "cpu") -> Any:
-    """torch.profiler over `steps` calls of fn (the CPU, and the GPU's kernels on CUDA); read its
-    `key_averages()`."""
+    """torch.profiler over `steps` calls of fn (the CPU, and the GPU's kernels on CUDA)."""
     from torch.profiler import ProfilerActivity
 
     cuda = torch.device(device).type == "cuda"

@@ -202,9 +202,9 @@ def run_slice(name: str, args: argparse.Namespace, scratch: Path, deadline: floa
     record = Record(name, "ok", timeout_s=timeout, command=shlex.join(["python", *argv]))
     print(f"[gpu_run] {name}: {record.command}  (timeout {timeout:g} s)", flush=True)
     stdout, stderr = scratch / f"{name}.stdout", scratch / f"{name}.stderr"
+    mode = "fail" if name in args.fail else "hang" if name in args.hang else ""
     proc = multiprocessing.get_context(args.start).Process(
-        target=child, name=f"gpu_run {name}",
-        args=(name, argv, str(stdout), str(stderr), "fail" if name in args.fail else "hang" if name in args.hang else ""))
+        target=child, args=(name, argv, str(stdout), str(stderr), mode), name=f"gpu_run {name}")
     t0 = time.monotonic()
     proc.start()
     try:

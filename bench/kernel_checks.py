@@ -108,7 +108,8 @@ def check_grouped(cfg: ModelConfig, device: torch.device, tokens: int, backend: 
     for name, module in (("eager", moe), ("compiled", torch.compile(moe, fullgraph=True, backend=backend))):
         t0 = time.perf_counter()
         y, _, grads = run(module, "grouped", bf16=True)
-        errors = {"output": relative_error(y, y_ref), **{f"grad {k}": relative_error(grads[k], g) for k, g in g_ref.items()}}
+        errors = {"output": relative_error(y, y_ref),
+                  **{f"grad {k}": relative_error(grads[k], g) for k, g in g_ref.items()}}
         result[name] = {"seconds": round(time.perf_counter() - t0, 2), "relative_error": errors}
         failures += [f"{name} {k}: {e:.3g}" for k, e in errors.items() if not e <= BF16_TOLERANCE]
     if not (result["uneven"] and result["empty_expert"]):
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = check()
         except Exception as e:  # one check's failure is its record; the others still run
-            result = {"status": "failed", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+            first_line = str(e).splitlines()[0][:300] if str(e) else ""
+            result = {"status": "failed", "detail": f"{type(e).__name__}: {first_line}",
                       "traceback": traceback.format_exc(limit=-6)[-3000:]}
         result["seconds"] = round(time.perf_counter() - t0, 2)
         report["checks"][name] = result

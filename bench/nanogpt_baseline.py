@@ -98,9 +98,6 @@ class GPT(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # the tied head is counted once
-
     def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
         """`gptmini.model.training_flops` over the weights each token multiplies through (c_attn, attn c_proj,
         c_fc, mlp c_proj, the tied head once; biases, norms and the embedding lookups are not matmuls)."""
