@@ -210,21 +210,15 @@ def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespa
     if peak_tflops:
         run["mfu"] = run["tflops"] / peak_tflops
         run["mfu_causal"] = tokens_per_s * model.flops_per_token(seq, causal=True) / 1e12 / peak_tflops
-    if args.profile:
-        profile_steps(step, x, y, device, Path(args.profile) / f"{subject.name}-T{seq}-B{batch}", args)
+    if args.profile:  # a few steps more, outside the timed region: the profile to judge each change against
+        prof = profile(lambda: step(x, y), args.profile_steps, device)
+        stem = Path(args.profile) / f"{subject.name}-T{seq}-B{batch}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if args.profile_trace:
+            prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
     return run
-
-
-def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path,
-                  args: argparse.Namespace) -> None:
-    """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
-    should be judged against, before and after the change. The table is 40 rows whatever the step."""
-    prof = profile(lambda: step(x, y), args.profile_steps, device)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if args.profile_trace:
-        prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
 
 
 def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None, args, device, peak_tflops,
