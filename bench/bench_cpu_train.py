@@ -1,14 +1,12 @@
-"""Is bf16 autocast or torch.compile free speed for CPU training? The demo preset's step and evaluation (or
-another --preset's), timed four ways (fp32 or bf16 autocast, eager or compiled the way `--train.compile true`
-compiles: block by block), on real batches of a `gptmini prepare` folder.
+"""Is bf16 autocast or torch.compile free speed for CPU training? A preset's step (the trainer's own, through
+bench/common.py) and evaluation, timed four ways (fp32 or bf16 autocast; eager, or compiled block by block as
+`--train.compile true` does) on real batches of a `gptmini prepare` folder.
 
     python bench/bench_cpu_train.py --data-dir data/python-docs --out bench/results/cpu_train.json
 
-A step is the trainer's own (bench/common.py's `train_step`): forward and loss, backward, clip, AdamW. The evaluation is
-gptmini.evaluate.evaluate over val windows of the model's max_seq_len. Times are medians over --steps after
---warmup untimed steps (a compile happens in the warmup; its time is reported on its own). The variants are
-timed in turn, a step of each, in one process, so compare them as ratios within one run. The losses are kept,
-so a variant that trains differently shows.
+Times are medians over --steps after --warmup untimed steps (the compile happens there; its time is reported
+apart), the variants timed a step of each in turn, in one process: compare them as ratios within a run. The
+losses are kept, so a variant that trains differently shows.
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.tokenizer import get_tokenizer
 
-from common import environment, train_step
+from common import environment, names, train_step
 
 CPU = torch.device("cpu")
 # name: (train.precision, compiled)
@@ -84,23 +82,18 @@ class Variant:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="a `gptmini prepare` folder")
-    p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="the `gptmini train --preset` whose model, batch and optimizer are timed")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {','.join(VARIANTS)}")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS), help="its model, batch and optimizer")
+    p.add_argument("--variants", default=",".join(VARIANTS), type=names(*VARIANTS), help="comma list")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the compile happens here)")
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--eval-batches", type=int, default=4, help="val batches per timed evaluation")
     p.add_argument("--eval-repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/cpu_train.json")
     args = p.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     env = environment(cpu_capability=torch.backends.cpu.get_cpu_capability(), native_bf16=native_bf16(CPU))
     print(f"# {env}", flush=True)
     variants, warmup_s = [], {}
-    for name in names:  # the untimed steps, a compile among them, one variant at a time
+    for name in args.variants:  # the untimed steps, a compile among them, one variant at a time
         variants.append(Variant(name, args))
         warmup_s[name] = sum(variants[-1].step(timed=False) for _ in range(args.warmup))
     # Timed round-robin, a step of each in turn, so the machine's drift (a shared VM's speed changes by tens of

@@ -1,14 +1,12 @@
-"""Data pipeline throughput, measured in one run on the same text.
+"""Data pipeline throughput, on the same text in one run (documents of 20 KB cut from the Python reference):
 
-1. `gptmini prepare` (read files, split, tokenize, write verified shards) against raw
-   `tiktoken.Encoding.encode_ordinary_batch` on the same documents already in memory: MB/s and tokens/s,
-   with 1 process and with N processes. Target: prepare >= 0.9x raw on one process, near-linear scaling.
-2. The training loader (`build_loaders(...).next_batch()`, shuffled windows from memory-mapped shards)
-   against nanoGPT's `get_batch` (np.memmap re-opened per batch, random offsets, torch.stack): tokens/s of
-   B x T batches on CPU. Target: >= 1x.
-
-3. Incremental tokenizing: a corpus of at least 200 MB prepared, 1% new documents added, prepared again
-   `--since` the first dataset: the share of characters tokenized the second time, and the time.
+1. `gptmini prepare` (read files, split, tokenize, write verified shards) against raw tiktoken
+   `encode_ordinary_batch` on the same documents in memory, with 1 and N processes (vs raw: raw's wall time over
+   this one's, raw at num_threads = workers; cpu/raw the same for CPU seconds, less sensitive to other load).
+2. The training loader (`build_loaders(...).next_batch()`) against nanoGPT's `get_batch` (np.memmap re-opened
+   per batch, random offsets, torch.stack): B x T batches per second on CPU.
+3. With --incremental-mb: that corpus prepared, grown by --new-share new documents, prepared again `--since` the
+   first: the characters tokenized the second time, and the time.
 
     python bench/bench_data.py --mb 32 --workers 1 2
     python bench/bench_data.py --incremental-mb 200 --new-share 0.01 --workers 2 --only-incremental
@@ -37,18 +35,16 @@ from common import environment, fmt, md_table
 # re-imports this __main__ module in each of them (as it would a training script's).
 
 
-def make_corpus(root: Path, mb: float, doc_kb: int) -> list[str]:
+def make_corpus(root: Path, mb: float, doc_kb: int = 20) -> list[str]:
     """Documents of about doc_kb KB cut from the Python reference, repeated to `mb` MB, one .txt file each."""
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-    docs, size, i = [], 0, 0
+    docs, size = [], 0
+    root.mkdir()
     while size < mb * 1e6:
-        start = (i * 7919 * 13) % (len(text) - doc_kb * 1000)  # varied cuts, so documents differ
-        doc = f"[{i}] " + text[start : start + doc_kb * 1000]
-        docs.append(doc)
-        size += len(doc.encode())
-        i += 1
-    for j, doc in enumerate(docs):
-        (root / f"{j:06d}.txt").write_text(doc)
+        start = (len(docs) * 7919 * 13) % (len(text) - doc_kb * 1000)  # varied cuts, so documents differ
+        docs.append(f"[{len(docs)}] " + text[start : start + doc_kb * 1000])
+        size += len(docs[-1].encode())
+        (root / f"{len(docs) - 1:06d}.txt").write_text(docs[-1])
     return docs
 
 
@@ -71,12 +67,11 @@ def interleaved_best(repeats: int, fns: dict[str, callable]) -> dict[str, tuple[
     return best
 
 
-def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> list[dict]:
+def bench_prepare(mb: float, workers: list[int], repeats: int) -> list[dict]:
     tok = get_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "corpus").mkdir()
-        docs = make_corpus(root / "corpus", mb, doc_kb)
+        docs = make_corpus(root / "corpus", mb)
         n_bytes = sum(len(d.encode()) for d in docs)
         n_tokens = sum(len(t) for t in tok.enc.encode_ordinary_batch(docs, num_threads=os.cpu_count()))
 
@@ -89,39 +84,36 @@ def bench_prepare(mb: float, doc_kb: int, workers: list[int], repeats: int) -> l
             # Every token, and a boundary token per document at least (a document cut into val pieces has more).
             assert res.workers == w and m["train"]["tokens"] + m["val"]["tokens"] >= n_tokens + len(docs)
 
-        fns = {}
-        for threads in sorted({1, *workers}):
-            fns[f"raw encode_ordinary_batch, num_threads={threads}"] = (
-                lambda t=threads: tok.enc.encode_ordinary_batch(docs, num_threads=t))
-        # The tightest single-thread baseline: no thread pool, one call per document.
+        # Raw baselines at each thread count, and the tightest single-thread one: no pool, one call per document.
+        fns = {f"raw encode_ordinary_batch, num_threads={t}":
+               (lambda t=t: tok.enc.encode_ordinary_batch(docs, num_threads=t)) for t in sorted({1, *workers})}
         fns["raw [encode_ordinary(d) for d in docs]"] = lambda: [tok.enc.encode_ordinary(d) for d in docs]
-        for w in workers:
-            fns[f"gptmini prepare --workers {w} (files -> verified shards)"] = lambda w=w: run_prepare(w)
+        fns |= {f"gptmini prepare --workers {w} (files -> verified shards)": (lambda w=w: run_prepare(w))
+                for w in workers}
         best = interleaved_best(repeats, fns)
+    raw = {int(name.rsplit("=", 1)[1]): cpu_and_wall for name, cpu_and_wall in best.items() if "num_threads=" in name}
+    one = next((t for name, (t, _) in best.items() if name.startswith("gptmini prepare --workers 1 ")), None)
     rows = []
     for name, (t, cpu) in best.items():
-        raw = name.startswith("raw")
-        n = int(name.rsplit("=", 1)[1]) if "num_threads=" in name else 1 if raw else int(name.split()[3])
+        if "num_threads=" in name:
+            n = int(name.rsplit("=", 1)[1])
+        else:
+            n = 1 if name.startswith("raw") else int(name.split()[3])
         rows.append({"what": name, "seconds": t, "cpu_seconds": cpu, "MB/s": n_bytes / t / 1e6,
-                     "tokens/s": n_tokens / t, "workers": n, "raw": raw, "MB": n_bytes / 1e6, "tokens": n_tokens})
-    base = {r["workers"]: r for r in rows if "num_threads" in r["what"]}
-    one = next((r["seconds"] for r in rows if not r["raw"] and r["workers"] == 1), None)
-    for r in rows:
-        r["vs raw (same workers/threads)"] = base[r["workers"]]["seconds"] / r["seconds"]
-        r["cpu vs raw"] = base[r["workers"]]["cpu_seconds"] / r["cpu_seconds"]
-        r["scaling vs prepare 1 process"] = one / r["seconds"] if one and not r["raw"] else None
+                     "tokens/s": n_tokens / t, "workers": n, "MB": n_bytes / 1e6, "tokens": n_tokens,
+                     "vs raw (same workers/threads)": raw[n][0] / t, "cpu vs raw": raw[n][1] / cpu,
+                     "scaling vs prepare 1 process": one / t if one and name.startswith("gptmini") else None})
     return rows
 
 
-def bench_incremental(mb: float, doc_kb: int, new_share: float, workers: int) -> dict:
+def bench_incremental(mb: float, new_share: float, workers: int) -> dict:
     """A corpus of `mb` MB prepared once, then again after `new_share` of new text was added (prepare --since the
     first dataset): the characters tokenized, the CPU and wall time of each run, and their ratios. The second
     run still reads and hashes every input and writes every shard; only tokenizing is skipped for what the
     token cache holds."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "corpus").mkdir()
-        docs = make_corpus(root / "corpus", mb, doc_kb)
+        docs = make_corpus(root / "corpus", mb)
         total = sum(len(d) for d in docs)
 
         def run(out: str, since: Path | None = None):
@@ -139,7 +131,8 @@ def bench_incremental(mb: float, doc_kb: int, new_share: float, workers: int) ->
             "first": {"seconds": wall1, "cpu_seconds": cpu1, "tokenized_chars": first.text_chars,
                       "tokenized_inputs": first.tokenized_inputs},
             "second": {"seconds": wall2, "cpu_seconds": cpu2, "tokenized_chars": second.text_chars,
-                       "tokenized_inputs": second.tokenized_inputs, "new_inputs": second.manifest["since"]["new_inputs"]},
+                       "tokenized_inputs": second.tokenized_inputs,
+                       "new_inputs": second.manifest["since"]["new_inputs"]},
             "tokenized_share": second.text_chars / (total + second.text_chars),
             "wall_ratio": wall2 / wall1, "cpu_ratio": cpu2 / cpu1}
 
@@ -155,14 +148,13 @@ def nanogpt_get_batch(path: str, n: int, batch_size: int, block_size: int):
     return x, y
 
 
-def bench_loader(mb: float, shapes: list[tuple[int, int]], seconds: float) -> list[dict]:
+def bench_loader(mb: float = 8, shapes=((8, 1024), (32, 256), (64, 2048)), seconds: float = 3) -> list[dict]:
     from gptmini.data.loader import TokenShards, build_loaders
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        (root / "corpus").mkdir()
-        make_corpus(root / "corpus", mb, 20)
+        make_corpus(root / "corpus", mb)
         prepare(PrepareConfig([str(root / "corpus")], root / "out", workers=os.cpu_count() or 1, cache_dir=root / "c"))
         tokens = TokenShards.open(root / "out", "train")
         raw = root / "train.bin"
@@ -182,29 +174,19 @@ def bench_loader(mb: float, shapes: list[tuple[int, int]], seconds: float) -> li
                     n += 50
                 rows.append({"what": name, "B": batch_size, "T": seq_len, "batches/s": n / elapsed,
                              "tokens/s": n * batch_size * seq_len / elapsed})
-    by_shape = {}
-    for r in rows:
-        by_shape.setdefault((r["B"], r["T"]), {})[r["what"].split()[0]] = r["tokens/s"]
-    for r in rows:
-        r["vs nanoGPT"] = r["tokens/s"] / by_shape[(r["B"], r["T"])]["nanoGPT"]
-    return rows
+    nanogpt = {(r["B"], r["T"]): r["tokens/s"] for r in rows if r["what"].startswith("nanoGPT")}
+    return [r | {"vs nanoGPT": r["tokens/s"] / nanogpt[r["B"], r["T"]]} for r in rows]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mb", type=float, default=32.0, help="corpus size for the prepare benchmark")
-    p.add_argument("--doc-kb", type=int, default=20, help="size of each document (one .txt file each)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--loader-mb", type=float, default=8.0)
-    p.add_argument("--loader-seconds", type=float, default=3.0)
-    p.add_argument("--shapes", default="8x1024,32x256,64x2048", help="BxT batch shapes for the loader benchmark")
     p.add_argument("--json", type=Path, help="also write the rows here")
-    p.add_argument("--skip-prepare", action="store_true")
-    p.add_argument("--incremental-mb", type=float, default=0.0,
-                   help="also: a corpus of this many MB prepared, grown by --new-share, prepared again (e.g. 200)")
+    p.add_argument("--incremental-mb", type=float, default=0.0, help="also the incremental benchmark, on this many MB")
     p.add_argument("--new-share", type=float, default=0.01)
-    p.add_argument("--only-incremental", action="store_true", help="run only the incremental benchmark")
+    p.add_argument("--only-incremental", action="store_true")
     a = p.parse_args()
     import torch
 
@@ -213,34 +195,28 @@ def main() -> None:
     print(json.dumps(env))
     out = {"env": env}
     if a.incremental_mb:
-        inc = out["incremental"] = bench_incremental(a.incremental_mb, a.doc_kb, a.new_share, max(a.workers))
+        inc = out["incremental"] = bench_incremental(a.incremental_mb, a.new_share, max(a.workers))
         print(f"\nincremental prepare: {a.incremental_mb:g} MB ({inc['documents']} documents), then "
               f"{inc['new_documents']} new documents ({a.new_share:.0%}) prepared --since the first, "
               f"{inc['workers']} workers")
         print(md_table(["run", "inputs tokenized", "M chars tokenized", "wall s", "cpu s"], [
-            [n, r["tokenized_inputs"], f"{r['tokenized_chars'] / 1e6:.2f}", f"{r['seconds']:.1f}",
-             f"{r['cpu_seconds']:.1f}"] for n, r in ((n, inc[n]) for n in ("first", "second"))]))
-        print(f"second/first: tokenized characters {inc['second']['tokenized_chars'] / inc['first']['tokenized_chars']:.4f}, "
+            [n, inc[n]["tokenized_inputs"], f"{inc[n]['tokenized_chars'] / 1e6:.2f}", f"{inc[n]['seconds']:.1f}",
+             f"{inc[n]['cpu_seconds']:.1f}"] for n in ("first", "second")]))
+        share = inc["second"]["tokenized_chars"] / inc["first"]["tokenized_chars"]
+        print(f"second/first: tokenized characters {share:.4f}, "
               f"wall {inc['wall_ratio']:.3f}, cpu {inc['cpu_ratio']:.3f}")
-        if a.only_incremental:
-            if a.json:
-                write_json(a.json, out)
-            return
-    if not a.skip_prepare:
-        out["prepare"] = bench_prepare(a.mb, a.doc_kb, a.workers, a.repeats)
-        print(f"\nprepare: {a.mb:g} MB of text in {a.doc_kb} KB documents (best of {a.repeats})")
+    if not a.only_incremental:
+        out["prepare"] = bench_prepare(a.mb, a.workers, a.repeats)
+        print(f"\nprepare: {a.mb:g} MB of text in 20 KB documents (best of {a.repeats})")
         print(md_table(["", "wall s", "cpu s", "MB/s", "Mtok/s", "vs raw", "cpu/raw", "scaling"], [
             [r["what"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.2f}", f"{r['MB/s']:.2f}",
              f"{r['tokens/s'] / 1e6:.3f}", f"{r['vs raw (same workers/threads)']:.2f}", f"{r['cpu vs raw']:.2f}",
              fmt(r["scaling vs prepare 1 process"], ".2f")] for r in out["prepare"]]))
-        print("vs raw: raw wall time / this wall time, raw = encode_ordinary_batch with num_threads = workers; "
-              "cpu/raw: the same for CPU seconds (less sensitive to other load on the machine)")
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    out["loader"] = bench_loader(a.loader_mb, shapes, a.loader_seconds)
-    print(f"\nloader: shuffled B x T batches on CPU, {a.loader_mb:g} MB corpus")
-    print(md_table(["", "B", "T", "batches/s", "Mtok/s", "vs nanoGPT"], [
-        [r["what"], r["B"], r["T"], f"{r['batches/s']:.0f}", f"{r['tokens/s'] / 1e6:.1f}", f"{r['vs nanoGPT']:.2f}"]
-        for r in out["loader"]]))
+        out["loader"] = bench_loader()
+        print("\nloader: shuffled B x T batches on CPU, 8 MB corpus")
+        print(md_table(["", "B", "T", "batches/s", "Mtok/s", "vs nanoGPT"], [
+            [r["what"], r["B"], r["T"], f"{r['batches/s']:.0f}", f"{r['tokens/s'] / 1e6:.1f}", f"{r['vs nanoGPT']:.2f}"]
+            for r in out["loader"]]))
     if a.json:
         write_json(a.json, out)
 

@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -28,31 +29,17 @@ from gptmini.hf import export_hf
 from gptmini.model import GPTOSSMini
 from gptmini.tokenizer import get_tokenizer
 
-from common import environment, md_table
-
-
-def best_time(fn, repeats: int = 2) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from common import environment, md_table, seconds
 
 
 def llama_cpp_greedy(llm, prompt: list[int], new: int) -> list[int]:
-    out = []
-    for token in llm.generate(prompt, temp=0.0, reset=True):
-        out.append(token)
-        if len(out) == new:
-            return out
-    return out
+    return list(islice(llm.generate(prompt, temp=0.0, reset=True), new))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="demo")
-    p.add_argument("--outtypes", default="f32,f16,q8_0")
+    p.add_argument("--outtypes", default="f32,f16,q8_0", type=lambda s: s.split(","))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
@@ -79,8 +66,8 @@ def main() -> None:
     ours()  # warm-up
     reference = ours()
     rows = [{"engine": "gptmini", "dtype": "fp32", "convert_s": None, "file_mib": None,
-             "decode_b1_tokens_per_s": round(new / best_time(ours), 1), "agree": new}]
-    for outtype in args.outtypes.split(","):
+             "decode_b1_tokens_per_s": round(new / min(seconds(ours, repeats=2)), 1), "agree": new}]
+    for outtype in args.outtypes:
         t0 = time.perf_counter()
         gguf = to_gguf(root / "hf", root / f"model-{outtype}.gguf", outtype)
         convert_s = time.perf_counter() - t0
@@ -88,11 +75,11 @@ def main() -> None:
                               verbose=False)
         llama_cpp_greedy(llm, prompt, 4)  # warm-up
         theirs = llama_cpp_greedy(llm, prompt, new)
-        agree = next((i for i, (a, b) in enumerate(zip(reference, theirs)) if a != b), min(len(reference), len(theirs)))
+        tokens_per_s = new / min(seconds(lambda: llama_cpp_greedy(llm, prompt, new), repeats=2))
+        agree = next((i for i, (a, b) in enumerate(zip(reference, theirs)) if a != b), len(theirs))
         rows.append({"engine": "llama.cpp", "dtype": outtype, "convert_s": round(convert_s, 1),
                      "file_mib": round(gguf.stat().st_size / 2**20, 1),
-                     "decode_b1_tokens_per_s": round(new / best_time(lambda: llama_cpp_greedy(llm, prompt, new)), 1),
-                     "agree": agree})
+                     "decode_b1_tokens_per_s": round(tokens_per_s, 1), "agree": agree})
         del llm
     print(md_table(["engine", "dtype", "convert s", "GGUF MiB", "decode b1 tok/s", "greedy tokens equal"],
                    [[r["engine"], r["dtype"], r["convert_s"] or "-", r["file_mib"] or "-", r["decode_b1_tokens_per_s"],

@@ -1,23 +1,20 @@
-"""Training tokens/s, MFU and peak memory, KV-cache decode tokens/s and the loader's share of step time,
-with a nanoGPT-style dense baseline timed in the same run. The GPU harness; it runs on CPU at small sizes.
+"""Training tokens/s, MFU and peak memory, decode tokens/s and the loader's share of the step, with a
+nanoGPT-style dense baseline timed in the same run (docs/gpu-benchmarks.md: sections, formula, commands).
 
     python bench/bench_gpu.py --device cuda --out bench/results/h100.json
     python bench/bench_gpu.py --device cpu --preset tiny --seq 64 --batch 4 --steps 5 --baseline match
 
-It needs neither Prefect nor MLflow (the GPU machines have neither). Every timed model takes the trainer's
-own step (`gptmini.trainer.train_step`, through bench/common.py) and counts its FLOPs with its own
-`flops_per_token` (`gptmini.model.training_flops`); MFU's peak is gptmini.device's table unless --peak-tflops
-says.
+Every model takes the trainer's own step (bench/common.py) and counts its own FLOPs (`flops_per_token`); MFU's
+peak is gptmini.device's table unless --peak-tflops says. It needs neither Prefect nor MLflow.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import gc
-import random
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +27,7 @@ import torch.nn as nn
 
 from gptmini.config import model_preset
 from gptmini.data.loader import build_loaders
-from gptmini.data.prepare import PrepareConfig, prepare, read_manifest
+from gptmini.data.prepare import read_manifest
 from gptmini.device import DEVICES, PEAK_FLOPS, peak_flops, pick_device
 from gptmini.errors import UserError
 from gptmini.files import write_json
@@ -40,14 +37,15 @@ from gptmini.model import GPTOSSMini, ModelConfig
 from gptmini import parallel
 
 import nanogpt_baseline  # bench/'s own modules: bench/ is on sys.path when this runs as a script
-from common import Timer, environment, fmt, md_table, median_seconds, train_step
+from common import Timer, environment, fmt, ints, md_table, names, profile, train_step
 from static_decode import StaticDecoder
 
 PROG = "bench/bench_gpu.py"
 DECODE_PATHS = ("cache", "static", "static-graphs")
-SECTIONS = ("ceilings", "train", "dense", "baseline", "decode", "loader", "parallel")
+SECTIONS = ("train", "dense", "baseline", "decode", "loader", "parallel")
 FORMULA = ("flops_per_token: each timed model's own (gptmini.model.training_flops: 6 * N_matmul + 12 * L * T * "
            "d_attn); mfu_causal counts 6 * L * T * d_attn, the half a causal flash kernel computes")
+
 
 @dataclass
 class Subject:
@@ -61,41 +59,35 @@ class Subject:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=DEVICES,
-                   help="auto: cuda if a GPU is visible. bf16 autocast and bf16 decode weights on cuda, fp32 on cpu")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="bf16 on cuda, fp32 on cpu")
     p.add_argument("--compile", default="auto", choices=["auto", "model", "blocks", "off"],
-                   help="torch.compile the whole model, each block, or nothing (auto: model on cuda, off on cpu)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--preset", default="seed", help="gptmini preset to time (seed, demo, tiny)")
-    p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base; seed has 50304)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list from {','.join(SECTIONS)}")
-    p.add_argument("--seq", default="1024,2048", help="training sequence lengths, comma list")
-    p.add_argument("--batch", help="training batch sizes, comma list (default: --tokens-per-step / seq)")
+                   help="auto: model on cuda, off on cpu")
+    p.add_argument("--preset", default="seed")
+    p.add_argument("--vocab-size", type=int, help="override the preset's (100352 for cl100k_base)")
+    p.add_argument("--sections", default=",".join(SECTIONS), type=names(*SECTIONS), help="comma list")
+    p.add_argument("--seq", default="1024,2048", type=ints, help="training sequence lengths, comma list")
+    p.add_argument("--batch", type=ints, help="training batch sizes, comma list, until one runs out of memory "
+                   "(default: --tokens-per-step / seq)")
     p.add_argument("--tokens-per-step", type=int, default=32768)
-    p.add_argument("--sweep", action="store_true", help="after --batch, double the batch until OOM or --sweep-max")
-    p.add_argument("--sweep-max", type=int, default=512)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, optimizer)")
-    p.add_argument("--chunked-loss", action="store_true",
-                   help="gptmini models take gptmini.loss.chunked (the logits never whole); the baseline does not")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout for every timed model (nanoGPT's bench: 0)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--chunked-loss", action="store_true", help="gptmini models take gptmini.loss.chunked")
+    p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--baseline", default="gpt2", choices=["gpt2", "match"],
-                   help="gpt2: the 124M GPT-2 config; match: the preset's d_model/layers/heads/vocab")
-    p.add_argument("--decode-batch", default="1,16", help="decode batch sizes, comma list")
+                   help="gpt2: GPT-2 124M; match: the preset's d_model, layers, heads and vocabulary")
+    p.add_argument("--decode-batch", default="1,16", type=ints, help="comma list")
     p.add_argument("--decode-tokens", type=int, default=256, help="new tokens per decode run")
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--decode-repeats", type=int, default=3, help="decode runs per batch size; the median is kept")
-    p.add_argument("--decode-paths", default="auto", help=f"comma list from {','.join(DECODE_PATHS)} (auto: all "
-                   "on cuda, cache,static on cpu)")
-    p.add_argument("--data-dir", help="token shards for the loader section (default: synthetic text, prepared)")
-    p.add_argument("--ceiling-repeats", type=int, default=20, help="timed repeats per ceiling op (the median)")
-    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: gptmini.device's, by the GPU's name)")
-    p.add_argument("--out", default="bench-results.json", help="JSON results, rewritten after each measurement")
+    p.add_argument("--decode-repeats", type=int, default=3, help="the median is kept")
+    p.add_argument("--decode-paths", type=names(*DECODE_PATHS), help="comma list (default: all on cuda, "
+                   "cache,static on cpu)")
+    p.add_argument("--data-dir", default="bench/gpu_shards", help="the loader section's shards (`make gpu-shards`)")
+    p.add_argument("--peak-tflops", type=float)
+    p.add_argument("--out", default="bench-results.json", help="JSON, rewritten after each measurement")
     p.add_argument("--profile", metavar="DIR", help="profile each training config after timing it: DIR/<run>.txt "
-                   "(top ops by self device time) and DIR/<run>.trace.json (Perfetto)")
-    p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --profile, the trace too (a compiled step's runs to hundreds of MB)")
+                   "and DIR/<run>.trace.json")
+    p.add_argument("--profile-trace", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--plan", action="store_true", help="print the FLOP and memory account of --preset, then exit")
     return p.parse_args(argv)
@@ -103,16 +95,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def fail(message: str) -> NoReturn:
     raise SystemExit(f"{PROG}: {message}")
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        fail(f"{flag} {text!r} must be a comma list of integers, e.g. {flag} 1024,2048")
-    if not values or min(values) < 1:
-        fail(f"{flag} {text!r} needs positive integers, e.g. {flag} 1024,2048")
-    return values
 
 
 def gptmini_subject(name: str, cfg: ModelConfig, chunked_loss: bool = False) -> Subject:
@@ -211,7 +193,7 @@ def measured(run: dict, device: torch.device, measure: Callable[[], dict]) -> di
 def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespace, device: torch.device,
                    peak_tflops: float | None) -> dict:
     model = build(subject, device).train()
-    step = train_step(model, device, args.compile, args.compile_mode, args.grad_accum, loss_fn=subject.loss)
+    step = train_step(model, device, args.compile, args.grad_accum, loss_fn=subject.loss)
     # Random tokens, never zeros: the same work as real text, and no shortcut through a constant batch.
     tokens = torch.randint(0, subject.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
@@ -228,38 +210,22 @@ def time_training(subject: Subject, seq: int, batch: int, args: argparse.Namespa
     if peak_tflops:
         run["mfu"] = run["tflops"] / peak_tflops
         run["mfu_causal"] = tokens_per_s * model.flops_per_token(seq, causal=True) / 1e12 / peak_tflops
-    if args.profile:
-        profile_steps(step, x, y, device, Path(args.profile) / f"{subject.name}-T{seq}-B{batch}", args)
+    if args.profile:  # a few steps more, outside the timed region: the profile to judge each change against
+        prof = profile(lambda: step(x, y), args.profile_steps, device)
+        stem = Path(args.profile) / f"{subject.name}-T{seq}-B{batch}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        if args.profile_trace:
+            prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
     return run
-
-
-def profile_steps(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, stem: Path,
-                  args: argparse.Namespace) -> None:
-    """A few steps more under torch.profiler, outside the timed region: the profile each optimisation
-    should be judged against, before and after the change. The table is 40 rows whatever the step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(args.profile_steps):
-            step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    if args.profile_trace:
-        prof.export_chrome_trace(str(stem.with_suffix(".trace.json")))
-    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    stem.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
 
 
 def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None, args, device, peak_tflops,
                    results: dict, save: Callable[[], None]) -> None:
-    """Each seq at --batch (or --tokens-per-step / seq); with --sweep the batch then doubles until a step runs
-    out of memory or passes --sweep-max."""
+    """Each seq at each --batch (or --tokens-per-step / seq), until a batch runs out of memory."""
     for seq in seqs:
-        listed = batches or [max(1, args.tokens_per_step // seq)]
-        sweep = [max(listed) * 2 ** i for i in range(1, 32) if max(listed) * 2 ** i <= args.sweep_max]
-        for batch in listed + (sweep if args.sweep else []):
+        for batch in batches or [max(1, args.tokens_per_step // seq)]:
             run = measured({"name": subject.name, "seq_len": seq, "batch_size": batch, "status": "ok",
                             "steps": args.steps, "grad_accum": args.grad_accum}, device,
                            lambda: time_training(subject, seq, batch, args, device, peak_tflops))
@@ -273,23 +239,22 @@ def bench_training(subject: Subject, seqs: list[int], batches: list[int] | None,
 
 
 def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) -> dict:
-    """Greedy generation with a KV cache. The prefill (prompt + first token) and the decode loop are timed
-    apart, so tokens/s is the loop's: batch * (new_tokens - 1) / t_loop. Paths: `cache` is gptmini.generate.stream
-    (what `gptmini generate` runs); `static` and `static-graphs` are bench/static_decode.py."""
+    """Greedy generation with a KV cache, the prefill (prompt + first token) and the decode loop timed apart:
+    tokens/s = batch * (new_tokens - 1) / t_loop. `cache` is gptmini.generate.stream (`gptmini generate`'s path);
+    `static` and `static-graphs` are bench/static_decode.py."""
     model = build(subject, device).to(dtype=dtype).eval()
     prompt = torch.randint(0, subject.vocab_size, (batch, args.prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
     if path == "cache":
         def prefill_fn(n: int) -> Iterator:
-            tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0, use_cache=True)
+            tokens = stream(model, prompt, max_new_tokens=n, temperature=0.0)
             with torch.inference_mode():
                 next(tokens)
             return tokens
 
         def loop_fn(tokens: Iterator) -> None:
             with torch.inference_mode():
-                for _ in tokens:
-                    pass
+                collections.deque(tokens, maxlen=0)  # drains the generator
     else:
         decoder = StaticDecoder(
             model, batch, args.prompt_len + args.decode_tokens, "reduce-overhead" if path == "static-graphs" else None)
@@ -311,71 +276,19 @@ def time_decode(subject: Subject, path: str, batch: int, args, device, dtype) ->
             "prefill_ms": statistics.median(prefill) * 1e3, "peak_mem_gib": peak_gib(device)}
 
 
-def bench_ceilings(cfg, n: int, args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """The machine's own ceilings, the METHOD's "two numbers": a large matmul and a large copy, plus the
-    seed step's GEMM shapes (attention-free), so a profile can say how far each is from its ceiling: the
-    experts as one dense GEMM, and the output head; the experts' grouped GEMMs at the model's own layouts are
-    bench/kernel_checks.py's `ceilings`. n is the tokens of one training step (first --batch x first --seq).
-    Random inputs, never zeros."""
-    square = 8192 if device.type == "cuda" else 512
-    k = cfg.top_k if cfg.is_moe else 1
-    runs = []
-    for name, m, kk, nn_ in [("matmul (square)", square, square, square),
-                             ("experts w1 as one dense GEMM", n * k, cfg.d_model, cfg.d_ff),
-                             ("output head", n, cfg.d_model, cfg.vocab_size)]:
-        a = torch.randn(m, kk, device=device, dtype=dtype)
-        b = torch.randn(kk, nn_, device=device, dtype=dtype)
-        t = median_seconds(lambda: a @ b, device, args.ceiling_repeats)
-        runs.append({"name": name, "shape": f"{m}x{kk} @ {kk}x{nn_}", "dtype": str(dtype).removeprefix("torch."),
-                     "ms": t * 1e3, "tflops": 2 * m * kk * nn_ / t / 1e12, "gb_per_s": None, "status": "ok"})
-    elements = (1 << 28) if device.type == "cuda" else (1 << 22)
-    x = torch.randn(elements, device=device)
-    t = median_seconds(lambda: x.clone(), device, args.ceiling_repeats)
-    return runs + [{"name": "copy (clone)", "shape": f"{elements * 4 / 2**20:.0f} MiB fp32", "dtype": "float32",
-                    "ms": t * 1e3, "tflops": None, "gb_per_s": 2 * elements * 4 / t / 1e9, "status": "ok"}]
-
-
-def time_loader(subject: Subject, seq: int, batch: int, args, device) -> dict:
-    """The loader's share of a training step. The same step is timed twice: on one batch kept on the
-    device, and fed from gptmini.data's train loader (memory-mapped shards, pinned non-blocking copies
-    on CUDA). share_end_to_end = 1 - fixed / with_loader is what the loader costs the step;
-    share_host is the host time spent in next(loader), which on CUDA overlaps queued device work."""
-    run = {"name": subject.name, "seq_len": seq, "batch_size": batch, "source": f"shards {args.data_dir}",
-           "status": "ok", "steps": args.steps}
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(args.data_dir or tmp)
-        if not args.data_dir:
-            # Synthetic text prepared by gptmini.data.prepare into real shards: the loader path under test is the
-            # one training uses, only the words are random. cl100k_base, since it works offline.
-            run["source"] = "synthetic text via gptmini prepare"
-            rng = random.Random(0)
-            words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
-            n_docs = max(batch * (seq + 1) * (args.warmup + 2 * args.steps + 2), 20_000) // 400
-            (data_dir / "synthetic.txt").write_text("\n\n".join(" ".join(rng.choices(words, k=400))
-                                                                 for _ in range(n_docs)))
-            try:
-                prepare(PrepareConfig([str(data_dir / "synthetic.txt")], data_dir / "shards", tokenizer="cl100k_base",
-                                      workers=1, cache_dir=data_dir / "cache"))
-            except (ValueError, RuntimeError) as e:  # e.g. no offline tokenizer on this machine
-                return run | {"status": f"skipped: could not prepare synthetic shards ({e}); pass --data-dir"}
-            data_dir = data_dir / "shards"
-        n_vocab = read_manifest(data_dir)["n_vocab"]
-        if n_vocab > subject.vocab_size:
-            run["source"] += f" (vocab {n_vocab} ids folded into the model's {subject.vocab_size} on device)"
-        fold = n_vocab > subject.vocab_size
-        return measured(run, device, lambda: _time_loader(subject, data_dir, seq, batch, fold, args, device))
-
-
-def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: bool, args, device) -> dict:
+def time_loader(subject: Subject, seq: int, batch: int, fold: bool, args, device) -> dict:
+    """The same step timed on one batch kept on the device and fed from gptmini.data's train loader:
+    share_end_to_end = 1 - fixed / with_loader is what the loader costs the step; share_host is the host time
+    in next(loader), which on CUDA overlaps queued device work."""
     model = build(subject, device).train()
-    step = train_step(model, device, args.compile, args.compile_mode, loss_fn=subject.loss)
+    step = train_step(model, device, args.compile, loss_fn=subject.loss)
     with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
-        train_loader, _ = build_loaders(data_dir, seq, batch_size=batch, seed=0, device=device)
+        train_loader, _ = build_loaders(args.data_dir, seq, batch_size=batch, seed=0, device=device)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = train_loader.next_batch()  # as the trainer takes it: pinned, non-blocking copies on CUDA
-        if fold:  # shards from a larger vocabulary than the model's (e.g. cl100k into the seed's 50304)
+        if fold:
             x, y = x.remainder(subject.vocab_size), y.remainder(subject.vocab_size)
         return x, y
 
@@ -401,8 +314,6 @@ def _time_loader(subject: Subject, data_dir: Path, seq: int, batch: int, fold: b
 
 # Each section's table: (header, key, format); a format right-aligns its column.
 COLUMNS = {
-    "ceilings": [("ceiling", "name", ""), ("shape", "shape", ""), ("dtype", "dtype", ""), ("ms", "ms", ".3f"),
-                 ("TFLOP/s", "tflops", ".1f"), ("GB/s", "gb_per_s", ",.0f"), ("status", "status", "")],
     "train": [("model", "name", ""), ("seq", "seq_len", ".0f"), ("batch", "batch_size", ".0f"),
               ("accum", "grad_accum", ".0f"), ("tok/s", "tokens_per_s", ",.0f"), ("ms/step", "ms_per_step", ".1f"),
               ("TFLOP/s", "tflops", ".1f"), ("MFU", "mfu", ".1%"), ("MFU causal", "mfu_causal", ".1%"),
@@ -436,20 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     # What autocast computes in (gptmini.device.autocast); decode runs its weights in it.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     args.compile = ("model" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    if unknown := sorted(set(sections) - set(SECTIONS)):
-        fail(f"unknown --sections {','.join(unknown)}; choose from {','.join(SECTIONS)}")
-    seqs = int_list(args.seq, "--seq")
-    decode_batches = int_list(args.decode_batch, "--decode-batch")
-    batches = int_list(args.batch, "--batch") if args.batch else None
-    if args.decode_paths == "auto":
-        args.decode_paths = ",".join(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
-    decode_paths = [s.strip() for s in args.decode_paths.split(",") if s.strip()]
-    if not decode_paths or set(decode_paths) - set(DECODE_PATHS):
-        fail(f"--decode-paths {args.decode_paths!r}: choose from {','.join(DECODE_PATHS)}")
-    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2 or args.grad_accum < 1:
-        fail(f"--steps {args.steps} must be >= 1, --warmup {args.warmup} >= 0, "
-             f"--grad-accum {args.grad_accum} >= 1 and --decode-tokens {args.decode_tokens} >= 2")
+    sections, seqs, batches = args.sections, args.seq, args.batch
+    decode_paths = args.decode_paths or list(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
     try:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         cfg = model_preset(args.preset, dropout=args.dropout, **overrides)
@@ -476,22 +375,19 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = environment(device, args=vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."),
                        peak_tflops=peak)
-    results = {"meta": meta, "formula": FORMULA, "ceilings": [], "train": [], "decode": [], "loader": []}
+    results = {"meta": meta, "formula": FORMULA, "train": [], "decode": [], "loader": []}
     first_batch = batches[0] if batches else max(1, args.tokens_per_step // seqs[0])
 
     def save() -> None:
         write_json(args.out, results)
 
-    if "ceilings" in sections:
-        results["ceilings"] = bench_ceilings(cfg, first_batch * seqs[0], args, device, dtype)
-        save()
     for section, subject in (("train", moe), ("dense", dense),
                              ("baseline", baseline_subject(args.baseline, cfg, max(seqs), args.dropout))):
         if section in sections:
             bench_training(subject, seqs, batches, args, device, peak, results, save)
     if "decode" in sections:
         for path in decode_paths:
-            for b in decode_batches:
+            for b in args.decode_batch:
                 run = {"name": args.preset, "path": path, "batch_size": b, "prompt_len": args.prompt_len,
                        "new_tokens": args.decode_tokens, "status": "ok"}
                 subject = gptmini_subject(args.preset, cfg)
@@ -499,7 +395,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                                     dtype)))
                 save()
     if "loader" in sections:
-        results["loader"].append(time_loader(moe, seqs[0], first_batch, args, device))
+        run = {"name": moe.name, "seq_len": seqs[0], "batch_size": first_batch, "source": f"shards {args.data_dir}",
+               "status": "ok", "steps": args.steps}
+        if not (Path(args.data_dir) / "manifest.json").is_file():
+            run["status"] = f"skipped: no shards in {args.data_dir} (`make gpu-shards`, or pass --data-dir)"
+        else:
+            n_vocab = read_manifest(args.data_dir)["n_vocab"]
+            fold = n_vocab > moe.vocab_size  # e.g. cl100k shards into the seed's 50304
+            if fold:
+                run["source"] += f" (vocab {n_vocab} ids folded into the model's {moe.vocab_size} on device)"
+            run = measured(run, device, lambda: time_loader(moe, seqs[0], first_batch, fold, args, device))
+        results["loader"].append(run)
     if "parallel" in sections:
         import torch.distributed as dist
 

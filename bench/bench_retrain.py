@@ -1,18 +1,12 @@
 """Day two on the demo: continue from production on new text, against training anew on everything.
 
-The embedded corpus (CPython's docs) is written out one topic per file; a held-out share of the topics plays
-the new text. v1 trains from scratch on the rest (the demo preset). Then, on everything (old + new, prepared
-`--since` v1's data, so the manifest marks the new documents):
-
-- scratch: the demo preset from a random init, its full steps;
-- continue+replay: from v1, `--replay R`, for `gptmini.retrain.continue_steps` steps;
-- continue: from v1, no replay (`--replay 0`), the same steps.
-
-Each model is measured on the whole val split, on the new documents' val pieces and on the old ones;
-forgetting is the rise of the old pieces' bits per byte over v1's. Standard errors are those of the paired
-per-piece difference against scratch (gptmini.gate.paired). Training runs as `gptmini train` subprocesses, one
-at a time, each with its wall and CPU seconds (the machine may be shared). A run already completed in --out is
-measured again, not trained anew.
+The embedded corpus is written one topic per file; a held-out share of the topics (--held-out) plays the new
+text. v1 trains from scratch on the rest. Then, on everything (prepared `--since` v1's data): `scratch` from a
+random init, its full steps; `continue + replay R` from v1 (`--replay R`) and `continue, no replay`, each for
+--continue-steps. Each model is measured on the whole val split and on the new and old documents' val pieces;
+forgetting is the rise of the old pieces' bits per byte over v1's, and the standard error is that of the paired
+per-piece difference against scratch (gptmini.gate.paired). Training runs as `gptmini train` subprocesses, each
+with its wall and CPU seconds; a run already completed in --out is measured again, not trained anew.
 
     OMP_NUM_THREADS=1 python bench/bench_retrain.py --out /tmp/retrain --held-out 0.1 --val-fraction 0.1 --replay 0.25
 """
@@ -46,8 +40,8 @@ from common import environment, fmt, md_table
 def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
     """old/ and new/: one .txt file per topic; a topic is new when its name's hash falls in the held-out share."""
     old, new = root / "corpus" / "old", root / "corpus" / "new"
-    for folder in (old, new):
-        folder.mkdir(parents=True, exist_ok=True)
+    old.mkdir(parents=True, exist_ok=True)
+    new.mkdir(exist_ok=True)
     for key, text in topics.topics.items():
         h = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
         (new if h < held_out else old).joinpath(f"{key}.txt").write_text(text)
@@ -55,8 +49,7 @@ def write_corpus(root: Path, held_out: float) -> tuple[Path, Path]:
 
 
 def train(args: list[str], log: Path) -> dict:
-    """`gptmini train ARGS`: the wall seconds it took, its CPU seconds (user + system, of that child alone, so
-    other users of the machine do not count) and the load average when it ended."""
+    """`gptmini train ARGS`: its wall seconds, its CPU seconds (that child's alone) and the load average at its end."""
     t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "w") as f:
         if subprocess.run([sys.executable, "-m", "gptmini.cli", "train", *args], stdout=f,
@@ -83,7 +76,6 @@ def main() -> None:
     ap.add_argument("--continue-steps", type=int, default=None,
                     help="steps of the continued runs (default: a third of the from-scratch steps, the goal's budget)")
     ap.add_argument("--val-fraction", type=float, default=0.05)
-    ap.add_argument("--allow-no-new-val", action="store_true")
     ap.add_argument("--json", type=Path, default=Path("bench/results/retrain.json"))
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -106,14 +98,14 @@ def main() -> None:
     runs = {
         "v1 (scratch on old)": (["--data-dir", str(a.out / "data-v1"), "--steps", str(scratch_steps)], None),
         "scratch on all": (["--data-dir", str(data), "--steps", str(scratch_steps)], None),
-        f"continue + replay {a.replay}": (["--data-dir", str(data), "--steps", str(steps), "--replay", str(a.replay)], "v1"),
+        f"continue + replay {a.replay}": (["--data-dir", str(data), "--steps", str(steps), "--replay", str(a.replay)],
+                                          "v1"),
         "continue, no replay": (["--data-dir", str(data), "--steps", str(steps), "--replay", "0"], "v1"),
     }
     mask = new_pieces(data)
-    if not mask.any() and not a.allow_no_new_val:
+    if not mask.any():
         raise SystemExit(f"the {d2.manifest['since']['new_documents']} held-out documents got no val chunk at "
-                         f"--val-fraction {a.val_fraction}: raise --held-out or --val-fraction (or pass "
-                         f"--allow-no-new-val to measure the old text only)")
+                         f"--val-fraction {a.val_fraction}: raise --held-out or --val-fraction")
     results, sums = {}, {}
     for i, (name, (args, parent)) in enumerate(runs.items()):
         run = a.out / f"run{i}"
@@ -135,7 +127,8 @@ def main() -> None:
             r["vs_scratch"] = {"difference": c.difference, "standard_error": c.standard_error, "pieces": c.pieces}
     out = {**environment(), "preset": a.preset, "held_out": a.held_out, "replay": a.replay, "continue_steps": steps,
            "rule_steps": rule_steps, "val_fraction": a.val_fraction, "new_val_pieces": int(mask.sum()),
-           "scratch_steps": scratch_steps, "new_train_tokens": new_train, "new_documents": d2.manifest["since"]["new_documents"],
+           "scratch_steps": scratch_steps, "new_train_tokens": new_train,
+           "new_documents": d2.manifest["since"]["new_documents"],
            "old_documents": d1["documents"], "prepare_v2_s": prepare_s, "tokenized_inputs_v2": d2.tokenized_inputs,
            "results": results}
     write_json(a.json, out)

@@ -1,16 +1,14 @@
 """Which retriever: SQLite FTS5, bm25s and tantivy on the same passages.
 
-For each corpus (the embedded CPython docs the demo trains on; a generated one of `--generated-mb` MB whose
-words follow the demo corpus's own word frequencies), the train passages are cut as `gptmini index` cuts
-them, then each retriever builds its index from them (seconds, bytes on disk) and answers the same queries
-(the first 32 cl100k tokens of each val piece, or of generated held-out text): p50 and p99 latency of one
-top-1 query. Prints one markdown table, with the load average next to it (the machine may be shared).
+For each corpus (the embedded CPython docs the demo trains on; with --generated-mb, a generated one whose words
+follow the demo corpus's frequencies) the train passages are cut as `gptmini index` cuts them; each retriever
+builds its index (seconds, bytes on disk) and answers the same queries (the first 32 cl100k tokens of each val
+piece): p50 and p99 latency of a top-1 query, with the load average (the machine may be shared).
 
---budgets instead prices the query's word budget on the generated corpus: SQLite FTS5 keeping a query's rarest
-words up to N passages in all (`retrieval.MAX_POSTINGS`), against keeping every word (`every`). That corpus has
-no topics and only a few thousand distinct words, so every word of a query is in thousands of passages: the
-budget's worst case. Latency over held-out queries, and recall@1 and @5 of known items, 32 tokens cut from
-inside an indexed passage whose own passage is the one right answer.
+--budgets instead prices FTS5's query word budget on the generated corpus (a few thousand distinct words, so
+every query word is in thousands of passages: the budget's worst case): keeping a query's rarest words up to N
+passages (`retrieval.MAX_POSTINGS`) against every word. Latency over held-out queries; recall@1 and @5 of 32
+tokens cut from inside an indexed passage, whose own passage is the one right answer.
 
     .venv/bin/python bench/bench_retrieval.py --generated-mb 200
     .venv/bin/python bench/bench_retrieval.py --generated-mb 200 --queries 100 --budgets 10000,20000,40000,80000,every
@@ -21,7 +19,6 @@ import argparse
 import os
 import random
 import re
-import shutil
 import sqlite3
 import tempfile
 import time
@@ -35,13 +32,12 @@ from gptmini.data.prepare import SplitRule
 from gptmini.data.sources import Stats, open_source, split_text
 from gptmini.tokenizer import get_tokenizer
 
+from common import md_table, names
+
 
 def demo_corpus() -> tuple[list[tuple[str, int, str]], list[str]]:
-    source = open_source("embedded:python-docs")
-    chunks = list(retrieval.chunks(source.documents, SplitRule(0.05), 1024, Stats()))
-    passages = list(retrieval.passages(chunks))
-    val = [text for _, text in retrieval.val_runs(chunks)]
-    return passages, val
+    chunks = list(retrieval.chunks(open_source("embedded:python-docs").documents, SplitRule(0.05), 1024, Stats()))
+    return list(retrieval.passages(chunks)), [text for _, text in retrieval.val_runs(chunks)]
 
 
 def generated_corpus(mb: int, demo_text: str, seed: int = 0) -> tuple[list[tuple[str, int, str]], list[str]]:
@@ -133,16 +129,7 @@ def latency_ms(search, queries) -> tuple[float, float]:
         t = time.perf_counter()
         search(q)
         times.append(time.perf_counter() - t)
-    ms = np.array(times) * 1e3
-    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
-
-
-def run(name: str, passages, queries, folder: Path) -> dict:
-    t0 = time.perf_counter()
-    path, search = RETRIEVERS[name](passages, folder)
-    build = time.perf_counter() - t0
-    p50, p99 = latency_ms(search, queries)
-    return {"retriever": name, "build_s": build, "bytes": dir_bytes(path), "p50_ms": p50, "p99_ms": p99}
+    return tuple(float(np.percentile(times, q)) * 1e3 for q in (50, 99))
 
 
 def budget_table(budgets: list[str], passages, val, n: int, tok) -> None:
@@ -150,17 +137,17 @@ def budget_table(budgets: list[str], passages, val, n: int, tok) -> None:
     held_out = [tok.decode(tok.encode(v)[:retrieval.QUERY_TOKENS]) for v in val[:n]]
     known = [(d, off, tok.decode(tok.encode(text)[20:20 + retrieval.QUERY_TOKENS]))
              for d, off, text in rng.sample(passages, n)]
+    rows = []
     with tempfile.TemporaryDirectory(prefix="bench-retrieval-budget-") as folder:
         index = retrieval.Index(build_fts5(passages, Path(folder))[0], sha256="-")
-        print("| words kept | query p50 ms | query p99 ms | known-item recall@1 | recall@5 | load avg |")
-        print("|---|---|---|---|---|---|")
         for budget in budgets:
             limit = None if budget == "every" else int(budget)
             p50, p99 = latency_ms(lambda q: index.search(q, 1, None, limit), held_out)
             ranked = [[(p.document, p.offset) for p in index.search(q, 5, None, limit)] for _, _, q in known]
             at1, at5 = (np.mean([(d, off) in r[:k] for (d, off, _), r in zip(known, ranked)]) for k in (1, 5))
             name = "every word" if limit is None else f"rarest, up to {limit:,} passages"
-            print(f"| {name} | {p50:.1f} | {p99:.1f} | {at1:.2f} | {at5:.2f} | {load_avg()} |", flush=True)
+            rows.append([name, f"{p50:.1f}", f"{p99:.1f}", f"{at1:.2f}", f"{at5:.2f}", load_avg()])
+    print(md_table(["words kept", "query p50 ms", "query p99 ms", "known-item recall@1", "recall@5", "load avg"], rows))
 
 
 def load_avg() -> str:
@@ -168,37 +155,36 @@ def load_avg() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--generated-mb", type=int, default=200)
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--retrievers", default=",".join(RETRIEVERS))
+    p.add_argument("--retrievers", default=",".join(RETRIEVERS), type=names(*RETRIEVERS), help="comma list")
     p.add_argument("--budgets", help="comma list of word budgets (passages), `every` for none: the budget table")
     args = p.parse_args()
     tok = get_tokenizer("cl100k_base")
     demo_passages, demo_val = demo_corpus()
+    demo_text = " ".join(t for _, _, t in demo_passages)
     if args.budgets:
-        generated = generated_corpus(args.generated_mb, " ".join(t for _, _, t in demo_passages))
-        return budget_table(args.budgets.split(","), *generated, args.queries, tok)
+        return budget_table(args.budgets.split(","), *generated_corpus(args.generated_mb, demo_text), args.queries, tok)
     corpora = {"demo (embedded python-docs)": (demo_passages, demo_val)}
     if args.generated_mb:
-        demo_text = " ".join(t for _, _, t in demo_passages)
         corpora[f"generated {args.generated_mb} MB"] = generated_corpus(args.generated_mb, demo_text)
-    print("| corpus | passages | text MB | retriever | build s | index MB | query p50 ms | query p99 ms | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rng = random.Random(0)
+    rng, rows = random.Random(0), []
     for corpus, (passages, val) in corpora.items():
         queries = [tok.decode(tok.encode(v)[:retrieval.QUERY_TOKENS]) for v in val]
         queries = (queries * (args.queries // len(queries) + 1))[: args.queries]
         rng.shuffle(queries)
         mb = sum(len(t[2]) for t in passages) / 2**20
-        for name in args.retrievers.split(","):
-            folder = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
-            try:
-                r = run(name, passages, queries, folder)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            print(f"| {corpus} | {len(passages):,} | {mb:.1f} | {name} | {r['build_s']:.1f} | {r['bytes'] / 2**20:.1f} "
-                  f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {load_avg()} |", flush=True)
+        for name in args.retrievers:
+            with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as folder:
+                t0 = time.perf_counter()
+                path, search = RETRIEVERS[name](passages, Path(folder))
+                build_s = time.perf_counter() - t0
+                p50, p99 = latency_ms(search, queries)
+                rows.append([corpus, f"{len(passages):,}", f"{mb:.1f}", name, f"{build_s:.1f}",
+                             f"{dir_bytes(path) / 2**20:.1f}", f"{p50:.2f}", f"{p99:.2f}", load_avg()])
+    print(md_table(["corpus", "passages", "text MB", "retriever", "build s", "index MB", "query p50 ms", "query p99 ms",
+                    "load avg"], rows, "lrrlrrrrr"))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
-"""Throughput and latency of `gptmini serve`: continuous batching (--max-batch 16) with chunked prefill
-(--prefill-chunk, one mode per size given; the server's default is 96), the same without it (each prompt
-prefilled whole) and one request at a time (--max-batch 1), in one run.
+"""Throughput and latency of `gptmini serve`, one real server per mode, in one run: continuous batching
+(--max-batch 16) with chunked prefill (`chunked-N`, one mode per --prefill-chunk size), the same with each prompt
+prefilled whole (`whole-prompt`) and one request at a time (`one-at-a-time`, --max-batch 1).
 
     .venv/bin/python bench/bench_serve.py [--preset demo | --checkpoint PATH] [--clients 1,4,16]
         [--requests-per-client 3] [--max-tokens 16,32,48] [--prompt-tokens 8,180] [--prefill-chunk 96,128]
         [--modes chunked,whole-prompt,one-at-a-time] [--threads N] [--device auto] [--out bench/results/serve.json]
+    .venv/bin/python bench/bench_serve.py --profile --threads 1   # one engine decode step, 16 rows against 1
 
-Each mode is a real `gptmini serve` subprocess, warmed with one request. For each client count C, C threads
-each send --requests-per-client streaming completions back to back (temperature 0, ignore_eos, so every
-request generates exactly the tokens it asks for). Prompts have mixed lengths: client i's prompt is about the
-i-th (cycled) of --prompt-tokens tokens long, so long prompts arrive while short ones stream. Give --max-tokens
-several lengths (e.g. 16,32,48) so requests also end at different steps: with one length, whole-prompt
-prefill falls into lockstep rounds (every request ends in the same step, and the next ones are all prefilled
-in a step where nothing is decoding), which hides the stall that chunked prefill is for. All times are
-the client's: TTFT runs from sending the request to its first non-empty text chunk; per-token latency is the
-gap between consecutive text chunks of a request (a chunk holds one token's text, or several when a token ends
-mid-character, so the gap then covers them all); aggregate tok/s is the usage chunks' completion_tokens over
-the run's wall time. The clients share the CPU with the server, as a real client on the same machine would.
+For each client count C, C threads each send --requests-per-client streaming completions back to back
+(greedy, ignore_eos: every request generates the tokens it asks for); client i's prompt is the i-th (cycled)
+of --prompt-tokens long, and its requests cycle through --max-tokens, so requests end at different steps (with
+one length, whole-prompt prefill falls into lockstep rounds and hides the stall chunking is for). Times are
+the client's: TTFT to the first text chunk, per-token latency the gap between a request's text chunks, tok/s
+the usage chunks' completion_tokens over the run's wall time. The ratio columns: per-token p99/p50, and tok/s
+over whole-prompt's and one-at-a-time's at the same clients and over its own mode's at the fewest clients.
+--profile instead times one decode step of an engine Batch of 16 rows and of 1 row, one sequence running, in
+process under torch.profiler (the server's --max-batch 16 against --max-batch 1).
 """
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,18 +35,23 @@ import httpx
 import numpy as np
 import torch
 
+from gptmini import quantize
 from gptmini.config import model_preset
+from gptmini.engine import Batch, Sampling, Sequence
 from gptmini.files import write_json
 from gptmini.model import GPTOSSMini
 from gptmini.weights import save_pretrained
 
-from common import environment, md_table
+from common import environment, ints, md_table, names, profile
 
 # mode -> (--max-batch, --prefill-chunk); None: one run for each of --prefill-chunk's sizes. With retrieval,
 # every request first reads its best passage (the server's --index and --retrieval 1).
 MODES = {"chunked": (16, None), "whole-prompt": (16, 0), "one-at-a-time": (1, 0), "continuous+retrieval": (16, 0)}
-DEFAULT_MODES = "chunked,whole-prompt,one-at-a-time"  # continuous+retrieval needs --index
 SERVE_OPTIONS = ["--max-queue", "64", "--max-tokens", "1024"]
+COLUMNS = {"mode": "mode", "clients": "clients", "tok/s": "tokens_per_s", "req/s": "requests_per_s",
+           "TTFT p50 ms": "ttft_p50_ms", "TTFT p99 ms": "ttft_p99_ms", "per-token p50 ms": "per_token_p50_ms",
+           "per-token p99 ms": "per_token_p99_ms", "p99/p50": "p99_over_p50", "x whole-prompt": "vs_whole_prompt",
+           "x one-at-a-time": "vs_one_at_a_time", "x fewest clients": "vs_fewest_clients"}
 
 
 def free_port() -> int:
@@ -121,9 +126,19 @@ def summarize(mode: str, max_batch: int, clients: int, records: list[dict]) -> d
     tokens = sum(r["tokens"] for r in records)
     return {"mode": mode, "max_batch": max_batch, "clients": clients, "requests": len(records), "tokens": tokens,
             "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1),
-            "requests_per_s": round(len(records) / wall, 2),
-            "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
+            "requests_per_s": round(len(records) / wall, 2), "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99),
             "per_token_p50_ms": ms(gaps, 50), "per_token_p99_ms": ms(gaps, 99)}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    tps = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
+    fewest = min(r["clients"] for r in rows)
+    for r in rows:
+        r["p99_over_p50"] = round(r["per_token_p99_ms"] / r["per_token_p50_ms"], 2)
+        for key, other in (("vs_whole_prompt", ("whole-prompt", r["clients"])),
+                           ("vs_one_at_a_time", ("one-at-a-time", r["clients"])),
+                           ("vs_fewest_clients", (r["mode"], fewest))):
+            r[key] = round(r["tokens_per_s"] / tps[other], 2) if other in tps else None
 
 
 def bench_mode(mode: str, chunk: int, folder: Path, args: argparse.Namespace, logs: Path) -> list[dict]:
@@ -152,84 +167,61 @@ def bench_mode(mode: str, chunk: int, folder: Path, args: argparse.Namespace, lo
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    keys = ["mode", "clients", "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "per_token_p50_ms",
-            "per_token_p99_ms"]
-    return md_table(["mode", "clients", "tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms", "per-token p50 ms",
-                     "per-token p99 ms"], [[r[k] for k in keys] for r in rows])
-
-
-def ratios(rows: list[dict]) -> dict:
-    tps = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
-    clients = sorted({r["clients"] for r in rows})
-    out = {}
-    p99 = {(r["mode"], r["clients"]): r["per_token_p99_ms"] / r["per_token_p50_ms"] for r in rows}
-    lo, hi = clients[0], clients[-1]
-    chunked = sorted({r["mode"] for r in rows if r["mode"].startswith("chunked-")})
-    for mode in (*chunked, "whole-prompt"):
-        if (mode, lo) in tps and (mode, hi) in tps and hi != lo:
-            # The goal on a 2-core CPU with the demo model: >= 5x from 1 to 16 clients.
-            out[f"{mode}_{hi}_over_{lo}_clients"] = round(tps[mode, hi] / tps[mode, lo], 2)
-    for c in clients:
-        for mode in (*chunked, "whole-prompt"):
-            if (mode, c) in p99:  # the goal: per-token p99 <= 2x p50
-                out[f"{mode}_p99_over_p50_{c}_clients"] = round(p99[mode, c], 2)
-        pairs = [(m, other) for m in chunked for other in ("whole-prompt", "one-at-a-time")]
-        for a, b in (*pairs, ("whole-prompt", "one-at-a-time"), ("continuous+retrieval", "whole-prompt")):
-            if (a, c) in tps and (b, c) in tps:
-                out[f"{a}_over_{b}_{c}_clients"] = round(tps[a, c] / tps[b, c], 2)
-    return out
+def step_profile(model: GPTOSSMini, rows: int, steps: int = 20) -> dict[str, float]:
+    """Self CPU microseconds per engine decode step, by op, in a Batch of `rows` rows with one sequence running."""
+    batch = Batch(model, rows)
+    waiting = deque([Sequence(list(range(1, 20)), Sampling(max_tokens=steps + 10, temperature=0))])
+    take = lambda k: [waiting.popleft() for _ in range(min(k, len(waiting)))]  # noqa: E731
+    for _ in range(5):  # the prefill, then warm decode steps
+        batch.step(take)
+    prof = profile(lambda: batch.step(take), steps)
+    return {e.key: e.self_cpu_time_total / steps for e in prof.key_averages()}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="demo", help="random-init model to serve (ignored with --checkpoint)")
     p.add_argument("--checkpoint", type=Path, help="serve this weights or run folder instead")
-    p.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
+    p.add_argument("--clients", default="1,4,16", type=ints, help="concurrent client counts, comma list")
     p.add_argument("--requests-per-client", type=int, default=3)
-    p.add_argument("--max-tokens", default="64",
-                   help="comma-separated tokens per request, cycled over each client's requests (client i starts at "
-                        "the i-th), so requests end at different steps as real answers do")
-    p.add_argument("--prompt-tokens", default="8,180", help="comma-separated prompt lengths, cycled over clients")
-    p.add_argument("--prefill-chunk", default="96",
-                   help="comma-separated --prefill-chunk sizes; the chunked mode runs once for each")
-    p.add_argument("--modes", default=DEFAULT_MODES, help=f"of {', '.join(MODES)}")
+    p.add_argument("--max-tokens", default="64", type=ints, help="tokens per request, comma list, cycled")
+    p.add_argument("--prompt-tokens", default="8,180", type=ints, help="prompt lengths, comma list, cycled")
+    p.add_argument("--prefill-chunk", default="96", type=ints, help="the chunked mode's sizes, comma list")
+    p.add_argument("--modes", default="chunked,whole-prompt,one-at-a-time", type=names(*MODES), help="comma list")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's, all cores)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--profile", action="store_true", help="profile one engine decode step instead (--preset, CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
     args = p.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
-    args.prompt_tokens = [int(n) for n in args.prompt_tokens.split(",")]
-    args.prefill_chunk = [int(n) for n in args.prefill_chunk.split(",")]
-    args.max_tokens = [int(n) for n in args.max_tokens.split(",")]
-    if any(n < 1 for n in args.prefill_chunk):
-        p.error(f"--prefill-chunk {args.prefill_chunk}: each size must be >= 1 (whole-prompt is the mode with 0)")
-    modes = args.modes.split(",")
-    if unknown := set(modes) - set(MODES):
-        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
-    if "continuous+retrieval" in modes and not args.index:
+    if "continuous+retrieval" in args.modes and not args.index:
         p.error("--modes continuous+retrieval needs --index DATA_DIR (a folder indexed by `gptmini index`)")
     if args.checkpoint and not args.checkpoint.exists():
         p.error(f"--checkpoint {args.checkpoint} does not exist")
+    torch.manual_seed(0)
+    if args.profile:
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        model = quantize.apply(GPTOSSMini(model_preset(args.preset)).eval(), "none")  # as gptmini serve loads it
+        a, b = step_profile(model, 16), step_profile(model, 1)
+        ops = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, 0), b.get(k, 0)))[:12]
+        return print(md_table(["op", "16 rows, us/step", "1 row, us/step"], [
+            *[[op, f"{a.get(op, 0):.0f}", f"{b.get(op, 0):.0f}"] for op in ops],
+            ["total", f"{sum(a.values()):.0f}", f"{sum(b.values()):.0f}"]]))
 
     with tempfile.TemporaryDirectory() as tmp:
         folder, params = args.checkpoint, None
         if folder is None:
-            torch.manual_seed(0)
             model = GPTOSSMini(model_preset(args.preset))
             params, folder = model.num_params(), Path(tmp) / args.preset
             save_pretrained(model, folder)
             del model
         load_at_start = os.getloadavg()
-        runs = [(mode, chunk) for mode in modes
+        runs = [(mode, chunk) for mode in args.modes
                 for chunk in (args.prefill_chunk if mode == "chunked" else [MODES[mode][1]])]
         rows = [row for mode, chunk in runs for row in bench_mode(mode, chunk, folder, args, Path(tmp))]
 
-    print(table(rows))
-    result_ratios = ratios(rows)
-    for name, value in result_ratios.items():
-        print(f"{name}: {value}x")
+    add_ratios(rows)
+    print(md_table(list(COLUMNS), [["-" if r[k] is None else r[k] for k in COLUMNS.values()] for r in rows]))
     meta = {"model": str(args.checkpoint) if args.checkpoint else f"{args.preset} (random init, seed 0)",
             "params": params, "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens,
             "prompt_tokens": args.prompt_tokens, "prefill_chunk": args.prefill_chunk,
@@ -237,7 +229,7 @@ def main() -> None:
             "serve_options": [*SERVE_OPTIONS, "--device", args.device], "omp_num_threads": args.threads,
             **environment()}
     print(json.dumps(meta))
-    write_json(args.out, {"rows": rows, "ratios": result_ratios, **meta})
+    write_json(args.out, {"rows": rows, **meta})
     print(f"wrote {args.out}")
 
 

@@ -3,20 +3,17 @@
     python bench/bench_tokenizers.py --budget 150 --out bench/results/tokenizers.json
     python bench/bench_tokenizers.py --runs cl100k_base "cl100k_base --train.precision bf16"   # any train flags
 
-For each tokenizer: `gptmini prepare` the corpus (--source) with it, time a short calibration run of the demo
-preset (--preset; the model takes the data's vocabulary, so only the embedding and the output layer change), then
-train for as many steps as fit in --budget seconds, so every run's cosine schedule ends at the budget (a data
-folder or a run whose summary.json is in --work already is reused). Each run's only evaluation is its final one,
-over every val window; the val split holds the same text for every tokenizer, so bits per byte compare.
-Reported: val bits per byte, tokens/s and bytes/s of training (bytes: the UTF-8 bytes of the text a token covers,
-on average over the val split), the steps and the training seconds they took, and a sample from the final weights
-(same prompt, seed and sampling for every tokenizer). Everything runs through the `gptmini` command line, as a
-user would run it.
+For each tokenizer, through the `gptmini` command line: prepare --source with it, time a short calibration run of
+--preset (the model takes the data's vocabulary), then train as many steps as fit in --budget seconds, so every
+cosine schedule ends at the budget (data and runs already in --work are reused). Val bits per byte compare across
+tokenizers (the val split holds the same text); bytes/s counts the UTF-8 bytes a token covers on average over
+the val split. Each run ends with a sample (same prompt, seed and sampling for every tokenizer).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -43,9 +40,7 @@ def train_seconds(run_dir: Path, log_every: int, step_tokens: int) -> tuple[floa
     start-up are left out) and the steady tokens/s (the median interval after the first)."""
     rates = [r["tokens_per_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["kind"] == "train"]
-    settled = sorted(rates[1:] or rates)
-    steady = settled[len(settled) // 2]
-    return sum(log_every * step_tokens / r for r in rates), steady
+    return sum(log_every * step_tokens / r for r in rates), statistics.median_high(rates[1:] or rates)
 
 
 def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
@@ -79,16 +74,16 @@ def bench(spec: str, args: argparse.Namespace, work: Path) -> dict:
                 "--train.log_every", "10", *quiet, *extra)
         wall_s = time.perf_counter() - t
     summary = ending.read(run)
-    steps = summary["steps"]
     final = summary["final"]
     seconds, steady = train_seconds(run, 10, step_tokens)
     bytes_per_token = final["val_bytes"] / final["val_tokens"]
     sample = gptmini("generate", "--checkpoint", str(run / "final"), "--prompt", PROMPT, "--max-new-tokens",
                      str(args.sample_tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0").strip()
-    return {"run": spec, "tokenizer": tokenizer, "train_args": extra, "name": manifest["tokenizer"], "vocab_size": manifest["vocab_size"],
+    return {"run": spec, "tokenizer": tokenizer, "train_args": extra, "name": manifest["tokenizer"],
+            "vocab_size": manifest["vocab_size"],
             "prepare_s": prepare_s, "train_tokens": manifest["splits"]["train"]["tokens"],
             "val_tokens": final["val_tokens"], "val_bytes": final["val_bytes"], "bytes_per_token": bytes_per_token,
-            "n_params": summary["n_params"], "steps": steps, "tokens": summary["tokens"],
+            "n_params": summary["n_params"], "steps": summary["steps"], "tokens": summary["tokens"],
             "epochs": summary["tokens"] / manifest["splits"]["train"]["tokens"], "train_s": seconds,
             "run_wall_s": wall_s, "tokens_per_s": summary["tokens"] / seconds, "steady_tokens_per_s": steady,
             "bytes_per_s": summary["tokens"] / seconds * bytes_per_token, "val_bpb": final["val_bpb"],
@@ -101,10 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one per run: a --tokenizer value, then any `gptmini train` flags, in one quoted string")
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per tokenizer")
     p.add_argument("--calibrate", type=int, default=30, help="steps of the calibration run")
-    p.add_argument("--preset", default="demo", choices=list(PRESETS),
-                   help="the `gptmini train --preset` of every run (its model and batch; the vocabulary comes from "
-                        "the data)")
-    p.add_argument("--source", default="embedded:python-docs", help="the corpus, as `gptmini prepare` takes it")
+    p.add_argument("--preset", default="demo", choices=list(PRESETS))
+    p.add_argument("--source", default="embedded:python-docs", help="as `gptmini prepare` takes it")
     p.add_argument("--sample-tokens", type=int, default=40)
     p.add_argument("--work", default="runs/bench-tokenizers", help="data and runs go here")
     p.add_argument("--out", default="bench/results/tokenizers.json")

@@ -1,12 +1,12 @@
-"""What the benchmarks share: the machine and versions a figure was measured on, timing, the trainer's own
-training step, and the markdown table each one prints. bench/ is on sys.path when a bench runs as a script."""
+"""What the benchmarks share: the machine and versions a figure was measured on, timing, profiling, the trainer's
+own training step, comma-list flags and the markdown table each prints. bench/ is on sys.path as a bench runs."""
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
-    """When, on what and by which code a figure was measured (BENCHMARKS.md asks for all of it): the git commit,
-    and a digest of gptmini/ and bench/ for a copy without git (the GPU machine's); a CUDA device `on` adds the
-    GPU's name, memory and versions."""
+    """When, on what and by which code a figure was measured: the git commit, and a digest of gptmini/ and bench/
+    for a copy without git (the GPU machine's); a CUDA device `on` adds the GPU's name, memory and versions."""
     digest = hashlib.sha256()
     for path in sorted([*ROOT.glob("gptmini/**/*.py"), *ROOT.glob("bench/*.py")]):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
@@ -50,8 +49,8 @@ def environment(on: torch.device | None = None, **extra: Any) -> dict[str, Any]:
     return meta | extra
 
 
-def fmt(value: Any, spec: str, scale: float = 1.0) -> str:
-    return "n/a" if value is None else format(value * scale, spec)
+def fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def md_table(header: list[str], rows: list[list[Any]], align: str = "") -> str:
@@ -89,16 +88,45 @@ class Timer:
             self.seconds = time.perf_counter() - self.t0
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3,
-                   warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
+def seconds(fn: Callable[[], object], device: torch.device | str = "cpu", repeats: int = 3) -> list[float]:
+    """The wall time of each of `repeats` calls of fn (a warm-up is the caller's)."""
     times = []
     for _ in range(repeats):
         with Timer(device) as t:
             fn()
         times.append(t.seconds)
-    return statistics.median(times)
+    return times
+
+
+def profile(fn: Callable[[], object], steps: int = 1, device: torch.device | str = "cpu") -> Any:
+    """torch.profiler over `steps` calls of fn (the CPU, and the GPU's kernels on CUDA)."""
+    from torch.profiler import ProfilerActivity
+
+    cuda = torch.device(device).type == "cuda"
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                                record_shapes=True) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
+
+
+def ints(text: str) -> list[int]:
+    """argparse type of a comma list of positive integers (`--batch 1,16`)."""
+    values = [int(v) for v in text.split(",")]
+    if min(values) < 1:
+        raise ValueError(text)
+    return values
+
+
+def names(*allowed: str) -> Callable[[str], list[str]]:
+    """argparse type of a comma list drawn from `allowed` (`--sections train,decode`)."""
+    def parse(text: str) -> list[str]:
+        if unknown := set(values := text.split(",")) - set(allowed):
+            raise argparse.ArgumentTypeError(f"unknown {','.join(sorted(unknown))}; choose from {','.join(allowed)}")
+        return values
+    return parse
 
 
 class FixedBatch:
@@ -110,8 +138,8 @@ class FixedBatch:
         return self.batch
 
 
-def train_step(model: nn.Module, device: torch.device, compile: str = "off", compile_mode: str = "default",
-               grad_accum: int = 1, precision: str = "auto", cfg: Config | None = None,
+def train_step(model: nn.Module, device: torch.device, compile: str = "off", grad_accum: int = 1,
+               precision: str = "auto", cfg: Config | None = None,
                loss_fn: LossFn = next_token) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`step(x, y)`: `gptmini.trainer.train_step` itself (grad_accum micro-batches under the trainer's
     autocast, clipping, the AdamW of `cfg.optim`, default `OptimConfig`'s) on `model`, compiled as `compile`
@@ -121,8 +149,8 @@ def train_step(model: nn.Module, device: torch.device, compile: str = "off", com
     if isinstance(model, GPTOSSMini):  # the trainer's expert kernel for autocast's dtype, set before compiling
         model.set_expert_kernel(compute_dtype=matmul_dtype(device, precision))
     if compile == "model":  # the whole forward and the loss in one graph: compile the loss, which runs forward
-        loss_fn = torch.compile(loss_fn, **({} if compile_mode == "default" else {"mode": compile_mode}))
-    compiled = compile_model(model, "off" if compile == "model" else compile, compile_mode)
+        loss_fn = torch.compile(loss_fn)
+    compiled = compile_model(model, "off" if compile == "model" else compile)
     loader = FixedBatch()
     run = trainer.Run(cfg, DistEnv(0, 0, 1, device), Path("."), model, compiled,
                       build_optimizer(compiled, cfg.optim), loader, None, None, trainer.TrainState(), time.time(),

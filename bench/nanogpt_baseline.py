@@ -27,10 +27,6 @@ class BaselineConfig:
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in every Linear and LayerNorm
 
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: BaselineConfig):
@@ -43,12 +39,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -88,21 +81,13 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied (Press & Wolf 2017), as in GPT-2
-        self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) so the residual stream's variance
-        # does not grow with depth.
+        # GPT-2's init: N(0, 0.02) weights, zero biases, and the residual projections scaled by
+        # 1/sqrt(2 * n_layer) so the residual stream's variance does not grow with depth.
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() > 1:  # the LayerNorm gains stay 1
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab): the trainer's step scores them with gptmini.loss, as it does gptmini's."""
@@ -112,9 +97,6 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # the tied head is counted once
 
     def flops_per_token(self, seq_len: int, causal: bool = False) -> int:
         """`gptmini.model.training_flops` over the weights each token multiplies through (c_attn, attn c_proj,

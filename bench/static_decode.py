@@ -1,23 +1,31 @@
 """Static-shape greedy decoding for gptmini models: the route to >= 1,000 tokens/s at batch 1.
 
-Eager decode is launch-bound (about a thousand dispatched ops, some 700 of them kernels, per token for
-the seed model: bench/count_decode_ops.py). Here the KV cache, the position and the mask are fixed-size
-device tensors, and the position advances in place, so every step has the same shapes and the same tensor
-addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA graph) serves every step,
-and no step reads anything back to the host.
+    python bench/static_decode.py   # the ops one decode step dispatches, eager and static
 
-It runs the model's own forward (`GPTOSSMini.hidden`) on the library's one KV cache, in its `at(positions)`
-mode: every row writes at positions held on the device, so the arithmetic is the model's. It stays in bench/
-until its CUDA-graph speed is measured (BENCHMARKS.md): greedy only, prompts of one length, no sliding window
-and no RoPE scaling (the seed config's case). tests/test_static_decode.py checks it token for token against
-`gptmini.generate` on CPU.
+Eager decode is launch-bound: run as a script, this counts the ops one decode step dispatches, on CPU for the
+seed's structure at tiny widths (the count does not depend on them) on the grouped-expert path. Here the KV
+cache, the position and the mask are fixed-size device tensors and the position advances in place, so every
+step has the same shapes and addresses: one `torch.compile(mode="reduce-overhead")` graph (fusion + a CUDA
+graph) serves every step, and no step reads back to the host. It runs the model's own forward on the library's
+KV cache (`at(positions)` mode); greedy only, prompts of one length, no sliding window or RoPE scaling. It stays
+in bench/ until its CUDA-graph speed is measured.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from gptmini.config import model_preset
+from gptmini.generate import stream
 from gptmini.model import GPTOSSMini, KVCache
+
+# Views, reshapes and allocations: dispatched, but they launch no kernel.
+NO_KERNEL = {"view", "_unsafe_view", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze",
+             "as_strided", "detach", "alias", "permute", "split", "chunk", "unbind", "split_with_sizes", "lift_fresh",
+             "_reshape_alias", "reshape", "empty", "empty_strided", "empty_like"}
 
 
 class StaticDecoder:
@@ -80,3 +88,41 @@ class StaticDecoder:
         for i in range(1, out.size(1)):
             out[:, i] = self.step(out[:, i - 1 : i], position)
             position += 1
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if (name := func.overloadpacket.__name__) not in NO_KERNEL:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    cfg = model_preset("seed", d_model=96, n_heads=12, n_kv_heads=3, d_ff=64, vocab_size=512, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPTOSSMini(cfg).eval()
+    model.set_expert_kernel("grouped")  # the H100 bf16 path (torch._grouped_mm runs on CPU too)
+    prompt = torch.randint(0, 512, (1, 16))
+    tokens = stream(model, prompt, max_new_tokens=4, temperature=0.0)
+    with torch.inference_mode():
+        next(tokens)  # the prefill
+        next(tokens)
+        with CountOps() as eager:
+            next(tokens)
+    print("gptmini.generate.stream, one decode step (seed structure, grouped path):", eager.ops.total(),
+          "dispatched ops (some launch nothing: same-dtype to, eval dropout, flatten);",
+          eager.ops.total() / cfg.n_layers, "per layer")
+    print(eager.ops.most_common(25))
+    decoder = StaticDecoder(model, 1, 32)
+    out, position = decoder.prefill(prompt, 4)
+    with torch.inference_mode(), CountOps() as static:
+        out[:, 1] = decoder.step(out[:, 0:1], position)
+    print("static decoder, one step:", static.ops.total())
+
+
+if __name__ == "__main__":
+    main()

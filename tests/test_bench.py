@@ -33,8 +33,8 @@ def run_bench(tmp_path: Path, *extra: str) -> dict:
 
 
 def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
-    results = run_bench(tmp_path, "--sections", "ceilings,train,dense,baseline,decode", "--peak-tflops", "0.5",
-                        "--ceiling-repeats", "1", "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
+    results = run_bench(tmp_path, "--sections", "train,dense,baseline,decode", "--peak-tflops", "0.5",
+                        "--profile", str(tmp_path / "prof"), "--profile-steps", "1")
     train = {r["name"]: r for r in results["train"]}
     assert set(train) == {"tiny", "tiny-dense", "nanogpt-match"}
     cfg = model_preset("tiny", vocab_size=512)
@@ -56,10 +56,6 @@ def test_cpu_run_times_every_model_and_decode_and_writes_json(tmp_path, capsys):
         ("cache", 1, "ok"), ("cache", 2, "ok"), ("static", 1, "ok"), ("static", 2, "ok")]
     assert all(d["tokens_per_s"] > 0 for d in results["decode"])
     assert results["meta"]["device"] == "cpu" and results["meta"]["torch"] == torch.__version__
-    ceilings = {c["name"]: c for c in results["ceilings"]}
-    assert ceilings["output head"]["shape"] == "64x64 @ 64x512"  # one step's tokens (2 x 32) through the head
-    assert all(c["status"] == "ok" for c in ceilings.values())
-    assert ceilings["copy (clone)"]["gb_per_s"] > 0 and ceilings["matmul (square)"]["tflops"] > 0
     table = capsys.readouterr().out
     assert "| tiny | 32 | 2 |" in table and "| nanogpt-match | 32 | 2 |" in table and "| decode |" in table
     # One profile per training config: a trace to open in Perfetto and the top ops as text.
@@ -84,24 +80,25 @@ def test_chunked_loss_trains_to_the_same_loss(tmp_path):
     assert chunked["final_loss"] == pytest.approx(plain["final_loss"], rel=1e-5)
 
 
-def test_loader_share_is_measured_on_prepared_shards(tmp_path):
-    results = run_bench(tmp_path, "--sections", "loader")
+def test_loader_share_is_measured_on_prepared_shards(tmp_path, small_shards):
+    # The 300-id BPE's 384 ids into a 256-id model: the loader folds them on the device.
+    results = run_bench(tmp_path, "--sections", "loader", "--data-dir", str(small_shards), "--vocab-size", "256")
     (run,) = results["loader"]
-    assert run["status"] == "ok" and run["source"].startswith("synthetic")
-    assert "folded into the model's 512" in run["source"]
+    assert run["status"] == "ok" and run["source"].startswith("shards ")
+    assert "folded into the model's 256" in run["source"]
     assert run["ms_per_step_with_loader"] > 0 and run["ms_per_step_fixed_batch"] > 0
     assert run["share_end_to_end"] < 1 and 0 < run["share_host"] < 1  # end-to-end may dip below 0 in noise
 
 
-def test_bad_input_names_the_value_and_the_fix(tmp_path):
+def test_bad_input_names_the_value_and_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit, match="exceeds the tiny preset's max_seq_len"):
         bench.main([*TINY, "--seq", "100000", "--out", str(tmp_path / "r.json")])
-    with pytest.raises(SystemExit, match="unknown --sections bogus"):
-        bench.main([*TINY, "--sections", "train,bogus", "--out", str(tmp_path / "r.json")])
-    with pytest.raises(SystemExit, match="--decode-paths 'graphs': choose from cache,static,static-graphs"):
-        bench.main([*TINY, "--decode-paths", "graphs", "--out", str(tmp_path / "r.json")])
-    with pytest.raises(SystemExit, match="--batch 'two' must be a comma list of integers"):
-        bench.main([*TINY, "--batch", "two", "--out", str(tmp_path / "r.json")])
+    for flag, value, message in [("--sections", "train,bogus", "unknown bogus; choose from train,"),
+                                 ("--decode-paths", "graphs", "unknown graphs; choose from cache,static,static-graphs"),
+                                 ("--batch", "two", "invalid ints value: 'two'")]:
+        with pytest.raises(SystemExit):
+            bench.main([*TINY, flag, value, "--out", str(tmp_path / "r.json")])
+        assert f"argument {flag}: {message}" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
@@ -172,16 +169,3 @@ def test_suite_durations_sums_each_modules_phases(tmp_path, capsys):
     assert rows[3].startswith("| tests/test_a.py | 15 | 33% | 2 | 12 s setup test_x")
     log.write_text("no durations here\n")
     assert suite_durations.main([str(log)]) == 2
-
-
-def test_the_decode_comparison_imports_only_the_model_and_generate(capsys):
-    """BENCHMARKS.md runs `bench_model.py --decode-only` against an older tree on PYTHONPATH: it must not
-    need the trainer or the losses, which an older tree may not have."""
-    code = ("import sys; sys.path.insert(0, 'bench'); import bench_model; bench_model.main(['--decode-only', "
-            "'--preset', 'tiny', '--gen-batch', '1,2', '--new-tokens', '3', '--prompt-len', '4']); "
-            "print(sorted(m for m in sys.modules if m in ('common', 'gptmini.trainer', 'gptmini.loss')))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert "b1 " in lines[0] and "b2 " in lines[0] and "tok/s" in lines[0]
-    assert lines[-1] == "[]"

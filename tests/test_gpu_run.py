@@ -63,7 +63,7 @@ def gpu_run_sh(out: Path, env: dict[str, str], *args: str) -> DryRun:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory, blocked_env, small_shards) -> DryRun:
     return gpu_run_sh(tmp_path_factory.mktemp("gpu_run") / "out", blocked_env, "--data-dir", str(small_shards),
-                      "--timeout", f"{TIMED_OUT}=0.5", "--max-files", "8", "--max-file-mib", "16")
+                      "--timeout", f"{TIMED_OUT}=0.5")
 
 
 def test_on_the_gpu_path_each_slice_is_a_fresh_interpreter_that_fails_or_hangs_alone(tmp_path, blocked_env):
@@ -138,10 +138,6 @@ def test_the_output_fits_what_a_lent_gpu_returns(dry_run):
         rel = p.relative_to(dry_run.out)
         assert len(rel.parts) - 1 <= 2 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts)
         assert p.stat().st_size < 16 << 20
-    assert gpu_run.check_out_dir(dry_run.out, 8, 16 << 20) == []
-    fewer = len(files) - 1  # what a machine returning fewer files or smaller ones would refuse
-    assert gpu_run.check_out_dir(dry_run.out, fewer) == [f"{len(files)} files, more than {fewer}"]
-    assert any(p.endswith("bytes, over 1024") for p in gpu_run.check_out_dir(dry_run.out, 0, 1024))
 
 
 def test_the_train_profile_comes_back_as_a_text_table_without_a_trace(dry_run):
@@ -177,7 +173,7 @@ def test_the_required_slices_fit_eight_minutes_and_their_bench_flags_parse(tmp_p
             parsed = bench_gpu.parse_args(argv[1:])
             assert parsed.device == "cuda" and parsed.compile == "model", name
     train = bench_gpu.parse_args(gpu_run.slice_argv("train", args, tmp_path / "t.json", tmp_path)[1:])
-    assert train.batch == "32,64" and train.profile and not train.profile_trace  # never a Chrome trace from the GPU
+    assert train.batch == [32, 64] and train.profile and not train.profile_trace  # never a Chrome trace from the GPU
 
 
 def test_a_folder_holding_other_files_is_refused_before_anything_runs(tmp_path):

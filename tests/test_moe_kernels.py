@@ -19,7 +19,6 @@ from gptmini.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # as `python bench/X.py` has it
 import kernel_checks
-import moe_gemms
 import static_decode
 
 GPTMINI = str(Path(__file__).resolve().parents[1] / "gptmini")
@@ -155,26 +154,15 @@ def test_the_static_decoder_compiles_in_one_graph(no_recompile):
         static_decode.StaticDecoder(model.float(), batch=1, max_len=24, compile_mode="default")
 
 
-def test_the_bench_ceilings_use_the_models_grouped_gemm_layouts():
-    cfg = tiny(num_experts=4, top_k=2)
-    recorded = moe_gemms.grouped_gemms(cfg, 50)  # under FakeTensorMode
-    real = moe_gemms.grouped_gemms(cfg, 50, fake=False)
-    assert recorded == real
-    assert sorted(g.role for g in recorded) == sorted(
-        ["w1/w3 fwd", "w2 fwd", "w1/w3 dgrad", "w2 dgrad", "w1/w3 wgrad", "w2 wgrad"])
-    assert sum(g.count for g in recorded) == 9  # three GEMMs forward, two gradients each backward
-    by_role = {g.role: g for g in recorded}
+def test_the_kernel_checks_time_the_grouped_gemms_at_the_models_layouts():
+    result = kernel_checks.check_ceilings(tiny(num_experts=4, top_k=2), torch.device("cpu"), 50, repeats=1)
+    grouped = {r["name"].removeprefix("grouped "): r for r in result["rows"] if r["name"].startswith("grouped")}
+    assert sorted(grouped) == sorted(["w1/w3 fwd", "w2 fwd", "w1/w3 dgrad", "w2 dgrad", "w1/w3 wgrad", "w2 wgrad"])
+    assert sum(r["count"] for r in grouped.values()) == 9  # three GEMMs forward, two gradients each backward
     # The forward's weights are column-major views (w.transpose(1, 2)); the weight gradients' activations too.
-    assert by_role["w1/w3 fwd"].b_stride[-2] == 1 and by_role["w2 fwd"].b_stride[-2] == 1
-    assert by_role["w1/w3 wgrad"].a_stride[-2] == 1
-    for g in recorded:
-        a, b, offs = g.operands(torch.device("cpu"), torch.bfloat16, groups=4)
-        assert (a.stride(), b.stride()) == (g.a_stride, g.b_stride)
-        assert offs[-1] == (a.shape[0] if b.dim() == 3 else a.shape[1])
-        assert torch._grouped_mm(a, b, offs=offs).shape == g.out_shape
-
-    result = kernel_checks.check_ceilings(cfg, torch.device("cpu"), 50, repeats=1)
-    assert result["status"] == "ok" and {r["layout"] for r in result["gemms"]} == {g.layout for g in recorded}
+    assert grouped["w1/w3 fwd"]["shape"].endswith("col-major") and grouped["w2 fwd"]["shape"].endswith("col-major")
+    assert grouped["w1/w3 wgrad"]["shape"].split(" @ ")[0].endswith("col-major")
+    assert all(r["tflops"] > 0 for r in grouped.values())
 
 
 def test_grouped_and_looped_kernels_agree_through_the_whole_model():
