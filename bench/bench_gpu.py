@@ -282,7 +282,7 @@ def time_loader(subject: Subject, seq: int, batch: int, fold: bool, args, device
     in next(loader), which on CUDA overlaps queued device work."""
     model = build(subject, device).train()
     step = train_step(model, device, args.compile, loss_fn=subject.loss)
-    with warnings.catch_warnings():  # a synthetic corpus may hold no validation window: not needed here
+    with warnings.catch_warnings():  # a small corpus may hold no validation window: not needed here
         warnings.simplefilter("ignore")
         train_loader, _ = build_loaders(args.data_dir, seq, batch_size=batch, seed=0, device=device)
 

@@ -71,6 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--timeout takes SLICE=SECONDS, e.g. --timeout train=200")
     if unknown := {*args.only, *args.fail, *args.hang, *args.timeout} - set(TIMEOUTS):
         p.error(f"unknown slice {','.join(sorted(unknown))}: choose from {','.join(TIMEOUTS)}")
+    if args.deadline <= 0 or args.batch < 2 or min(args.timeout.values(), default=1) <= 0:
+        p.error(f"--batch {args.batch} must be >= 2, and --deadline and each --timeout positive")
     args.start = args.start or ("fork" if args.dry_run else "spawn")
     if args.start == "fork" and not args.dry_run:
         p.error("--start fork is for --dry-run only: on the GPU each slice starts as a fresh interpreter")
