@@ -58,7 +58,7 @@ LAYOUTS = {
 # without FSDP, whose hooks hand the blocks plain inputs, TP's embedding output enters the first block as a
 # pending collective: parallel._settle_collective); inductor also generates C++ for them (it needs a C++
 # compiler), with EP's dispatch and combine left eager between them. The losses must still be one process's.
-COMPILED = {"tp2-moe": "inductor", "ep2xtp2": "aot_eager"}
+COMPILED = {"tp2-moe": "aot_eager", "ep2xtp2": "inductor"}
 # bf16 autocast over fp32 weights, as `--train.precision bf16` trains (on a CPU with bf16 units, or CUDA),
 # against one process in bf16 too (FSDP then reduces the experts' gradients in fp32, where float64 takes another
 # path); every other layout is float64 without autocast.

@@ -1,5 +1,5 @@
 """Every layout of the device mesh trains as one process does: DDP 2, FSDP 2, TP 2 (dense, and MoE compiled with
-inductor), EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 (compiled with the aot_eager backend),
+the aot_eager backend), EP 2, FSDP 2 x TP 2 (dense and MoE), FSDP 2 x EP 2, EP 2 x TP 2 (compiled with inductor),
 HSDP (DDP 2 x EP 2: FSDP over the ep pair,
 replicated across the pairs), DDP 2 x FSDP 2 x EP 2 (the experts HSDP-sharded) and FSDP 2 x EP 4 (one expert
 per ep rank, so FSDP splits its hidden units), with gradient accumulation and clipping, on CPU with gloo, in three torchrun launches (2, 4 and 8 ranks)
@@ -8,7 +8,7 @@ their losses, grad norms and collectives).
 
 Tolerance: 1e-6 relative. The models are float64, but RMSNorm and the router compute in float32 by design
 and the step's loss is summed in float32, so layouts that reduce in another order differ by float32 ulps
-(measured: at most 2.3e-7 relative, under TP on the MoE; 1.7e-7 for TP 2 on the MoE compiled by inductor); a rank that reads another rank's windows, a balance
+(measured: at most 2.3e-7 relative, under TP on the MoE; 1.7e-7 for EP 2 x TP 2 compiled by inductor); a rank that reads another rank's windows, a balance
 loss taken over one rank's tokens instead of the global batch, or a gradient left unsynchronised moves them by
 1e-4 or more. EP 2 x TP 2 and FSDP 2 x EP 2 also train under bf16 autocast (fp32 weights, `--train.precision bf16`) against one
 process under it: losses within 1e-3 and grad norms within 2e-2 relative (measured: 4.5e-5 and 5.5e-3; bf16
@@ -41,10 +41,10 @@ BIN = Path(sys.executable).parent
 LAYOUTS = [(world, name) for world, names in pl.LAYOUTS.items() for name in names]
 
 
-# Over 60 s (76 s in a fresh clone's suite): three torchrun launches (2, 4 and 8 gloo ranks on 2 cores), one per
-# world size, each running all its layouts in one process group; about 25 s of it is inductor generating and
-# compiling C++ for TP 2 on the MoE with an empty cache, the one proof that inductor compiles the sharded blocks
-# (on EP 2 x TP 2 it cost twice that; aot_eager traces that layout).
+# Over 60 s (about 105 s alone, 75 to 140 s in a fresh clone's suite): three torchrun launches (2, 4 and 8 gloo
+# ranks on 2 cores), one per world size, each running all its layouts in one process group; about 35 s of it is
+# inductor generating and compiling C++ for EP 2 x TP 2 with an empty cache, the one proof that inductor compiles
+# the sharded blocks (inductor on TP 2 of the MoE instead costs as much, and proves less).
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("layouts")
