@@ -349,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     args.compile = ("model" if device.type == "cuda" else "off") if args.compile == "auto" else args.compile
     sections, seqs, batches = args.sections, args.seq, args.batch
     decode_paths = args.decode_paths or list(DECODE_PATHS if device.type == "cuda" else DECODE_PATHS[:2])
+    if args.steps < 1 or args.warmup < 0 or args.decode_tokens < 2 or args.grad_accum < 1:
+        fail(f"--steps {args.steps} must be >= 1, --warmup {args.warmup} >= 0, "
+             f"--grad-accum {args.grad_accum} >= 1 and --decode-tokens {args.decode_tokens} >= 2")
     try:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         cfg = model_preset(args.preset, dropout=args.dropout, **overrides)

@@ -134,7 +134,7 @@ def add_ratios(rows: list[dict]) -> None:
     tps = {(r["mode"], r["clients"]): r["tokens_per_s"] for r in rows}
     fewest = min(r["clients"] for r in rows)
     for r in rows:
-        r["p99_over_p50"] = round(r["per_token_p99_ms"] / r["per_token_p50_ms"], 2)
+        r["p99_over_p50"] = round(r["per_token_p99_ms"] / r["per_token_p50_ms"], 2) if r["per_token_p50_ms"] else None
         for key, other in (("vs_whole_prompt", ("whole-prompt", r["clients"])),
                            ("vs_one_at_a_time", ("one-at-a-time", r["clients"])),
                            ("vs_fewest_clients", (r["mode"], fewest))):
@@ -186,7 +186,8 @@ def main() -> None:
     p.add_argument("--requests-per-client", type=int, default=3)
     p.add_argument("--max-tokens", default="64", type=ints, help="tokens per request, comma list, cycled")
     p.add_argument("--prompt-tokens", default="8,180", type=ints, help="prompt lengths, comma list, cycled")
-    p.add_argument("--prefill-chunk", default="96", type=ints, help="the chunked mode's sizes, comma list")
+    p.add_argument("--prefill-chunk", default="96", type=ints,
+                   help="the chunked mode's sizes, comma list (whole-prompt is the mode without chunks)")
     p.add_argument("--modes", default="chunked,whole-prompt,one-at-a-time", type=names(*MODES), help="comma list")
     p.add_argument("--index", type=Path, help="continuous+retrieval: the prepared folder whose index is served")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (default: torch's, all cores)")

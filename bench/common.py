@@ -116,7 +116,7 @@ def ints(text: str) -> list[int]:
     """argparse type of a comma list of positive integers (`--batch 1,16`)."""
     values = [int(v) for v in text.split(",")]
     if min(values) < 1:
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be a positive integer, e.g. 1,16")
     return values
 
 

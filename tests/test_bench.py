@@ -93,9 +93,12 @@ def test_loader_share_is_measured_on_prepared_shards(tmp_path, small_shards):
 def test_bad_input_names_the_value_and_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit, match="exceeds the tiny preset's max_seq_len"):
         bench.main([*TINY, "--seq", "100000", "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit, match="--steps 0 must be >= 1"):
+        bench.main([*TINY, "--steps", "0", "--out", str(tmp_path / "r.json")])
     for flag, value, message in [("--sections", "train,bogus", "unknown bogus; choose from train,"),
                                  ("--decode-paths", "graphs", "unknown graphs; choose from cache,static,static-graphs"),
-                                 ("--batch", "two", "invalid ints value: 'two'")]:
+                                 ("--batch", "two", "invalid ints value: 'two'"),
+                                 ("--seq", "64,0", "'64,0': every value must be a positive integer, e.g. 1,16")]:
         with pytest.raises(SystemExit):
             bench.main([*TINY, flag, value, "--out", str(tmp_path / "r.json")])
         assert f"argument {flag}: {message}" in capsys.readouterr().err
